@@ -1,0 +1,10 @@
+//! keel: production-grade Kafka and S3 clients built as a Tower middleware stack.
+//!
+//! Publishing to Kafka, consuming-and-handling Kafka events and every S3 operation
+//! are `tower::Service`s; resilience and observability are the reusable layers of
+//! [`layers`] (the `keel-layers` crate), stacked with `tower::ServiceBuilder`.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
+
+pub use keel_layers as layers;

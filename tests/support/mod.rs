@@ -1,0 +1,141 @@
+//! Where the real test servers are, and a clear failure when they are not there.
+//!
+//! `scripts/up` starts Apache Kafka (KRaft), s3s-fs and moto and exports nothing by
+//! itself; `scripts/test` runs `up`, then the workspace tests with the variables
+//! below set, then `down`. Every variable has the default that `scripts/up` uses, so
+//! `scripts/up && cargo test` works too. A test that needs a server which does not
+//! answer panics with the command that starts it — it never passes by skipping.
+#![allow(dead_code)]
+
+use std::net::{TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The command that starts every test server.
+pub const START_HINT: &str =
+    "start the test servers with `scripts/up` (or run the whole suite with `scripts/test`); logs are in `$KEEL_RUN_DIR/logs` (default ~/.cache/keel/run/logs)";
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| default.to_string())
+}
+
+/// Panics with [`START_HINT`] unless `addr` (host:port) accepts a TCP connection.
+pub fn require_reachable(what: &str, addr: &str) {
+    let reachable = addr
+        .to_socket_addrs()
+        .ok()
+        .into_iter()
+        .flatten()
+        .any(|a| TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok());
+    assert!(reachable, "{what} is not reachable at {addr}: {START_HINT}");
+}
+
+/// Bootstrap servers of the single-node Kafka broker (`KEEL_KAFKA_BROKERS`,
+/// default `127.0.0.1:9092`), checked to be reachable.
+pub fn kafka_brokers() -> String {
+    let brokers = env_or("KEEL_KAFKA_BROKERS", "127.0.0.1:9092");
+    let first = brokers.split(',').next().unwrap_or_default().to_string();
+    require_reachable("Apache Kafka", &first);
+    brokers
+}
+
+/// One S3-compatible test server.
+#[derive(Clone, Debug)]
+pub struct S3Server {
+    /// "s3s-fs" or "moto".
+    pub name: &'static str,
+    /// `http://host:port`.
+    pub endpoint: String,
+    /// Access key id the server accepts.
+    pub access_key: String,
+    /// Secret key the server accepts.
+    pub secret_key: String,
+    /// Region to sign for.
+    pub region: String,
+    /// Whether the server checks SigV4 signatures and presigned-URL expiry.
+    pub verifies_signatures: bool,
+}
+
+impl S3Server {
+    fn require(self) -> Self {
+        let addr = self
+            .endpoint
+            .trim_start_matches("http://")
+            .trim_start_matches("https://")
+            .trim_end_matches('/')
+            .to_string();
+        require_reachable(self.name, &addr);
+        self
+    }
+}
+
+/// s3s-fs: verifies signatures and presigned-URL expiry (`KEEL_S3FS_ENDPOINT`,
+/// default `http://127.0.0.1:8014`).
+pub fn s3s_fs() -> S3Server {
+    S3Server {
+        name: "s3s-fs",
+        endpoint: env_or("KEEL_S3FS_ENDPOINT", "http://127.0.0.1:8014"),
+        access_key: env_or("KEEL_S3FS_ACCESS_KEY", "keeltest"),
+        secret_key: env_or("KEEL_S3FS_SECRET_KEY", "keeltestsecret"),
+        region: "us-east-1".to_string(),
+        verifies_signatures: true,
+    }
+    .require()
+}
+
+/// moto server: broad S3 semantics, ListMultipartUploads included
+/// (`KEEL_MOTO_ENDPOINT`, default `http://127.0.0.1:5055`).
+pub fn moto() -> S3Server {
+    S3Server {
+        name: "moto",
+        endpoint: env_or("KEEL_MOTO_ENDPOINT", "http://127.0.0.1:5055"),
+        access_key: "testing".to_string(),
+        secret_key: "testing".to_string(),
+        region: "us-east-1".to_string(),
+        verifies_signatures: false,
+    }
+    .require()
+}
+
+/// Both S3 servers; end-to-end S3 tests run against each.
+pub fn s3_servers() -> Vec<S3Server> {
+    vec![s3s_fs(), moto()]
+}
+
+fn cache_dir() -> PathBuf {
+    std::env::var_os("KEEL_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+                .join(".cache/keel")
+        })
+}
+
+/// The kcat binary (`KEEL_KCAT`, default `kcat` on PATH), checked to run.
+pub fn kcat() -> PathBuf {
+    let kcat = PathBuf::from(env_or("KEEL_KCAT", "kcat"));
+    let ok = std::process::Command::new(&kcat)
+        .arg("-V")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(ok, "kcat ({}) does not run: {START_HINT}", kcat.display());
+    kcat
+}
+
+/// Directory holding Apache Kafka's jars, tools included (`KEEL_KAFKA_LIBS`,
+/// default `$KEEL_CACHE/kafka/libs`); use as `java -cp '<dir>/*' ...`.
+pub fn kafka_libs() -> PathBuf {
+    let dir = std::env::var_os("KEEL_KAFKA_LIBS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache_dir().join("kafka/libs"));
+    assert!(
+        dir.is_dir(),
+        "Kafka jars not found in {}: {START_HINT}",
+        dir.display()
+    );
+    dir
+}
