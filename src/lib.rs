@@ -8,3 +8,8 @@
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
 pub use keel_layers as layers;
+
+#[cfg(feature = "kafka")]
+pub mod kafka;
+#[cfg(feature = "s3")]
+pub mod s3;

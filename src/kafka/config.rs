@@ -1,0 +1,1 @@
+//! Kafka config (being written).

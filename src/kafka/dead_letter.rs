@@ -1,0 +1,1 @@
+//! Kafka dead_letter (being written).

@@ -1,0 +1,10 @@
+//! Kafka: publishing and consuming-and-handling events as Tower services.
+
+pub mod client;
+pub mod config;
+pub mod consumer;
+pub mod dead_letter;
+pub mod envelope;
+pub mod error;
+pub mod producer;
+pub mod registry;

@@ -1,0 +1,1 @@
+//! Kafka producer (being written).

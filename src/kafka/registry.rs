@@ -1,0 +1,1 @@
+//! Kafka registry (being written).

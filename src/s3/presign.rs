@@ -1,0 +1,1 @@
+//! S3 presign (being written).
