@@ -1,1 +1,118 @@
-fn main() {}
+//! Per-call overhead of keel's Retry and Timeout on a no-op service, one thread,
+//! beside tower's own `Timeout` and `Retry` (with a policy that never retries).
+//!
+//! Run: `cargo bench -p keel-layers --bench retry_timeout`
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use keel_layers::retry::{Retry, RetryPolicy};
+use keel_layers::timeout::Timeout;
+use std::convert::Infallible;
+use std::future::{Ready, ready};
+use std::hint::black_box;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tower::{Service, ServiceExt};
+
+/// Answers at once.
+#[derive(Clone, Copy, Debug)]
+struct Noop;
+
+impl Service<u64> for Noop {
+    type Response = u64;
+    type Error = Infallible;
+    type Future = Ready<Result<u64, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: u64) -> Self::Future {
+        ready(Ok(req))
+    }
+}
+
+/// tower's retry policy that never retries (and so never clones the request).
+#[derive(Clone, Copy, Debug)]
+struct NeverRetry;
+
+impl<E> tower::retry::Policy<u64, u64, E> for NeverRetry {
+    type Future = Ready<()>;
+
+    fn retry(&mut self, _: &mut u64, _: &mut Result<u64, E>) -> Option<Self::Future> {
+        None
+    }
+
+    fn clone_request(&mut self, _: &u64) -> Option<u64> {
+        None
+    }
+}
+
+fn bench_service<S>(c: &mut Criterion, rt: &tokio::runtime::Runtime, name: &str, make: impl Fn() -> S)
+where
+    S: Service<u64, Response = u64>,
+    S::Error: std::fmt::Debug,
+{
+    c.bench_function(name, |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let mut svc = make();
+                let start = Instant::now();
+                for i in 0..iters {
+                    let ready = svc.ready().await.unwrap();
+                    black_box(ready.call(black_box(i)).await.unwrap());
+                }
+                start.elapsed()
+            })
+        })
+    });
+}
+
+fn benches(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let timeout = Duration::from_secs(30);
+
+    bench_service(c, &rt, "noop (baseline)", || Noop);
+
+    bench_service(c, &rt, "timeout/tower", || {
+        tower::timeout::Timeout::new(Noop, timeout)
+    });
+    bench_service(c, &rt, "timeout/keel", || Timeout::new(Noop, timeout));
+    bench_service(c, &rt, "timeout/keel covering readiness", || {
+        Timeout::new(Noop, timeout).covering_readiness(true)
+    });
+
+    bench_service(c, &rt, "retry/tower never-retry policy", || {
+        tower::retry::Retry::new(NeverRetry, Noop)
+    });
+    bench_service(c, &rt, "retry/keel max_attempts 1", || {
+        Retry::new(Noop, RetryPolicy::new().max_attempts(1).without_budget())
+    });
+    bench_service(c, &rt, "retry/keel 3 attempts, no budget", || {
+        Retry::new(Noop, RetryPolicy::new().without_budget())
+    });
+    bench_service(c, &rt, "retry/keel 3 attempts + budget (default)", || {
+        Retry::new(Noop, RetryPolicy::new())
+    });
+    bench_service(c, &rt, "retry/keel s3 preset + deadline", || {
+        Retry::new(Noop, RetryPolicy::s3().deadline(Duration::from_secs(60)))
+    });
+
+    bench_service(c, &rt, "retry+timeout/tower", || {
+        tower::retry::Retry::new(NeverRetry, tower::timeout::Timeout::new(Noop, timeout))
+    });
+    bench_service(c, &rt, "retry+timeout/keel", || {
+        Retry::new(Timeout::new(Noop, timeout), RetryPolicy::new())
+    });
+}
+
+criterion_group! {
+    name = retry_timeout;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    targets = benches
+}
+criterion_main!(retry_timeout);

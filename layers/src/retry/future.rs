@@ -34,6 +34,8 @@ pin_project! {
         classifier: C,
         // The attempt in flight, 1-based.
         attempt: u32,
+        // The overall deadline, fixed on the first Pending poll or the first outcome,
+        // whichever comes first (see `RetryPolicy::deadline`).
         deadline: Option<Instant>,
         previous_delay: Duration,
         rng: Option<fastrand::Rng>,
@@ -45,10 +47,11 @@ pin_project! {
     enum State<F> {
         // Waiting for the inner service's response.
         Calling { #[pin] future: F },
-        // Waiting out the backoff.
-        Backoff { #[pin] sleep: Sleep },
+        // Waiting out the backoff. (Timers are boxed: they exist only on the retry
+        // path and would otherwise triple the size of every response future.)
+        Backoff { sleep: Pin<Box<Sleep>> },
         // Polling the service's readiness; `deadline` fires at the overall deadline.
-        CheckReady { #[pin] deadline: Option<Sleep> },
+        CheckReady { deadline: Option<Pin<Box<Sleep>>> },
     }
 }
 
@@ -80,7 +83,6 @@ where
         retry_with: Option<(S, Req)>,
         policy: RetryPolicy,
         classifier: C,
-        deadline: Option<Instant>,
     ) -> Self {
         let (service, spare) = match retry_with {
             Some((service, request)) => (Some(service), Some(request)),
@@ -94,7 +96,7 @@ where
             policy,
             classifier,
             attempt: 1,
-            deadline,
+            deadline: None,
             previous_delay: Duration::ZERO,
             rng: None,
         }
@@ -114,7 +116,10 @@ where
         loop {
             match this.state.as_mut().project() {
                 StateProj::Calling { future } => {
-                    let result = ready!(future.poll(cx));
+                    let Poll::Ready(result) = future.poll(cx) else {
+                        start_deadline(this.deadline, this.policy);
+                        return Poll::Pending;
+                    };
                     let verdict = this.classifier.classify(result.as_ref());
                     if verdict.is_success() {
                         if let Some(budget) = &this.policy.budget {
@@ -126,6 +131,7 @@ where
                     if !verdict.should_retry() {
                         return Poll::Ready(result);
                     }
+                    start_deadline(this.deadline, this.policy);
                     let Some(delay) = plan_retry(
                         &verdict,
                         *this.attempt,
@@ -141,17 +147,17 @@ where
                         *this.last = Some(result);
                     }
                     if delay.is_zero() {
-                        let deadline = this.deadline.map(tokio::time::sleep_until);
+                        let deadline = this.deadline.map(|at| Box::pin(tokio::time::sleep_until(at)));
                         this.state.set(State::CheckReady { deadline });
                     } else {
                         this.state.set(State::Backoff {
-                            sleep: tokio::time::sleep(delay),
+                            sleep: Box::pin(tokio::time::sleep(delay)),
                         });
                     }
                 }
                 StateProj::Backoff { sleep } => {
-                    ready!(sleep.poll(cx));
-                    let deadline = this.deadline.map(tokio::time::sleep_until);
+                    ready!(sleep.as_mut().poll(cx));
+                    let deadline = this.deadline.map(|at| Box::pin(tokio::time::sleep_until(at)));
                     this.state.set(State::CheckReady { deadline });
                 }
                 StateProj::CheckReady { deadline } => {
@@ -163,8 +169,8 @@ where
                         Poll::Ready(Ok(())) => {}
                         Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
                         Poll::Pending => {
-                            if let Some(deadline) = deadline.as_pin_mut() {
-                                if deadline.poll(cx).is_ready() {
+                            if let Some(deadline) = deadline {
+                                if deadline.as_mut().poll(cx).is_ready() {
                                     if let Some(last) = this.last.take() {
                                         tracing::debug!(
                                             attempt = *this.attempt + 1,
@@ -200,6 +206,17 @@ where
                     this.state.set(State::Calling { future });
                 }
             }
+        }
+    }
+}
+
+/// Fixes the overall deadline if the policy has one and it is not fixed yet. Called
+/// when the first attempt pends or fails, so that a call answered at once never
+/// reads the clock.
+fn start_deadline(deadline: &mut Option<Instant>, policy: &RetryPolicy) {
+    if deadline.is_none() {
+        if let Some(limit) = policy.deadline {
+            *deadline = Instant::now().checked_add(limit);
         }
     }
 }

@@ -173,10 +173,6 @@ where
                 budget.deposit();
             }
         }
-        let deadline = self
-            .policy
-            .deadline
-            .and_then(|d| tokio::time::Instant::now().checked_add(d));
         let retry_with = self
             .policy
             .retry_possible(1)
@@ -189,7 +185,6 @@ where
             retry_with,
             self.policy.clone(),
             self.classifier.clone(),
-            deadline,
         )
     }
 }

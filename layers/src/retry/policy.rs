@@ -146,11 +146,17 @@ impl RetryPolicy {
         self
     }
 
-    /// Sets an overall deadline, counted from the call: no backoff that would end
-    /// at or past it is started, and no attempt is started at or past it. An attempt
+    /// Sets an overall deadline across attempts: no backoff that would end at or
+    /// past it is started, and no attempt is started at or past it. An attempt
     /// already running is not cut short (put a [`Timeout`](crate::timeout::Timeout)
     /// inside the retry layer for that). When the deadline stops retrying, the
     /// caller gets the last outcome.
+    ///
+    /// The clock starts when the first attempt is first found pending — in practice
+    /// the first poll after `call` — or, if the first attempt completes on its first
+    /// poll, when it completes. So a call that succeeds at once never reads the
+    /// clock, and time between `call` and the first poll is not counted (the same
+    /// rule as [`Timeout`](crate::timeout::Timeout)).
     pub fn deadline(mut self, deadline: Duration) -> Self {
         self.deadline = Some(deadline);
         self
