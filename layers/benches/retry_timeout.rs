@@ -31,6 +31,41 @@ impl Service<u64> for Noop {
     }
 }
 
+/// Answers on the second poll (the first returns `Pending` after waking itself),
+/// so a timeout has to arm its timer.
+#[derive(Clone, Copy, Debug)]
+struct YieldOnce;
+
+#[derive(Debug)]
+struct YieldOnceFuture(Option<u64>, bool);
+
+impl std::future::Future for YieldOnceFuture {
+    type Output = Result<u64, Infallible>;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if !self.1 {
+            self.1 = true;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        Poll::Ready(Ok(self.0.take().unwrap_or_default()))
+    }
+}
+
+impl Service<u64> for YieldOnce {
+    type Response = u64;
+    type Error = Infallible;
+    type Future = YieldOnceFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: u64) -> Self::Future {
+        YieldOnceFuture(Some(req), false)
+    }
+}
+
 /// tower's retry policy that never retries (and so never clones the request).
 #[derive(Clone, Copy, Debug)]
 struct NeverRetry;
@@ -47,8 +82,12 @@ impl<E> tower::retry::Policy<u64, u64, E> for NeverRetry {
     }
 }
 
-fn bench_service<S>(c: &mut Criterion, rt: &tokio::runtime::Runtime, name: &str, make: impl Fn() -> S)
-where
+fn bench_service<S>(
+    c: &mut Criterion,
+    rt: &tokio::runtime::Runtime,
+    name: &str,
+    make: impl Fn() -> S,
+) where
     S: Service<u64, Response = u64>,
     S::Error: std::fmt::Debug,
 {
@@ -82,6 +121,14 @@ fn benches(c: &mut Criterion) {
     bench_service(c, &rt, "timeout/keel", || Timeout::new(Noop, timeout));
     bench_service(c, &rt, "timeout/keel covering readiness", || {
         Timeout::new(Noop, timeout).covering_readiness(true)
+    });
+
+    bench_service(c, &rt, "pending-once (baseline)", || YieldOnce);
+    bench_service(c, &rt, "timeout/tower pending-once", || {
+        tower::timeout::Timeout::new(YieldOnce, timeout)
+    });
+    bench_service(c, &rt, "timeout/keel pending-once", || {
+        Timeout::new(YieldOnce, timeout)
     });
 
     bench_service(c, &rt, "retry/tower never-retry policy", || {

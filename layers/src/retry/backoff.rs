@@ -124,11 +124,11 @@ impl Backoff {
         let cap = saturating_nanos(self.cap);
         let exponent = i32::try_from(retry.saturating_sub(1)).unwrap_or(i32::MAX);
         let nanos = saturating_nanos(self.base) as f64 * self.multiplier.powi(exponent);
-        // `!(x < cap)` also catches NaN and infinity.
-        if !(nanos < cap as f64) {
-            Duration::from_nanos(cap)
-        } else {
+        // NaN and infinity fall to the cap too.
+        if nanos.is_finite() && nanos < cap as f64 {
             Duration::from_nanos(nanos.round() as u64)
+        } else {
+            Duration::from_nanos(cap)
         }
     }
 
@@ -180,7 +180,14 @@ mod tests {
         let got: Vec<_> = (1..=6).map(|n| b.delay(n)).collect();
         assert_eq!(
             got,
-            [100 * MS, 300 * MS, 900 * MS, 2000 * MS, 2000 * MS, 2000 * MS]
+            [
+                100 * MS,
+                300 * MS,
+                900 * MS,
+                2000 * MS,
+                2000 * MS,
+                2000 * MS
+            ]
         );
         // Huge retry numbers saturate at the cap instead of overflowing.
         assert_eq!(b.delay(u32::MAX), 2000 * MS);
@@ -188,7 +195,9 @@ mod tests {
 
     #[test]
     fn odd_settings_are_clamped() {
-        let b = Backoff::new(100 * MS).multiplier(f64::NAN).jitter(Jitter::None);
+        let b = Backoff::new(100 * MS)
+            .multiplier(f64::NAN)
+            .jitter(Jitter::None);
         assert_eq!(b.delay(5), 100 * MS);
         let b = Backoff::new(Duration::MAX).cap(Duration::MAX);
         assert_eq!(b.delay(3), Duration::from_nanos(u64::MAX));
@@ -206,7 +215,10 @@ mod tests {
             for retry in 1..=6 {
                 let ceiling = b.delay(retry);
                 let d = b.next_delay(retry, Duration::ZERO, &mut rng);
-                assert!(d <= ceiling, "seed {seed} retry {retry}: {d:?} > {ceiling:?}");
+                assert!(
+                    d <= ceiling,
+                    "seed {seed} retry {retry}: {d:?} > {ceiling:?}"
+                );
                 saw_low |= d < ceiling / 4;
                 saw_high |= d > ceiling * 3 / 4;
             }

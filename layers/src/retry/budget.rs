@@ -133,11 +133,16 @@ impl RetryBudget {
         let taken = self
             .bucket
             .balance
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| b.checked_sub(TOKEN))
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                b.checked_sub(TOKEN)
+            })
             .is_ok();
         if taken {
             if self.bucket.dry.swap(false, Ordering::Relaxed) {
-                tracing::info!(balance = self.balance(), "retry budget refilled; retries resume");
+                tracing::info!(
+                    balance = self.balance(),
+                    "retry budget refilled; retries resume"
+                );
             }
         } else if !self.bucket.dry.swap(true, Ordering::Relaxed) {
             tracing::warn!(
@@ -339,10 +344,7 @@ mod tests {
 
     #[test]
     fn clones_share_tokens() {
-        let a = RetryBudget::builder()
-            .min_per_sec(0)
-            .capacity(2)
-            .build();
+        let a = RetryBudget::builder().min_per_sec(0).capacity(2).build();
         let b = a.clone();
         assert!(a.try_withdraw());
         assert!(b.try_withdraw());
@@ -352,10 +354,7 @@ mod tests {
 
     #[test]
     fn concurrent_withdrawals_never_overdraw() {
-        let budget = RetryBudget::builder()
-            .min_per_sec(0)
-            .capacity(1000)
-            .build();
+        let budget = RetryBudget::builder().min_per_sec(0).capacity(1000).build();
         let taken: usize = std::thread::scope(|s| {
             let handles: Vec<_> = (0..4)
                 .map(|_| {

@@ -121,12 +121,11 @@ where
                         return Poll::Pending;
                     };
                     let verdict = this.classifier.classify(result.as_ref());
-                    if verdict.is_success() {
-                        if let Some(budget) = &this.policy.budget {
-                            if budget.deposit_on() == DepositOn::Success {
-                                budget.deposit();
-                            }
-                        }
+                    if verdict.is_success()
+                        && let Some(budget) = &this.policy.budget
+                        && budget.deposit_on() == DepositOn::Success
+                    {
+                        budget.deposit();
                     }
                     if !verdict.should_retry() {
                         return Poll::Ready(result);
@@ -147,7 +146,9 @@ where
                         *this.last = Some(result);
                     }
                     if delay.is_zero() {
-                        let deadline = this.deadline.map(|at| Box::pin(tokio::time::sleep_until(at)));
+                        let deadline = this
+                            .deadline
+                            .map(|at| Box::pin(tokio::time::sleep_until(at)));
                         this.state.set(State::CheckReady { deadline });
                     } else {
                         this.state.set(State::Backoff {
@@ -157,42 +158,44 @@ where
                 }
                 StateProj::Backoff { sleep } => {
                     ready!(sleep.as_mut().poll(cx));
-                    let deadline = this.deadline.map(|at| Box::pin(tokio::time::sleep_until(at)));
+                    let deadline = this
+                        .deadline
+                        .map(|at| Box::pin(tokio::time::sleep_until(at)));
                     this.state.set(State::CheckReady { deadline });
                 }
                 StateProj::CheckReady { deadline } => {
                     let (Some(service), true) = (this.service.as_mut(), this.spare.is_some())
                     else {
-                        unreachable!("a retry is planned only with a service clone and a spare request");
+                        unreachable!(
+                            "a retry is planned only with a service clone and a spare request"
+                        );
                     };
                     match service.poll_ready(cx) {
                         Poll::Ready(Ok(())) => {}
                         Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
                         Poll::Pending => {
-                            if let Some(deadline) = deadline {
-                                if deadline.as_mut().poll(cx).is_ready() {
-                                    if let Some(last) = this.last.take() {
-                                        tracing::debug!(
-                                            attempt = *this.attempt + 1,
-                                            "retry abandoned: service not ready before the deadline"
-                                        );
-                                        return Poll::Ready(last);
-                                    }
-                                }
+                            if let Some(deadline) = deadline
+                                && deadline.as_mut().poll(cx).is_ready()
+                                && let Some(last) = this.last.take()
+                            {
+                                tracing::debug!(
+                                    attempt = *this.attempt + 1,
+                                    "retry abandoned: service not ready before the deadline"
+                                );
+                                return Poll::Ready(last);
                             }
                             return Poll::Pending;
                         }
                     }
-                    if let Some(at) = *this.deadline {
-                        if Instant::now() >= at {
-                            if let Some(last) = this.last.take() {
-                                tracing::debug!(
-                                    attempt = *this.attempt + 1,
-                                    "retry abandoned: ready only at the deadline"
-                                );
-                                return Poll::Ready(last);
-                            }
-                        }
+                    if let Some(at) = *this.deadline
+                        && Instant::now() >= at
+                        && let Some(last) = this.last.take()
+                    {
+                        tracing::debug!(
+                            attempt = *this.attempt + 1,
+                            "retry abandoned: ready only at the deadline"
+                        );
+                        return Poll::Ready(last);
                     }
                     *this.last = None;
                     let Some(request) = this.spare.take() else {
@@ -214,10 +217,10 @@ where
 /// when the first attempt pends or fails, so that a call answered at once never
 /// reads the clock.
 fn start_deadline(deadline: &mut Option<Instant>, policy: &RetryPolicy) {
-    if deadline.is_none() {
-        if let Some(limit) = policy.deadline {
-            *deadline = Instant::now().checked_add(limit);
-        }
+    if deadline.is_none()
+        && let Some(limit) = policy.deadline
+    {
+        *deadline = Instant::now().checked_add(limit);
     }
 }
 
@@ -273,15 +276,15 @@ fn plan_retry(
             return None;
         }
     }
-    if let Some(budget) = &policy.budget {
-        if !budget.try_withdraw() {
-            tracing::debug!(
-                attempt,
-                class = verdict.class,
-                "not retrying: retry budget exhausted"
-            );
-            return None;
-        }
+    if let Some(budget) = &policy.budget
+        && !budget.try_withdraw()
+    {
+        tracing::debug!(
+            attempt,
+            class = verdict.class,
+            "not retrying: retry budget exhausted"
+        );
+        return None;
     }
     tracing::warn!(
         attempt = attempt + 1,

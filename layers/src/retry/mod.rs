@@ -168,10 +168,10 @@ where
     }
 
     fn call(&mut self, request: Req) -> Self::Future {
-        if let Some(budget) = &self.policy.budget {
-            if budget.deposit_on() == DepositOn::Request {
-                budget.deposit();
-            }
+        if let Some(budget) = &self.policy.budget
+            && budget.deposit_on() == DepositOn::Request
+        {
+            budget.deposit();
         }
         let retry_with = self
             .policy

@@ -127,19 +127,19 @@ impl<R> Service<R> for Scripted {
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Fail>> {
         let until = self.script().not_ready_until;
-        if let Some(until) = until {
-            if Instant::now() < until {
-                let sleep = self
-                    .sleep
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
-                ready!(sleep.as_mut().poll(cx));
-            }
+        if let Some(until) = until
+            && Instant::now() < until
+        {
+            let sleep = self
+                .sleep
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
+            ready!(sleep.as_mut().poll(cx));
         }
         let mut script = self.script();
-        if let Some(e) = script.ready_error_after_call.clone() {
-            if script.log.iter().any(|(e, _)| *e == Event::Call) {
-                return Poll::Ready(Err(e));
-            }
+        if let Some(e) = script.ready_error_after_call.clone()
+            && script.log.iter().any(|(e, _)| *e == Event::Call)
+        {
+            return Poll::Ready(Err(e));
         }
         script.log.push((Event::Ready, Instant::now()));
         Poll::Ready(Ok(()))
@@ -188,7 +188,11 @@ async fn exact_backoff_sequence_with_cap() {
         .max_attempts(6);
     let mut svc = Retry::new(inner.clone(), policy);
     let result = run(&mut svc).await;
-    assert_eq!(result, Err(Fail::transient(6)), "the last error passes through");
+    assert_eq!(
+        result,
+        Err(Fail::transient(6)),
+        "the last error passes through"
+    );
     assert_eq!(
         inner.gaps(),
         [100 * MS, 200 * MS, 400 * MS, 500 * MS, 500 * MS]
@@ -371,7 +375,10 @@ async fn budget_earns_from_requests_and_successes() {
         .deposit_on(DepositOn::Success)
         .build();
     let inner = Scripted::new([Ok(1), Err(Fail::transient(1)), Err(Fail::transient(2))]);
-    let policy = no_jitter().base(MS).max_attempts(3).budget(on_success.clone());
+    let policy = no_jitter()
+        .base(MS)
+        .max_attempts(3)
+        .budget(on_success.clone());
     let mut svc = Retry::new(inner.clone(), policy);
     assert_eq!(run(&mut svc).await, Ok(1));
     assert_eq!(on_success.balance(), 1.0);
@@ -396,7 +403,11 @@ async fn deadline_stops_retrying() {
     // Attempts at 0 s, 1 s and 3 s; a 4 s backoff would end at 7 s > 5 s.
     let offsets: Vec<_> = inner.call_times().iter().map(|t| *t - start).collect();
     assert_eq!(offsets, [Duration::ZERO, SEC, 3 * SEC]);
-    assert_eq!(Instant::now() - start, 3 * SEC, "no pointless wait at the end");
+    assert_eq!(
+        Instant::now() - start,
+        3 * SEC,
+        "no pointless wait at the end"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -458,16 +469,29 @@ async fn request_cloned_only_when_a_retry_is_possible() {
     }
     let base = no_jitter().base(MS);
     // No retry possible: no clone.
-    assert_eq!(clones(Scripted::failing(9), base.clone().max_attempts(1)).await, 0);
+    assert_eq!(
+        clones(Scripted::failing(9), base.clone().max_attempts(1)).await,
+        0
+    );
     let empty = RetryBudget::builder().min_per_sec(0).initial(0).build();
     assert_eq!(
-        clones(Scripted::failing(9), base.clone().max_attempts(3).budget(empty)).await,
+        clones(
+            Scripted::failing(9),
+            base.clone().max_attempts(3).budget(empty)
+        )
+        .await,
         0
     );
     // Three failing attempts: two copies, the last attempt takes one by move.
-    assert_eq!(clones(Scripted::failing(9), base.clone().max_attempts(3)).await, 2);
+    assert_eq!(
+        clones(Scripted::failing(9), base.clone().max_attempts(3)).await,
+        2
+    );
     // Success first time: the one copy kept in case.
-    assert_eq!(clones(Scripted::failing(0), base.clone().max_attempts(3)).await, 1);
+    assert_eq!(
+        clones(Scripted::failing(0), base.clone().max_attempts(3)).await,
+        1
+    );
     // Budget with one token: copy for attempt 2, none for attempt 3.
     let one = RetryBudget::builder().min_per_sec(0).capacity(1).build();
     let inner = Scripted::failing(9);

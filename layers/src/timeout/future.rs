@@ -73,7 +73,9 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
-            KindProj::Elapsed { after } => Poll::Ready(Err(TimeoutError::Elapsed { after: *after })),
+            KindProj::Elapsed { after } => {
+                Poll::Ready(Err(TimeoutError::Elapsed { after: *after }))
+            }
             KindProj::Running {
                 future,
                 mut sleep,
@@ -91,7 +93,9 @@ where
                     }));
                 }
                 match sleep.as_pin_mut().map(|s| s.poll(cx)) {
-                    Some(Poll::Ready(())) => Poll::Ready(Err(TimeoutError::Elapsed { after: *timeout })),
+                    Some(Poll::Ready(())) => {
+                        Poll::Ready(Err(TimeoutError::Elapsed { after: *timeout }))
+                    }
                     _ => Poll::Pending,
                 }
             }

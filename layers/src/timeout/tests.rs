@@ -226,11 +226,7 @@ async fn timed_out_attempts_are_retried_inside_retry() {
         .jitter(Jitter::None)
         .base(100 * MS)
         .without_budget();
-    let svc = Retry::with_classifier(
-        Timeout::new(HangOnce(calls.clone()), SEC),
-        policy,
-        ByError,
-    );
+    let svc = Retry::with_classifier(Timeout::new(HangOnce(calls.clone()), SEC), policy, ByError);
     let start = Instant::now();
     assert_eq!(svc.oneshot(5).await.unwrap(), 5);
     assert_eq!(calls.load(Ordering::SeqCst), 2);
