@@ -13,8 +13,8 @@
 //!
 //! # What is retried
 //!
-//! Each outcome goes through a [`Classify`](crate::classify::Classify) (default
-//! [`ErrorsAsFailures`](crate::classify::ErrorsAsFailures)). An outcome is retried
+//! Each outcome goes through a [`Classify`] (default
+//! [`ErrorsAsFailures`]). An outcome is retried
 //! only when `Classification::should_retry()` is true (a retryable failure), the
 //! attempt limit allows another attempt, a copy of the request was kept (see
 //! below), the backoff would end before the deadline, and the budget gives a token

@@ -62,6 +62,8 @@ struct Script {
     unready_after_call: Option<Duration>,
     /// Every poll_ready after the first call fails with this error.
     ready_error_after_call: Option<Fail>,
+    /// How long each call takes to answer.
+    latency: Duration,
 }
 
 /// A service that plays a script and records readiness polls and calls.
@@ -123,7 +125,7 @@ impl Scripted {
 impl<R> Service<R> for Scripted {
     type Response = u32;
     type Error = Fail;
-    type Future = std::future::Ready<Result<u32, Fail>>;
+    type Future = Pin<Box<dyn Future<Output = Result<u32, Fail>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Fail>> {
         let until = self.script().not_ready_until;
@@ -152,7 +154,14 @@ impl<R> Service<R> for Scripted {
         if let Some(d) = script.unready_after_call.take() {
             script.not_ready_until = Some(now + d);
         }
-        std::future::ready(script.outcomes.pop_front().unwrap_or(Ok(0)))
+        let outcome = script.outcomes.pop_front().unwrap_or(Ok(0));
+        let latency = script.latency;
+        Box::pin(async move {
+            if !latency.is_zero() {
+                tokio::time::sleep(latency).await;
+            }
+            outcome
+        })
     }
 }
 
@@ -408,6 +417,25 @@ async fn deadline_stops_retrying() {
         3 * SEC,
         "no pointless wait at the end"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn deadline_counts_the_time_spent_in_attempts() {
+    let inner = Scripted::failing(100);
+    inner.script().latency = 2 * SEC;
+    let policy = no_jitter()
+        .base(SEC)
+        .multiplier(2.0)
+        .max_attempts(10)
+        .deadline(5 * SEC);
+    let mut svc = Retry::new(inner.clone(), policy);
+    let start = Instant::now();
+    assert_eq!(run(&mut svc).await, Err(Fail::transient(2)));
+    // Attempt 1 runs 0-2 s, waits 1 s, attempt 2 runs 3-5 s; a 2 s backoff would
+    // end at 7 s, past the 5 s deadline.
+    let offsets: Vec<_> = inner.call_times().iter().map(|t| *t - start).collect();
+    assert_eq!(offsets, [Duration::ZERO, 3 * SEC]);
+    assert_eq!(Instant::now() - start, 5 * SEC);
 }
 
 #[tokio::test(start_paused = true)]
