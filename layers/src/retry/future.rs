@@ -28,8 +28,9 @@ pin_project! {
         // attempt is possible.
         spare: Option<Req>,
         // The last outcome, kept across the backoff only when a deadline may have to
-        // return it while waiting for readiness.
-        last: Option<Result<S::Response, S::Error>>,
+        // return it while waiting for readiness. (Retry-path state is boxed to keep
+        // the future small for calls that never retry.)
+        last: Option<Box<Result<S::Response, S::Error>>>,
         policy: RetryPolicy,
         classifier: C,
         // The attempt in flight, 1-based.
@@ -37,9 +38,14 @@ pin_project! {
         // The overall deadline, fixed on the first Pending poll or the first outcome,
         // whichever comes first (see `RetryPolicy::deadline`).
         deadline: Option<Instant>,
-        previous_delay: Duration,
-        rng: Option<fastrand::Rng>,
+        jitter: Option<Box<JitterState>>,
     }
+}
+
+/// The jitter generator and the previous wait, created at the first retry.
+struct JitterState {
+    rng: fastrand::Rng,
+    previous: Duration,
 }
 
 pin_project! {
@@ -97,8 +103,7 @@ where
             classifier,
             attempt: 1,
             deadline: None,
-            previous_delay: Duration::ZERO,
-            rng: None,
+            jitter: None,
         }
     }
 }
@@ -137,13 +142,12 @@ where
                         this.policy,
                         this.spare.is_some(),
                         *this.deadline,
-                        this.previous_delay,
-                        this.rng,
+                        this.jitter,
                     ) else {
                         return Poll::Ready(result);
                     };
                     if this.deadline.is_some() {
-                        *this.last = Some(result);
+                        *this.last = Some(Box::new(result));
                     }
                     if delay.is_zero() {
                         let deadline = this
@@ -182,7 +186,7 @@ where
                                     attempt = *this.attempt + 1,
                                     "retry abandoned: service not ready before the deadline"
                                 );
-                                return Poll::Ready(last);
+                                return Poll::Ready(*last);
                             }
                             return Poll::Pending;
                         }
@@ -195,7 +199,7 @@ where
                             attempt = *this.attempt + 1,
                             "retry abandoned: ready only at the deadline"
                         );
-                        return Poll::Ready(last);
+                        return Poll::Ready(*last);
                     }
                     *this.last = None;
                     let Some(request) = this.spare.take() else {
@@ -232,8 +236,7 @@ fn plan_retry(
     policy: &RetryPolicy,
     have_request: bool,
     deadline: Option<Instant>,
-    previous_delay: &mut Duration,
-    rng: &mut Option<fastrand::Rng>,
+    jitter: &mut Option<Box<JitterState>>,
 ) -> Option<Duration> {
     if attempt >= policy.max_attempts {
         tracing::debug!(
@@ -252,12 +255,19 @@ fn plan_retry(
         );
         return None;
     }
-    let rng = rng.get_or_insert_with(|| match policy.seed {
-        Some(seed) => fastrand::Rng::with_seed(seed),
-        None => fastrand::Rng::new(),
+    let jitter = jitter.get_or_insert_with(|| {
+        Box::new(JitterState {
+            rng: match policy.seed {
+                Some(seed) => fastrand::Rng::with_seed(seed),
+                None => fastrand::Rng::new(),
+            },
+            previous: Duration::ZERO,
+        })
     });
-    let drawn = policy.backoff.next_delay(attempt, *previous_delay, rng);
-    *previous_delay = drawn;
+    let drawn = policy
+        .backoff
+        .next_delay(attempt, jitter.previous, &mut jitter.rng);
+    jitter.previous = drawn;
     let delay = match verdict.retry_after {
         Some(floor) => drawn.max(floor),
         None => drawn,

@@ -36,8 +36,9 @@ pin_project! {
         Running {
             #[pin]
             future: F,
-            #[pin]
-            sleep: Option<Sleep>,
+            // Boxed: a timer exists only on the slow path, and inline it would
+            // triple the size (and the moving cost) of every response future.
+            sleep: Option<Pin<Box<Sleep>>>,
             deadline: Deadline,
             timeout: Duration,
         },
@@ -78,7 +79,7 @@ where
             }
             KindProj::Running {
                 future,
-                mut sleep,
+                sleep,
                 deadline,
                 timeout,
             } => {
@@ -87,12 +88,12 @@ where
                 }
                 if sleep.is_none() {
                     // First Pending: start the clock now (tokio saturates far deadlines).
-                    sleep.set(Some(match *deadline {
+                    *sleep = Some(Box::pin(match *deadline {
                         Deadline::AfterFirstPending => tokio::time::sleep(*timeout),
                         Deadline::At(at) => tokio::time::sleep_until(at),
                     }));
                 }
-                match sleep.as_pin_mut().map(|s| s.poll(cx)) {
+                match sleep.as_mut().map(|s| s.as_mut().poll(cx)) {
                     Some(Poll::Ready(())) => {
                         Poll::Ready(Err(TimeoutError::Elapsed { after: *timeout }))
                     }
