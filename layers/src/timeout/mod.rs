@@ -13,9 +13,10 @@
 //!
 //! The deadline is `timeout` after **the response future first returns `Pending`**
 //! — in practice, the first poll right after `call`. An inner future that is ready
-//! on its first poll never touches the clock nor the timer wheel, which makes the
-//! layer nearly free on fast paths (tower's `Timeout` creates a timer entry for
-//! every call). The difference with "from `call`": a future that is created and
+//! on its first poll never touches the clock, the timer wheel or the allocator,
+//! which makes the layer nearly free on fast paths (tower's `Timeout` creates a
+//! timer for every call). A pending call pays what tower's does, plus one small
+//! allocation: the timer is boxed so that the response future stays small. The difference with "from `call`": a future that is created and
 //! only polled later does not count the time in between, and synchronous work done
 //! inside the very first poll is not counted (a timer cannot interrupt it anyway).
 //! The timeout fires at exactly the deadline, not before.
