@@ -232,3 +232,29 @@ async fn timed_out_attempts_are_retried_inside_retry() {
     assert_eq!(calls.load(Ordering::SeqCst), 2);
     assert_eq!(Instant::now() - start, SEC + 100 * MS);
 }
+
+#[tokio::test(start_paused = true)]
+async fn timeout_outside_retry_bounds_the_whole_call() {
+    use crate::retry::RetryLayer;
+    use tower::ServiceBuilder;
+    // Every attempt fails after 1 s; retries every 1 s would go on for 10 attempts.
+    let failing = tower::service_fn(|_: u32| async {
+        tokio::time::sleep(SEC).await;
+        Err::<u32, _>(io::Error::other("down"))
+    });
+    let svc = ServiceBuilder::new()
+        .layer(TimeoutLayer::new(5 * SEC))
+        .layer(RetryLayer::new(
+            RetryPolicy::new()
+                .jitter(Jitter::None)
+                .base(SEC)
+                .multiplier(1.0)
+                .max_attempts(10)
+                .without_budget(),
+        ))
+        .service(failing);
+    let start = Instant::now();
+    let err = svc.oneshot(1).await.unwrap_err();
+    assert!(err.is_elapsed());
+    assert_eq!(Instant::now() - start, 5 * SEC);
+}
