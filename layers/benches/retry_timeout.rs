@@ -6,10 +6,10 @@
 //! Caveat: this package's dev-dependencies enable tokio's `test-util` (paused-clock
 //! tests), and Cargo unifies features, so here every `tokio::time::Instant::now()`
 //! also locks the test clock's mutex. That inflates everything that reads the
-//! clock per call (tower's `Timeout` creates a `Sleep` per call: ~150-190 ns here
-//! against ~45 ns in the shared calibration without `test-util`). keel's fast paths do not read the clock, so
-//! ratios against tower overstate keel's lead; a bench crate without `test-util`
-//! gives the production figures.
+//! clock per call (tower's `Timeout` creates a `Sleep` per call: ~150-190 ns
+//! here against ~45 ns in the shared calibration without `test-util`). keel's
+//! fast paths do not read the clock, so ratios against tower overstate keel's
+//! lead; a bench crate without `test-util` gives the production figures.
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use keel_layers::retry::{Retry, RetryPolicy};
