@@ -12,3 +12,6 @@
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
 pub mod classify;
+pub mod batch;
+pub mod logging;
+pub mod metrics;
