@@ -11,7 +11,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
-pub mod classify;
 pub mod batch;
+pub mod classify;
 pub mod logging;
 pub mod metrics;

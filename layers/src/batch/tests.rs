@@ -1,7 +1,7 @@
 use super::*;
+use crate::classify::ClassifiedError;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use crate::classify::ClassifiedError;
 use tower::{Layer, Service, ServiceExt, service_fn};
 
 /// A service that counts how often it is called (not merely polled).
@@ -37,7 +37,13 @@ async fn rejects_empty_and_oversized_without_calling_inner() {
     let err = svc.ready().await.unwrap().call(vec![]).await.unwrap_err();
     assert_eq!(err.rejection(), Some(BatchSizeError::Empty));
 
-    let err = svc.ready().await.unwrap().call(vec![0; 1001]).await.unwrap_err();
+    let err = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(vec![0; 1001])
+        .await
+        .unwrap_err();
     assert_eq!(
         err.rejection(),
         Some(BatchSizeError::TooLarge {
@@ -59,8 +65,17 @@ async fn allow_empty_and_custom_max() {
     assert!(svc.allows_empty());
     assert_eq!(svc.max(), 2);
     assert_eq!(svc.ready().await.unwrap().call(vec![]).await.unwrap(), 0);
-    assert_eq!(svc.ready().await.unwrap().call(vec![1, 2]).await.unwrap(), 2);
-    let err = svc.ready().await.unwrap().call(vec![1, 2, 3]).await.unwrap_err();
+    assert_eq!(
+        svc.ready().await.unwrap().call(vec![1, 2]).await.unwrap(),
+        2
+    );
+    let err = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(vec![1, 2, 3])
+        .await
+        .unwrap_err();
     assert_eq!(
         err.rejection(),
         Some(BatchSizeError::TooLarge { len: 3, max: 2 })
@@ -77,7 +92,10 @@ async fn inner_errors_pass_through() {
     assert!(err.rejection().is_none());
     assert_eq!(err.to_string(), "slow");
     assert_eq!(err.classification().class, "timeout");
-    assert_eq!(err.into_inner().unwrap().kind(), std::io::ErrorKind::TimedOut);
+    assert_eq!(
+        err.into_inner().unwrap().kind(),
+        std::io::ErrorKind::TimedOut
+    );
 }
 
 #[test]
