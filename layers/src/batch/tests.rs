@@ -114,7 +114,8 @@ fn batch_len_impls() {
     let v = vec![1, 2, 3];
     assert_eq!(v.batch_len(), 3);
     assert_eq!(v[..2].batch_len(), 2);
-    assert_eq!((&v).batch_len(), 3);
+    let by_ref: &Vec<i32> = &v;
+    assert_eq!(BatchLen::batch_len(&by_ref), 3);
     assert_eq!([0u8; 4].batch_len(), 4);
     assert_eq!(VecDeque::from(vec![1]).batch_len(), 1);
     let boxed: Box<[u8]> = vec![1, 2].into_boxed_slice();

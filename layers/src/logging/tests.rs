@@ -255,7 +255,7 @@ async fn default_layer_without_fields_and_without_subscriber() {
         "put",
     );
     assert_eq!(svc.ready().await.unwrap().call(1).await.unwrap(), 2);
-    assert_eq!(svc.get_ref().clone().oneshot(1).await.unwrap(), 2);
+    assert_eq!((*svc.get_ref()).oneshot(1).await.unwrap(), 2);
 
     let (capture, subscriber) = subscriber(tracing::Level::INFO);
     let _guard = tracing::subscriber::set_default(subscriber);

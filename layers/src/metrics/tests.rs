@@ -234,10 +234,10 @@ fn check_prometheus(text: &str) -> Vec<(String, BTreeMap<String, String>, f64)> 
             match keyword {
                 "HELP" => {
                     assert!(!arg.contains('\n'));
-                    if let Some((family, _)) = &current {
-                        if *family != name {
-                            finished.insert(family.clone());
-                        }
+                    if let Some((family, _)) = &current
+                        && *family != name
+                    {
+                        finished.insert(family.clone());
                     }
                     assert!(!finished.contains(&name), "family {name} split");
                 }
