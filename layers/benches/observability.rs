@@ -53,6 +53,31 @@ where
     });
 }
 
+fn calibration(c: &mut Criterion) {
+    c.bench_function("calibration/std_instant_pair", |b| {
+        b.iter(|| black_box(std::time::Instant::now()).elapsed())
+    });
+    c.bench_function("calibration/tokio_instant_pair", |b| {
+        b.iter(|| black_box(tokio::time::Instant::now()).elapsed())
+    });
+    let clock = quanta::Clock::new();
+    c.bench_function("calibration/quanta_clock_pair", |b| {
+        b.iter(|| {
+            let start = black_box(clock.now());
+            clock.now().duration_since(start)
+        })
+    });
+    let mut histogram = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000_000_000, 2)
+        .expect("valid bounds");
+    let mut value = 1_000u64;
+    c.bench_function("calibration/hdrhistogram_record", |b| {
+        b.iter(|| {
+            value = value.wrapping_mul(6364136223846793005).wrapping_add(1) % 1_000_000_000;
+            histogram.saturating_record(black_box(value));
+        })
+    });
+}
+
 fn layers(c: &mut Criterion) {
     bench_one(c, "baseline/noop", noop());
     bench_one(c, "metrics", MetricsLayer::new().layer(noop()));
@@ -112,5 +137,5 @@ fn layers(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, layers);
+criterion_group!(benches, calibration, layers);
 criterion_main!(benches);

@@ -5,7 +5,6 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
-use tokio::time::Instant;
 
 /// Counts a call as cancelled if its future is dropped before completing.
 pub(super) struct InFlight(pub(super) Option<Arc<Shared>>);
@@ -32,7 +31,7 @@ pin_project! {
         #[pin]
         pub(super) inner: F,
         pub(super) classifier: C,
-        pub(super) start: Instant,
+        pub(super) start: u64,
         pub(super) in_flight: InFlight,
     }
 }
@@ -48,9 +47,9 @@ where
         let this = self.project();
         let result = ready!(this.inner.poll(cx));
         if let Some(shared) = this.in_flight.0.take() {
-            let now = Instant::now();
+            let now = shared.clock.now_nanos();
             let verdict = this.classifier.classify(result.as_ref());
-            shared.complete(verdict, now.saturating_duration_since(*this.start), now);
+            shared.complete(verdict, *this.start, now);
         }
         Poll::Ready(result)
     }

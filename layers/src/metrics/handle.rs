@@ -1,6 +1,7 @@
 //! The state shared by every service of one layer, the handle that reads it, and the
 //! snapshot it produces.
 
+use super::clock::LatencyClock;
 use super::window::Window;
 use crate::classify::{Classification, Outcome};
 use parking_lot::Mutex;
@@ -10,7 +11,6 @@ use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::time::Instant;
 
 /// At most this many distinct failure classes are counted separately; further
 /// classes are counted under [`OTHER_CLASS`]. Classes are meant to be a handful of
@@ -32,10 +32,11 @@ pub(super) struct Shared {
     cancelled: AtomicU64,
     last_success_ms: AtomicU64,
     last_failure_ms: AtomicU64,
-    /// Wall clock at `origin`, in unix milliseconds: wall times are derived from the
-    /// monotonic end-of-call reading, so a call reads the clock only twice.
+    /// Wall clock when `clock` read zero, in unix milliseconds: wall times are
+    /// derived from the monotonic end-of-call reading, so a call reads the clock
+    /// only twice.
     origin_wall_ms: u64,
-    origin: Instant,
+    pub(super) clock: LatencyClock,
     completions: Mutex<Completions>,
 }
 
@@ -43,14 +44,14 @@ struct Completions {
     successes: u64,
     failures: u64,
     ignored: u64,
-    latency_sum: Duration,
+    latency_sum_nanos: u64,
     failures_by_class: Vec<(&'static str, u64)>,
     window: Window,
 }
 
 impl Shared {
-    pub(super) fn new(window: Duration, significant_figures: u8) -> Self {
-        let origin = Instant::now();
+    pub(super) fn new(window: Duration, significant_figures: u8, clock: LatencyClock) -> Self {
+        let origin = clock.now_nanos();
         let origin_wall_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
@@ -60,13 +61,13 @@ impl Shared {
             cancelled: AtomicU64::new(0),
             last_success_ms: AtomicU64::new(0),
             last_failure_ms: AtomicU64::new(0),
-            origin_wall_ms,
-            origin,
+            origin_wall_ms: origin_wall_ms.saturating_sub(origin / 1_000_000),
+            clock,
             completions: Mutex::new(Completions {
                 successes: 0,
                 failures: 0,
                 ignored: 0,
-                latency_sum: Duration::ZERO,
+                latency_sum_nanos: 0,
                 failures_by_class: Vec::new(),
                 window: Window::new(
                     window.max(Duration::from_millis(1)),
@@ -90,14 +91,13 @@ impl Shared {
     }
 
     #[inline]
-    fn wall_ms(&self, now: Instant) -> u64 {
-        let since = now.saturating_duration_since(self.origin).as_millis();
-        self.origin_wall_ms
-            .saturating_add(u64::try_from(since).unwrap_or(u64::MAX))
+    fn wall_ms(&self, now: u64) -> u64 {
+        self.origin_wall_ms.saturating_add(now / 1_000_000)
     }
 
     #[inline]
-    pub(super) fn complete(&self, verdict: Classification, latency: Duration, now: Instant) {
+    pub(super) fn complete(&self, verdict: Classification, start: u64, now: u64) {
+        let latency = now.saturating_sub(start);
         self.in_flight.fetch_sub(1, Relaxed);
         match verdict.outcome {
             Outcome::Success => self.last_success_ms.store(self.wall_ms(now), Relaxed),
@@ -113,7 +113,7 @@ impl Shared {
                 c.count_failure(verdict.class);
             }
         }
-        c.latency_sum = c.latency_sum.saturating_add(latency);
+        c.latency_sum_nanos = c.latency_sum_nanos.saturating_add(latency);
         c.window.record(latency, now);
     }
 }
@@ -157,11 +157,11 @@ impl fmt::Debug for MetricsHandle {
 }
 
 impl MetricsHandle {
-    /// Fresh, zeroed metrics with the given latency window and histogram precision
-    /// (significant figures, clamped to 1..=5).
-    pub fn new(window: Duration, significant_figures: u8) -> Self {
+    /// Fresh, zeroed metrics with the given latency window, histogram precision
+    /// (significant figures, clamped to 1..=5) and clock.
+    pub fn new(window: Duration, significant_figures: u8, clock: LatencyClock) -> Self {
         MetricsHandle {
-            shared: Arc::new(Shared::new(window, significant_figures)),
+            shared: Arc::new(Shared::new(window, significant_figures, clock)),
         }
     }
 
@@ -176,7 +176,7 @@ impl MetricsHandle {
     /// histograms (microseconds); meant for a scrape every few seconds, not per call.
     pub fn snapshot(&self) -> MetricsSnapshot {
         let shared = &*self.shared;
-        let now = Instant::now();
+        let now = shared.clock.now_nanos();
         let mut c = shared.completions.lock();
         let latency = c.window.summary(now);
         let snapshot = MetricsSnapshot {
@@ -189,7 +189,7 @@ impl MetricsHandle {
             failures_by_class: c.failures_by_class.iter().copied().collect(),
             last_success_unix_ms: nonzero(shared.last_success_ms.load(Relaxed)),
             last_failure_unix_ms: nonzero(shared.last_failure_ms.load(Relaxed)),
-            latency_sum: c.latency_sum,
+            latency_sum: Duration::from_nanos(c.latency_sum_nanos),
             latency,
         };
         drop(c);

@@ -1,4 +1,5 @@
 use super::Metrics;
+use super::clock::LatencyClock;
 use super::handle::{DEFAULT_SIGNIFICANT_FIGURES, DEFAULT_WINDOW, MetricsHandle};
 use crate::classify::ErrorsAsFailures;
 use std::time::Duration;
@@ -11,7 +12,8 @@ use tower::Layer;
 /// To count two services separately, build two layers.
 ///
 /// Defaults (see [`MetricsLayer::builder`]): classifier [`ErrorsAsFailures`], latency
-/// window 60 s (quantiles cover the last 60 to 120 s), two significant figures.
+/// window 60 s (quantiles cover the last 60 to 120 s), two significant figures,
+/// [`LatencyClock::tsc`].
 #[derive(Clone, Debug)]
 pub struct MetricsLayer<C = ErrorsAsFailures> {
     handle: MetricsHandle,
@@ -35,6 +37,7 @@ impl MetricsLayer {
         MetricsLayerBuilder {
             window: DEFAULT_WINDOW,
             significant_figures: DEFAULT_SIGNIFICANT_FIGURES,
+            clock: None,
         }
     }
 
@@ -75,10 +78,11 @@ impl<S, C: Clone> Layer<S> for MetricsLayer<C> {
 }
 
 /// Builds a [`MetricsLayer`]; from [`MetricsLayer::builder`].
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct MetricsLayerBuilder {
     window: Duration,
     significant_figures: u8,
+    clock: Option<LatencyClock>,
 }
 
 impl MetricsLayerBuilder {
@@ -97,8 +101,20 @@ impl MetricsLayerBuilder {
         self
     }
 
+    /// The clock for latencies and the window (default [`LatencyClock::tsc`]; use
+    /// [`LatencyClock::tokio`] in tests on a paused tokio clock).
+    pub fn clock(mut self, clock: LatencyClock) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
     /// The layer, with fresh metrics.
     pub fn build(self) -> MetricsLayer {
-        MetricsLayer::from_handle(MetricsHandle::new(self.window, self.significant_figures))
+        let clock = self.clock.unwrap_or_default();
+        MetricsLayer::from_handle(MetricsHandle::new(
+            self.window,
+            self.significant_figures,
+            clock,
+        ))
     }
 }

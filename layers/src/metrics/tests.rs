@@ -25,13 +25,18 @@ fn http_like() -> impl Classify<u16, &'static str> + Clone {
     })
 }
 
+/// Metrics on tokio's clock, for tests on a paused runtime.
+fn paused() -> MetricsLayer {
+    MetricsLayer::builder().clock(LatencyClock::tokio()).build()
+}
+
 async fn run<S: Service<Req>>(svc: &mut S, req: Req) -> Result<S::Response, S::Error> {
     svc.ready().await?.call(req).await
 }
 
 #[tokio::test(start_paused = true)]
 async fn counters_exact_after_a_scripted_sequence() {
-    let layer = MetricsLayer::new().classify(http_like());
+    let layer = paused().classify(http_like());
     let handle = layer.handle();
     let mut svc = layer.layer(scripted());
     let script: [Req; 9] = [
@@ -68,7 +73,7 @@ async fn counters_exact_after_a_scripted_sequence() {
 
 #[tokio::test(start_paused = true)]
 async fn in_flight_counts_running_calls_and_drops() {
-    let layer = MetricsLayer::new();
+    let layer = paused();
     let handle = layer.handle();
     let mut svc = layer.layer(scripted());
 
@@ -99,6 +104,7 @@ async fn quantiles_match_recorded_latencies() {
     // The calls take 500 s in all: a window long enough to hold them.
     let layer = MetricsLayer::builder()
         .window(Duration::from_secs(3_600))
+        .clock(LatencyClock::tokio())
         .build();
     let handle = layer.handle();
     let mut svc = layer.layer(scripted());
@@ -124,6 +130,7 @@ async fn quantiles_match_recorded_latencies() {
 async fn window_rotates_lazily() {
     let layer = MetricsLayer::builder()
         .window(Duration::from_secs(60))
+        .clock(LatencyClock::tokio())
         .build();
     let handle = layer.handle();
     let mut svc = layer.layer(scripted());
@@ -154,7 +161,7 @@ async fn window_rotates_lazily() {
 
 #[tokio::test(start_paused = true)]
 async fn last_success_and_failure_times() {
-    let layer = MetricsLayer::new();
+    let layer = paused();
     let handle = layer.handle();
     let mut svc = layer.layer(scripted());
     let s = handle.snapshot();
@@ -347,7 +354,7 @@ fn value_of(
 #[tokio::test(start_paused = true)]
 async fn prometheus_text_is_valid_and_complete() {
     const WEIRD: &str = "we\"ird\\class\nx";
-    let publish = MetricsLayer::new().classify(http_like());
+    let publish = paused().classify(http_like());
     let mut svc = publish.layer(scripted());
     for req in [
         (10, Ok(200)),
@@ -437,4 +444,32 @@ fn render_sanitizes_names_and_skips_duplicates() {
     assert!(
         is_valid_metric_name("a:b_c1") && !is_valid_metric_name("1a") && !is_valid_metric_name("")
     );
+}
+
+#[tokio::test]
+async fn tsc_clock_measures_latency_and_rotates() {
+    // The default clock is quanta's; its mock is advanced by the service itself.
+    let (clock, mock) = LatencyClock::mock();
+    let layer = MetricsLayer::builder()
+        .window(Duration::from_secs(10))
+        .clock(clock)
+        .build();
+    let handle = layer.handle();
+    let mut svc = layer.layer(service_fn(move |ms: u64| {
+        mock.increment(Duration::from_millis(ms));
+        std::future::ready(Ok::<_, std::convert::Infallible>(()))
+    }));
+    for ms in [10, 20, 30] {
+        svc.ready().await.unwrap().call(ms).await.unwrap();
+    }
+    let s = handle.snapshot();
+    assert_eq!(s.latency.count, 3);
+    assert!(within(s.latency.max, 30) && within(s.latency.p50, 20));
+    assert_eq!(s.latency_sum, Duration::from_millis(60));
+    // A 20 s call (two intervals): it ends in a fresh window, alone.
+    svc.ready().await.unwrap().call(20_000).await.unwrap();
+    let s = handle.snapshot();
+    assert_eq!(s.calls, 4);
+    assert_eq!(s.latency.count, 1);
+    assert!(within(s.latency.max, 20_000));
 }

@@ -2,7 +2,6 @@
 
 use hdrhistogram::Histogram;
 use std::time::Duration;
-use tokio::time::Instant;
 
 /// Longest latency tracked exactly: one hour. Longer calls are recorded as one hour.
 pub(super) const HIGHEST_TRACKABLE_NANOS: u64 = 3_600 * 1_000_000_000;
@@ -12,34 +11,35 @@ pub(super) const HIGHEST_TRACKABLE_NANOS: u64 = 3_600 * 1_000_000_000;
 /// Calls are recorded into `current`; once `interval` has passed since
 /// `current_start`, `current` becomes `previous` and a fresh `current` starts.
 /// Quantiles are read from `previous + current`, so a reading always covers at least
-/// one full interval (once one has passed) and at most two.
+/// one full interval (once one has passed) and at most two. Times are nanoseconds
+/// on the layer's [`LatencyClock`](super::LatencyClock).
 pub(super) struct Window {
     current: Histogram<u64>,
     previous: Histogram<u64>,
-    current_start: Instant,
-    interval: Duration,
+    current_start: u64,
+    interval: u64,
 }
 
 impl Window {
-    pub(super) fn new(interval: Duration, significant_figures: u8, now: Instant) -> Self {
+    pub(super) fn new(interval: Duration, significant_figures: u8, now: u64) -> Self {
         let histogram = new_histogram(significant_figures);
         Window {
             previous: histogram.clone(),
             current: histogram,
             current_start: now,
-            interval,
+            interval: super::clock::nanos(interval).max(1),
         }
     }
 
     /// Moves the window forward to `now`, dropping what is older than one interval
     /// before the current one.
     #[inline]
-    pub(super) fn rotate(&mut self, now: Instant) {
-        let elapsed = now.saturating_duration_since(self.current_start);
+    pub(super) fn rotate(&mut self, now: u64) {
+        let elapsed = now.saturating_sub(self.current_start);
         if elapsed < self.interval {
             return;
         }
-        let intervals = elapsed.as_nanos() / self.interval.as_nanos().max(1);
+        let intervals = elapsed / self.interval;
         if intervals == 1 {
             std::mem::swap(&mut self.current, &mut self.previous);
             self.current.reset();
@@ -47,24 +47,18 @@ impl Window {
             self.current.reset();
             self.previous.reset();
         }
-        // Keep interval boundaries aligned to the first start; `intervals` is at
-        // least 1 and the product is at most `elapsed`, so this cannot overflow.
-        let step = self
-            .interval
-            .checked_mul(u32::try_from(intervals).unwrap_or(u32::MAX))
-            .unwrap_or(elapsed);
-        self.current_start += step.min(elapsed);
+        // Keep interval boundaries aligned; `intervals * interval <= elapsed`.
+        self.current_start += intervals * self.interval;
     }
 
     #[inline]
-    pub(super) fn record(&mut self, latency: Duration, now: Instant) {
+    pub(super) fn record(&mut self, latency: u64, now: u64) {
         self.rotate(now);
-        let nanos = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX);
-        self.current.saturating_record(nanos);
+        self.current.saturating_record(latency);
     }
 
     /// Latency summary over `previous + current` as of `now`.
-    pub(super) fn summary(&mut self, now: Instant) -> super::LatencySummary {
+    pub(super) fn summary(&mut self, now: u64) -> super::LatencySummary {
         self.rotate(now);
         let mut merged = self.previous.clone();
         // Same bounds and precision: adding cannot fail.
