@@ -6,7 +6,6 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
-use tokio::time::Instant;
 use tracing::{Level, Span};
 
 /// Emits one event at a level chosen at run time (tracing's macros need a constant
@@ -27,7 +26,8 @@ macro_rules! event_at {
 #[derive(Debug)]
 pub(super) struct Logged<C> {
     pub(super) span: Span,
-    pub(super) start: Instant,
+    /// Nanoseconds on `config.clock`.
+    pub(super) start: u64,
     pub(super) config: Arc<Config>,
     pub(super) classifier: C,
 }
@@ -73,8 +73,7 @@ impl<C> Logged<C> {
     where
         C: Classify<T, E>,
     {
-        let elapsed = self.start.elapsed();
-        let duration_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
+        let duration_ms = self.config.clock.now_nanos().saturating_sub(self.start) / 1_000_000;
         let verdict = self.classifier.classify(result.as_ref());
         let config = &*self.config;
         let (level, message, outcome) = match verdict.outcome {

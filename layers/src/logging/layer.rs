@@ -1,5 +1,6 @@
 use super::{Logging, NoFields};
 use crate::classify::ErrorsAsFailures;
+use crate::metrics::LatencyClock;
 use std::sync::Arc;
 use tower::Layer;
 use tracing::Level;
@@ -18,6 +19,7 @@ pub(super) struct Config {
     pub(super) success_message: &'static str,
     pub(super) failure_message: &'static str,
     pub(super) ignored_message: &'static str,
+    pub(super) clock: LatencyClock,
     /// The least verbose (most severe) event level: when a subscriber filters even
     /// that out, no completion event can be logged and a call skips all the work.
     pub(super) least_verbose: Level,
@@ -53,6 +55,7 @@ impl Config {
 /// | success event | `INFO`, "call succeeded" | [`on_success`](Self::on_success), [`success_message`](Self::success_message) |
 /// | failure event | `ERROR`, "call failed" | [`on_failure`](Self::on_failure), [`failure_message`](Self::failure_message) |
 /// | ignored event | `INFO`, "call ignored" | [`on_ignored`](Self::on_ignored), [`ignored_message`](Self::ignored_message) |
+/// | clock for `duration_ms` | [`LatencyClock::tsc`] | [`clock`](Self::clock) |
 ///
 /// Successes log at `INFO` as the seed's "Event published successfully" lines do;
 /// set `on_success(Level::DEBUG)` for hot paths. Cloning the layer is cheap (an
@@ -87,6 +90,7 @@ impl LoggingLayer {
             success_message: "call succeeded",
             failure_message: "call failed",
             ignored_message: "call ignored",
+            clock: LatencyClock::tsc(),
             least_verbose: Level::ERROR,
         };
         config.refresh();
@@ -154,6 +158,12 @@ impl<C, F> LoggingLayer<C, F> {
     /// The message of the completion event of a failure (default "call failed").
     pub fn failure_message(self, message: &'static str) -> Self {
         self.with(|c| c.failure_message = message)
+    }
+
+    /// The clock `duration_ms` is measured with (default [`LatencyClock::tsc`]; use
+    /// [`LatencyClock::tokio`] in tests on a paused tokio clock).
+    pub fn clock(self, clock: LatencyClock) -> Self {
+        self.with(|c| c.clock = clock)
     }
 
     /// The message of the completion event of an ignored outcome (default "call ignored").

@@ -73,7 +73,6 @@ use layer::Config;
 use std::fmt;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use tokio::time::Instant;
 use tower::Service;
 use tracing::Level;
 
@@ -169,7 +168,7 @@ where
         // The completion event goes into the innermost span; the subscriber's
         // registry keeps the outer one alive as the caller span's parent.
         let span = if caller.is_none() { outer } else { caller };
-        let start = Instant::now();
+        let start = config.clock.now_nanos();
         let inner = span.in_scope(|| self.inner.call(req));
         ResponseFuture {
             inner,

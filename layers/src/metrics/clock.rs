@@ -3,7 +3,7 @@
 use std::fmt;
 use std::time::Duration;
 
-/// Where [`Metrics`](super::Metrics) reads time: the CPU's time-stamp counter through
+/// Where [`Metrics`](super::Metrics) and [`Logging`](crate::logging::Logging) read time: the CPU's time-stamp counter through
 /// the [`quanta`](https://docs.rs/quanta) crate (the default), or tokio's clock.
 ///
 /// Two readings per call are most of the layer's cost. On x86-64 with an invariant
@@ -77,7 +77,7 @@ impl LatencyClock {
 
     /// Nanoseconds since this clock was created.
     #[inline]
-    pub(super) fn now_nanos(&self) -> u64 {
+    pub(crate) fn now_nanos(&self) -> u64 {
         let since = match &self.kind {
             Kind::Tsc { clock, origin } => clock.now().saturating_duration_since(*origin),
             Kind::Tokio { origin } => {
