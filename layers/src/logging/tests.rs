@@ -303,3 +303,28 @@ async fn snake_case_kept_when_asked() {
         })]
     );
 }
+
+#[tokio::test]
+async fn poll_ready_errors_pass_through() {
+    #[derive(Clone, Debug)]
+    struct NotReady;
+    impl Service<()> for NotReady {
+        type Response = ();
+        type Error = &'static str;
+        type Future = std::future::Ready<Result<(), &'static str>>;
+        fn poll_ready(
+            &mut self,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), Self::Error>> {
+            std::task::Poll::Ready(Err("not ready"))
+        }
+        fn call(&mut self, (): ()) -> Self::Future {
+            std::future::ready(Ok(()))
+        }
+    }
+    let mut svc = Logging::new(NotReady, "C", "op");
+    assert_eq!(svc.ready().await.unwrap_err(), "not ready");
+    // Clones share the settings and wrap a clone of the inner service.
+    let clone = svc.clone();
+    assert_eq!(format!("{:?}", clone.get_ref()), "NotReady");
+}

@@ -473,3 +473,34 @@ async fn tsc_clock_measures_latency_and_rotates() {
     assert_eq!(s.latency.count, 1);
     assert!(within(s.latency.max, 20_000));
 }
+
+#[tokio::test]
+async fn poll_ready_errors_pass_through_uncounted() {
+    let layer = MetricsLayer::new();
+    let handle = layer.handle();
+    let mut svc = layer.layer(service_fn(|()| async { Ok::<_, &str>(()) }));
+    svc.ready().await.unwrap().call(()).await.unwrap();
+    let mut broken = MetricsLayer::from_handle(handle.clone()).layer(NotReady);
+    assert_eq!(broken.ready().await.unwrap_err(), "not ready");
+    let s = handle.snapshot();
+    assert_eq!((s.calls, s.successes, s.failures), (1, 1, 0));
+}
+
+/// A service whose readiness fails.
+#[derive(Clone, Debug)]
+struct NotReady;
+
+impl Service<()> for NotReady {
+    type Response = ();
+    type Error = &'static str;
+    type Future = std::future::Ready<Result<(), &'static str>>;
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Err("not ready"))
+    }
+    fn call(&mut self, (): ()) -> Self::Future {
+        std::future::ready(Ok(()))
+    }
+}
