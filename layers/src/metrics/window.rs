@@ -63,14 +63,17 @@ impl Window {
         let mut merged = self.previous.clone();
         // Same bounds and precision: adding cannot fail.
         let _ = merged.add(&self.current);
-        let q = |quantile: f64| Duration::from_nanos(merged.value_at_quantile(quantile));
+        // hdrhistogram reports a bucket's highest value; its middle is closer to
+        // what was recorded.
+        let middle = |value: u64| Duration::from_nanos(merged.median_equivalent(value));
+        let q = |quantile: f64| middle(merged.value_at_quantile(quantile));
         super::LatencySummary {
             count: merged.len(),
             p50: q(0.5),
             p90: q(0.9),
             p99: q(0.99),
             p999: q(0.999),
-            max: Duration::from_nanos(merged.max()),
+            max: middle(merged.max()),
             mean: Duration::from_nanos(merged.mean().round() as u64),
         }
     }
