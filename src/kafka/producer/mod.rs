@@ -1,7 +1,7 @@
 //! Publishing events as Tower services.
 //!
-//! - [`PublishEvent`]: `Service<PublishRequest<T>>` (also `Service<(String,
-//!   EventEnvelope<T>)>`), one event, resolving to a [`PublishAck`] with the
+//! - [`PublishEvent`]: `Service<PublishRequest<T>>` (build one from
+//!   `(topic, EventEnvelope<T>)` with `.into()`), one event, resolving to a [`PublishAck`] with the
 //!   partition and offset once the broker acknowledges it.
 //! - [`PublishBatch`]: `Service<PublishBatchRequest<T>>`, up to
 //!   [`max_batch_size`](crate::kafka::config::KafkaConfig::max_batch_size) events
@@ -138,7 +138,9 @@ pub struct PublishAck {
     pub event_id: Uuid,
     /// The partition it was stored in.
     pub partition: i32,
-    /// Its offset in that partition.
+    /// Its offset in that partition. librdkafka reports `-1001` (unknown) when
+    /// the idempotent producer learns of the write only through the broker's
+    /// duplicate-sequence answer to a retry.
     pub offset: i64,
 }
 
@@ -278,20 +280,6 @@ impl<T: Serialize> tower::Service<PublishRequest<T>> for PublishEvent {
 
     fn call(&mut self, req: PublishRequest<T>) -> Self::Future {
         self.publish(req)
-    }
-}
-
-impl<T: Serialize> tower::Service<(String, EventEnvelope<T>)> for PublishEvent {
-    type Response = PublishAck;
-    type Error = KafkaProducerError;
-    type Future = PublishFuture;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, (topic, event): (String, EventEnvelope<T>)) -> Self::Future {
-        self.publish(PublishRequest::new(topic, event))
     }
 }
 
