@@ -2,6 +2,8 @@
 //! request errors, slow round trips. No external server is needed.
 #![cfg(feature = "kafka")]
 
+mod kafka_util;
+
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,11 +14,9 @@ use keel::kafka::config::{KafkaConfig, KafkaLogLevel};
 use keel::kafka::envelope::EventEnvelope;
 use keel::kafka::error::{KafkaProducerError, ProducerErrorKind};
 use keel::kafka::producer::{PublishBatchRequest, PublishRequest};
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tower::{Service, ServiceExt};
 use uuid::Uuid;
 
@@ -34,7 +34,9 @@ fn config(cluster: &Cluster, delivery_timeout: Duration) -> KafkaConfig {
     KafkaConfig::builder()
         .brokers(cluster.bootstrap_servers().split(',').map(str::to_string))
         .delivery_timeout(delivery_timeout)
-        .request_timeout(Duration::from_millis(500.min(delivery_timeout.as_millis() as u64)))
+        .request_timeout(Duration::from_millis(
+            500.min(delivery_timeout.as_millis() as u64),
+        ))
         .statistics_interval(Duration::from_millis(100))
         .log_level(KafkaLogLevel::Nothing)
         // Reconnect quickly once the broker is back.
@@ -63,39 +65,6 @@ async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("{what} did not happen within 10 s");
-}
-
-/// Reads back every message of `topic` (all partitions) from the beginning.
-fn read_back(bootstrap: &str, topic: &str, partitions: i32, expected: usize) -> Vec<EventEnvelope> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", format!("reader-{}", Uuid::new_v4()))
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
-        .create()
-        .expect("consumer");
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
-    }
-    consumer.assign(&tpl).unwrap();
-    let mut out = Vec::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while out.len() < expected && std::time::Instant::now() < deadline {
-        if let Some(m) = consumer.poll(Duration::from_millis(100)) {
-            let m = m.expect("consume");
-            out.push(EventEnvelope::from_message(&m).expect("a keel event"));
-        }
-    }
-    // Anything beyond `expected` would be a duplicate: give it a moment to show up.
-    let settle = std::time::Instant::now() + Duration::from_millis(500);
-    while std::time::Instant::now() < settle {
-        if let Some(m) = consumer.poll(Duration::from_millis(50)) {
-            let m = m.expect("consume");
-            out.push(EventEnvelope::from_message(&m).expect("a keel event"));
-        }
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -164,9 +133,10 @@ async fn broker_down_fails_with_a_typed_error_in_bounded_time() {
 async fn publisher_batch_fails(client: &KafkaClient, topic: &str) -> KafkaProducerError {
     tokio::time::timeout(
         Duration::from_secs(15),
-        client
-            .batch_publisher()
-            .oneshot(PublishBatchRequest::new(topic, vec![event(10), event(11), event(12)])),
+        client.batch_publisher().oneshot(PublishBatchRequest::new(
+            topic,
+            vec![event(10), event(11), event(12)],
+        )),
     )
     .await
     .expect("the batch resolves within the delivery timeout")
@@ -222,15 +192,14 @@ async fn injected_retriable_errors_lose_nothing_and_duplicate_nothing() {
         all_acks.extend(ack.acks);
     }
     // Every acknowledgement names a real, distinct position.
-    let positions: HashSet<(i32, i64)> =
-        all_acks.iter().map(|a| (a.partition, a.offset)).collect();
+    let positions: HashSet<(i32, i64)> = all_acks.iter().map(|a| (a.partition, a.offset)).collect();
     assert_eq!(positions.len(), 500);
     assert!(all_acks.iter().all(|a| a.offset >= 0));
 
     let bootstrap = cluster.bootstrap_servers();
     let topic2 = topic.clone();
     let received = tokio::task::spawn_blocking(move || {
-        read_back(&bootstrap, &topic2, partitions, 500)
+        kafka_util::read_back(&bootstrap, &topic2, partitions, 500)
     })
     .await
     .unwrap();
@@ -290,10 +259,8 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disabled_config_answers_disabled_without_connecting() {
-    let client = KafkaClient::connect(
-        KafkaConfig::from_vars([("ENABLE_KAFKA", "false")]).unwrap(),
-    )
-    .unwrap();
+    let client =
+        KafkaClient::connect(KafkaConfig::from_vars([("ENABLE_KAFKA", "false")]).unwrap()).unwrap();
     let calls = Arc::new(AtomicUsize::new(0));
     let svc = Counting {
         inner: client.publisher(),
