@@ -21,7 +21,7 @@
 //!
 //! let registry = HandlerRegistry::builder()
 //!     .handler_fn("user.created", |event: ConsumedEvent| async move {
-//!         println!("user created: {:?}", event.envelope().payload);
+//!         println!("user created: {:?}", event.envelope().payload());
 //!         Ok::<_, BoxError>(())
 //!     })
 //!     .on_unknown(UnknownEventTypes::DeadLetter)
@@ -212,20 +212,8 @@ impl Service<ConsumedEvent> for HandlerRegistry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kafka::consumer::decode::EventEnvelope;
-    use crate::kafka::consumer::{ReceivedMessage, Timestamp};
+    use crate::kafka::consumer::event::test_event;
     use std::sync::Mutex;
-
-    fn event(event_type: &str) -> ConsumedEvent {
-        let envelope = EventEnvelope {
-            event_id: "1".into(),
-            event_type: event_type.into(),
-            version: "1".into(),
-            payload: serde_json::json!({"n": 1}),
-        };
-        let msg = ReceivedMessage::new("t", 0, 0, None, None, vec![], Timestamp::NotAvailable);
-        ConsumedEvent::new(envelope, msg)
-    }
 
     #[tokio::test]
     async fn routes_by_event_type() {
@@ -249,14 +237,14 @@ mod tests {
             .build()
             .unwrap();
         assert_eq!(registry.event_types(), vec!["a", "b"]);
-        registry.clone().oneshot(event("a")).await.unwrap();
-        let err = registry.clone().oneshot(event("b")).await.unwrap_err();
+        registry.clone().oneshot(test_event("a")).await.unwrap();
+        let err = registry.clone().oneshot(test_event("b")).await.unwrap_err();
         assert!(
             !err.is_retryable(),
             "a permanent HandlerError stays permanent"
         );
         // Unknown types are skipped by default.
-        registry.clone().oneshot(event("c")).await.unwrap();
+        registry.clone().oneshot(test_event("c")).await.unwrap();
         assert_eq!(*seen.lock().unwrap(), vec!["A:a", "B:b"]);
     }
 
@@ -266,7 +254,7 @@ mod tests {
             .on_unknown(UnknownEventTypes::DeadLetter)
             .build()
             .unwrap();
-        let err = registry.oneshot(event("nope")).await.unwrap_err();
+        let err = registry.oneshot(test_event("nope")).await.unwrap_err();
         assert_eq!(err.class(), "unknown_event_type");
         assert!(!err.is_retryable());
     }

@@ -1,6 +1,6 @@
 //! Errors of handlers and of the consumer runtime.
 
-use super::decode::DecodeError;
+use crate::kafka::envelope::DecodeError;
 use keel_layers::classify::{Classification, ClassifiedError, Classify};
 use rdkafka::error::KafkaError;
 use std::error::Error as StdError;
@@ -158,6 +158,9 @@ pub enum ConsumerError {
         #[source]
         source: KafkaError,
     },
+    /// Kafka is disabled (`ENABLE_KAFKA=false`).
+    #[error("Kafka is disabled (ENABLE_KAFKA=false)")]
+    Disabled,
     /// The runtime has stopped (shut down, or its poll thread ended).
     #[error("the consumer is not running")]
     NotRunning,

@@ -1,117 +1,71 @@
 //! What a handler receives: the decoded envelope plus the Kafka message it came in.
 
-use super::decode::EventEnvelope;
-use bytes::Bytes;
+use crate::kafka::envelope::EventEnvelope;
 use rdkafka::Message;
-use rdkafka::message::{BorrowedMessage, Headers};
+use rdkafka::message::{BorrowedMessage, Headers, OwnedHeaders, OwnedMessage};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 pub use rdkafka::message::Timestamp;
 
-/// One Kafka header of a fetched message.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MessageHeader {
-    /// Header name.
-    pub key: String,
-    /// Header value; `None` for a null header.
-    pub value: Option<Bytes>,
-}
-
-/// A fetched Kafka message, copied out of librdkafka's buffers: raw key, payload,
-/// headers and where it came from. This is what the dead-letter queue republishes,
-/// unchanged.
+/// A fetched Kafka message, copied out of librdkafka's buffers (an rdkafka
+/// [`OwnedMessage`]): raw key, payload, headers and where it came from. This is what
+/// the dead-letter queue republishes, unchanged.
 #[derive(Clone, Debug)]
 pub struct ReceivedMessage {
-    topic: Arc<str>,
-    partition: i32,
-    offset: i64,
-    key: Option<Bytes>,
-    payload: Option<Bytes>,
-    headers: Vec<MessageHeader>,
-    timestamp: Timestamp,
+    inner: OwnedMessage,
 }
 
 impl ReceivedMessage {
-    /// A message built by hand (tests, replays).
-    pub fn new(
-        topic: impl Into<Arc<str>>,
-        partition: i32,
-        offset: i64,
-        key: Option<Bytes>,
-        payload: Option<Bytes>,
-        headers: Vec<MessageHeader>,
-        timestamp: Timestamp,
-    ) -> Self {
-        ReceivedMessage {
-            topic: topic.into(),
-            partition,
-            offset,
-            key,
-            payload,
-            headers,
-            timestamp,
-        }
+    /// Wraps an owned message (tests, replays).
+    pub fn new(message: OwnedMessage) -> Self {
+        ReceivedMessage { inner: message }
     }
 
-    pub(crate) fn from_borrowed(m: &BorrowedMessage<'_>, topic: Arc<str>) -> Self {
-        let headers = m
-            .headers()
-            .map(|hs| {
-                hs.iter()
-                    .map(|h| MessageHeader {
-                        key: h.key.to_string(),
-                        value: h.value.map(Bytes::copy_from_slice),
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        ReceivedMessage {
-            topic,
-            partition: m.partition(),
-            offset: m.offset(),
-            key: m.key().map(Bytes::copy_from_slice),
-            payload: m.payload().map(Bytes::copy_from_slice),
-            headers,
-            timestamp: m.timestamp(),
-        }
+    pub(crate) fn from_borrowed(m: &BorrowedMessage<'_>) -> Self {
+        ReceivedMessage { inner: m.detach() }
     }
 
     /// Topic the message was fetched from.
     pub fn topic(&self) -> &str {
-        &self.topic
+        self.inner.topic()
     }
     /// Partition the message was fetched from.
     pub fn partition(&self) -> i32 {
-        self.partition
+        self.inner.partition()
     }
     /// Offset of the message in its partition.
     pub fn offset(&self) -> i64 {
-        self.offset
+        self.inner.offset()
     }
     /// Raw key.
     pub fn key(&self) -> Option<&[u8]> {
-        self.key.as_deref()
+        self.inner.key()
     }
     /// Raw payload.
     pub fn payload(&self) -> Option<&[u8]> {
-        self.payload.as_deref()
+        self.inner.payload()
     }
     /// All headers, in their original order.
-    pub fn headers(&self) -> &[MessageHeader] {
-        &self.headers
+    pub fn headers(&self) -> Option<&OwnedHeaders> {
+        self.inner.headers()
     }
     /// The value of the last header called `name`.
     pub fn header(&self, name: &str) -> Option<&[u8]> {
-        self.headers
+        self.inner
+            .headers()?
             .iter()
-            .rev()
-            .find(|h| h.key == name)
-            .and_then(|h| h.value.as_deref())
+            .filter(|h| h.key == name)
+            .last()
+            .and_then(|h| h.value)
     }
     /// Broker or producer timestamp.
     pub fn timestamp(&self) -> Timestamp {
-        self.timestamp
+        self.inner.timestamp()
+    }
+    /// The rdkafka message (implements [`rdkafka::Message`]).
+    pub fn as_message(&self) -> &OwnedMessage {
+        &self.inner
     }
 }
 
@@ -152,7 +106,7 @@ impl ConsumedEvent {
     }
     /// The event type the registry routes on.
     pub fn event_type(&self) -> &str {
-        &self.inner.envelope.event_type
+        self.inner.envelope.event_type()
     }
     /// The Kafka message the event came in.
     pub fn message(&self) -> &ReceivedMessage {
@@ -175,7 +129,7 @@ impl ConsumedEvent {
         self.inner.message.key()
     }
     /// Headers of the message.
-    pub fn headers(&self) -> &[MessageHeader] {
+    pub fn headers(&self) -> Option<&OwnedHeaders> {
         self.inner.message.headers()
     }
     /// Timestamp of the message.
@@ -199,4 +153,12 @@ impl ConsumedEvent {
             attempt,
         }
     }
+}
+
+/// An event of type `event_type` at `t/0@7`, for unit tests.
+#[cfg(test)]
+pub(crate) fn test_event(event_type: &str) -> ConsumedEvent {
+    let envelope = EventEnvelope::new(event_type, serde_json::json!({"n": 1}));
+    let message = OwnedMessage::new(None, None, "t".into(), Timestamp::NotAvailable, 0, 7, None);
+    ConsumedEvent::new(envelope, ReceivedMessage::new(message))
 }

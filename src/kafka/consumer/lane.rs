@@ -1,6 +1,5 @@
 //! A lane: one task draining one bounded queue, one message at a time.
 
-use super::decode::decode;
 use super::error::{BoxError, error_chain};
 use super::event::{ConsumedEvent, ReceivedMessage};
 use super::metrics::{ConsumerMetrics, Ending};
@@ -9,6 +8,7 @@ use super::retry::{Backoff, MessageRetry};
 use crate::kafka::dead_letter::{
     DeadLetter, DeadLetterPublisher, DeadLetterReason, Disposition, reason_for,
 };
+use crate::kafka::envelope::EventEnvelope;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::{mpsc, watch};
@@ -123,7 +123,7 @@ where
     S::Future: Send + 'static,
 {
     let started = Instant::now();
-    let envelope = match decode(&message) {
+    let envelope = match EventEnvelope::from_message(message.as_message()) {
         Ok(envelope) => envelope,
         Err(error) => {
             ctx.metrics.record_decode_error();
@@ -136,8 +136,7 @@ where
             );
             let ending = match &ctx.dlq {
                 Some(publisher) => {
-                    let mut reason = reason_for(error, 0);
-                    reason.kind = "decode".into();
+                    let reason = reason_for(error, 0);
                     publish_until_acked(publisher, &message, &reason, ctx.backoff).await;
                     Ending::DeadLettered
                 }

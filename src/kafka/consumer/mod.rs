@@ -82,7 +82,6 @@
 //! # Ok(()) }
 //! ```
 
-pub(crate) mod decode;
 mod error;
 mod event;
 mod lane;
@@ -92,15 +91,16 @@ mod retry;
 pub mod scheduler;
 pub mod tracker;
 
-pub use decode::{DecodeError, EventEnvelope};
+pub use crate::kafka::envelope::{DecodeError, EventEnvelope};
 pub(crate) use error::error_chain;
 pub use error::{BoxError, ConsumerError, HandlerError, HandlerErrors, UnknownEventType};
-pub use event::{ConsumedEvent, MessageHeader, ReceivedMessage, Timestamp};
+pub use event::{ConsumedEvent, ReceivedMessage, Timestamp};
 pub use metrics::{ConsumerMetrics, ConsumerMetricsSnapshot};
 pub use retry::{Backoff, MessageRetry, MessageRetryLayer};
 pub use scheduler::ProcessingOrder;
 pub use tracker::TopicPartition;
 
+use crate::kafka::config::KafkaConfig;
 use crate::kafka::dead_letter::{DEFAULT_SUFFIX, DeadLetterPublisher};
 use lane::{LaneContext, Stack, run_lane};
 use poll::{Command, KeelBaseConsumer, KeelConsumerContext, PollLoop, Shared};
@@ -175,6 +175,7 @@ impl StartOptions {
 #[derive(Clone)]
 pub struct KafkaConsumerBuilder {
     client: ClientConfig,
+    dlq_client: Option<ClientConfig>,
     group_id: String,
     order: ProcessingOrder,
     workers: usize,
@@ -312,7 +313,7 @@ impl KafkaConsumerBuilder {
         let dlq = if options.enable_dlq {
             Some(
                 DeadLetterPublisher::new(
-                    &self.client,
+                    self.dlq_client.as_ref().unwrap_or(&self.client),
                     self.group_id.clone(),
                     self.dlq_suffix.clone(),
                 )
@@ -420,6 +421,7 @@ impl KafkaConsumer {
     pub fn builder(client: ClientConfig, group_id: impl Into<String>) -> KafkaConsumerBuilder {
         KafkaConsumerBuilder {
             client,
+            dlq_client: None,
             group_id: group_id.into(),
             order: ProcessingOrder::Partition,
             workers: 1,
@@ -429,6 +431,19 @@ impl KafkaConsumer {
             commit_interval: Duration::from_secs(1),
             poll_timeout: Duration::from_millis(50),
         }
+    }
+
+    /// A builder from keel's [`KafkaConfig`]: its consumer settings
+    /// (`KAFKA_BROKERS`, `KAFKA_CLIENT_ID`, `KAFKA_GROUP_ID`, timeouts, pass-through
+    /// properties) and its producer settings for the dead-letter producer. Fails with
+    /// [`ConsumerError::Disabled`] when `ENABLE_KAFKA=false`.
+    pub fn from_config(config: &KafkaConfig) -> Result<KafkaConsumerBuilder, ConsumerError> {
+        if !config.enabled() {
+            return Err(ConsumerError::Disabled);
+        }
+        let mut builder = Self::builder(config.consumer_client_config(), config.group_id());
+        builder.dlq_client = Some(config.producer_client_config());
+        Ok(builder)
     }
 
     /// The consumer group.

@@ -410,7 +410,7 @@ impl PollLoop {
             }
         };
         let tp = TopicPartition {
-            topic: topic.clone(),
+            topic,
             partition: message.partition(),
         };
         let epoch = match self.shared.tracker().dispatch(&tp, message.offset()) {
@@ -420,7 +420,7 @@ impl PollLoop {
                 return Next::Continue;
             }
         };
-        let received = ReceivedMessage::from_borrowed(&message, topic);
+        let received = ReceivedMessage::from_borrowed(&message);
         drop(message);
         let lane = lane_for(
             self.order,

@@ -202,23 +202,11 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kafka::consumer::decode::EventEnvelope;
     use crate::kafka::consumer::error::{BoxError, HandlerError};
-    use crate::kafka::consumer::event::{ReceivedMessage, Timestamp};
+    use crate::kafka::consumer::event::test_event;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU32, Ordering};
     use tokio::time::Instant;
-
-    fn event() -> ConsumedEvent {
-        let envelope = EventEnvelope {
-            event_id: "1".into(),
-            event_type: "t".into(),
-            version: "1".into(),
-            payload: serde_json::json!({}),
-        };
-        let msg = ReceivedMessage::new("topic", 0, 7, None, None, vec![], Timestamp::NotAvailable);
-        ConsumedEvent::new(envelope, msg)
-    }
 
     #[test]
     fn default_backoff_is_1_2_4_8_capped_at_30() {
@@ -248,7 +236,7 @@ mod tests {
             })
         };
         let start = Instant::now();
-        let ev = event();
+        let ev = test_event("t");
         let mut retry = MessageRetry::new(svc, 3);
         retry.ready().await.unwrap().call(ev.clone()).await.unwrap();
         assert_eq!(calls.load(Ordering::SeqCst), 3);
@@ -278,7 +266,15 @@ mod tests {
             })
             .layer(failing);
         let start = Instant::now();
-        assert!(retry.ready().await.unwrap().call(event()).await.is_err());
+        assert!(
+            retry
+                .ready()
+                .await
+                .unwrap()
+                .call(test_event("t"))
+                .await
+                .is_err()
+        );
         assert_eq!(calls.load(Ordering::SeqCst), 5);
         assert_eq!(start.elapsed(), Duration::from_millis(10 + 15 + 15 + 15));
 
@@ -291,7 +287,15 @@ mod tests {
             })
         };
         let mut retry = MessageRetry::new(permanent, 4);
-        assert!(retry.ready().await.unwrap().call(event()).await.is_err());
+        assert!(
+            retry
+                .ready()
+                .await
+                .unwrap()
+                .call(test_event("t"))
+                .await
+                .is_err()
+        );
         assert_eq!(calls.load(Ordering::SeqCst), 1);
     }
 }

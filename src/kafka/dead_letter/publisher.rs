@@ -5,7 +5,7 @@ use super::headers;
 use crate::kafka::consumer::ReceivedMessage;
 use rdkafka::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders, Timestamp};
+use rdkafka::message::{Header, Headers, OwnedHeaders, Timestamp};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use std::fmt;
 use std::sync::Arc;
@@ -154,12 +154,12 @@ impl DeadLetterPublisher {
     }
 
     fn headers(&self, message: &ReceivedMessage, reason: &DeadLetterReason) -> OwnedHeaders {
-        let mut h = OwnedHeaders::new_with_capacity(message.headers().len() + 11);
-        for original in message.headers() {
-            h = h.insert(Header {
-                key: &original.key,
-                value: original.value.as_deref(),
-            });
+        let original_count = message.headers().map_or(0, |hs| hs.count());
+        let mut h = OwnedHeaders::new_with_capacity(original_count + 11);
+        if let Some(originals) = message.headers() {
+            for original in originals.iter() {
+                h = h.insert(original);
+            }
         }
         let (ts, ts_type) = match message.timestamp() {
             Timestamp::NotAvailable => (None, "NotAvailable"),
