@@ -477,7 +477,7 @@ impl KafkaConsumer {
 
     /// Messages handed to workers and not finished yet.
     pub fn in_flight(&self) -> usize {
-        self.shared.tracker().in_flight()
+        self.shared.current_tracker().in_flight()
     }
 
     /// The partitions currently assigned to this consumer.
@@ -526,7 +526,7 @@ impl KafkaConsumer {
     /// partition, each bounded by `timeout`) minus this consumer's commit position.
     pub async fn lag(&self, timeout: Duration) -> Result<Vec<PartitionLag>, ConsumerError> {
         let positions: Vec<(TopicPartition, Option<i64>)> = {
-            let tracker = self.shared.tracker();
+            let tracker = self.shared.current_tracker();
             let mut v: Vec<_> = tracker
                 .partitions()
                 .map(|tp| (tp.clone(), tracker.commit_position(tp)))

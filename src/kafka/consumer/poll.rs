@@ -92,6 +92,13 @@ impl Shared {
         lock(&self.tracker)
     }
 
+    /// The tracker with every completion reported so far applied.
+    pub(crate) fn current_tracker(&self) -> MutexGuard<'_, OffsetTracker> {
+        let mut tracker = self.tracker();
+        self.drain_completions(&mut tracker);
+        tracker
+    }
+
     pub(crate) fn paused(&self) -> MutexGuard<'_, HashSet<TopicPartition>> {
         lock(&self.paused)
     }
