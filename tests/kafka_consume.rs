@@ -78,6 +78,7 @@ async fn produce(
         let encoded = event.encode().unwrap();
         let mut record = FutureRecord::to(topic)
             .payload(&encoded.value)
+            .timestamp(encoded.timestamp_ms)
             .headers(encoded.owned_headers());
         if let Some(key) = &encoded.key {
             record = record.key(key);
@@ -637,6 +638,9 @@ async fn a_consumer_dropped_mid_stream_loses_nothing() {
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await; // let a commit happen
     drop(consumer); // no shutdown: nothing more is committed
+    // Async commits sent just before the drop may still be on the wire: let them
+    // land before reading what the group committed.
+    tokio::time::sleep(Duration::from_secs(2)).await;
 
     // What the group committed, read by an independent consumer of the group.
     let committed: HashMap<i32, i64> = {
