@@ -318,7 +318,7 @@ pub enum S3Response {
     /// The object was stored.
     Uploaded(UploadOutput),
     /// The object, its body still to be read.
-    Downloaded(ObjectDownload),
+    Downloaded(Box<ObjectDownload>),
     /// A presigned URL.
     Presigned(PresignedUrl),
     /// The object is gone (or was never there).
@@ -664,7 +664,7 @@ async fn run(
                 .send()
                 .await
                 .map_err(sdk_err(op, bucket, Some(&key)))?;
-            Ok(S3Response::Downloaded(ObjectDownload {
+            Ok(S3Response::Downloaded(Box::new(ObjectDownload {
                 content_length: out.content_length.and_then(|l| u64::try_from(l).ok()),
                 content_type: out.content_type,
                 cache_control: out.cache_control,
@@ -673,7 +673,7 @@ async fn run(
                 metadata: out.metadata.unwrap_or_default(),
                 body: DownloadBody::new(out.body, bucket.to_owned(), key.clone(), guard),
                 key,
-            }))
+            })))
         }
         S3Request::PresignGet { key, expiry } => presign::presign_get(client, bucket, &key, expiry)
             .await
