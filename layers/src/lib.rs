@@ -12,3 +12,5 @@
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
 pub mod classify;
+pub mod retry;
+pub mod timeout;
