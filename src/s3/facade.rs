@@ -1,0 +1,736 @@
+//! [`S3`]: the typed facade — `s3.upload(key, body, opts)`, `s3.download(key)`,
+//! `s3.presign_get(key, expiry)` and friends — over the layered [`S3Service`].
+//!
+//! Each method checks its key against the facade's [`KeyPolicy`] *before* anything
+//! is sent (an invalid key costs no request), builds an [`S3Request`], runs it
+//! through the stack, and records [`S3Metrics`]. Uploads pick single PutObject or
+//! multipart: bytes and files by their length, streams of unknown length by
+//! reading up to the threshold (5 MiB by default, as the seed) — a stream that ends
+//! before it goes as one PutObject, a longer one goes to the multipart engine with
+//! what was read put back in front. So memory stays bounded by the threshold here
+//! and by the engine's part size times parts in flight there.
+//!
+//! Two stacks run the requests: the *operation* stack (every operation but
+//! multipart uploads) and the *transfer* stack (multipart uploads: the engine owns
+//! per-part retries and timeouts, so a whole-upload timeout or retry would be
+//! wrong there). [`S3Builder::build_with`] puts one `tower::Layer` of your choice
+//! around both.
+//!
+//! Cloning an `S3` is cheap and shares the client, the stacks (and so the state of
+//! their layers, such as a circuit breaker) and the metrics.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use keel::s3::{S3, S3Client, S3Config, UploadOptions};
+//! use std::time::Duration;
+//!
+//! let s3 = S3::new(S3Client::connect(S3Config::from_env()?).await?);
+//! let out = s3
+//!     .upload("uploads/hello.txt", "hello", UploadOptions::new().content_type("text/plain"))
+//!     .await?;
+//! println!("stored at {} (etag {:?})", out.location, out.etag);
+//! assert!(s3.exists("uploads/hello.txt").await?);
+//! let url = s3.presign_get("uploads/hello.txt", Duration::from_secs(3600)).await?;
+//! println!("share {}", url.url);
+//! s3.delete("uploads/hello.txt").await?;
+//! # Ok(()) }
+//! ```
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use tokio::io::AsyncWriteExt;
+use tower::util::BoxCloneSyncService;
+use tower::{Layer, Service, ServiceExt};
+
+use super::client::{S3Client, S3Health, ShutdownReport};
+use super::error::{BoxError, S3ErrorKind, S3Operation, S3ServiceError};
+use super::key::{IntoObjectKey, KeyPolicy, ObjectKey};
+use super::metrics::{S3Metrics, S3MetricsSnapshot};
+use super::presign::PresignedUrl;
+use super::service::{
+    CopyOutput, DeleteFailure, DeleteManyOutput, ListPage, MAX_DELETE_BATCH, ObjectDownload,
+    ObjectSummary, S3Request, S3Response, S3Service, UploadPayload, UploadRequest,
+};
+use super::upload::{
+    BodySource, MultipartUploader, ProgressListener, UploadBody, UploadOptions, UploadOutput,
+};
+
+/// Bodies longer than this go multipart, unless the engine or the builder says
+/// otherwise: 5 MiB, as the seed.
+pub const DEFAULT_MULTIPART_THRESHOLD: u64 = 5 * 1024 * 1024;
+
+/// A type-erased, cloneable, `Sync` S3 stack.
+pub type S3Stack = BoxCloneSyncService<S3Request, S3Response, S3ServiceError>;
+
+/// The typed S3 facade. See the [module docs](self).
+#[derive(Clone)]
+pub struct S3 {
+    client: S3Client,
+    operations: S3Stack,
+    transfers: S3Stack,
+    policy: KeyPolicy,
+    threshold: u64,
+    metrics: S3Metrics,
+}
+
+impl fmt::Debug for S3 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("S3")
+            .field("bucket", &self.client.bucket())
+            .field("policy", &self.policy)
+            .field("threshold", &self.threshold)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds an [`S3`] facade.
+#[derive(Debug)]
+pub struct S3Builder {
+    client: S3Client,
+    policy: KeyPolicy,
+    multipart: Option<Arc<dyn MultipartUploader>>,
+    threshold: Option<u64>,
+    metrics: S3Metrics,
+}
+
+impl S3Builder {
+    /// The key policy strings are checked against (default
+    /// [`KeyPolicy::strict`]).
+    pub fn key_policy(mut self, policy: KeyPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// The multipart engine for bodies above the threshold (default: none —
+    /// such uploads are refused with `InvalidRequest`).
+    pub fn multipart(mut self, engine: Arc<dyn MultipartUploader>) -> Self {
+        self.multipart = Some(engine);
+        self
+    }
+
+    /// Bodies longer than this go multipart (default: the engine's
+    /// [`threshold`](MultipartUploader::threshold), else 5 MiB).
+    pub fn multipart_threshold(mut self, bytes: u64) -> Self {
+        self.threshold = Some(bytes);
+        self
+    }
+
+    /// Shares `metrics` (for example with a `/metrics` endpoint) instead of fresh
+    /// counters.
+    pub fn metrics(mut self, metrics: S3Metrics) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Builds the facade over the bare service (no layers).
+    pub fn build(self) -> S3 {
+        self.build_with(tower::layer::util::Identity::new())
+    }
+
+    /// Builds the facade with `layer` around the service, for both the operation
+    /// and the transfer stack. The layer's errors are turned back into
+    /// [`S3ServiceError`]s (an `S3ServiceError` passes through; anything else
+    /// becomes kind `Transport` with the error as its cause).
+    pub fn build_with<L>(self, layer: L) -> S3
+    where
+        L: Layer<S3Service>,
+        L::Service: Service<S3Request, Response = S3Response> + Clone + Send + Sync + 'static,
+        <L::Service as Service<S3Request>>::Error: Into<BoxError>,
+        <L::Service as Service<S3Request>>::Future: Send + 'static,
+    {
+        let mut service = S3Service::new(self.client.clone());
+        if let Some(engine) = &self.multipart {
+            service = service.with_multipart(Arc::clone(engine));
+        }
+        let stack = erase(layer.layer(service));
+        let threshold = self
+            .threshold
+            .or_else(|| self.multipart.as_ref().map(|m| m.threshold()))
+            .unwrap_or(DEFAULT_MULTIPART_THRESHOLD);
+        S3 {
+            client: self.client,
+            operations: stack.clone(),
+            transfers: stack,
+            policy: self.policy,
+            threshold,
+            metrics: self.metrics,
+        }
+    }
+}
+
+/// Boxes a stack, mapping its errors back to [`S3ServiceError`].
+fn erase<S>(service: S) -> S3Stack
+where
+    S: Service<S3Request, Response = S3Response> + Clone + Send + Sync + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+{
+    BoxCloneSyncService::new(service.map_err(|e: S::Error| from_layer_error(e.into())))
+}
+
+/// Recovers an [`S3ServiceError`] from whatever a layer returned.
+fn from_layer_error(err: BoxError) -> S3ServiceError {
+    match err.downcast::<S3ServiceError>() {
+        Ok(e) => *e,
+        Err(other) => S3ServiceError::new(S3Operation::Upload, S3ErrorKind::Transport)
+            .with_message(other.to_string())
+            .with_source(other),
+    }
+}
+
+impl S3 {
+    /// A builder over `client`.
+    pub fn builder(client: S3Client) -> S3Builder {
+        S3Builder {
+            client,
+            policy: KeyPolicy::strict(),
+            multipart: None,
+            threshold: None,
+            metrics: S3Metrics::default(),
+        }
+    }
+
+    /// A facade with the defaults.
+    pub fn new(client: S3Client) -> Self {
+        S3::builder(client).build()
+    }
+
+    /// The client.
+    pub fn client(&self) -> &S3Client {
+        &self.client
+    }
+
+    /// The bucket.
+    pub fn bucket(&self) -> &str {
+        self.client.bucket()
+    }
+
+    /// The multipart threshold in bytes.
+    pub fn multipart_threshold(&self) -> u64 {
+        self.threshold
+    }
+
+    /// The counters.
+    pub fn metrics(&self) -> S3MetricsSnapshot {
+        self.metrics.snapshot()
+    }
+
+    /// The shared metrics handle.
+    pub fn metrics_handle(&self) -> &S3Metrics {
+        &self.metrics
+    }
+
+    /// A `HeadBucket` health report.
+    pub async fn health(&self) -> S3Health {
+        self.client.health().await
+    }
+
+    /// Graceful shutdown; see [`S3Client::shutdown`].
+    pub async fn shutdown(&self, timeout: Duration) -> ShutdownReport {
+        self.client.shutdown(timeout).await
+    }
+
+    fn key(&self, op: S3Operation, key: impl IntoObjectKey) -> Result<ObjectKey, S3ServiceError> {
+        key.into_object_key(&self.policy).map_err(|e| {
+            self.metrics.add_failed();
+            S3ServiceError::invalid_key(op, self.bucket(), e)
+        })
+    }
+
+    async fn call(
+        &self,
+        stack: &S3Stack,
+        request: S3Request,
+    ) -> Result<S3Response, S3ServiceError> {
+        let op = request.operation();
+        let started = Instant::now();
+        let result = stack.clone().oneshot(request).await;
+        self.metrics.record(op, started.elapsed(), result.is_ok());
+        result
+    }
+
+    fn unexpected(&self, op: S3Operation, response: S3Response) -> S3ServiceError {
+        S3ServiceError::new(op, S3ErrorKind::InvalidRequest)
+            .with_bucket(self.bucket())
+            .with_message(format!("a layer answered {op} with {response:?}"))
+    }
+
+    /// Uploads `body` (bytes, a string, [`UploadBody::file`],
+    /// [`UploadBody::stream`]) to `key` with `options`.
+    pub async fn upload(
+        &self,
+        key: impl IntoObjectKey,
+        body: impl Into<UploadBody>,
+        options: UploadOptions,
+    ) -> Result<UploadOutput, S3ServiceError> {
+        self.upload_inner(key, body.into(), options, None).await
+    }
+
+    /// Like [`upload`](Self::upload), reporting progress to `progress`.
+    pub async fn upload_with_progress(
+        &self,
+        key: impl IntoObjectKey,
+        body: impl Into<UploadBody>,
+        options: UploadOptions,
+        progress: ProgressListener,
+    ) -> Result<UploadOutput, S3ServiceError> {
+        self.upload_inner(key, body.into(), options, Some(progress))
+            .await
+    }
+
+    async fn upload_inner(
+        &self,
+        key: impl IntoObjectKey,
+        body: UploadBody,
+        options: UploadOptions,
+        progress: Option<ProgressListener>,
+    ) -> Result<UploadOutput, S3ServiceError> {
+        let op = S3Operation::Upload;
+        let key = self.key(op, key)?;
+        let payload = prepare_payload(body, self.threshold).await.map_err(|e| {
+            self.metrics.add_failed();
+            S3ServiceError::io(op, self.bucket(), key.as_str(), e)
+        })?;
+        let stack = match payload {
+            UploadPayload::Multipart { .. } => &self.transfers,
+            _ => &self.operations,
+        };
+        let request = S3Request::Upload(UploadRequest::new(key, payload, options, progress));
+        match self.call(stack, request).await? {
+            S3Response::Uploaded(out) => {
+                self.metrics.add_bytes_uploaded(out.size);
+                Ok(out)
+            }
+            other => Err(self.unexpected(op, other)),
+        }
+    }
+
+    /// Downloads `key` as a stream ([`ObjectDownload::body`]); bytes are counted as
+    /// they are read.
+    pub async fn download(
+        &self,
+        key: impl IntoObjectKey,
+    ) -> Result<ObjectDownload, S3ServiceError> {
+        let op = S3Operation::Download;
+        let key = self.key(op, key)?;
+        match self
+            .call(&self.operations, S3Request::Download { key })
+            .await?
+        {
+            S3Response::Downloaded(mut download) => {
+                let metrics = self.metrics.clone();
+                download.body = download
+                    .body
+                    .on_chunk(Arc::new(move |n| metrics.add_bytes_downloaded(n)));
+                Ok(*download)
+            }
+            other => Err(self.unexpected(op, other)),
+        }
+    }
+
+    /// Downloads `key` into memory.
+    pub async fn download_bytes(&self, key: impl IntoObjectKey) -> Result<Bytes, S3ServiceError> {
+        self.download(key).await?.body.collect_bytes().await
+    }
+
+    /// Downloads `key` to the file at `path`, returning the bytes written. The data
+    /// goes to a temporary file beside `path` that is renamed over it only when
+    /// complete, so `path` never holds a partial object.
+    pub async fn download_to_file(
+        &self,
+        key: impl IntoObjectKey,
+        path: impl AsRef<Path>,
+    ) -> Result<u64, S3ServiceError> {
+        let path = path.as_ref();
+        let download = self.download(key).await?;
+        let key = download.key.clone();
+        let io_err = |e: io::Error| {
+            S3ServiceError::io(S3Operation::Download, self.bucket(), key.as_str(), e)
+                .with_message(format!("writing {}", path.display()))
+        };
+        let temp = temp_path(path);
+        let result = write_body(download, &temp).await;
+        match result {
+            Ok(written) => {
+                tokio::fs::rename(&temp, path).await.map_err(io_err)?;
+                Ok(written)
+            }
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&temp).await;
+                Err(match e {
+                    WriteError::Io(e) => io_err(e),
+                    WriteError::Body(e) => e,
+                })
+            }
+        }
+    }
+
+    /// A presigned GET URL for `key`, valid for `expiry` (0 < expiry <= 7 days).
+    pub async fn presign_get(
+        &self,
+        key: impl IntoObjectKey,
+        expiry: Duration,
+    ) -> Result<PresignedUrl, S3ServiceError> {
+        let op = S3Operation::PresignGet;
+        let key = self.key(op, key)?;
+        match self
+            .call(&self.operations, S3Request::PresignGet { key, expiry })
+            .await?
+        {
+            S3Response::Presigned(url) => Ok(url),
+            other => Err(self.unexpected(op, other)),
+        }
+    }
+
+    /// A presigned PUT URL for `key`, valid for `expiry` (0 < expiry <= 7 days).
+    pub async fn presign_put(
+        &self,
+        key: impl IntoObjectKey,
+        expiry: Duration,
+    ) -> Result<PresignedUrl, S3ServiceError> {
+        self.presign_put_with_content_type(key, expiry, None).await
+    }
+
+    /// A presigned PUT URL whose uploader must send `content_type`.
+    pub async fn presign_put_with_content_type(
+        &self,
+        key: impl IntoObjectKey,
+        expiry: Duration,
+        content_type: Option<&str>,
+    ) -> Result<PresignedUrl, S3ServiceError> {
+        let op = S3Operation::PresignPut;
+        let key = self.key(op, key)?;
+        let request = S3Request::PresignPut {
+            key,
+            expiry,
+            content_type: content_type.map(str::to_owned),
+        };
+        match self.call(&self.operations, request).await? {
+            S3Response::Presigned(url) => Ok(url),
+            other => Err(self.unexpected(op, other)),
+        }
+    }
+
+    /// Deletes `key` (a missing key is not an error, as in S3).
+    pub async fn delete(&self, key: impl IntoObjectKey) -> Result<(), S3ServiceError> {
+        let op = S3Operation::Delete;
+        let key = self.key(op, key)?;
+        match self
+            .call(&self.operations, S3Request::Delete { key })
+            .await?
+        {
+            S3Response::Deleted => Ok(()),
+            other => Err(self.unexpected(op, other)),
+        }
+    }
+
+    /// Deletes many keys, in `DeleteObjects` calls of at most 1,000.
+    ///
+    /// Every key is checked first: one invalid key refuses the whole call before
+    /// any request. After that, keys S3 refuses, and every key of a batch whose
+    /// call failed (after the stack's retries), are reported in
+    /// [`DeleteManyOutput::failures`] — the other batches still run.
+    pub async fn delete_many<I>(&self, keys: I) -> Result<DeleteManyOutput, S3ServiceError>
+    where
+        I: IntoIterator,
+        I::Item: IntoObjectKey,
+    {
+        let op = S3Operation::DeleteMany;
+        let keys = keys
+            .into_iter()
+            .map(|k| self.key(op, k))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut total = DeleteManyOutput::default();
+        for chunk in keys.chunks(MAX_DELETE_BATCH) {
+            let request = S3Request::DeleteMany {
+                keys: chunk.to_vec(),
+            };
+            match self.call(&self.operations, request).await {
+                Ok(S3Response::DeletedMany(out)) => {
+                    self.metrics.add_deletes(out.deleted as u64);
+                    total.merge(out);
+                }
+                Ok(other) => return Err(self.unexpected(op, other)),
+                Err(err) => {
+                    let code = err
+                        .code()
+                        .map(str::to_owned)
+                        .unwrap_or_else(|| err.classification_class().to_owned());
+                    let message = err.to_string();
+                    total.failures.extend(
+                        chunk
+                            .iter()
+                            .map(|k| DeleteFailure::new(k.as_str(), code.clone(), message.clone())),
+                    );
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    /// Whether `key` exists (`HeadObject`): not found is `false`, any other
+    /// failure an error.
+    pub async fn exists(&self, key: impl IntoObjectKey) -> Result<bool, S3ServiceError> {
+        let op = S3Operation::Exists;
+        let key = self.key(op, key)?;
+        match self
+            .call(&self.operations, S3Request::Exists { key })
+            .await?
+        {
+            S3Response::Exists(found) => Ok(found),
+            other => Err(self.unexpected(op, other)),
+        }
+    }
+
+    /// Copies `source` to `destination` within the bucket (one `CopyObject`, so
+    /// sources up to 5 GiB).
+    pub async fn copy(
+        &self,
+        source: impl IntoObjectKey,
+        destination: impl IntoObjectKey,
+    ) -> Result<CopyOutput, S3ServiceError> {
+        self.copy_inner(None, source, destination).await
+    }
+
+    /// Copies `source` from `source_bucket` to `destination` in this bucket.
+    pub async fn copy_from_bucket(
+        &self,
+        source_bucket: &str,
+        source: impl IntoObjectKey,
+        destination: impl IntoObjectKey,
+    ) -> Result<CopyOutput, S3ServiceError> {
+        self.copy_inner(Some(source_bucket.to_owned()), source, destination)
+            .await
+    }
+
+    async fn copy_inner(
+        &self,
+        source_bucket: Option<String>,
+        source: impl IntoObjectKey,
+        destination: impl IntoObjectKey,
+    ) -> Result<CopyOutput, S3ServiceError> {
+        let op = S3Operation::Copy;
+        let source = self.key(op, source)?;
+        let destination = self.key(op, destination)?;
+        let request = S3Request::Copy {
+            source_bucket,
+            source,
+            destination,
+        };
+        match self.call(&self.operations, request).await? {
+            S3Response::Copied(out) => Ok(out),
+            other => Err(self.unexpected(op, other)),
+        }
+    }
+
+    /// One page of the objects whose keys start with `prefix`.
+    pub async fn list_page(
+        &self,
+        prefix: &str,
+        continuation_token: Option<String>,
+        max_keys: Option<i32>,
+    ) -> Result<ListPage, S3ServiceError> {
+        let op = S3Operation::List;
+        let request = S3Request::List {
+            prefix: (!prefix.is_empty()).then(|| prefix.to_owned()),
+            continuation_token,
+            max_keys,
+        };
+        match self.call(&self.operations, request).await? {
+            S3Response::Listed(page) => Ok(page),
+            other => Err(self.unexpected(op, other)),
+        }
+    }
+
+    /// Every object whose key starts with `prefix`, page after page.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectSummary>, S3ServiceError> {
+        let mut objects = Vec::new();
+        let mut token = None;
+        loop {
+            let page = self.list_page(prefix, token, None).await?;
+            objects.extend(page.objects);
+            match page.next_continuation_token {
+                Some(next) => token = Some(next),
+                None => return Ok(objects),
+            }
+        }
+    }
+}
+
+impl S3ServiceError {
+    fn classification_class(&self) -> &'static str {
+        use keel_layers::classify::ClassifiedError;
+        self.classification().class
+    }
+}
+
+/// Decides single PutObject or multipart; see the module docs.
+async fn prepare_payload(body: UploadBody, threshold: u64) -> io::Result<UploadPayload> {
+    match body.source {
+        BodySource::Bytes(bytes) if bytes.len() as u64 <= threshold => {
+            Ok(UploadPayload::Bytes(bytes))
+        }
+        BodySource::Bytes(bytes) => {
+            let len = bytes.len() as u64;
+            Ok(UploadPayload::Multipart {
+                body: UploadBody::from(bytes).into_stream(),
+                content_length: Some(len),
+            })
+        }
+        BodySource::File(path) => {
+            let length = tokio::fs::metadata(&path).await?.len();
+            if length <= threshold {
+                Ok(UploadPayload::File { path, length })
+            } else {
+                Ok(UploadPayload::Multipart {
+                    body: UploadBody::file(path).into_stream(),
+                    content_length: Some(length),
+                })
+            }
+        }
+        BodySource::Stream(mut stream) => {
+            let mut head = BytesMut::new();
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk?;
+                if (head.len() + chunk.len()) as u64 > threshold {
+                    let head = head.freeze();
+                    let rest = futures::stream::iter([Ok(head), Ok(chunk)]).chain(stream);
+                    return Ok(UploadPayload::Multipart {
+                        body: rest.boxed(),
+                        content_length: None,
+                    });
+                }
+                head.extend_from_slice(&chunk);
+            }
+            Ok(UploadPayload::Bytes(head.freeze()))
+        }
+    }
+}
+
+fn temp_path(path: &Path) -> PathBuf {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "download".to_owned());
+    path.with_file_name(format!(".{name}.keel-partial-{}-{n}", std::process::id()))
+}
+
+/// Why writing a download to a file failed.
+enum WriteError {
+    /// The local file.
+    Io(io::Error),
+    /// The download itself.
+    Body(S3ServiceError),
+}
+
+/// Writes the body to `temp`, synced to disk.
+async fn write_body(download: ObjectDownload, temp: &Path) -> Result<u64, WriteError> {
+    let mut file = tokio::fs::File::create(temp)
+        .await
+        .map_err(WriteError::Io)?;
+    let mut body = download.body;
+    let mut written = 0u64;
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(WriteError::Body)?;
+        file.write_all(&chunk).await.map_err(WriteError::Io)?;
+        written += chunk.len() as u64;
+    }
+    file.flush().await.map_err(WriteError::Io)?;
+    file.sync_all().await.map_err(WriteError::Io)?;
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunks(sizes: &[usize]) -> UploadBody {
+        let items: Vec<io::Result<Bytes>> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| Ok(Bytes::from(vec![i as u8; n])))
+            .collect();
+        UploadBody::stream(futures::stream::iter(items))
+    }
+
+    async fn collect(payload: UploadPayload) -> Vec<u8> {
+        match payload {
+            UploadPayload::Bytes(b) => b.to_vec(),
+            UploadPayload::Multipart { body, .. } => {
+                body.map(|c| c.unwrap()).collect::<Vec<_>>().await.concat()
+            }
+            UploadPayload::File { path, .. } => std::fs::read(path).unwrap(),
+        }
+    }
+
+    #[tokio::test]
+    async fn short_streams_go_single_long_streams_multipart_with_every_byte() {
+        let p = prepare_payload(chunks(&[3, 3, 4]), 10).await.unwrap();
+        assert!(matches!(&p, UploadPayload::Bytes(b) if b.len() == 10));
+        let p = prepare_payload(chunks(&[3, 3, 4, 1]), 10).await.unwrap();
+        assert!(matches!(
+            &p,
+            UploadPayload::Multipart {
+                content_length: None,
+                ..
+            }
+        ));
+        let data = collect(p).await;
+        assert_eq!(data, [&[0u8; 3][..], &[1; 3], &[2; 4], &[3; 1]].concat());
+    }
+
+    #[tokio::test]
+    async fn bytes_and_files_go_by_length() {
+        let p = prepare_payload(UploadBody::from(vec![7u8; 11]), 10)
+            .await
+            .unwrap();
+        assert!(matches!(
+            p,
+            UploadPayload::Multipart {
+                content_length: Some(11),
+                ..
+            }
+        ));
+        let dir = std::env::temp_dir().join(format!("keel-facade-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let small = dir.join("small");
+        std::fs::write(&small, b"0123456789").unwrap();
+        let p = prepare_payload(UploadBody::file(&small), 10).await.unwrap();
+        assert!(matches!(p, UploadPayload::File { length: 10, .. }));
+        let err = prepare_payload(UploadBody::file(dir.join("missing")), 10)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn stream_errors_surface() {
+        let body = UploadBody::stream(futures::stream::iter([
+            Ok(Bytes::from_static(b"ab")),
+            Err(io::Error::other("boom")),
+        ]));
+        assert!(prepare_payload(body, 10).await.is_err());
+    }
+
+    #[test]
+    fn temp_files_sit_beside_the_target() {
+        let t = temp_path(Path::new("/data/out/report.csv"));
+        assert_eq!(t.parent(), Some(Path::new("/data/out")));
+        assert!(
+            t.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(".report.csv.keel-partial-")
+        );
+    }
+}
