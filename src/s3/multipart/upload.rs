@@ -1,5 +1,6 @@
 //! The upload engine: one PutObject below the threshold, concurrent multipart above.
 
+use std::pin::Pin;
 use std::sync::Arc;
 
 use aws_sdk_s3::Client;
@@ -276,7 +277,7 @@ impl MultipartUploader {
         &self,
         bucket: &str,
         key: &str,
-        mut reader: PartReader,
+        reader: PartReader,
         options: &dyn ApplyUploadOptions,
         progress: &ProgressListener,
         counters: TransferCounters,
@@ -335,16 +336,16 @@ impl MultipartUploader {
         );
         let mut tasks = JoinSet::new();
         let sent = self
-            .send_parts(&target, &mut reader, fixed_part_size, progress, &mut tasks)
+            .send_parts(&target, reader, fixed_part_size, progress, &mut tasks)
             .await;
         let result = match sent {
-            Ok(parts) => target.complete(parts).await,
+            Ok((parts, size)) => target.complete(parts, size).await,
             Err(error) => Err(error),
         };
         match result {
             Ok(output) => {
                 guard.disarm();
-                let size = reader.bytes_read();
+                let size = output.size;
                 tracing::debug!(bucket, key, size, "multipart upload completed");
                 Ok(UploadReceipt {
                     bucket: bucket.to_string(),
@@ -367,82 +368,90 @@ impl MultipartUploader {
     }
 
     /// Reads parts and sends them, at most `parts_in_flight` at once; returns the
-    /// completed parts in order.
+    /// completed parts in order and the body's size.
+    ///
+    /// Reading the next part and reaping finished parts run side by side, so a slow
+    /// body neither hides a failed part nor delays progress events.
     async fn send_parts(
         &self,
         target: &Arc<PartTarget>,
-        reader: &mut PartReader,
+        reader: PartReader,
         fixed_part_size: Option<u64>,
         progress: &ProgressListener,
         tasks: &mut JoinSet<Result<(CompletedPart, u64), TransferError>>,
-    ) -> Result<Vec<CompletedPart>, TransferError> {
+    ) -> Result<(Vec<CompletedPart>, u64), TransferError> {
         let (bucket, key) = (target.bucket.as_str(), target.key.as_str());
         let announced = reader.length();
+        // The reader is here between reads and inside `reading` during one.
+        let mut idle_reader = Some(reader);
+        let mut reading: Option<PendingRead> = None;
+        let mut body_size: Option<u64> = None;
         let mut completed = Vec::new();
         let mut next_part = 0u32;
         let mut sent = 0u64;
-        let mut on_done = |joined: Result<
-            Result<(CompletedPart, u64), TransferError>,
-            tokio::task::JoinError,
-        >,
-                           reader: &PartReader|
-         -> Result<(), TransferError> {
-            let (part, length) = joined.map_err(|source| TransferError::Task {
-                bucket: bucket.to_string(),
-                key: key.to_string(),
-                source,
-            })??;
-            sent += length;
-            let part_number = part
-                .part_number()
-                .and_then(|n| u32::try_from(n).ok())
-                .unwrap_or(0);
-            completed.push(part);
-            progress.emit(TransferProgress {
-                bytes: sent,
-                total: announced.or(reader.is_finished().then(|| reader.bytes_read())),
-                part_number,
-                parts_done: completed.len() as u32,
-            });
-            Ok(())
-        };
         loop {
-            while let Some(joined) = tasks.try_join_next() {
-                on_done(joined, reader)?;
-            }
-            if !reader.is_finished() && tasks.len() < self.config.parts_in_flight {
-                let size = fixed_part_size.unwrap_or_else(|| {
-                    plan::part_size_for_unknown_length(next_part + 1, self.config.part_size)
-                });
-                let data = reader
-                    .next_part(usize::try_from(size).unwrap_or(usize::MAX))
-                    .await
-                    .map_err(|e| TransferError::io("reading the upload body", bucket, key, e))?;
-                check_length(announced, reader, bucket, key)?;
-                if data.is_empty() {
-                    continue;
+            if body_size.is_none() && tasks.len() < self.config.parts_in_flight {
+                if let Some(mut reader) = idle_reader.take() {
+                    let size = fixed_part_size.unwrap_or_else(|| {
+                        plan::part_size_for_unknown_length(next_part + 1, self.config.part_size)
+                    });
+                    let size = usize::try_from(size).unwrap_or(usize::MAX);
+                    reading = Some(Box::pin(async move {
+                        let part = reader.next_part(size).await;
+                        (reader, part)
+                    }));
                 }
-                next_part += 1;
-                if next_part > MAX_PARTS {
-                    return Err(TransferError::TooLarge {
+            }
+            tokio::select! {
+                (reader, part) = async { reading.as_mut().expect("guarded").await }, if reading.is_some() => {
+                    reading = None;
+                    let data = part.map_err(|e| TransferError::io("reading the upload body", bucket, key, e))?;
+                    check_length(announced, &reader, bucket, key)?;
+                    if reader.is_finished() {
+                        body_size = Some(reader.bytes_read());
+                    }
+                    idle_reader = Some(reader);
+                    if data.is_empty() {
+                        continue;
+                    }
+                    next_part += 1;
+                    if next_part > MAX_PARTS {
+                        return Err(TransferError::TooLarge {
+                            bucket: bucket.to_string(),
+                            key: key.to_string(),
+                            reason: format!("the body needs more than {MAX_PARTS} parts"),
+                        });
+                    }
+                    let target = Arc::clone(target);
+                    let number = next_part;
+                    tasks.spawn(async move { target.upload_part(number, data).await });
+                }
+                Some(joined) = tasks.join_next() => {
+                    let (part, length) = joined.map_err(|source| TransferError::Task {
                         bucket: bucket.to_string(),
                         key: key.to_string(),
-                        reason: format!("the body needs more than {MAX_PARTS} parts"),
+                        source,
+                    })??;
+                    sent += length;
+                    let part_number = part.part_number().and_then(|n| u32::try_from(n).ok()).unwrap_or(0);
+                    completed.push(part);
+                    progress.emit(TransferProgress {
+                        bytes: sent,
+                        total: announced.or(body_size),
+                        part_number,
+                        parts_done: completed.len() as u32,
                     });
                 }
-                let target = Arc::clone(target);
-                tasks.spawn(async move { target.upload_part(next_part, data).await });
-                continue;
-            }
-            match tasks.join_next().await {
-                Some(joined) => on_done(joined, reader)?,
-                None => break,
+                else => break,
             }
         }
         completed.sort_by_key(|part| part.part_number());
-        Ok(completed)
+        Ok((completed, body_size.unwrap_or(sent)))
     }
 }
+
+/// A read of the next part in progress; it owns the reader until it finishes.
+type PendingRead = Pin<Box<dyn Future<Output = (PartReader, std::io::Result<Bytes>)> + Send>>;
 
 /// Checks the bytes read against the announced length: never past it, and all of
 /// it once the body has ended.
@@ -500,6 +509,7 @@ struct Completed {
     version_id: Option<String>,
     location: Option<String>,
     parts: u32,
+    size: u64,
 }
 
 impl PartTarget {
@@ -533,7 +543,11 @@ impl PartTarget {
         Ok((part, length))
     }
 
-    async fn complete(&self, parts: Vec<CompletedPart>) -> Result<Completed, TransferError> {
+    async fn complete(
+        &self,
+        parts: Vec<CompletedPart>,
+        size: u64,
+    ) -> Result<Completed, TransferError> {
         let count = parts.len() as u32;
         let upload = CompletedMultipartUpload::builder()
             .set_parts(Some(parts))
@@ -561,6 +575,7 @@ impl PartTarget {
             version_id: output.version_id().map(str::to_string),
             location: output.location().map(str::to_string),
             parts: count,
+            size,
         })
     }
 }
