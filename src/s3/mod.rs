@@ -8,3 +8,4 @@ pub mod key;
 pub mod multipart;
 pub mod presign;
 pub mod service;
+pub mod upload;
