@@ -7,10 +7,11 @@ mod transfer_support;
 
 use std::time::Duration;
 
+use keel::s3::error::{S3ErrorKind, S3Operation, THROTTLE_DELAY_FLOOR};
 use keel::s3::multipart::{
-    MultipartUploader, ProgressListener, RetryPolicy, THROTTLED, TransferConfig, TransferError,
-    TransferProgress, UploadBody,
+    MultipartEngine, ProgressListener, RetryPolicy, TransferConfig, TransferProgress,
 };
+use keel::s3::upload::{UploadBody, UploadOptions};
 use transfer_support::proxy::{FaultProxy, Matcher};
 use transfer_support::{
     assert_same_bytes, client, data, data_stream, fresh_bucket, get_bytes, open_multipart_uploads,
@@ -19,13 +20,12 @@ use transfer_support::{
 
 const MIB: u64 = 1024 * 1024;
 
-/// Short waits so the suite stays quick; the floor for throttling is what the
-/// SlowDown test looks for.
+/// Short backoff so the suite stays quick; throttling answers still wait the
+/// 1 s floor, which is what the SlowDown test looks for.
 fn fast_retry() -> RetryPolicy {
     RetryPolicy::default()
         .initial_backoff(Duration::from_millis(10))
         .max_backoff(Duration::from_millis(100))
-        .throttle_floor(Duration::from_millis(50))
 }
 
 /// After a failed or dropped upload: the proxy saw an AbortMultipartUpload that
@@ -65,7 +65,7 @@ async fn slow_down_answers_are_backed_off_and_the_upload_completes() {
         // The next three requests, whatever they are (CreateMultipartUpload first,
         // then parts), are answered 503 SlowDown.
         proxy.slow_down(Matcher::Any, 3);
-        let uploader = MultipartUploader::new(
+        let uploader = MultipartEngine::new(
             client.clone(),
             TransferConfig::default().retry(fast_retry()),
         );
@@ -75,7 +75,7 @@ async fn slow_down_answers_are_backed_off_and_the_upload_completes() {
                 &bucket,
                 "slow/obj",
                 UploadBody::stream(data_stream(10, length)),
-                &(),
+                &UploadOptions::new(),
                 &ProgressListener::none(),
             )
             .await
@@ -89,9 +89,10 @@ async fn slow_down_answers_are_backed_off_and_the_upload_completes() {
         assert_eq!(throttled.len(), 3, "{what}: {throttled:?}");
         assert_eq!(receipt.stats.throttled, 3, "{what}: {:?}", receipt.stats);
         assert_eq!(receipt.stats.retries, 3, "{what}");
-        // Every throttled retry waited at least the 50 ms floor, not the 10 ms backoff.
-        assert!(
-            receipt.stats.backoff >= Duration::from_millis(150),
+        // Every throttled retry waited the 1 s floor, not the 10 ms backoff.
+        assert_eq!(
+            receipt.stats.backoff,
+            THROTTLE_DELAY_FLOOR * 3,
             "{what}: {:?}",
             receipt.stats
         );
@@ -113,7 +114,7 @@ async fn a_connection_cut_during_a_part_is_retried_and_the_object_is_intact() {
         let bucket = fresh_bucket(&client, "cut").await;
         // Two UploadParts lose their connection after 1 MiB of their 5 MiB body.
         proxy.cut_body(Matcher::UploadPart, 2, MIB);
-        let uploader = MultipartUploader::new(
+        let uploader = MultipartEngine::new(
             client.clone(),
             TransferConfig::default().retry(fast_retry()),
         );
@@ -123,7 +124,7 @@ async fn a_connection_cut_during_a_part_is_retried_and_the_object_is_intact() {
                 &bucket,
                 "cut/obj",
                 UploadBody::stream(data_stream(11, length)),
-                &(),
+                &UploadOptions::new(),
                 &ProgressListener::none(),
             )
             .await
@@ -159,7 +160,7 @@ async fn a_failure_that_outlasts_the_retries_aborts_the_upload() {
         let client = client(&server, &proxy.endpoint());
         let bucket = fresh_bucket(&client, "fail").await;
         proxy.slow_down(Matcher::UploadPart, usize::MAX);
-        let uploader = MultipartUploader::new(
+        let uploader = MultipartEngine::new(
             client.clone(),
             TransferConfig::default().retry(fast_retry().max_retries(2)),
         );
@@ -168,28 +169,25 @@ async fn a_failure_that_outlasts_the_retries_aborts_the_upload() {
                 &bucket,
                 "fail/obj",
                 UploadBody::stream(data_stream(12, 12 * MIB)),
-                &(),
+                &UploadOptions::new(),
                 &ProgressListener::none(),
             )
             .await
             .expect_err("every part is throttled");
-        match &error {
-            TransferError::Request {
-                operation,
-                class,
-                attempts,
-                status,
-                code,
-                ..
-            } => {
-                assert_eq!(*operation, "UploadPart", "{what}");
-                assert_eq!(*class, THROTTLED, "{what}");
-                assert_eq!(*attempts, 3, "{what}");
-                assert_eq!(*status, Some(503), "{what}");
-                assert_eq!(code.as_deref(), Some("SlowDown"), "{what}");
-            }
-            other => panic!("{what}: unexpected {other}"),
-        }
+        assert_eq!(
+            error.operation(),
+            S3Operation::UploadPart,
+            "{what}: {error}"
+        );
+        assert!(
+            matches!(error.kind(), S3ErrorKind::Throttled { .. }),
+            "{what}: {error}"
+        );
+        let message = error.message().unwrap_or_default();
+        assert!(
+            message.ends_with("(gave up after 3 attempts)"),
+            "{what}: {message}"
+        );
         assert_no_upload_left(&proxy, &server, &bucket).await;
         let missing = client
             .head_object()
@@ -208,7 +206,7 @@ async fn a_dropped_upload_future_aborts_the_upload() {
         let proxy = FaultProxy::start(&server.endpoint).await;
         let client = client(&server, &proxy.endpoint());
         let bucket = fresh_bucket(&client, "drop").await;
-        let uploader = MultipartUploader::new(client.clone(), TransferConfig::default());
+        let uploader = MultipartEngine::new(client.clone(), TransferConfig::default());
         // 12 MiB, then a body that never ends: the upload cannot finish by itself.
         let body = futures::StreamExt::chain(data_stream(13, 12 * MIB), futures::stream::pending());
         let (sender, mut progress) = tokio::sync::watch::channel(TransferProgress::default());
@@ -221,7 +219,7 @@ async fn a_dropped_upload_future_aborts_the_upload() {
                         &bucket,
                         "drop/obj",
                         UploadBody::stream(body),
-                        &(),
+                        &UploadOptions::new(),
                         &listener,
                     )
                     .await

@@ -18,7 +18,7 @@
 //! use keel::s3::download::RangedDownloader;
 //! use keel::s3::multipart::{ProgressListener, TransferConfig};
 //!
-//! # async fn run(client: aws_sdk_s3::Client) -> Result<(), keel::s3::multipart::TransferError> {
+//! # async fn run(client: aws_sdk_s3::Client) -> Result<(), keel::s3::error::S3ServiceError> {
 //! let downloader = RangedDownloader::new(client, TransferConfig::default().parts_in_flight(8));
 //! let receipt = downloader
 //!     .download_to_file("bucket", "backups/db.dump", "db.dump", &ProgressListener::none())
@@ -31,18 +31,15 @@ use std::path::Path;
 use std::sync::Arc;
 
 use aws_sdk_s3::Client;
-use aws_sdk_s3::config::http::HttpResponse;
-use aws_sdk_s3::error::SdkError;
-use aws_sdk_s3::operation::get_object::GetObjectError;
-use aws_sdk_s3::primitives::ByteStreamError;
 use bytes::Bytes;
+use futures::TryFutureExt;
 use futures::stream::{self, BoxStream, StreamExt};
-use keel_layers::classify::Classification;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
+use super::error::{S3ErrorKind, S3Operation, S3ServiceError};
 use super::multipart::{
-    AttemptError, ProgressListener, RetryPolicy, TransferConfig, TransferCounters, TransferError,
-    TransferProgress, TransferStats, with_retries,
+    ProgressListener, RetryPolicy, TransferConfig, TransferCounters, TransferProgress,
+    TransferStats, missing, sdk_error, with_retries,
 };
 
 /// What HEAD said about the object being downloaded.
@@ -74,7 +71,7 @@ pub struct DownloadReceipt {
 }
 
 /// An ordered stream of the object's bytes; ends early with the first error.
-pub type DownloadStream = BoxStream<'static, Result<Bytes, TransferError>>;
+pub type DownloadStream = BoxStream<'static, Result<Bytes, S3ServiceError>>;
 
 /// Downloads objects with concurrent ranged GETs; see the [module docs](self).
 ///
@@ -102,7 +99,7 @@ impl RangedDownloader {
         key: &str,
         progress: &ProgressListener,
         counters: &TransferCounters,
-    ) -> Result<(ObjectInfo, DownloadStream), TransferError> {
+    ) -> Result<(ObjectInfo, DownloadStream), S3ServiceError> {
         let info = self.head(bucket, key, counters).await?;
         let ranges = plan_ranges(
             info.size,
@@ -149,7 +146,7 @@ impl RangedDownloader {
         key: &str,
         writer: &mut W,
         progress: &ProgressListener,
-    ) -> Result<DownloadReceipt, TransferError>
+    ) -> Result<DownloadReceipt, S3ServiceError>
     where
         W: AsyncWrite + Unpin + ?Sized,
     {
@@ -157,7 +154,7 @@ impl RangedDownloader {
         let (object, mut chunks) = self
             .download_stream(bucket, key, progress, &counters)
             .await?;
-        let write_error = |e| TransferError::io("writing the download", bucket, key, e);
+        let write_error = |e| S3ServiceError::io(S3Operation::Download, bucket, key, e);
         let mut size = 0u64;
         let mut parts = 0u32;
         while let Some(chunk) = chunks.next().await {
@@ -183,9 +180,9 @@ impl RangedDownloader {
         key: &str,
         path: impl AsRef<Path>,
         progress: &ProgressListener,
-    ) -> Result<DownloadReceipt, TransferError> {
+    ) -> Result<DownloadReceipt, S3ServiceError> {
         let path = path.as_ref();
-        let file_error = |e| TransferError::io("writing the download", bucket, key, e);
+        let file_error = |e| S3ServiceError::io(S3Operation::Download, bucket, key, e);
         let mut file = tokio::fs::File::create(path).await.map_err(file_error)?;
         let result = match self
             .download_to_writer(bucket, key, &mut file, progress)
@@ -206,16 +203,20 @@ impl RangedDownloader {
         bucket: &str,
         key: &str,
         counters: &TransferCounters,
-    ) -> Result<ObjectInfo, TransferError> {
-        let head = with_retries(self.config.get_retry(), counters, "HeadObject", || {
-            self.client.head_object().bucket(bucket).key(key).send()
+    ) -> Result<ObjectInfo, S3ServiceError> {
+        let head = with_retries(self.config.get_retry(), counters, || {
+            self.client
+                .head_object()
+                .bucket(bucket)
+                .key(key)
+                .send()
+                .map_err(sdk_error(S3Operation::Head, bucket, key))
         })
-        .await
-        .map_err(|e| TransferError::request("HeadObject", bucket, key, e))?;
+        .await?;
         let size = head
             .content_length()
             .and_then(|n| u64::try_from(n).ok())
-            .ok_or_else(|| TransferError::missing("HeadObject", bucket, key, "a content length"))?;
+            .ok_or_else(|| missing(S3Operation::Head, bucket, key, "content length"))?;
         Ok(ObjectInfo {
             bucket: bucket.to_string(),
             key: key.to_string(),
@@ -269,46 +270,20 @@ struct RangeFetcher {
     whole: bool,
 }
 
-/// One failed attempt at a range.
-#[derive(Debug, thiserror::Error)]
-enum RangeError {
-    #[error(transparent)]
-    Request(#[from] SdkError<GetObjectError, HttpResponse>),
-    #[error("the response body broke off: {0}")]
-    Body(#[from] ByteStreamError),
-    #[error("the range held {actual} bytes where {expected} were asked for")]
-    Short { expected: u64, actual: u64 },
-}
-
-impl AttemptError for RangeError {
-    fn classification(&self) -> Classification {
-        match self {
-            RangeError::Request(error) => error.classification(),
-            RangeError::Body(_) | RangeError::Short { .. } => Classification::failure("transport"),
-        }
-    }
-
-    fn status(&self) -> Option<u16> {
-        match self {
-            RangeError::Request(error) => AttemptError::status(error),
-            _ => None,
-        }
-    }
-
-    fn code(&self) -> Option<&str> {
-        match self {
-            RangeError::Request(error) => AttemptError::code(error),
-            _ => None,
-        }
-    }
-}
-
 impl RangeFetcher {
-    async fn fetch(&self, range: ByteRange) -> Result<(u32, Bytes), TransferError> {
+    async fn fetch(&self, range: ByteRange) -> Result<(u32, Bytes), S3ServiceError> {
         let _flight = self.counters.enter_flight();
         let info = &self.info;
-        let bytes = with_retries(&self.retry, &self.counters, "GetObject", || async {
-            let mut request = self.client.get_object().bucket(&info.bucket).key(&info.key);
+        let (bucket, key) = (info.bucket.as_str(), info.key.as_str());
+        let operation = S3Operation::Download;
+        let broken = |message: String| {
+            S3ServiceError::new(operation, S3ErrorKind::Transport)
+                .with_bucket(bucket)
+                .with_key(key)
+                .with_message(message)
+        };
+        let bytes = with_retries(&self.retry, &self.counters, || async {
+            let mut request = self.client.get_object().bucket(bucket).key(key);
             let mut expected = 0;
             if let Some((first, last)) = range.bounds {
                 expected = last - first + 1;
@@ -316,28 +291,35 @@ impl RangeFetcher {
                     request = request.range(format!("bytes={first}-{last}"));
                 }
             }
-            let output = request.set_if_match(info.e_tag.clone()).send().await?;
-            let bytes = output.body.collect().await?.into_bytes();
+            let output = request
+                .set_if_match(info.e_tag.clone())
+                .send()
+                .await
+                .map_err(sdk_error(operation, bucket, key))?;
+            // A body cut short is a transport failure: retried like a reset.
+            let bytes = output
+                .body
+                .collect()
+                .await
+                .map_err(|e| broken("the response body broke off".to_string()).with_source(e))?
+                .into_bytes();
             if bytes.len() as u64 != expected {
-                return Err(RangeError::Short {
-                    expected,
-                    actual: bytes.len() as u64,
-                });
+                let message = format!(
+                    "{} bytes arrived where {expected} were asked for",
+                    bytes.len()
+                );
+                return Err(broken(message));
             }
             Ok(bytes)
         })
         .await
-        .map_err(|e| {
-            let error = TransferError::request("GetObject", &info.bucket, &info.key, e);
-            match (error.status(), &info.e_tag) {
-                (Some(412), Some(expected)) => TransferError::Changed {
-                    bucket: info.bucket.clone(),
-                    key: info.key.clone(),
-                    expected: expected.clone(),
-                    actual: "another version".to_string(),
-                },
-                _ => error,
-            }
+        .map_err(|error| match error.kind() {
+            S3ErrorKind::Service {
+                status: Some(412), ..
+            } => error.with_message(
+                "the object changed during the download (its ETag no longer matches)",
+            ),
+            _ => error,
         })?;
         Ok((range.number, bytes))
     }

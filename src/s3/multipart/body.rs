@@ -1,168 +1,20 @@
-//! What an upload reads from: bytes, a string, a file, an `AsyncRead` or a stream of
-//! byte chunks, of known or unknown length; and the reader that cuts it into parts.
+//! The reader that cuts an upload body ([`UploadBody`] or a [`BodyStream`] of known
+//! or unknown length) into parts, reading only when asked.
 
 use std::fmt;
 use std::io;
-use std::path::{Path, PathBuf};
 use std::pin::Pin;
 
 use bytes::{Bytes, BytesMut};
-use futures::stream::{BoxStream, Stream, StreamExt};
+use futures::stream::StreamExt;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-/// The body of an upload.
-///
-/// Only [`UploadBody::Bytes`] is held in memory whole; files, readers and streams are
-/// read one part at a time, when a part slot is free, so memory stays near part size
-/// x parts in flight whatever the object's size.
-pub enum UploadBody {
-    /// Bytes already in memory; parts are zero-copy slices of them.
-    Bytes(Bytes),
-    /// A file, read part by part; its length is taken when the upload starts.
-    File(PathBuf),
-    /// Any `AsyncRead`, with its length when known.
-    Reader {
-        /// The reader.
-        reader: Pin<Box<dyn AsyncRead + Send>>,
-        /// Its length, when known (used to size parts and checked at the end).
-        length: Option<u64>,
-    },
-    /// A stream of byte chunks of any sizes, with the total length when known.
-    Stream {
-        /// The chunks.
-        stream: BoxStream<'static, io::Result<Bytes>>,
-        /// The total length, when known.
-        length: Option<u64>,
-    },
-}
-
-impl fmt::Debug for UploadBody {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            UploadBody::Bytes(bytes) => f.debug_tuple("Bytes").field(&bytes.len()).finish(),
-            UploadBody::File(path) => f.debug_tuple("File").field(path).finish(),
-            UploadBody::Reader { length, .. } => {
-                f.debug_struct("Reader").field("length", length).finish()
-            }
-            UploadBody::Stream { length, .. } => {
-                f.debug_struct("Stream").field("length", length).finish()
-            }
-        }
-    }
-}
-
-impl UploadBody {
-    /// A body from a file path.
-    pub fn file(path: impl AsRef<Path>) -> Self {
-        UploadBody::File(path.as_ref().to_path_buf())
-    }
-
-    /// A body from an `AsyncRead` of unknown length.
-    pub fn reader(reader: impl AsyncRead + Send + 'static) -> Self {
-        UploadBody::Reader {
-            reader: Box::pin(reader),
-            length: None,
-        }
-    }
-
-    /// A body from an `AsyncRead` of known length.
-    pub fn reader_with_length(reader: impl AsyncRead + Send + 'static, length: u64) -> Self {
-        UploadBody::Reader {
-            reader: Box::pin(reader),
-            length: Some(length),
-        }
-    }
-
-    /// A body from a stream of chunks of unknown total length.
-    pub fn stream<S>(stream: S) -> Self
-    where
-        S: Stream<Item = io::Result<Bytes>> + Send + 'static,
-    {
-        UploadBody::Stream {
-            stream: stream.boxed(),
-            length: None,
-        }
-    }
-
-    /// A body from a stream of chunks of known total length.
-    pub fn stream_with_length<S>(stream: S, length: u64) -> Self
-    where
-        S: Stream<Item = io::Result<Bytes>> + Send + 'static,
-    {
-        UploadBody::Stream {
-            stream: stream.boxed(),
-            length: Some(length),
-        }
-    }
-
-    /// Opens the body for reading: the reader and the length when known.
-    pub(crate) async fn open(self) -> io::Result<PartReader> {
-        let (pending, source, length) = match self {
-            UploadBody::Bytes(bytes) => {
-                let length = bytes.len() as u64;
-                (bytes, Source::Done, Some(length))
-            }
-            UploadBody::File(path) => {
-                let file = tokio::fs::File::open(&path).await?;
-                let length = file.metadata().await?.len();
-                (Bytes::new(), Source::Reader(Box::pin(file)), Some(length))
-            }
-            UploadBody::Reader { reader, length } => (Bytes::new(), Source::Reader(reader), length),
-            UploadBody::Stream { stream, length } => (Bytes::new(), Source::Stream(stream), length),
-        };
-        Ok(PartReader {
-            pending,
-            source,
-            length,
-            read: 0,
-            finished: false,
-        })
-    }
-
-    /// The length of the body when it is known without reading it (files excepted).
-    pub fn known_length(&self) -> Option<u64> {
-        match self {
-            UploadBody::Bytes(bytes) => Some(bytes.len() as u64),
-            UploadBody::File(_) => None,
-            UploadBody::Reader { length, .. } | UploadBody::Stream { length, .. } => *length,
-        }
-    }
-}
-
-impl From<Bytes> for UploadBody {
-    fn from(bytes: Bytes) -> Self {
-        UploadBody::Bytes(bytes)
-    }
-}
-
-impl From<Vec<u8>> for UploadBody {
-    fn from(bytes: Vec<u8>) -> Self {
-        UploadBody::Bytes(bytes.into())
-    }
-}
-
-impl From<&'static [u8]> for UploadBody {
-    fn from(bytes: &'static [u8]) -> Self {
-        UploadBody::Bytes(Bytes::from_static(bytes))
-    }
-}
-
-impl From<String> for UploadBody {
-    fn from(text: String) -> Self {
-        UploadBody::Bytes(text.into())
-    }
-}
-
-impl From<&'static str> for UploadBody {
-    fn from(text: &'static str) -> Self {
-        UploadBody::Bytes(Bytes::from_static(text.as_bytes()))
-    }
-}
+use crate::s3::upload::{BodySource, BodyStream, UploadBody};
 
 enum Source {
     Done,
     Reader(Pin<Box<dyn AsyncRead + Send>>),
-    Stream(BoxStream<'static, io::Result<Bytes>>),
+    Stream(BodyStream),
 }
 
 /// Cuts a body into parts, reading only when asked.
@@ -187,6 +39,38 @@ impl fmt::Debug for PartReader {
 }
 
 impl PartReader {
+    /// Opens `body`: bytes are handed out as slices, a file is read part by part
+    /// (its length taken now), a stream has an unknown length.
+    pub(crate) async fn open(body: UploadBody) -> io::Result<PartReader> {
+        Ok(match body.source {
+            BodySource::Bytes(bytes) => {
+                let length = bytes.len() as u64;
+                PartReader::new(bytes, Source::Done, Some(length))
+            }
+            BodySource::File(path) => {
+                let file = tokio::fs::File::open(&path).await?;
+                let length = file.metadata().await?.len();
+                PartReader::new(Bytes::new(), Source::Reader(Box::pin(file)), Some(length))
+            }
+            BodySource::Stream(stream) => PartReader::from_stream(stream, None),
+        })
+    }
+
+    /// A reader over a stream of chunks whose total length is `length`, when known.
+    pub(crate) fn from_stream(stream: BodyStream, length: Option<u64>) -> PartReader {
+        PartReader::new(Bytes::new(), Source::Stream(stream), length)
+    }
+
+    fn new(pending: Bytes, source: Source, length: Option<u64>) -> PartReader {
+        PartReader {
+            pending,
+            source,
+            length,
+            read: 0,
+            finished: false,
+        }
+    }
+
     /// The announced length, when known.
     pub(crate) fn length(&self) -> Option<u64> {
         self.length
@@ -279,7 +163,7 @@ mod tests {
     use super::*;
 
     async fn parts_of(body: UploadBody, size: usize) -> Vec<usize> {
-        let mut reader = body.open().await.unwrap();
+        let mut reader = PartReader::open(body).await.unwrap();
         let mut sizes = Vec::new();
         loop {
             let part = reader.next_part(size).await.unwrap();
@@ -305,7 +189,7 @@ mod tests {
         let chunks: Vec<io::Result<Bytes>> =
             (0..7u8).map(|i| Ok(Bytes::from(vec![i; 4]))).collect();
         let body = UploadBody::stream(futures::stream::iter(chunks));
-        let mut reader = body.open().await.unwrap();
+        let mut reader = PartReader::open(body).await.unwrap();
         let first = reader.next_part(10).await.unwrap();
         assert_eq!(&first[..], &[0, 0, 0, 0, 1, 1, 1, 1, 2, 2]);
         let second = reader.next_part(10).await.unwrap();
@@ -320,10 +204,7 @@ mod tests {
     async fn an_unread_part_is_handed_out_again() {
         let chunks: Vec<io::Result<Bytes>> =
             (0..5u8).map(|i| Ok(Bytes::from(vec![i; 4]))).collect();
-        let mut reader = UploadBody::stream(futures::stream::iter(chunks))
-            .open()
-            .await
-            .unwrap();
+        let mut reader = PartReader::from_stream(futures::stream::iter(chunks).boxed(), None);
         let probe = reader.next_part(6).await.unwrap();
         reader.unread(probe);
         assert_eq!(reader.bytes_read(), 0);
@@ -337,7 +218,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn readers_fill_whole_parts() {
+    async fn files_fill_whole_parts() {
         let (mut writer, reader) = tokio::io::duplex(3);
         tokio::spawn(async move {
             use tokio::io::AsyncWriteExt;
@@ -352,7 +233,7 @@ mod tests {
     #[tokio::test]
     async fn an_exact_multiple_ends_with_an_empty_read() {
         let body = UploadBody::from(vec![1u8; 20]);
-        let mut reader = body.open().await.unwrap();
+        let mut reader = PartReader::open(body).await.unwrap();
         assert_eq!(reader.next_part(10).await.unwrap().len(), 10);
         assert_eq!(reader.next_part(10).await.unwrap().len(), 10);
         assert!(!reader.is_finished());

@@ -3,13 +3,15 @@
 use aws_sdk_s3::Client;
 use aws_sdk_s3::operation::head_object::HeadObjectOutput;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use futures::TryFutureExt;
 use futures::stream::{self, StreamExt, TryStreamExt};
 
-use super::error::TransferError;
 use super::guard::AbortOnDrop;
 use super::plan::{self, CopyRange, MIB};
 use super::progress::{ProgressListener, TransferProgress};
-use super::retry::{RetryPolicy, TransferCounters, TransferStats, with_retries};
+use super::retry::{RetryPolicy, TransferCounters, TransferStats, sdk_error, with_retries};
+use super::upload::missing;
+use crate::s3::error::{S3Operation, S3ServiceError};
 
 /// Settings of server-side copies.
 ///
@@ -114,23 +116,28 @@ impl MultipartCopier {
         bucket: &str,
         key: &str,
         progress: &ProgressListener,
-    ) -> Result<CopyReceipt, TransferError> {
+    ) -> Result<CopyReceipt, S3ServiceError> {
         let counters = TransferCounters::default();
         let retry = &self.config.retry;
-        let head = with_retries(retry, &counters, "HeadObject", || {
+        let head = with_retries(retry, &counters, || {
             self.client
                 .head_object()
                 .bucket(source_bucket)
                 .key(source_key)
                 .send()
+                .map_err(sdk_error(S3Operation::Head, source_bucket, source_key))
         })
-        .await
-        .map_err(|e| TransferError::request("HeadObject", source_bucket, source_key, e))?;
+        .await?;
         let size = head
             .content_length()
             .and_then(|n| u64::try_from(n).ok())
             .ok_or_else(|| {
-                TransferError::missing("HeadObject", source_bucket, source_key, "a content length")
+                missing(
+                    S3Operation::Head,
+                    source_bucket,
+                    source_key,
+                    "content length",
+                )
             })?;
         let copy_source = copy_source(source_bucket, source_key);
         let ranges = if size > self.config.threshold {
@@ -139,16 +146,16 @@ impl MultipartCopier {
             None
         };
         let Some(ranges) = ranges else {
-            let output = with_retries(retry, &counters, "CopyObject", || {
+            let output = with_retries(retry, &counters, || {
                 self.client
                     .copy_object()
                     .bucket(bucket)
                     .key(key)
                     .copy_source(&copy_source)
                     .send()
+                    .map_err(sdk_error(S3Operation::Copy, bucket, key))
             })
-            .await
-            .map_err(|e| TransferError::request("CopyObject", bucket, key, e))?;
+            .await?;
             progress.emit(TransferProgress {
                 bytes: size,
                 total: Some(size),
@@ -168,7 +175,7 @@ impl MultipartCopier {
                 stats: counters.snapshot(),
             });
         };
-        let created = with_retries(retry, &counters, "CreateMultipartUpload", || {
+        let created = with_retries(retry, &counters, || {
             with_source_attributes(
                 self.client
                     .create_multipart_upload()
@@ -177,14 +184,12 @@ impl MultipartCopier {
                 &head,
             )
             .send()
+            .map_err(sdk_error(S3Operation::CreateMultipartUpload, bucket, key))
         })
-        .await
-        .map_err(|e| TransferError::request("CreateMultipartUpload", bucket, key, e))?;
+        .await?;
         let upload_id = created
             .upload_id()
-            .ok_or_else(|| {
-                TransferError::missing("CreateMultipartUpload", bucket, key, "an upload id")
-            })?
+            .ok_or_else(|| missing(S3Operation::CreateMultipartUpload, bucket, key, "upload id"))?
             .to_string();
         let mut guard =
             AbortOnDrop::new(self.client.clone(), bucket, key, &upload_id, retry.clone());
@@ -247,7 +252,7 @@ impl CopyJob<'_> {
             u32,
             aws_sdk_s3::operation::complete_multipart_upload::CompleteMultipartUploadOutput,
         ),
-        TransferError,
+        S3ServiceError,
     > {
         let mut copied = 0u64;
         let mut done = 0u32;
@@ -275,7 +280,7 @@ impl CopyJob<'_> {
         let upload = CompletedMultipartUpload::builder()
             .set_parts(Some(parts))
             .build();
-        let output = with_retries(self.retry, self.counters, "CompleteMultipartUpload", || {
+        let output = with_retries(self.retry, self.counters, || {
             self.client
                 .complete_multipart_upload()
                 .bucket(self.bucket)
@@ -283,15 +288,19 @@ impl CopyJob<'_> {
                 .upload_id(self.upload_id)
                 .multipart_upload(upload.clone())
                 .send()
+                .map_err(sdk_error(
+                    S3Operation::CompleteMultipartUpload,
+                    self.bucket,
+                    self.key,
+                ))
         })
-        .await
-        .map_err(|e| TransferError::request("CompleteMultipartUpload", self.bucket, self.key, e))?;
+        .await?;
         Ok((count, output))
     }
 
-    async fn copy_range(&self, range: CopyRange) -> Result<(CompletedPart, u64), TransferError> {
+    async fn copy_range(&self, range: CopyRange) -> Result<(CompletedPart, u64), S3ServiceError> {
         let _flight = self.counters.enter_flight();
-        let output = with_retries(self.retry, self.counters, "UploadPartCopy", || {
+        let output = with_retries(self.retry, self.counters, || {
             self.client
                 .upload_part_copy()
                 .bucket(self.bucket)
@@ -302,15 +311,17 @@ impl CopyJob<'_> {
                 .copy_source_range(range.header_value())
                 .set_copy_source_if_match(self.source_e_tag.map(str::to_string))
                 .send()
+                .map_err(sdk_error(
+                    S3Operation::UploadPartCopy,
+                    self.bucket,
+                    self.key,
+                ))
         })
-        .await
-        .map_err(|e| TransferError::request("UploadPartCopy", self.bucket, self.key, e))?;
+        .await?;
         let e_tag = output
             .copy_part_result()
             .and_then(|r| r.e_tag())
-            .ok_or_else(|| {
-                TransferError::missing("UploadPartCopy", self.bucket, self.key, "an ETag")
-            })?;
+            .ok_or_else(|| missing(S3Operation::UploadPartCopy, self.bucket, self.key, "ETag"))?;
         let part = CompletedPart::builder()
             .part_number(range.part_number as i32)
             .e_tag(e_tag)

@@ -3,6 +3,7 @@
 use aws_sdk_s3::Client;
 
 use super::retry::{RetryPolicy, TransferCounters, with_retries};
+use crate::s3::error::{S3Operation, S3ServiceError};
 
 /// Owns the duty to abort one multipart upload (or copy) until it is disarmed.
 ///
@@ -26,13 +27,22 @@ struct Abort {
 impl Abort {
     async fn send(self) {
         let counters = TransferCounters::default();
-        let result = with_retries(&self.retry, &counters, "AbortMultipartUpload", || {
+        let result = with_retries(&self.retry, &counters, || async {
             self.client
                 .abort_multipart_upload()
                 .bucket(&self.bucket)
                 .key(&self.key)
                 .upload_id(&self.upload_id)
                 .send()
+                .await
+                .map_err(|e| {
+                    S3ServiceError::from_sdk(
+                        S3Operation::AbortMultipartUpload,
+                        &self.bucket,
+                        Some(&self.key),
+                        e,
+                    )
+                })
         })
         .await;
         match result {
@@ -42,11 +52,11 @@ impl Abort {
                 upload_id = self.upload_id,
                 "multipart upload aborted"
             ),
-            Err(exhausted) => tracing::error!(
+            Err(error) => tracing::error!(
                 bucket = self.bucket,
                 key = self.key,
                 upload_id = self.upload_id,
-                error = %aws_sdk_s3::error::DisplayErrorContext(&exhausted.error),
+                error = %error,
                 "aborting the multipart upload failed; its parts stay until a lifecycle rule removes them"
             ),
         }

@@ -12,7 +12,7 @@
 //! on every failure *and* when the upload future is dropped (a multipart upload
 //! left behind is billed storage nobody sees).
 //!
-//! - [`MultipartUploader`]: one PutObject below the threshold (5 MiB), multipart
+//! - [`MultipartEngine`]: one PutObject below the threshold (5 MiB), multipart
 //!   above, `parts_in_flight` parts at a time (4), part size growing to stay within
 //!   10,000 parts ([`plan`]).
 //! - [`MultipartCopier`]: CopyObject below 5 GiB, UploadPartCopy ranges above.
@@ -22,12 +22,11 @@
 //! # Example
 //!
 //! ```no_run
-//! use keel::s3::multipart::{
-//!     MultipartUploader, ProgressListener, RetryPolicy, TransferConfig, UploadBody,
-//! };
+//! use keel::s3::multipart::{MultipartEngine, ProgressListener, RetryPolicy, TransferConfig};
+//! use keel::s3::upload::{UploadBody, UploadOptions};
 //!
-//! # async fn run(client: aws_sdk_s3::Client) -> Result<(), keel::s3::multipart::TransferError> {
-//! let uploader = MultipartUploader::new(
+//! # async fn run(client: aws_sdk_s3::Client) -> Result<(), keel::s3::error::S3ServiceError> {
+//! let engine = MultipartEngine::new(
 //!     client,
 //!     TransferConfig::default()
 //!         .part_size(8 * 1024 * 1024)
@@ -37,8 +36,9 @@
 //! let progress = ProgressListener::callback(|p| {
 //!     println!("{} of {:?} bytes (part {})", p.bytes, p.total, p.part_number)
 //! });
-//! let receipt = uploader
-//!     .upload("bucket", "backups/db.dump", UploadBody::file("db.dump"), &(), &progress)
+//! let options = UploadOptions::new().content_type("application/octet-stream");
+//! let receipt = engine
+//!     .upload("bucket", "backups/db.dump", UploadBody::file("db.dump"), &options, &progress)
 //!     .await?;
 //! println!("{} parts, {} retries", receipt.parts, receipt.stats.retries);
 //! # Ok(()) }
@@ -46,18 +46,16 @@
 
 mod body;
 mod copy;
-mod error;
 mod guard;
 pub mod plan;
 mod progress;
 mod retry;
 mod upload;
 
-pub use body::UploadBody;
 pub use copy::{CopyConfig, CopyReceipt, MultipartCopier};
-pub use error::TransferError;
 pub use progress::{ProgressListener, TransferProgress};
-pub use retry::{RetryPolicy, THROTTLED, TransferCounters, TransferStats, classify_sdk_error};
-pub use upload::{ApplyUploadOptions, MultipartUploader, TransferConfig, UploadReceipt};
+pub use retry::{RetryPolicy, TransferCounters, TransferStats};
+pub use upload::{MultipartEngine, TransferConfig, UploadReceipt};
 
-pub(crate) use retry::{AttemptError, with_retries};
+pub(crate) use retry::{sdk_error, with_retries};
+pub(crate) use upload::missing;

@@ -8,48 +8,32 @@
 //! GET) on its own, re-sending the part's buffer it still holds, so one lost part
 //! costs one part and not the whole object.
 
-use std::error::Error as StdError;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use std::error::Error as StdError;
+
 use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
-use keel_layers::classify::Classification;
+use keel_layers::classify::{Classification, ClassifiedError};
 
-/// Error codes S3 and S3-compatible servers use to ask a client to slow down.
-const THROTTLING_CODES: &[&str] = &[
-    "SlowDown",
-    "Throttling",
-    "ThrottlingException",
-    "ThrottledException",
-    "RequestThrottled",
-    "RequestLimitExceeded",
-    "TooManyRequests",
-    "TooManyRequestsException",
-];
-
-/// Error codes that mean "try again" although the status may be a 4xx.
-const TRANSIENT_CODES: &[&str] = &[
-    "RequestTimeout",
-    "RequestTimeoutException",
-    "InternalError",
-    "ServiceUnavailable",
-    "IDPCommunicationError",
-];
+use crate::s3::error::{S3ErrorKind, S3Operation, S3ServiceError};
 
 /// When and how often a transfer retries one request.
 ///
 /// Defaults follow the seed: 3 retries after 1 s, 2 s and 4 s, never more than 10 s
-/// apart; a throttling answer (503 `SlowDown` and friends) waits at least
-/// [`throttle_floor`](Self::throttle_floor) (1 s), and a `Retry-After` header at
-/// least what it says. No jitter: parts in flight fail at different moments already.
+/// apart. What is retried and the least wait come from [`S3ServiceError`]'s
+/// classification: throttling, 5xx, timeouts and broken connections are retried;
+/// a throttling answer (503 `SlowDown` and friends) waits at least
+/// [`THROTTLE_DELAY_FLOOR`](crate::s3::error::THROTTLE_DELAY_FLOOR) (1 s) or what its
+/// `Retry-After` says, even past `max_backoff`. No jitter: parts in flight fail at
+/// different moments already.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RetryPolicy {
     max_retries: u32,
     initial_backoff: Duration,
     max_backoff: Duration,
-    throttle_floor: Duration,
 }
 
 impl Default for RetryPolicy {
@@ -58,7 +42,6 @@ impl Default for RetryPolicy {
             max_retries: 3,
             initial_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(10),
-            throttle_floor: Duration::from_secs(1),
         }
     }
 }
@@ -90,12 +73,6 @@ impl RetryPolicy {
         self
     }
 
-    /// The least wait after a throttling answer such as 503 `SlowDown` (default 1 s).
-    pub fn throttle_floor(mut self, delay: Duration) -> Self {
-        self.throttle_floor = delay;
-        self
-    }
-
     /// Retries after the first attempt.
     pub fn retries(&self) -> u32 {
         self.max_retries
@@ -110,64 +87,14 @@ impl RetryPolicy {
     }
 
     /// The wait before retry number `retry` after a failure classified as `failure`:
-    /// the backoff, raised to the failure's `retry_after` and, for throttling, to the
-    /// throttle floor. The floors may exceed `max_backoff`: the server asked for them.
+    /// the backoff, raised to the failure's `retry_after` (which may exceed
+    /// `max_backoff`: the server asked for it).
     pub fn delay(&self, retry: u32, failure: &Classification) -> Duration {
-        let mut delay = self.backoff(retry);
-        if failure.class == THROTTLED {
-            delay = delay.max(self.throttle_floor);
-        }
-        if let Some(floor) = failure.retry_after {
-            delay = delay.max(floor);
-        }
-        delay
+        let backoff = self.backoff(retry);
+        failure
+            .retry_after
+            .map_or(backoff, |floor| backoff.max(floor))
     }
-}
-
-/// The class label of a throttling failure.
-pub const THROTTLED: &str = "throttled";
-
-/// Classifies an SDK error: throttling (class `"throttled"`), 5xx (`"5xx"`),
-/// timeouts (`"timeout"`), connection failures and cut responses (`"transport"`)
-/// are retryable; a `Retry-After` header in seconds sets `retry_after`; everything
-/// else (4xx such as access denied or no such key, requests that could not be built)
-/// is a permanent failure.
-pub fn classify_sdk_error<E>(error: &SdkError<E, HttpResponse>) -> Classification
-where
-    E: ProvideErrorMetadata + StdError + 'static,
-{
-    let classification = match error {
-        SdkError::TimeoutError(_) => Classification::failure("timeout"),
-        SdkError::DispatchFailure(failure) if failure.is_timeout() => {
-            Classification::failure("timeout")
-        }
-        SdkError::DispatchFailure(failure) if failure.is_io() || failure.is_other() => {
-            Classification::failure("transport")
-        }
-        SdkError::DispatchFailure(_) => Classification::permanent_failure("request"),
-        SdkError::ResponseError(_) => Classification::failure("transport"),
-        SdkError::ServiceError(service) => {
-            let status = service.raw().status().as_u16();
-            let code = service.err().code().unwrap_or_default();
-            if THROTTLING_CODES.contains(&code) || status == 429 {
-                Classification::failure(THROTTLED)
-            } else if TRANSIENT_CODES.contains(&code) || status >= 500 {
-                Classification::failure("5xx")
-            } else {
-                Classification::permanent_failure("client")
-            }
-        }
-        _ => Classification::permanent_failure("request"),
-    };
-    match error.raw_response().and_then(retry_after) {
-        Some(delay) if classification.retryable => classification.with_retry_after(delay),
-        _ => classification,
-    }
-}
-
-fn retry_after(response: &HttpResponse) -> Option<Duration> {
-    let value = response.headers().get("retry-after")?;
-    value.trim().parse::<u64>().ok().map(Duration::from_secs)
 }
 
 /// Counters shared by every request of one transfer; cloning shares them.
@@ -248,54 +175,29 @@ impl Drop for InFlight {
     }
 }
 
-/// An error of one attempt that the retry loop can judge and report.
-pub(crate) trait AttemptError: StdError + Send + Sync + 'static {
-    /// Whether and when to retry.
-    fn classification(&self) -> Classification;
-    /// HTTP status of the answer, when there was one.
-    fn status(&self) -> Option<u16>;
-    /// S3 error code, when S3 sent one.
-    fn code(&self) -> Option<&str>;
-}
-
-impl<E> AttemptError for SdkError<E, HttpResponse>
+/// Maps an SDK error of `operation` on `bucket`/`key` into an [`S3ServiceError`].
+pub(crate) fn sdk_error<'a, E>(
+    operation: S3Operation,
+    bucket: &'a str,
+    key: &'a str,
+) -> impl FnOnce(SdkError<E, HttpResponse>) -> S3ServiceError + 'a
 where
     E: ProvideErrorMetadata + StdError + Send + Sync + 'static,
 {
-    fn classification(&self) -> Classification {
-        classify_sdk_error(self)
-    }
-
-    fn status(&self) -> Option<u16> {
-        self.raw_response().map(|r| r.status().as_u16())
-    }
-
-    fn code(&self) -> Option<&str> {
-        ProvideErrorMetadata::code(self)
-    }
-}
-
-/// A request that failed for good, with its classification and how many attempts
-/// were made.
-#[derive(Debug)]
-pub(crate) struct Exhausted<E> {
-    pub(crate) error: E,
-    pub(crate) classification: Classification,
-    pub(crate) attempts: u32,
+    move |error| S3ServiceError::from_sdk(operation, bucket, Some(key), error)
 }
 
 /// Runs `attempt` until it succeeds, fails permanently or runs out of retries,
-/// sleeping between attempts as `policy` says and counting into `counters`.
-pub(crate) async fn with_retries<T, E, F, Fut>(
+/// sleeping between attempts as `policy` says and counting into `counters`. The
+/// error returned is the last one, its message saying how many attempts were made.
+pub(crate) async fn with_retries<T, F, Fut>(
     policy: &RetryPolicy,
     counters: &TransferCounters,
-    operation: &'static str,
     mut attempt: F,
-) -> Result<T, Exhausted<E>>
+) -> Result<T, S3ServiceError>
 where
-    E: AttemptError,
     F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, E>>,
+    Fut: Future<Output = Result<T, S3ServiceError>>,
 {
     let mut retry = 0;
     loop {
@@ -306,21 +208,25 @@ where
         };
         let classification = error.classification();
         if !classification.retryable || retry >= policy.max_retries {
-            return Err(Exhausted {
-                error,
-                classification,
-                attempts: retry + 1,
-            });
+            if retry == 0 {
+                return Err(error);
+            }
+            let message = match error.message() {
+                Some(message) => format!("{message} (gave up after {} attempts)", retry + 1),
+                None => format!("gave up after {} attempts", retry + 1),
+            };
+            return Err(error.with_message(message));
         }
         retry += 1;
         let delay = policy.delay(retry, &classification);
-        counters.record_backoff(delay, classification.class == THROTTLED);
+        let throttled = matches!(error.kind(), S3ErrorKind::Throttled { .. });
+        counters.record_backoff(delay, throttled);
         tracing::warn!(
-            operation,
+            operation = error.operation().as_str(),
             class = classification.class,
             retry,
             delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
-            error = %aws_sdk_s3::error::DisplayErrorContext(&error),
+            error = %error,
             "S3 request failed, retrying after backoff"
         );
         tokio::time::sleep(delay).await;
@@ -343,16 +249,68 @@ mod tests {
     }
 
     #[test]
-    fn throttling_and_retry_after_raise_the_delay() {
+    fn retry_after_raises_the_delay_past_the_cap() {
         let policy = RetryPolicy::default()
             .initial_backoff(Duration::from_millis(10))
-            .throttle_floor(Duration::from_millis(500));
+            .max_backoff(Duration::from_millis(100));
         let server = Classification::failure("5xx");
         assert_eq!(policy.delay(1, &server), Duration::from_millis(10));
-        let throttled = Classification::failure(THROTTLED);
-        assert_eq!(policy.delay(1, &throttled), Duration::from_millis(500));
-        let told = Classification::failure("5xx").with_retry_after(Duration::from_secs(3));
+        let told = Classification::failure("throttled").with_retry_after(Duration::from_secs(3));
         assert_eq!(policy.delay(2, &told), Duration::from_secs(3));
+    }
+
+    fn throttled() -> S3ServiceError {
+        S3ServiceError::new(
+            crate::s3::error::S3Operation::UploadPart,
+            S3ErrorKind::Throttled { retry_after: None },
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn throttled_attempts_wait_the_floor_and_are_counted() {
+        let policy = RetryPolicy::default().initial_backoff(Duration::from_millis(10));
+        let counters = TransferCounters::default();
+        let mut failures = 2;
+        let started = tokio::time::Instant::now();
+        let result = with_retries(&policy, &counters, || {
+            let fail = failures > 0;
+            failures -= 1;
+            async move { if fail { Err(throttled()) } else { Ok(7) } }
+        })
+        .await;
+        assert_eq!(result.unwrap(), 7);
+        let stats = counters.snapshot();
+        assert_eq!((stats.requests, stats.retries, stats.throttled), (3, 2, 2));
+        let floor = crate::s3::error::THROTTLE_DELAY_FLOOR;
+        assert_eq!(stats.backoff, floor * 2);
+        assert_eq!(started.elapsed(), floor * 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn exhausted_retries_return_the_last_error_with_the_attempts() {
+        let policy = RetryPolicy::default().max_retries(2);
+        let counters = TransferCounters::default();
+        let error = with_retries(&policy, &counters, || async { Err::<(), _>(throttled()) })
+            .await
+            .unwrap_err();
+        assert!(matches!(error.kind(), S3ErrorKind::Throttled { .. }));
+        assert_eq!(error.message(), Some("gave up after 3 attempts"));
+        assert_eq!(counters.snapshot().requests, 3);
+
+        let permanent = S3ServiceError::new(
+            crate::s3::error::S3Operation::UploadPart,
+            S3ErrorKind::AccessDenied,
+        );
+        let mut calls = 0;
+        let error = with_retries(&policy, &counters, || {
+            calls += 1;
+            let permanent = S3ServiceError::new(permanent.operation(), permanent.kind().clone());
+            async move { Err::<(), _>(permanent) }
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(calls, 1, "a permanent failure is not retried");
+        assert_eq!(error.message(), None);
     }
 
     #[test]

@@ -4,45 +4,53 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use aws_sdk_s3::Client;
-use aws_sdk_s3::operation::create_multipart_upload::builders::CreateMultipartUploadFluentBuilder;
-use aws_sdk_s3::operation::put_object::builders::PutObjectFluentBuilder;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use bytes::Bytes;
 use tokio::task::JoinSet;
 
-use super::body::{PartReader, UploadBody};
-use super::error::TransferError;
+use super::body::PartReader;
 use super::guard::AbortOnDrop;
 use super::plan::{self, MAX_PARTS, MIB};
 use super::progress::{ProgressListener, TransferProgress};
 use super::retry::{RetryPolicy, TransferCounters, TransferStats, with_retries};
+use crate::s3::error::{S3ErrorKind, S3Operation, S3ServiceError};
+use crate::s3::upload::{
+    BodyStream, MultipartFuture, MultipartUploadRequest, MultipartUploader, UploadBody,
+    UploadOptions, UploadOutput, UploadProgress,
+};
 
-/// What an upload sets on the object: content type, metadata, cache control, ACL,
-/// server-side encryption, tagging. Applied to the PutObject of a small upload or to
-/// the CreateMultipartUpload of a large one (parts carry none of it).
-pub trait ApplyUploadOptions: Send + Sync {
-    /// Sets the options on a PutObject request.
-    fn apply_to_put(&self, request: PutObjectFluentBuilder) -> PutObjectFluentBuilder;
-    /// Sets the options on a CreateMultipartUpload request.
-    fn apply_to_create(
-        &self,
-        request: CreateMultipartUploadFluentBuilder,
-    ) -> CreateMultipartUploadFluentBuilder;
+/// The error for a request that cannot be made as asked (a body of the wrong
+/// length, an object over S3's limits).
+pub(crate) fn invalid(
+    operation: S3Operation,
+    bucket: &str,
+    key: &str,
+    message: String,
+) -> S3ServiceError {
+    S3ServiceError::new(operation, S3ErrorKind::InvalidRequest)
+        .with_bucket(bucket)
+        .with_key(key)
+        .with_message(message)
 }
 
-/// No options: the server's defaults.
-impl ApplyUploadOptions for () {
-    fn apply_to_put(&self, request: PutObjectFluentBuilder) -> PutObjectFluentBuilder {
-        request
-    }
-
-    fn apply_to_create(
-        &self,
-        request: CreateMultipartUploadFluentBuilder,
-    ) -> CreateMultipartUploadFluentBuilder {
-        request
-    }
+/// The error for an answer that lacks something the transfer needs.
+pub(crate) fn missing(
+    operation: S3Operation,
+    bucket: &str,
+    key: &str,
+    what: &str,
+) -> S3ServiceError {
+    S3ServiceError::new(
+        operation,
+        S3ErrorKind::Service {
+            code: None,
+            status: None,
+        },
+    )
+    .with_bucket(bucket)
+    .with_key(key)
+    .with_message(format!("the answer has no {what}"))
 }
 
 /// Settings of uploads, copies and ranged downloads.
@@ -167,15 +175,15 @@ pub struct UploadReceipt {
 ///
 /// Cloning shares the SDK client (its connection pool) and copies the config.
 #[derive(Clone, Debug)]
-pub struct MultipartUploader {
+pub struct MultipartEngine {
     client: Client,
     config: TransferConfig,
 }
 
-impl MultipartUploader {
+impl MultipartEngine {
     /// An uploader over `client` with `config`.
     pub fn new(client: Client, config: TransferConfig) -> Self {
-        MultipartUploader { client, config }
+        MultipartEngine { client, config }
     }
 
     /// The SDK client.
@@ -189,17 +197,50 @@ impl MultipartUploader {
     }
 
     /// Uploads `body` to `bucket`/`key` with `options`, reporting to `progress`.
+    ///
+    /// The key is used as given: check it with [`ObjectKey`](crate::s3::key::ObjectKey)
+    /// first (the S3 service does).
     pub async fn upload(
         &self,
         bucket: &str,
         key: &str,
         body: UploadBody,
-        options: &dyn ApplyUploadOptions,
+        options: &UploadOptions,
         progress: &ProgressListener,
-    ) -> Result<UploadReceipt, TransferError> {
+    ) -> Result<UploadReceipt, S3ServiceError> {
+        let reader = PartReader::open(body)
+            .await
+            .map_err(|e| S3ServiceError::io(S3Operation::Upload, bucket, key, e))?;
+        self.upload_from(bucket, key, reader, options, progress)
+            .await
+    }
+
+    /// Uploads a stream of chunks whose total is `length` when known (then checked:
+    /// a body that runs short or long fails and leaves nothing behind).
+    pub async fn upload_stream(
+        &self,
+        bucket: &str,
+        key: &str,
+        body: BodyStream,
+        length: Option<u64>,
+        options: &UploadOptions,
+        progress: &ProgressListener,
+    ) -> Result<UploadReceipt, S3ServiceError> {
+        let reader = PartReader::from_stream(body, length);
+        self.upload_from(bucket, key, reader, options, progress)
+            .await
+    }
+
+    async fn upload_from(
+        &self,
+        bucket: &str,
+        key: &str,
+        mut reader: PartReader,
+        options: &UploadOptions,
+        progress: &ProgressListener,
+    ) -> Result<UploadReceipt, S3ServiceError> {
         let counters = TransferCounters::default();
-        let read_error = |e| TransferError::io("reading the upload body", bucket, key, e);
-        let mut reader = body.open().await.map_err(read_error)?;
+        let read_error = |e| S3ServiceError::io(S3Operation::Upload, bucket, key, e);
         let threshold = self.config.threshold;
         let single = match reader.length() {
             Some(length) if length < threshold || length == 0 => {
@@ -234,14 +275,14 @@ impl MultipartUploader {
         bucket: &str,
         key: &str,
         data: Bytes,
-        options: &dyn ApplyUploadOptions,
+        options: &UploadOptions,
         progress: &ProgressListener,
         counters: TransferCounters,
-    ) -> Result<UploadReceipt, TransferError> {
+    ) -> Result<UploadReceipt, S3ServiceError> {
         let size = data.len() as u64;
         let output = {
             let _flight = counters.enter_flight();
-            with_retries(&self.config.retry, &counters, "PutObject", || {
+            with_retries(&self.config.retry, &counters, || {
                 let request = self
                     .client
                     .put_object()
@@ -249,10 +290,14 @@ impl MultipartUploader {
                     .key(key)
                     .content_length(size as i64)
                     .body(ByteStream::from(data.clone()));
-                options.apply_to_put(request).send()
+                let sent = options.apply_to_put_object(request).send();
+                async move {
+                    sent.await.map_err(|e| {
+                        S3ServiceError::from_sdk(S3Operation::Upload, bucket, Some(key), e)
+                    })
+                }
             })
-            .await
-            .map_err(|e| TransferError::request("PutObject", bucket, key, e))?
+            .await?
         };
         progress.emit(TransferProgress {
             bytes: size,
@@ -278,42 +323,40 @@ impl MultipartUploader {
         bucket: &str,
         key: &str,
         reader: PartReader,
-        options: &dyn ApplyUploadOptions,
+        options: &UploadOptions,
         progress: &ProgressListener,
         counters: TransferCounters,
-    ) -> Result<UploadReceipt, TransferError> {
+    ) -> Result<UploadReceipt, S3ServiceError> {
         let fixed_part_size = match reader.length() {
             Some(length) => Some(
                 plan::part_size_for_length(length, self.config.part_size).ok_or_else(|| {
-                    TransferError::TooLarge {
-                        bucket: bucket.to_string(),
-                        key: key.to_string(),
-                        reason: format!("{length} bytes is over the 5 TiB object limit"),
-                    }
+                    invalid(
+                        S3Operation::Upload,
+                        bucket,
+                        key,
+                        format!("{length} bytes is over S3's 5 TiB object limit"),
+                    )
                 })?,
             ),
             None => None,
         };
-        let created = with_retries(
-            &self.config.retry,
-            &counters,
-            "CreateMultipartUpload",
-            || {
-                let request = self
-                    .client
-                    .create_multipart_upload()
-                    .bucket(bucket)
-                    .key(key);
-                options.apply_to_create(request).send()
-            },
-        )
-        .await
-        .map_err(|e| TransferError::request("CreateMultipartUpload", bucket, key, e))?;
+        let operation = S3Operation::CreateMultipartUpload;
+        let created = with_retries(&self.config.retry, &counters, || {
+            let request = self
+                .client
+                .create_multipart_upload()
+                .bucket(bucket)
+                .key(key);
+            let sent = options.apply_to_create_multipart_upload(request).send();
+            async move {
+                sent.await
+                    .map_err(|e| S3ServiceError::from_sdk(operation, bucket, Some(key), e))
+            }
+        })
+        .await?;
         let upload_id = created
             .upload_id()
-            .ok_or_else(|| {
-                TransferError::missing("CreateMultipartUpload", bucket, key, "an upload id")
-            })?
+            .ok_or_else(|| missing(operation, bucket, key, "upload id"))?
             .to_string();
         tracing::debug!(bucket, key, upload_id, "multipart upload created");
 
@@ -378,8 +421,8 @@ impl MultipartUploader {
         reader: PartReader,
         fixed_part_size: Option<u64>,
         progress: &ProgressListener,
-        tasks: &mut JoinSet<Result<(CompletedPart, u64), TransferError>>,
-    ) -> Result<(Vec<CompletedPart>, u64), TransferError> {
+        tasks: &mut JoinSet<Result<(CompletedPart, u64), S3ServiceError>>,
+    ) -> Result<(Vec<CompletedPart>, u64), S3ServiceError> {
         let (bucket, key) = (target.bucket.as_str(), target.key.as_str());
         let announced = reader.length();
         // The reader is here between reads and inside `reading` during one.
@@ -405,7 +448,7 @@ impl MultipartUploader {
             tokio::select! {
                 (reader, part) = async { reading.as_mut().expect("guarded").await }, if reading.is_some() => {
                     reading = None;
-                    let data = part.map_err(|e| TransferError::io("reading the upload body", bucket, key, e))?;
+                    let data = part.map_err(|e| S3ServiceError::io(S3Operation::Upload, bucket, key, e))?;
                     check_length(announced, &reader, bucket, key)?;
                     if reader.is_finished() {
                         body_size = Some(reader.bytes_read());
@@ -416,21 +459,20 @@ impl MultipartUploader {
                     }
                     next_part += 1;
                     if next_part > MAX_PARTS {
-                        return Err(TransferError::TooLarge {
-                            bucket: bucket.to_string(),
-                            key: key.to_string(),
-                            reason: format!("the body needs more than {MAX_PARTS} parts"),
-                        });
+                        let message = format!("the body needs more than {MAX_PARTS} parts");
+                        return Err(invalid(S3Operation::Upload, bucket, key, message));
                     }
                     let target = Arc::clone(target);
                     let number = next_part;
                     tasks.spawn(async move { target.upload_part(number, data).await });
                 }
                 Some(joined) = tasks.join_next() => {
-                    let (part, length) = joined.map_err(|source| TransferError::Task {
-                        bucket: bucket.to_string(),
-                        key: key.to_string(),
-                        source,
+                    let (part, length) = joined.map_err(|e| {
+                        S3ServiceError::new(S3Operation::UploadPart, S3ErrorKind::Service { code: None, status: None })
+                            .with_bucket(bucket)
+                            .with_key(key)
+                            .with_message("the part task ended abnormally")
+                            .with_source(e)
                     })??;
                     sent += length;
                     let part_number = part.part_number().and_then(|n| u32::try_from(n).ok()).unwrap_or(0);
@@ -460,18 +502,18 @@ fn check_length(
     reader: &PartReader,
     bucket: &str,
     key: &str,
-) -> Result<(), TransferError> {
+) -> Result<(), S3ServiceError> {
     let Some(expected) = announced else {
         return Ok(());
     };
     let actual = reader.bytes_read();
     if actual > expected || (reader.is_finished() && actual != expected) {
-        return Err(TransferError::LengthMismatch {
-            bucket: bucket.to_string(),
-            key: key.to_string(),
-            expected,
-            actual,
-        });
+        let message = if actual > expected {
+            format!("the body runs past the announced {expected} bytes")
+        } else {
+            format!("the body ended after {actual} of the announced {expected} bytes")
+        };
+        return Err(invalid(S3Operation::Upload, bucket, key, message));
     }
     Ok(())
 }
@@ -482,13 +524,13 @@ async fn read_whole(
     length: u64,
     bucket: &str,
     key: &str,
-) -> Result<Bytes, TransferError> {
+) -> Result<Bytes, S3ServiceError> {
     // One byte more than announced, to notice a body that runs long.
     let size = usize::try_from(length.saturating_add(1)).unwrap_or(usize::MAX);
     let data = reader
         .next_part(size)
         .await
-        .map_err(|e| TransferError::io("reading the upload body", bucket, key, e))?;
+        .map_err(|e| S3ServiceError::io(S3Operation::Upload, bucket, key, e))?;
     check_length(Some(length), reader, bucket, key)?;
     Ok(data)
 }
@@ -517,25 +559,31 @@ impl PartTarget {
         &self,
         part_number: u32,
         data: Bytes,
-    ) -> Result<(CompletedPart, u64), TransferError> {
+    ) -> Result<(CompletedPart, u64), S3ServiceError> {
         let _flight = self.counters.enter_flight();
         let length = data.len() as u64;
-        let output = with_retries(&self.retry, &self.counters, "UploadPart", || {
-            self.client
+        let (bucket, key) = (self.bucket.as_str(), self.key.as_str());
+        let operation = S3Operation::UploadPart;
+        let output = with_retries(&self.retry, &self.counters, || {
+            let sent = self
+                .client
                 .upload_part()
-                .bucket(&self.bucket)
-                .key(&self.key)
+                .bucket(bucket)
+                .key(key)
                 .upload_id(&self.upload_id)
                 .part_number(part_number as i32)
                 .content_length(length as i64)
                 .body(ByteStream::from(data.clone()))
-                .send()
+                .send();
+            async move {
+                sent.await
+                    .map_err(|e| S3ServiceError::from_sdk(operation, bucket, Some(key), e))
+            }
         })
-        .await
-        .map_err(|e| TransferError::request("UploadPart", &self.bucket, &self.key, e))?;
-        let e_tag = output.e_tag().ok_or_else(|| {
-            TransferError::missing("UploadPart", &self.bucket, &self.key, "an ETag")
-        })?;
+        .await?;
+        let e_tag = output
+            .e_tag()
+            .ok_or_else(|| missing(operation, bucket, key, "ETag"))?;
         let part = CompletedPart::builder()
             .part_number(part_number as i32)
             .e_tag(e_tag)
@@ -547,35 +595,87 @@ impl PartTarget {
         &self,
         parts: Vec<CompletedPart>,
         size: u64,
-    ) -> Result<Completed, TransferError> {
+    ) -> Result<Completed, S3ServiceError> {
         let count = parts.len() as u32;
         let upload = CompletedMultipartUpload::builder()
             .set_parts(Some(parts))
             .build();
-        let output = with_retries(
-            &self.retry,
-            &self.counters,
-            "CompleteMultipartUpload",
-            || {
-                self.client
-                    .complete_multipart_upload()
-                    .bucket(&self.bucket)
-                    .key(&self.key)
-                    .upload_id(&self.upload_id)
-                    .multipart_upload(upload.clone())
-                    .send()
-            },
-        )
-        .await
-        .map_err(|e| {
-            TransferError::request("CompleteMultipartUpload", &self.bucket, &self.key, e)
-        })?;
+        let (bucket, key) = (self.bucket.as_str(), self.key.as_str());
+        let operation = S3Operation::CompleteMultipartUpload;
+        let output = with_retries(&self.retry, &self.counters, || {
+            let sent = self
+                .client
+                .complete_multipart_upload()
+                .bucket(bucket)
+                .key(key)
+                .upload_id(&self.upload_id)
+                .multipart_upload(upload.clone())
+                .send();
+            async move {
+                sent.await
+                    .map_err(|e| S3ServiceError::from_sdk(operation, bucket, Some(key), e))
+            }
+        })
+        .await?;
         Ok(Completed {
             e_tag: output.e_tag().map(str::to_string),
             version_id: output.version_id().map(str::to_string),
             location: output.location().map(str::to_string),
             parts: count,
             size,
+        })
+    }
+}
+
+/// The engine behind the S3 service's uploads above the threshold: the service
+/// checks the key, reads the first `threshold` bytes and hands over the body from
+/// its first byte; the engine does parts, concurrency, retries, progress and the
+/// abort. The request's client is used (its SDK client), with this engine's config.
+impl MultipartUploader for MultipartEngine {
+    fn threshold(&self) -> u64 {
+        self.config.threshold
+    }
+
+    fn upload(&self, request: MultipartUploadRequest) -> MultipartFuture {
+        let config = self.config.clone();
+        Box::pin(async move {
+            let MultipartUploadRequest {
+                client,
+                bucket,
+                key,
+                body,
+                content_length,
+                options,
+                progress,
+            } = request;
+            let engine = MultipartEngine::new(client.sdk().clone(), config);
+            let listener = match progress {
+                Some(listener) => ProgressListener::callback(move |event| {
+                    listener.report(UploadProgress::new(
+                        event.bytes,
+                        event.total,
+                        Some(event.part_number),
+                    ))
+                }),
+                None => ProgressListener::none(),
+            };
+            let receipt = engine
+                .upload_stream(
+                    &bucket,
+                    key.as_str(),
+                    body,
+                    content_length,
+                    &options,
+                    &listener,
+                )
+                .await?;
+            let output = UploadOutput::new(client.config(), &bucket, key, receipt.size)
+                .with_etag(receipt.e_tag)
+                .with_version_id(receipt.version_id);
+            Ok(match receipt.parts {
+                0 => output,
+                parts => output.with_parts(parts),
+            })
         })
     }
 }
