@@ -11,4 +11,5 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
+pub mod circuit_breaker;
 pub mod classify;
