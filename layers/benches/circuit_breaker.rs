@@ -59,7 +59,7 @@ fn tower_resilience() -> impl Service<u64, Response = u64> + Clone + Send + 'sta
 
 /// Runs `per_thread` on two threads at once, `iters` calls each; returns the wall
 /// time, so the figure is the per-call time while two threads share the breaker.
-fn two_threads<F>(iters: u64, per_thread: F) -> Duration
+fn two_threads<F>(iters: u64, per_thread: &F) -> Duration
 where
     F: Fn(u64) + Sync,
 {
@@ -127,7 +127,9 @@ fn bench(c: &mut Criterion) {
     }
     {
         let per_thread = tower_two(noop());
-        g.bench_function("no_layer", |b| b.iter_custom(|n| two_threads(n, &per_thread)));
+        g.bench_function("no_layer", |b| {
+            b.iter_custom(|n| two_threads(n, &per_thread))
+        });
         let per_thread = tower_two(keel_default());
         g.bench_function("keel_consecutive", |b| {
             b.iter_custom(|n| two_threads(n, &per_thread))

@@ -119,8 +119,8 @@ fn state_code(state: CircuitState) -> u64 {
         .unwrap_or(0) as u64
 }
 
-fn gen_of(word: u64) -> u64 {
-    word >> GEN_SHIFT
+fn gen_of(word: u64) -> u32 {
+    (word >> GEN_SHIFT) as u32
 }
 
 fn admitted_of(word: u64) -> u64 {
@@ -136,16 +136,12 @@ fn successes_of(word: u64) -> u64 {
 pub(crate) enum Permit {
     /// Not counted (forced closed), or already settled.
     Untracked,
-    /// Counted in the closed (or metrics-only) state of generation `generation`.
-    Counted {
-        generation: u64,
-        started: Option<Instant>,
-    },
+    /// Counted in the closed (or metrics-only) state of generation `generation`;
+    /// `started` is the start time in nanoseconds since the breaker's epoch (0 when
+    /// the slow-call rule is off, so the clock is not read).
+    Counted { generation: u32, started: u64 },
     /// A half-open probe of generation `generation`.
-    Probe {
-        generation: u64,
-        started: Option<Instant>,
-    },
+    Probe { generation: u32, started: u64 },
 }
 
 #[derive(Debug, Default)]
@@ -257,9 +253,15 @@ impl Breaker {
         }
     }
 
+    /// When a call started (nanoseconds since the epoch), read only when the
+    /// slow-call rule needs it.
     #[inline]
-    fn start_time(&self) -> Option<Instant> {
-        self.times_calls.then(Instant::now)
+    fn start_time(&self) -> u64 {
+        if self.times_calls {
+            self.now_nanos()
+        } else {
+            0
+        }
     }
 
     /// Admits a call or says why not. Closed: one atomic load.
@@ -317,10 +319,12 @@ impl Breaker {
         }
     }
 
-    fn is_slow(&self, started: Option<Instant>) -> bool {
-        match (self.config.slow_call, started) {
-            (Some((threshold, _)), Some(started)) => started.elapsed() >= threshold,
-            _ => false,
+    fn is_slow(&self, started: u64) -> bool {
+        match self.config.slow_call {
+            Some((threshold, _)) => {
+                Duration::from_nanos(self.now_nanos().saturating_sub(started)) >= threshold
+            }
+            None => false,
         }
     }
 
@@ -350,7 +354,7 @@ impl Breaker {
     }
 
     #[inline]
-    fn record_counted(&self, generation: u64, started: Option<Instant>, failed: bool) {
+    fn record_counted(&self, generation: u32, started: u64, failed: bool) {
         let word = self.hot.word.load(Acquire);
         let state = state_of(word);
         if gen_of(word) != generation
@@ -407,7 +411,7 @@ impl Breaker {
     }
 
     /// Applies `change` to the state word if it is still half-open in `generation`.
-    fn update_probe_word(&self, generation: u64, change: impl Fn(u64) -> u64) -> Option<u64> {
+    fn update_probe_word(&self, generation: u32, change: impl Fn(u64) -> u64) -> Option<u64> {
         self.hot
             .word
             .fetch_update(AcqRel, Acquire, |word| {
@@ -419,11 +423,11 @@ impl Breaker {
     }
 
     /// Frees the slot of a probe that was cancelled or whose outcome is ignored.
-    pub(crate) fn release_probe(&self, generation: u64) {
+    pub(crate) fn release_probe(&self, generation: u32) {
         self.update_probe_word(generation, |w| w - (1 << ADMITTED_SHIFT));
     }
 
-    fn probe_failed(&self, generation: u64) {
+    fn probe_failed(&self, generation: u32) {
         self.transition(
             Some((generation, CircuitState::HalfOpen)),
             CircuitState::Open,
@@ -431,7 +435,7 @@ impl Breaker {
         );
     }
 
-    fn probe_succeeded(&self, generation: u64) {
+    fn probe_succeeded(&self, generation: u32) {
         let updated = self.update_probe_word(generation, |w| w + (1 << SUCCESS_SHIFT));
         if let Some(word) = updated
             && successes_of(word) >= u64::from(self.config.half_open_probes)
@@ -452,7 +456,7 @@ impl Breaker {
     /// unconditionally when `expect` is `None`. Returns whether it moved.
     fn transition(
         &self,
-        expect: Option<(u64, CircuitState)>,
+        expect: Option<(u32, CircuitState)>,
         to: CircuitState,
         reason: TransitionReason,
     ) -> bool {
@@ -492,7 +496,7 @@ impl Breaker {
             }
             _ => {}
         }
-        let generation = (gen_of(word) + 1) & GEN_MASK;
+        let generation = (u64::from(gen_of(word)) + 1) & GEN_MASK;
         self.hot
             .word
             .store((generation << GEN_SHIFT) | state_code(to), Release);

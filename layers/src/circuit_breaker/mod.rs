@@ -18,9 +18,11 @@
 //!   or [`time_window`](CircuitBreakerBuilder::time_window) is configured — when the
 //!   failure rate (or the [slow-call](CircuitBreakerBuilder::slow_calls) rate) over
 //!   the truly sliding window reaches its threshold once
-//!   [`minimum_calls`](CircuitBreakerBuilder::minimum_calls) are in the window.
-//!   What counts as a failure is decided by a [`Classify`](crate::classify::Classify)
-//!   (default [`ErrorsAsFailures`](crate::classify::ErrorsAsFailures));
+//!   [`minimum_calls`](CircuitBreakerBuilder::minimum_calls) are in the window
+//!   (rates are checked when a failure or slow call is recorded, and when a count
+//!   window first reaches the minimum).
+//!   What counts as a failure is decided by a [`Classify`]
+//!   (default [`ErrorsAsFailures`]);
 //!   [`Outcome::Ignored`](crate::classify::Outcome::Ignored) counts for neither side.
 //! - **Open**: calls fail fast for [`open_wait`](CircuitBreakerBuilder::open_wait)
 //!   (default 60 s), which can grow with [`open_backoff`](CircuitBreakerBuilder::open_backoff)
