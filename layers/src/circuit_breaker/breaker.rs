@@ -190,7 +190,7 @@ impl Breaker {
             None => (None, u32::MAX),
             Some(WindowKind::Count(len)) => (
                 Some(Window::Count(CountWindow::new(len))),
-                config.minimum_calls.unwrap_or(len),
+                config.minimum_calls.unwrap_or(len).min(len),
             ),
             Some(WindowKind::Time { span, buckets }) => {
                 let buckets = buckets.max(1);

@@ -133,7 +133,8 @@ impl<C> CircuitBreakerBuilder<C> {
         self
     }
 
-    /// The rate rules apply only once the window holds at least `n` calls.
+    /// The rate rules apply only once the window holds at least `n` calls (capped at
+    /// a count window's length).
     pub fn minimum_calls(mut self, n: u32) -> Self {
         self.config.minimum_calls = Some(n.max(1));
         self

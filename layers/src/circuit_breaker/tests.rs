@@ -349,6 +349,64 @@ async fn half_open_admits_exactly_k_concurrent_probes() {
     assert_eq!(handle.state(), CircuitState::Closed);
 }
 
+#[test]
+fn half_open_admits_exactly_k_probes_across_threads() {
+    let (inner, calls) = counting();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _guard = rt.enter();
+    let layer = builder()
+        .consecutive_failures(1)
+        .open_wait(Duration::ZERO)
+        .half_open_probes(3)
+        .build();
+    let handle = layer.handle();
+    let mut svc = layer.layer(inner);
+    assert!(rt.block_on(send(&mut svc, Req::Fail)).is_err());
+    assert_eq!(handle.state(), CircuitState::Open);
+    let barrier = std::sync::Barrier::new(8);
+    let admitted = AtomicUsize::new(0);
+    let runtime = rt.handle().clone();
+    // Every admitted probe is kept in flight (polled once, never completed) until
+    // the end of the test.
+    let in_flight: Vec<_> = std::thread::scope(|s| {
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let mut svc = svc.clone();
+                let (barrier, admitted, runtime) = (&barrier, &admitted, &runtime);
+                s.spawn(move || {
+                    let _guard = runtime.enter();
+                    barrier.wait();
+                    let mut cx = Context::from_waker(Waker::noop());
+                    let mut kept = Vec::new();
+                    for _ in 0..50 {
+                        let mut probe = svc.call(Req::Slow(Duration::from_secs(1)));
+                        match Pin::new(&mut probe).poll(&mut cx) {
+                            Poll::Ready(Err(CircuitBreakerError::HalfOpenFull { .. })) => {}
+                            Poll::Ready(other) => panic!("unexpected {other:?}"),
+                            Poll::Pending => {
+                                admitted.fetch_add(1, Ordering::SeqCst);
+                                kept.push(probe);
+                            }
+                        }
+                    }
+                    kept
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect()
+    });
+    assert_eq!(in_flight.len(), 3);
+    assert_eq!(admitted.load(Ordering::SeqCst), 3);
+    assert_eq!(calls.load(Ordering::SeqCst), 1 + 3);
+    assert_eq!(handle.state(), CircuitState::HalfOpen);
+}
+
 #[tokio::test(start_paused = true)]
 async fn failed_probe_reopens_with_growing_capped_wait() {
     let (inner, calls) = counting();
