@@ -281,11 +281,7 @@ mod http_adapter {
     }
 
     fn retry_after<B>(res: &http::Response<B>) -> Option<Duration> {
-        let value = res
-            .headers()
-            .get(http::header::RETRY_AFTER)?
-            .to_str()
-            .ok()?;
+        let value = res.headers().get(http::header::RETRY_AFTER)?.to_str().ok()?;
         value.trim().parse::<u64>().ok().map(Duration::from_secs)
     }
 
