@@ -1,0 +1,92 @@
+//! The in-process consumer: handlers registered by event type, each wrapped in
+//! keel's metrics layer, driven by keel's consumer runtime (retries with backoff,
+//! dead-letter queue, at-least-once commits).
+
+use std::time::Duration;
+
+use keel::kafka::config::KafkaConfig;
+use keel::kafka::consumer::{
+    Backoff, BoxError, ConsumedEvent, HandlerError, KafkaConsumer, StartOptions,
+};
+use keel::kafka::registry::HandlerRegistry;
+use keel::layers::metrics::{MetricsLayer, MetricsRegistry};
+use tower::ServiceBuilder;
+
+/// The demo handlers, by event type.
+pub const ORDER_CREATED: &str = "order.created";
+/// Handled like any event, logged.
+pub const USER_CREATED: &str = "user.created";
+/// Fails its first attempt, succeeds on the retry: shows the retry counter.
+pub const DEMO_FLAKY: &str = "demo.flaky";
+/// Always fails: retried, then dead-lettered to `<topic>.dlq`.
+pub const DEMO_POISON: &str = "demo.poison";
+
+/// Builds the handler registry; every handler's metrics are registered as
+/// `handler_<event type>`.
+pub fn registry(metrics: &MetricsRegistry) -> Result<HandlerRegistry, BoxError> {
+    let mut builder = HandlerRegistry::builder();
+    for event_type in [ORDER_CREATED, USER_CREATED, DEMO_FLAKY, DEMO_POISON] {
+        let layer = MetricsLayer::new();
+        metrics.register(
+            format!("handler_{}", event_type.replace('.', "_")),
+            layer.handle(),
+        )?;
+        let handler = ServiceBuilder::new()
+            .layer(layer)
+            .service_fn(move |event: ConsumedEvent| handle(event_type, event));
+        builder = builder.handler(event_type, handler);
+    }
+    Ok(builder.build()?)
+}
+
+async fn handle(event_type: &'static str, event: ConsumedEvent) -> Result<(), HandlerError> {
+    let envelope = event.envelope();
+    match event_type {
+        DEMO_FLAKY if event.attempt() <= 1 => {
+            return Err(HandlerError::retryable(std::io::Error::other(
+                "demo.flaky fails its first attempt",
+            )));
+        }
+        DEMO_POISON => {
+            return Err(HandlerError::retryable(std::io::Error::other(
+                "demo.poison always fails",
+            )));
+        }
+        _ => {}
+    }
+    tracing::info!(
+        target: "gateway::consumer",
+        event_type,
+        event_id = %envelope.event_id(),
+        topic = event.topic(),
+        partition = event.partition(),
+        offset = event.offset(),
+        attempt = event.attempt(),
+        payload = %envelope.payload(),
+        "event handled"
+    );
+    Ok(())
+}
+
+/// Starts the consumer on `topics`.
+pub fn start(
+    config: &KafkaConfig,
+    topics: &[String],
+    max_retries: u32,
+    retry_initial: Duration,
+    registry: HandlerRegistry,
+) -> Result<KafkaConsumer, BoxError> {
+    let consumer = KafkaConsumer::from_config(config)?
+        .backoff(Backoff {
+            initial: retry_initial,
+            max: Duration::from_secs(30),
+        })
+        .start(
+            StartOptions::new(topics.iter().cloned())
+                .from_beginning(true)
+                .max_retries(max_retries)
+                .enable_dlq(true),
+            registry,
+        )?;
+    Ok(consumer)
+}

@@ -1,0 +1,493 @@
+//! The HTTP side: routes, error mapping, and keel's layers around the axum router.
+
+use std::convert::Infallible;
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::error_handling::HandleErrorLayer;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures::TryStreamExt;
+use keel::kafka::client::KafkaClient;
+use keel::kafka::consumer::KafkaConsumer;
+use keel::kafka::envelope::EventEnvelope;
+use keel::kafka::error::{KafkaProducerError, ProducerErrorKind};
+use keel::kafka::producer::{
+    BatchAck, PublishAck, PublishBatch, PublishBatchRequest, PublishEvent, PublishRequest,
+};
+use keel::layers::circuit_breaker::{CircuitBreakerError, CircuitBreakerHandle, CircuitBreakerLayer};
+use keel::layers::classify::{ByError, TowerHttp};
+use tower_http::classify::ServerErrorsAsFailures;
+use keel::layers::logging::LoggingLayer;
+use keel::layers::metrics::{MetricsLayer, MetricsRegistry, PROMETHEUS_CONTENT_TYPE};
+use keel::layers::timeout::{TimeoutError, TimeoutLayer};
+use keel::s3::upload::{ProgressListener, UploadProgress};
+use keel::s3::{S3, S3ErrorKind, S3ServiceError, UploadBody, UploadOptions};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::RwLock;
+use tower::util::BoxCloneSyncService;
+use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
+
+use crate::prom;
+
+/// The single-event publish stack: logging, metrics, timeout, keel's publish service.
+pub type PublishStack = BoxCloneSyncService<PublishRequest, PublishAck, BoxError>;
+/// The batch publish stack.
+pub type BatchStack = BoxCloneSyncService<PublishBatchRequest, BatchAck, BoxError>;
+
+/// What every handler shares. Cloning is cheap.
+#[derive(Clone)]
+pub struct AppState {
+    pub kafka: KafkaClient,
+    pub publish: PublishStack,
+    pub publish_batch: BatchStack,
+    pub s3: S3,
+    /// The consumer, for `/metrics` and readiness; taken out at shutdown.
+    pub consumer: Arc<RwLock<Option<KafkaConsumer>>>,
+    pub metrics: MetricsRegistry,
+    pub shutting_down: Arc<AtomicBool>,
+    pub presign_expiry: Duration,
+    pub health_timeout: Duration,
+    /// Circuit breakers by name, for `/metrics`.
+    pub breakers: Vec<(&'static str, CircuitBreakerHandle)>,
+}
+
+/// Wraps keel's publish services in keel's layers (logging, metrics, one circuit
+/// breaker shared by both, timeout) and registers their metrics. No retry layer:
+/// librdkafka retries itself, and a retry on top would break per-key order.
+pub fn publish_stacks(
+    kafka: &KafkaClient,
+    metrics: &MetricsRegistry,
+    timeout: Duration,
+) -> Result<(PublishStack, BatchStack, CircuitBreakerHandle), BoxError> {
+    let breaker = crate::breaker::dependency();
+    let handle = breaker.handle();
+    let one = MetricsLayer::new().classify(ByError);
+    metrics.register("kafka_publish_call", one.handle())?;
+    let publish = ServiceBuilder::new()
+        .map_err(BoxError::from)
+        .layer(LoggingLayer::new("KafkaProducer", "publish").classify(ByError))
+        .layer(one)
+        .layer(breaker.clone())
+        .layer(TimeoutLayer::new(timeout))
+        .service(PublishEvent::new(kafka));
+    let batch = MetricsLayer::new().classify(ByError);
+    metrics.register("kafka_publish_batch_call", batch.handle())?;
+    let publish_batch = ServiceBuilder::new()
+        .map_err(BoxError::from)
+        .layer(LoggingLayer::new("KafkaProducer", "publish_batch").classify(ByError))
+        .layer(batch)
+        .layer(breaker)
+        .layer(TimeoutLayer::new(timeout))
+        .service(PublishBatch::new(kafka));
+    Ok((
+        BoxCloneSyncService::new(publish),
+        BoxCloneSyncService::new(publish_batch),
+        handle,
+    ))
+}
+
+/// The whole app: routes, per-route metrics, the API behind a breaker that counts
+/// 5xx, and logging + metrics around everything.
+pub fn app(state: AppState, api_breaker: CircuitBreakerLayer<TowerHttp<ServerErrorsAsFailures>>) -> Result<Router, BoxError> {
+    let registry = state.metrics.clone();
+    let route_metrics = |name: &str| -> Result<_, BoxError> {
+        let layer = MetricsLayer::new().classify(TowerHttp::server_errors());
+        registry.register(format!("http_route_{name}"), layer.handle())?;
+        Ok(layer)
+    };
+
+    let api = Router::new()
+        .route(
+            "/events/{topic}",
+            post(publish_one).route_layer(route_metrics("publish")?),
+        )
+        .route(
+            "/events/{topic}/batch",
+            post(publish_batch).route_layer(route_metrics("publish_batch")?),
+        )
+        .route(
+            "/files/{*key}",
+            get(download)
+                .route_layer(route_metrics("download")?)
+                .merge(
+                    axum::routing::put(upload)
+                        .delete(delete)
+                        .route_layer(route_metrics("upload_delete")?),
+                ),
+        )
+        .with_state(state.clone());
+    // The API as one service behind keel's layers: layer errors become responses.
+    let api = ServiceBuilder::new()
+        .layer(HandleErrorLayer::new(layer_error))
+        .map_err(BoxError::from)
+        .layer(api_breaker)
+        .service(api);
+
+    let app = Router::new()
+        .route(
+            "/health/live",
+            get(live).route_layer(route_metrics("health_live")?),
+        )
+        .route(
+            "/health/ready",
+            get(ready).route_layer(route_metrics("health_ready")?),
+        )
+        .route(
+            "/metrics",
+            get(metrics_text).route_layer(route_metrics("metrics")?),
+        )
+        .fallback_service(api)
+        .with_state(state);
+
+    Ok(app)
+}
+
+/// keel's layers around the whole router: a span and a completion log per request,
+/// and metrics (`http_*`) with 5xx counted as failures.
+pub fn wrap(
+    app: Router,
+    registry: &MetricsRegistry,
+) -> Result<
+    impl Service<Request, Response = Response, Error = Infallible, Future: Send>
+    + Clone
+    + Send
+    + Sync
+    + 'static,
+    BoxError,
+> {
+    let all = MetricsLayer::new().classify(TowerHttp::server_errors());
+    registry.register("http", all.handle())?;
+    Ok(ServiceBuilder::new()
+        .layer(
+            LoggingLayer::new("http", "request")
+                .classify(TowerHttp::server_errors())
+                .fields(|req: &Request| {
+                    tracing::info_span!("http", method = %req.method(), path = %req.uri().path())
+                }),
+        )
+        .layer(all)
+        .service(app))
+}
+
+/// Maps a layer error (breaker open, ...) to a response.
+async fn layer_error(err: BoxError) -> Response {
+    let message = err.to_string();
+    tracing::warn!(target: "gateway::http", error = %message, "request refused by a layer");
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [(header::RETRY_AFTER, "5")],
+        Json(json!({ "error": message })),
+    )
+        .into_response()
+}
+
+/// An error answered as JSON with a status.
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(json!({ "error": self.message }))).into_response()
+    }
+}
+
+fn producer_status(e: &KafkaProducerError) -> StatusCode {
+    match e.kind() {
+        ProducerErrorKind::BatchTooLarge { .. } | ProducerErrorKind::MessageTooLarge => {
+            StatusCode::PAYLOAD_TOO_LARGE
+        }
+        ProducerErrorKind::Serialization | ProducerErrorKind::UnknownTopic => {
+            StatusCode::BAD_REQUEST
+        }
+        ProducerErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        ProducerErrorKind::QueueFull
+        | ProducerErrorKind::Transport
+        | ProducerErrorKind::ShuttingDown
+        | ProducerErrorKind::Disabled => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::BAD_GATEWAY,
+    }
+}
+
+fn s3_status(e: &S3ServiceError) -> StatusCode {
+    match e.kind() {
+        S3ErrorKind::NotFound => StatusCode::NOT_FOUND,
+        S3ErrorKind::InvalidKey(_) | S3ErrorKind::InvalidRequest => StatusCode::BAD_REQUEST,
+        S3ErrorKind::AccessDenied => StatusCode::BAD_GATEWAY,
+        S3ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        S3ErrorKind::Throttled { .. }
+        | S3ErrorKind::CircuitOpen
+        | S3ErrorKind::ShuttingDown
+        | S3ErrorKind::Transport => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::BAD_GATEWAY,
+    }
+}
+
+type PublishError = CircuitBreakerError<TimeoutError<KafkaProducerError>>;
+
+impl From<BoxError> for ApiError {
+    fn from(err: BoxError) -> Self {
+        let status = if let Some(e) = err.downcast_ref::<PublishError>() {
+            match e.inner() {
+                None => StatusCode::SERVICE_UNAVAILABLE,
+                Some(TimeoutError::Elapsed { .. }) => StatusCode::GATEWAY_TIMEOUT,
+                Some(TimeoutError::Inner(inner)) => producer_status(inner),
+            }
+        } else if let Some(e) = err.downcast_ref::<S3ServiceError>() {
+            s3_status(e)
+        } else {
+            StatusCode::INTERNAL_SERVER_ERROR
+        };
+        ApiError::new(status, err.to_string())
+    }
+}
+
+impl From<S3ServiceError> for ApiError {
+    fn from(err: S3ServiceError) -> Self {
+        ApiError::new(s3_status(&err), err.to_string())
+    }
+}
+
+/// The body of `POST /events/{topic}`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EventBody {
+    event_type: String,
+    #[serde(default = "default_version")]
+    version: String,
+    #[serde(default)]
+    payload: Value,
+    #[serde(default)]
+    key: Option<String>,
+}
+
+fn default_version() -> String {
+    "1".to_string()
+}
+
+impl EventBody {
+    fn into_envelope(self) -> Result<EventEnvelope, ApiError> {
+        if self.event_type.trim().is_empty() {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "eventType must not be empty",
+            ));
+        }
+        let mut envelope = EventEnvelope::new(self.event_type, self.payload).with_version(self.version);
+        if let Some(key) = self.key {
+            envelope = envelope.with_key(key);
+        }
+        Ok(envelope)
+    }
+}
+
+fn refuse_when_stopping(state: &AppState) -> Result<(), ApiError> {
+    if state.shutting_down.load(Ordering::Acquire) {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the gateway is shutting down",
+        ));
+    }
+    Ok(())
+}
+
+async fn publish_one(
+    State(state): State<AppState>,
+    Path(topic): Path<String>,
+    Json(body): Json<EventBody>,
+) -> Result<(StatusCode, Json<PublishAck>), ApiError> {
+    refuse_when_stopping(&state)?;
+    let envelope = body.into_envelope()?;
+    let ack = state
+        .publish
+        .clone()
+        .oneshot(PublishRequest::new(topic, envelope))
+        .await?;
+    Ok((StatusCode::ACCEPTED, Json(ack)))
+}
+
+/// `POST /events/{topic}/batch` takes a JSON array of events, or `{"events": [...]}`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum BatchBody {
+    List(Vec<EventBody>),
+    Wrapped { events: Vec<EventBody> },
+}
+
+async fn publish_batch(
+    State(state): State<AppState>,
+    Path(topic): Path<String>,
+    Json(body): Json<BatchBody>,
+) -> Result<(StatusCode, Json<BatchAck>), ApiError> {
+    refuse_when_stopping(&state)?;
+    let events = match body {
+        BatchBody::List(events) | BatchBody::Wrapped { events } => events,
+    };
+    if events.is_empty() {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "the batch is empty"));
+    }
+    let envelopes = events
+        .into_iter()
+        .map(EventBody::into_envelope)
+        .collect::<Result<Vec<_>, _>>()?;
+    let ack = state
+        .publish_batch
+        .clone()
+        .oneshot(PublishBatchRequest::new(topic, envelopes))
+        .await?;
+    Ok((StatusCode::ACCEPTED, Json(ack)))
+}
+
+async fn upload(
+    State(state): State<AppState>,
+    Path(key): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    refuse_when_stopping(&state)?;
+    let mut options = UploadOptions::new();
+    if let Some(ct) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    {
+        options = options.content_type(ct);
+    }
+    let total = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let stream = body.into_data_stream().map_err(io::Error::other);
+    let progress_key = key.clone();
+    let progress = ProgressListener::new(move |p: UploadProgress| {
+        tracing::info!(
+            target: "gateway::upload",
+            key = %progress_key,
+            bytes_sent = p.bytes_sent,
+            total = p.total.or(total),
+            part = p.part_number,
+            "upload progress"
+        );
+    });
+    let out = state
+        .s3
+        .upload_with_progress(key.as_str(), UploadBody::stream(stream), options, progress)
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "bucket": out.bucket,
+            "key": out.key.as_str(),
+            "location": out.location,
+            "etag": out.etag,
+            "versionId": out.version_id,
+            "size": out.size,
+            "parts": out.parts,
+        })),
+    ))
+}
+
+async fn download(
+    State(state): State<AppState>,
+    Path(key): Path<String>,
+) -> Result<Response, ApiError> {
+    if !state.s3.exists(key.as_str()).await? {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no object {key}")));
+    }
+    let url = state.s3.presign_get(key.as_str(), state.presign_expiry).await?;
+    Ok((
+        StatusCode::TEMPORARY_REDIRECT,
+        [(header::LOCATION, url.url)],
+    )
+        .into_response())
+}
+
+async fn delete(
+    State(state): State<AppState>,
+    Path(key): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    refuse_when_stopping(&state)?;
+    state.s3.delete(key.as_str()).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn live() -> Json<Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
+    let stopping = state.shutting_down.load(Ordering::Acquire);
+    let (kafka, s3) = tokio::join!(
+        state.kafka.health_check(state.health_timeout),
+        tokio::time::timeout(state.health_timeout, state.s3.health()),
+    );
+    let (kafka_ok, kafka_json) = match kafka {
+        Ok(h) => (h.is_healthy, serde_json::to_value(&h).unwrap_or(Value::Null)),
+        Err(e) => (false, json!({ "isHealthy": false, "error": e.to_string() })),
+    };
+    let (s3_ok, s3_json) = match s3 {
+        Ok(h) => (h.healthy, serde_json::to_value(&h).unwrap_or(Value::Null)),
+        Err(_) => (
+            false,
+            json!({ "healthy": false, "error": "health check timed out" }),
+        ),
+    };
+    let consumer = match state.consumer.read().await.as_ref() {
+        Some(c) => json!({ "running": c.is_running(), "paused": c.is_paused(), "inFlight": c.in_flight() }),
+        None => json!({ "running": false }),
+    };
+    let is_ready = kafka_ok && s3_ok && !stopping;
+    let status = if is_ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(json!({
+            "ready": is_ready,
+            "shuttingDown": stopping,
+            "kafka": kafka_json,
+            "s3": s3_json,
+            "consumer": consumer,
+        })),
+    )
+}
+
+async fn metrics_text(State(state): State<AppState>) -> Result<Response, Infallible> {
+    let mut text = state.metrics.render();
+    let mut extra = prom::PromText::default();
+    if let Some(c) = state.consumer.read().await.as_ref() {
+        prom::consumer(&mut extra, &c.metrics(), c.in_flight());
+    }
+    prom::publish(&mut extra, &state.kafka.publish_metrics());
+    prom::s3(&mut extra, &state.s3.metrics());
+    extra.family(
+        "circuit_breaker_state",
+        "gauge",
+        "0 closed, 1 open, 2 half-open, 3 forced open, 4 forced closed, 5 metrics only.",
+        state
+            .breakers
+            .iter()
+            .map(|(name, handle)| (format!("breaker=\"{name}\""), crate::breaker::gauge(handle))),
+    );
+    text.push_str(&extra.finish());
+    Ok(([(header::CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE)], text).into_response())
+}

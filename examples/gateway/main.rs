@@ -1,0 +1,376 @@
+//! keel's gateway: an axum service wiring keel's Kafka and S3 services together.
+//!
+//! ```text
+//! cargo run --example gateway
+//! ```
+//!
+//! With no configuration it runs on embedded defaults: an in-process Kafka
+//! (librdkafka's mock cluster) and an in-process S3 server (s3s-fs on a temporary
+//! folder, SigV4 checked). With `KAFKA_BROKERS` and `AWS_S3_ENDPOINT` (plus
+//! `AWS_S3_BUCKET` and credentials) set, it uses those servers unchanged.
+//!
+//! | variable | default | meaning |
+//! |---|---|---|
+//! | `KEEL_GATEWAY_ADDR` | `127.0.0.1:8080` | listen address (port 0: any free port) |
+//! | `KEEL_GATEWAY_TOPICS` | `orders,users` | topics the in-process consumer handles |
+//! | `KEEL_GATEWAY_MAX_RETRIES` | `3` | handler retries before the DLQ |
+//! | `KEEL_GATEWAY_RETRY_INITIAL_MS` | `1000` | first retry delay (doubles, capped at 30 s) |
+//! | `KEEL_GATEWAY_PUBLISH_TIMEOUT_MS` | `10000` | timeout layer around one publish |
+//! | `KEEL_GATEWAY_PRESIGN_SECS` | `900` | lifetime of the presigned GET URLs |
+//! | `KEEL_GATEWAY_CREATE_BUCKET` | `false` | create `AWS_S3_BUCKET` at start if it is missing |
+//! | `KEEL_SHUTDOWN_TIMEOUT_SECS` | `20` | budget for the whole graceful shutdown |
+//! | `KEEL_EMBEDDED` | `auto` | `off`: never start the embedded servers |
+//! | `RUST_LOG` | `info` | log filter (JSON lines on stdout) |
+//!
+//! plus keel's own `KAFKA_*` and `AWS_*` variables.
+
+mod breaker;
+mod consume;
+mod embedded;
+mod http;
+mod prom;
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::ServiceExt;
+use axum::extract::Request;
+use keel::kafka::client::KafkaClient;
+use keel::kafka::config::{KafkaConfig, KafkaConfigBuilder, KafkaLogLevel};
+use keel::layers::classify::ByError;
+use keel::layers::logging::{LoggingLayer, json_layer};
+use keel::layers::metrics::{MetricsLayer, MetricsRegistry};
+use keel::s3::multipart::{MultipartEngine, TransferConfig};
+use keel::s3::{S3, S3Client, S3Config};
+use tokio::sync::{RwLock, watch};
+use tokio::time::Instant;
+use tower::{BoxError, ServiceBuilder};
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+
+use crate::embedded::{EmbeddedKafka, EmbeddedS3};
+
+struct Settings {
+    addr: SocketAddr,
+    topics: Vec<String>,
+    max_retries: u32,
+    retry_initial: Duration,
+    publish_timeout: Duration,
+    presign_expiry: Duration,
+    create_bucket: bool,
+    shutdown_timeout: Duration,
+    embedded: bool,
+}
+
+fn var(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+fn parsed<T: std::str::FromStr>(name: &str, default: T) -> Result<T, BoxError>
+where
+    T::Err: std::fmt::Display,
+{
+    match var(name) {
+        None => Ok(default),
+        Some(v) => v
+            .trim()
+            .parse()
+            .map_err(|e| format!("{name}={v:?} is not valid: {e}").into()),
+    }
+}
+
+impl Settings {
+    fn from_env() -> Result<Self, BoxError> {
+        let topics: Vec<String> = var("KEEL_GATEWAY_TOPICS")
+            .unwrap_or_else(|| "orders,users".to_string())
+            .split(',')
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
+            .collect();
+        if topics.is_empty() {
+            return Err("KEEL_GATEWAY_TOPICS names no topic".into());
+        }
+        Ok(Settings {
+            addr: parsed("KEEL_GATEWAY_ADDR", SocketAddr::from(([127, 0, 0, 1], 8080)))?,
+            topics,
+            max_retries: parsed("KEEL_GATEWAY_MAX_RETRIES", 3)?,
+            retry_initial: Duration::from_millis(parsed("KEEL_GATEWAY_RETRY_INITIAL_MS", 1000)?),
+            publish_timeout: Duration::from_millis(parsed(
+                "KEEL_GATEWAY_PUBLISH_TIMEOUT_MS",
+                10_000,
+            )?),
+            presign_expiry: Duration::from_secs(parsed("KEEL_GATEWAY_PRESIGN_SECS", 900)?),
+            create_bucket: parsed("KEEL_GATEWAY_CREATE_BUCKET", false)?,
+            shutdown_timeout: Duration::from_secs(parsed("KEEL_SHUTDOWN_TIMEOUT_SECS", 20)?),
+            embedded: var("KEEL_EMBEDDED").is_none_or(|v| v != "off"),
+        })
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,rdkafka=warn,s3s=warn,s3s_fs=warn,aws=warn,hyper=warn")
+    });
+    let _ = tracing_subscriber::registry()
+        .with(json_layer())
+        .with(filter)
+        .try_init();
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    init_logging();
+    match run().await {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!(target: "gateway", error = %e, "gateway failed");
+            eprintln!("gateway failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> Result<ExitCode, BoxError> {
+    let settings = Settings::from_env()?;
+    let metrics = MetricsRegistry::new();
+
+    // Kafka: the real brokers when KAFKA_BROKERS is set, else a mock cluster.
+    let mut embedded_kafka = None;
+    let kafka_config = if var("KAFKA_BROKERS").is_some() || !settings.embedded {
+        KafkaConfig::from_env()?
+    } else {
+        let mock = EmbeddedKafka::start()?;
+        for topic in &settings.topics {
+            mock.create_topic(topic, 3);
+            mock.create_topic(&format!("{topic}.dlq"), 1);
+        }
+        let config = KafkaConfigBuilder::from_vars(std::env::vars())?
+            .brokers(mock.bootstrap_servers().split(',').map(str::to_string))
+            .log_level(KafkaLogLevel::Warn)
+            .build()?;
+        embedded_kafka = Some(mock);
+        config
+    };
+    let kafka = KafkaClient::connect(kafka_config.clone())?;
+    if embedded_kafka.is_none() {
+        for topic in &settings.topics {
+            for name in [topic.clone(), format!("{topic}.dlq")] {
+                if let Err(e) = kafka
+                    .create_topic(&name, 3, 1, Duration::from_secs(15))
+                    .await
+                {
+                    tracing::warn!(target: "gateway", topic = %name, error = %e, "could not create topic");
+                }
+            }
+        }
+    }
+
+    // S3: the real server when AWS_S3_ENDPOINT is set, else an embedded one.
+    let mut embedded_s3 = None;
+    let s3_config = if var("AWS_S3_ENDPOINT").is_some() || !settings.embedded {
+        S3Config::from_env()?
+    } else {
+        let base = S3Config::from_env()?;
+        let server = EmbeddedS3::start(base.bucket()).await?;
+        let config = base
+            .to_builder()
+            .endpoint(server.endpoint())
+            .credentials(server.access_key(), server.secret_key())
+            .force_path_style(true)
+            .build()?;
+        embedded_s3 = Some(server);
+        config
+    };
+    let s3_client = S3Client::connect(s3_config).await?;
+    if settings.create_bucket && !s3_client.health().await.healthy {
+        match s3_client
+            .sdk()
+            .create_bucket()
+            .bucket(s3_client.bucket())
+            .send()
+            .await
+        {
+            Ok(_) => tracing::info!(target: "gateway", bucket = s3_client.bucket(), "bucket created"),
+            Err(e) => tracing::warn!(target: "gateway", bucket = s3_client.bucket(), error = %aws_sdk_s3::error::DisplayErrorContext(&e), "could not create bucket"),
+        }
+    }
+    let engine = MultipartEngine::new(s3_client.sdk().clone(), TransferConfig::default());
+    let s3_layer_metrics = MetricsLayer::new().classify(ByError);
+    metrics.register("s3_call", s3_layer_metrics.handle())?;
+    let s3_breaker = breaker::dependency();
+    let s3_breaker_handle = s3_breaker.handle();
+    let s3 = S3::builder(s3_client)
+        .multipart(Arc::new(engine))
+        .build_with(
+            ServiceBuilder::new()
+                .layer(LoggingLayer::new("S3", "operation").classify(ByError))
+                .layer(s3_layer_metrics)
+                .layer(s3_breaker),
+        );
+
+    // Publishing and the in-process consumer.
+    let (publish, publish_batch, publish_breaker) =
+        http::publish_stacks(&kafka, &metrics, settings.publish_timeout)?;
+    {
+        let handle = publish_breaker.clone();
+        kafka.watch_circuit_breaker(Arc::new(move || handle.state().to_string()));
+    }
+    let consumer = consume::start(
+        &kafka_config,
+        &settings.topics,
+        settings.max_retries,
+        settings.retry_initial,
+        consume::registry(&metrics)?,
+    )?;
+
+    let api_breaker = breaker::api();
+    let shutting_down = Arc::new(AtomicBool::new(false));
+    let state = http::AppState {
+        kafka: kafka.clone(),
+        publish,
+        publish_batch,
+        s3: s3.clone(),
+        consumer: Arc::new(RwLock::new(Some(consumer))),
+        metrics: metrics.clone(),
+        shutting_down: shutting_down.clone(),
+        presign_expiry: settings.presign_expiry,
+        health_timeout: Duration::from_secs(3),
+        breakers: vec![
+            ("http_api", api_breaker.handle()),
+            ("kafka_publish", publish_breaker),
+            ("s3", s3_breaker_handle),
+        ],
+    };
+    let app = http::wrap(http::app(state.clone(), api_breaker)?, &metrics)?;
+
+    let listener = tokio::net::TcpListener::bind(settings.addr).await?;
+    let addr = listener.local_addr()?;
+    banner(
+        addr,
+        embedded_kafka.is_some(),
+        embedded_s3.as_ref(),
+        &settings.topics,
+    );
+
+    let (stop_tx, mut stop_rx) = watch::channel(false);
+    let server = tokio::spawn(
+        axum::serve(listener, ServiceExt::<Request>::into_make_service(app))
+            .with_graceful_shutdown(async move {
+                let _ = stop_rx.changed().await;
+            })
+            .into_future(),
+    );
+
+    let signal = shutdown_signal().await;
+    let deadline = Instant::now() + settings.shutdown_timeout;
+    tracing::info!(
+        target: "gateway",
+        signal,
+        timeout_ms = settings.shutdown_timeout.as_millis() as u64,
+        "shutting down: no new connections, finishing requests in flight"
+    );
+    shutting_down.store(true, Ordering::Release);
+    let _ = stop_tx.send(true);
+    let mut clean = true;
+
+    match tokio::time::timeout_at(deadline, server).await {
+        Ok(Ok(Ok(()))) => tracing::info!(target: "gateway", "HTTP server drained"),
+        Ok(Ok(Err(e))) => {
+            clean = false;
+            tracing::error!(target: "gateway", error = %e, "HTTP server failed")
+        }
+        Ok(Err(e)) => {
+            clean = false;
+            tracing::error!(target: "gateway", error = %e, "HTTP server task failed")
+        }
+        Err(_) => {
+            clean = false;
+            tracing::warn!(target: "gateway", "requests still in flight at the shutdown deadline")
+        }
+    }
+
+    if let Some(consumer) = state.consumer.write().await.take() {
+        match consumer.shutdown(remaining(deadline)).await {
+            Ok(()) => tracing::info!(target: "gateway", "consumer drained and committed"),
+            Err(e) => {
+                clean = false;
+                tracing::warn!(target: "gateway", error = %e, "consumer shutdown incomplete")
+            }
+        }
+    }
+    match kafka.disconnect(remaining(deadline)).await {
+        Ok(()) => tracing::info!(target: "gateway", "producer flushed, Kafka client closed"),
+        Err(e) => {
+            clean = false;
+            tracing::warn!(target: "gateway", error = %e, "Kafka disconnect incomplete")
+        }
+    }
+    let report = s3.shutdown(remaining(deadline)).await;
+    if !report.drained {
+        clean = false;
+        tracing::warn!(target: "gateway", still_in_flight = report.still_in_flight, "S3 operations still in flight");
+    }
+    // The clients go before the embedded servers they talk to.
+    drop((state, kafka, s3));
+    if let Some(server) = embedded_s3 {
+        server.stop().await;
+    }
+    drop(embedded_kafka);
+    tracing::info!(target: "gateway", clean, "gateway stopped");
+    Ok(if clean {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn remaining(deadline: Instant) -> Duration {
+    deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(100))
+}
+
+/// Waits for Ctrl-C or SIGTERM; returns which.
+async fn shutdown_signal() -> &'static str {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+        "SIGINT"
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+                "SIGTERM"
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<&'static str>();
+    tokio::select! {
+        s = ctrl_c => s,
+        s = term => s,
+    }
+}
+
+fn banner(addr: SocketAddr, kafka: bool, s3: Option<&EmbeddedS3>, topics: &[String]) {
+    let topic = &topics[0];
+    let kafka = if kafka {
+        "embedded (librdkafka mock cluster)".to_string()
+    } else {
+        var("KAFKA_BROKERS").unwrap_or_else(|| "KAFKA_BROKERS".into())
+    };
+    let s3 = match s3 {
+        Some(s) => format!("embedded (s3s-fs at {}, bucket {})", s.endpoint(), s.bucket()),
+        None => var("AWS_S3_ENDPOINT").unwrap_or_else(|| "AWS".into()),
+    };
+    println!(
+        "\nkeel gateway listening on http://{addr}\n  Kafka: {kafka}\n  S3:    {s3}\n  consuming: {topics}\n\nTry:\n  curl -s -XPOST http://{addr}/events/{topic} -H 'content-type: application/json' -d '{{\"eventType\":\"order.created\",\"version\":\"1\",\"key\":\"o-1\",\"payload\":{{\"orderId\":\"o-1\"}}}}'\n  curl -s -XPOST http://{addr}/events/{topic}/batch -H 'content-type: application/json' -d '[{{\"eventType\":\"user.created\",\"payload\":{{\"id\":1}}}},{{\"eventType\":\"demo.poison\",\"payload\":{{}}}}]'\n  head -c 20000000 /dev/urandom > /tmp/big.bin && curl -s -T /tmp/big.bin http://{addr}/files/demo/big.bin\n  curl -sL http://{addr}/files/demo/big.bin -o /tmp/back.bin && cmp /tmp/big.bin /tmp/back.bin\n  curl -s -XDELETE http://{addr}/files/demo/big.bin\n  curl -s http://{addr}/health/ready\n  curl -s http://{addr}/metrics\n",
+        topics = topics.join(", "),
+    );
+    tracing::info!(target: "gateway", %addr, "listening");
+}
