@@ -14,6 +14,7 @@
 
 use std::time::Duration;
 
+use keel::layers::circuit_breaker::CircuitBreakerLayer;
 use keel::layers::classify::TowerHttp;
 use keel::layers::logging::LoggingLayer;
 use keel::layers::metrics::{MetricsLayer, MetricsRegistry};
@@ -44,6 +45,12 @@ async fn main() -> Result<(), BoxError> {
     let stack = ServiceBuilder::new()
         .layer(LoggingLayer::new("grpc", "call").classify(TowerHttp::grpc_errors()))
         .layer(metrics)
+        .layer(
+            CircuitBreakerLayer::builder()
+                .consecutive_failures(5)
+                .classifier(TowerHttp::grpc_errors())
+                .build(),
+        )
         .into_inner();
 
     let listener = TcpListener::bind("127.0.0.1:0").await?;
