@@ -92,7 +92,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         .layer(TimeoutLayer::new(Duration::from_millis(100)))
         .service(lookup);
 
-    for sku in ["apple", "pear", "plum", "unknown-kiwi", "fig", "lime", "date"] {
+    for sku in [
+        "apple",
+        "pear",
+        "plum",
+        "unknown-kiwi",
+        "fig",
+        "lime",
+        "date",
+    ] {
         match pipeline.clone().oneshot(sku.to_string()).await {
             Ok(answer) => println!("{answer}"),
             Err(e) => println!("{sku}: failed: {e}"),

@@ -92,7 +92,10 @@ async fn main() -> Result<(), BoxError> {
             .clone()
             .oneshot(PublishRequest::new(topic.clone(), event))
             .await?;
-        println!("published order {i} to partition {} offset {}", ack.partition, ack.offset);
+        println!(
+            "published order {i} to partition {} offset {}",
+            ack.partition, ack.offset
+        );
     }
     let poison = EventEnvelope::new("order.poison", json!({ "reason": "demo" }));
     publisher

@@ -75,9 +75,9 @@ async fn main() -> Result<(), BoxError> {
 
     // 1 MiB chunks of a simple pattern, as a stream of unknown length.
     let chunk = 1024 * 1024;
-    let body = futures::stream::iter((0..mib).map(move |i| {
-        Ok::<_, std::io::Error>(Bytes::from(vec![(i % 251) as u8; chunk]))
-    }));
+    let body = futures::stream::iter(
+        (0..mib).map(move |i| Ok::<_, std::io::Error>(Bytes::from(vec![(i % 251) as u8; chunk]))),
+    );
     let key = format!("examples/progress-{}.bin", uuid::Uuid::new_v4().simple());
     let started = Instant::now();
     let out = s3

@@ -73,7 +73,10 @@ impl EmbeddedS3 {
         let secret_key = uuid::Uuid::new_v4().simple().to_string();
         let service = {
             let mut builder = S3ServiceBuilder::new(fs);
-            builder.set_auth(SimpleAuth::from_single(EMBEDDED_ACCESS_KEY, secret_key.as_str()));
+            builder.set_auth(SimpleAuth::from_single(
+                EMBEDDED_ACCESS_KEY,
+                secret_key.as_str(),
+            ));
             builder.build()
         };
         let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
@@ -101,8 +104,8 @@ impl EmbeddedS3 {
             }
             drop(listener);
             // In-flight requests finish; idle connections close at once.
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), graceful.shutdown())
-                .await;
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_secs(5), graceful.shutdown()).await;
         });
         Ok(EmbeddedS3 {
             addr,

@@ -21,9 +21,10 @@ use keel::kafka::error::{KafkaProducerError, ProducerErrorKind};
 use keel::kafka::producer::{
     BatchAck, PublishAck, PublishBatch, PublishBatchRequest, PublishEvent, PublishRequest,
 };
-use keel::layers::circuit_breaker::{CircuitBreakerError, CircuitBreakerHandle, CircuitBreakerLayer};
+use keel::layers::circuit_breaker::{
+    CircuitBreakerError, CircuitBreakerHandle, CircuitBreakerLayer,
+};
 use keel::layers::classify::{ByError, TowerHttp};
-use tower_http::classify::ServerErrorsAsFailures;
 use keel::layers::logging::LoggingLayer;
 use keel::layers::metrics::{MetricsLayer, MetricsRegistry, PROMETHEUS_CONTENT_TYPE};
 use keel::layers::timeout::{TimeoutError, TimeoutLayer};
@@ -34,6 +35,7 @@ use serde_json::{Value, json};
 use tokio::sync::RwLock;
 use tower::util::BoxCloneSyncService;
 use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
+use tower_http::classify::ServerErrorsAsFailures;
 
 use crate::prom;
 
@@ -96,7 +98,10 @@ pub fn publish_stacks(
 
 /// The whole app: routes, per-route metrics, the API behind a breaker that counts
 /// 5xx, and logging + metrics around everything.
-pub fn app(state: AppState, api_breaker: CircuitBreakerLayer<TowerHttp<ServerErrorsAsFailures>>) -> Result<Router, BoxError> {
+pub fn app(
+    state: AppState,
+    api_breaker: CircuitBreakerLayer<TowerHttp<ServerErrorsAsFailures>>,
+) -> Result<Router, BoxError> {
     let registry = state.metrics.clone();
     let route_metrics = |name: &str| -> Result<_, BoxError> {
         let layer = MetricsLayer::new().classify(TowerHttp::server_errors());
@@ -115,13 +120,11 @@ pub fn app(state: AppState, api_breaker: CircuitBreakerLayer<TowerHttp<ServerErr
         )
         .route(
             "/files/{*key}",
-            get(download)
-                .route_layer(route_metrics("download")?)
-                .merge(
-                    axum::routing::put(upload)
-                        .delete(delete)
-                        .route_layer(route_metrics("upload_delete")?),
-                ),
+            get(download).route_layer(route_metrics("download")?).merge(
+                axum::routing::put(upload)
+                    .delete(delete)
+                    .route_layer(route_metrics("upload_delete")?),
+            ),
         )
         .with_state(state.clone());
     // The API as one service behind keel's layers: layer errors become responses.
@@ -291,7 +294,8 @@ impl EventBody {
                 "eventType must not be empty",
             ));
         }
-        let mut envelope = EventEnvelope::new(self.event_type, self.payload).with_version(self.version);
+        let mut envelope =
+            EventEnvelope::new(self.event_type, self.payload).with_version(self.version);
         if let Some(key) = self.key {
             envelope = envelope.with_key(key);
         }
@@ -409,9 +413,15 @@ async fn download(
     Path(key): Path<String>,
 ) -> Result<Response, ApiError> {
     if !state.s3.exists(key.as_str()).await? {
-        return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no object {key}")));
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no object {key}"),
+        ));
     }
-    let url = state.s3.presign_get(key.as_str(), state.presign_expiry).await?;
+    let url = state
+        .s3
+        .presign_get(key.as_str(), state.presign_expiry)
+        .await?;
     Ok((
         StatusCode::TEMPORARY_REDIRECT,
         [(header::LOCATION, url.url)],
@@ -439,7 +449,10 @@ async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
         tokio::time::timeout(state.health_timeout, state.s3.health()),
     );
     let (kafka_ok, kafka_json) = match kafka {
-        Ok(h) => (h.is_healthy, serde_json::to_value(&h).unwrap_or(Value::Null)),
+        Ok(h) => (
+            h.is_healthy,
+            serde_json::to_value(&h).unwrap_or(Value::Null),
+        ),
         Err(e) => (false, json!({ "isHealthy": false, "error": e.to_string() })),
     };
     let (s3_ok, s3_json) = match s3 {
@@ -450,7 +463,9 @@ async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
         ),
     };
     let consumer = match state.consumer.read().await.as_ref() {
-        Some(c) => json!({ "running": c.is_running(), "paused": c.is_paused(), "inFlight": c.in_flight() }),
+        Some(c) => {
+            json!({ "running": c.is_running(), "paused": c.is_paused(), "inFlight": c.in_flight() })
+        }
         None => json!({ "running": false }),
     };
     let is_ready = kafka_ok && s3_ok && !stopping;

@@ -94,7 +94,10 @@ impl Settings {
             return Err("KEEL_GATEWAY_TOPICS names no topic".into());
         }
         Ok(Settings {
-            addr: parsed("KEEL_GATEWAY_ADDR", SocketAddr::from(([127, 0, 0, 1], 8080)))?,
+            addr: parsed(
+                "KEEL_GATEWAY_ADDR",
+                SocketAddr::from(([127, 0, 0, 1], 8080)),
+            )?,
             topics,
             max_retries: parsed("KEEL_GATEWAY_MAX_RETRIES", 3)?,
             retry_initial: Duration::from_millis(parsed("KEEL_GATEWAY_RETRY_INITIAL_MS", 1000)?),
@@ -112,7 +115,9 @@ impl Settings {
 
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,rdkafka=warn,s3s=warn,s3s_fs=warn,aws=warn,hyper=warn")
+        tracing_subscriber::EnvFilter::new(
+            "info,rdkafka=warn,s3s=warn,s3s_fs=warn,aws=warn,hyper=warn",
+        )
     });
     let _ = tracing_subscriber::registry()
         .with(json_layer())
@@ -193,8 +198,12 @@ async fn run() -> Result<ExitCode, BoxError> {
             .send()
             .await
         {
-            Ok(_) => tracing::info!(target: "gateway", bucket = s3_client.bucket(), "bucket created"),
-            Err(e) => tracing::warn!(target: "gateway", bucket = s3_client.bucket(), error = %aws_sdk_s3::error::DisplayErrorContext(&e), "could not create bucket"),
+            Ok(_) => {
+                tracing::info!(target: "gateway", bucket = s3_client.bucket(), "bucket created")
+            }
+            Err(e) => {
+                tracing::warn!(target: "gateway", bucket = s3_client.bucket(), error = %aws_sdk_s3::error::DisplayErrorContext(&e), "could not create bucket")
+            }
         }
     }
     let engine = MultipartEngine::new(s3_client.sdk().clone(), TransferConfig::default());
@@ -365,7 +374,11 @@ fn banner(addr: SocketAddr, kafka: bool, s3: Option<&EmbeddedS3>, topics: &[Stri
         var("KAFKA_BROKERS").unwrap_or_else(|| "KAFKA_BROKERS".into())
     };
     let s3 = match s3 {
-        Some(s) => format!("embedded (s3s-fs at {}, bucket {})", s.endpoint(), s.bucket()),
+        Some(s) => format!(
+            "embedded (s3s-fs at {}, bucket {})",
+            s.endpoint(),
+            s.bucket()
+        ),
         None => var("AWS_S3_ENDPOINT").unwrap_or_else(|| "AWS".into()),
     };
     println!(
