@@ -653,6 +653,41 @@ async fn ready_turns_503_when_s3_stops() {
     assert_eq!(body["kafka"]["isHealthy"], true, "{body}");
     // Liveness does not depend on the dependencies.
     assert_eq!(get(&gw.url("/health/live")).await.status, StatusCode::OK);
+
+    // Uploads now fail with 5xx; after five in a row the breaker in front of the
+    // API opens and answers 503 at once, while health and metrics still answer.
+    let mut refused_by_breaker = None;
+    for i in 0..20 {
+        let answer = send(
+            Method::PUT,
+            &gw.url(&format!("/files/down/{i}.txt")),
+            full("hello"),
+            "text/plain",
+        )
+        .await
+        .expect("the gateway answers");
+        assert!(
+            answer.status.is_server_error(),
+            "{}: {}",
+            answer.status,
+            answer.text()
+        );
+        if answer.text().contains("circuit breaker is open") {
+            refused_by_breaker = Some((i, answer));
+            break;
+        }
+    }
+    let (attempt, refused) = refused_by_breaker.expect("the API breaker opened");
+    assert!(attempt >= 5, "opened after five failures, not {attempt}");
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(refused.headers.contains_key("retry-after"));
+    let m = metrics(&gw).await;
+    assert_eq!(m["circuit_breaker_state{breaker=\"http_api\"}"], 1.0);
+    assert!(m["http_route_upload_delete_failures_total{class=\"5xx\"}"] >= 5.0);
+    assert_eq!(
+        get(&gw.url("/health/ready")).await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
 }
 
 /// An upload whose body trickles in, so it is in flight when SIGTERM arrives.

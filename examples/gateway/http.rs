@@ -491,6 +491,22 @@ async fn metrics_text(State(state): State<AppState>) -> Result<Response, Infalli
     let mut extra = prom::PromText::default();
     if let Some(c) = state.consumer.read().await.as_ref() {
         prom::consumer(&mut extra, &c.metrics(), c.in_flight());
+        if let Ok(lags) = c.lag(Duration::from_millis(500)).await {
+            extra.family(
+                "kafka_consumer_lag",
+                "gauge",
+                "Messages not yet handled, per assigned partition (-1: unknown yet).",
+                lags.iter().map(|l| {
+                    (
+                        format!(
+                            "topic=\"{}\",partition=\"{}\"",
+                            l.partition.topic, l.partition.partition
+                        ),
+                        l.lag.unwrap_or(-1) as f64,
+                    )
+                }),
+            );
+        }
     }
     prom::publish(&mut extra, &state.kafka.publish_metrics());
     prom::s3(&mut extra, &state.s3.metrics());
