@@ -47,8 +47,9 @@ fn payload_for(size: usize) -> serde_json::Value {
     serde_json::json!({ "d": "x".repeat(pad) })
 }
 
-fn event(payload: &serde_json::Value, i: usize) -> EventEnvelope {
-    EventEnvelope::new("bench.event", payload.clone()).with_key(format!("k{}", i % 64))
+/// keel's event, borrowing the payload (as the raw variant does).
+fn event(payload: &serde_json::Value, i: usize) -> EventEnvelope<&serde_json::Value> {
+    EventEnvelope::new("bench.event", payload).with_key(format!("k{}", i % 64))
 }
 
 /// Drives `n` publishes with at most `window` outstanding: `start(i)` must

@@ -88,12 +88,13 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{DeliveryFuture, FutureRecord};
 use serde::Serialize;
 use uuid::Uuid;
 
 use crate::kafka::client::{ClientShared, KafkaClient, KeelProducer};
-use crate::kafka::envelope::{EncodedEvent, EventEnvelope};
+use crate::kafka::envelope::EventEnvelope;
 use crate::kafka::error::{KafkaProducerError, ProducerErrorKind};
 
 /// One event for one topic, optionally pinned to a partition.
@@ -184,24 +185,61 @@ impl ProducerCore {
     }
 }
 
-/// Hands one encoded event to librdkafka's queue; returns the acknowledgement future.
-pub(crate) fn enqueue(
-    producer: &KeelProducer,
-    topic: &str,
-    encoded: &EncodedEvent,
+/// One event ready for librdkafka: serialized value, key, headers, timestamp.
+pub(crate) struct Prepared {
+    pub(crate) event_id: Uuid,
+    value: Vec<u8>,
+    key: Option<Vec<u8>>,
+    headers: Option<OwnedHeaders>,
+    timestamp_ms: i64,
     partition: Option<i32>,
-) -> Result<DeliveryFuture, KafkaError> {
-    let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic)
-        .payload(&encoded.value[..])
-        .timestamp(encoded.timestamp_ms)
-        .headers(encoded.owned_headers());
-    if let Some(key) = &encoded.key {
-        record = record.key(&key[..]);
+}
+
+impl Prepared {
+    /// Serializes `event`; fails only if the payload cannot be serialized.
+    pub(crate) fn new<T: Serialize>(
+        event: &EventEnvelope<T>,
+        partition: Option<i32>,
+    ) -> Result<Self, serde_json::Error> {
+        Ok(Prepared {
+            event_id: event.event_id(),
+            value: event.encode_value()?,
+            key: event.key().map(<[u8]>::to_vec),
+            headers: Some(event.kafka_headers()),
+            timestamp_ms: event.timestamp_ms(),
+            partition,
+        })
     }
-    if let Some(p) = partition {
-        record = record.partition(p);
+
+    /// Hands the event to librdkafka's queue and returns the acknowledgement
+    /// future; on failure gives the event back (for a retry on `QueueFull`).
+    /// The error is as large as the record, like rdkafka's own `send_result`.
+    #[allow(clippy::result_large_err)]
+    pub(crate) fn send(
+        mut self,
+        producer: &KeelProducer,
+        topic: &str,
+    ) -> Result<DeliveryFuture, (KafkaError, Self)> {
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic)
+            .payload(&self.value[..])
+            .timestamp(self.timestamp_ms);
+        if let Some(h) = self.headers.take() {
+            record = record.headers(h);
+        }
+        if let Some(key) = &self.key {
+            record = record.key(&key[..]);
+        }
+        if let Some(p) = self.partition {
+            record = record.partition(p);
+        }
+        match producer.send_result(record) {
+            Ok(delivery) => Ok(delivery),
+            Err((e, record)) => {
+                let headers = record.headers;
+                Err((e, Prepared { headers, ..self }))
+            }
+        }
     }
-    producer.send_result(record).map_err(|(e, _)| e)
 }
 
 pub(crate) fn is_queue_full(e: &KafkaError) -> bool {
@@ -246,8 +284,8 @@ impl PublishEvent {
             Ok(p) => p,
             Err(e) => return PublishFuture::failed(e, self.core.clone(), started),
         };
-        let encoded = match req.event.encode() {
-            Ok(e) => e,
+        let prepared = match Prepared::new(&req.event, req.partition) {
+            Ok(p) => p,
             Err(e) => {
                 return PublishFuture::failed(
                     KafkaProducerError::with_source(topic, ProducerErrorKind::Serialization, e),
@@ -256,11 +294,11 @@ impl PublishEvent {
                 );
             }
         };
-        match enqueue(producer, &topic, &encoded, req.partition) {
+        match prepared.send(producer, &topic) {
             Ok(delivery) => {
                 PublishFuture::waiting(delivery, topic, event_id, self.core.clone(), started)
             }
-            Err(e) => PublishFuture::failed(
+            Err((e, _)) => PublishFuture::failed(
                 KafkaProducerError::from_kafka(topic, e),
                 self.core.clone(),
                 started,

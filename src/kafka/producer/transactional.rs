@@ -11,7 +11,7 @@ use tokio::sync::{Mutex, OwnedMutexGuard};
 use uuid::Uuid;
 
 use super::batch::{BatchAck, PublishBatchFuture, PublishBatchRequest};
-use super::{PublishAck, PublishMetrics, enqueue};
+use super::{Prepared, PublishAck, PublishMetrics};
 use crate::kafka::client::{KafkaClient, KeelClientContext, KeelProducer};
 use crate::kafka::envelope::EventEnvelope;
 use crate::kafka::error::{BatchOutcome, KafkaProducerError, ProducerErrorKind};
@@ -210,11 +210,12 @@ impl Transaction {
         topic: &str,
         event: &EventEnvelope<T>,
     ) -> Result<(), KafkaProducerError> {
-        let encoded = event.encode().map_err(|e| {
+        let prepared = Prepared::new(event, None).map_err(|e| {
             KafkaProducerError::with_source(topic, ProducerErrorKind::Serialization, e)
         })?;
-        let delivery = enqueue(&self.inner.producer, topic, &encoded, None)
-            .map_err(|e| KafkaProducerError::from_kafka(topic, e))?;
+        let delivery = prepared
+            .send(&self.inner.producer, topic)
+            .map_err(|(e, _)| KafkaProducerError::from_kafka(topic, e))?;
         if self.first_topic.is_none() {
             self.first_topic = Some(topic.to_string());
         }
