@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use keel::kafka::client::KafkaClient;
 use keel::kafka::config::{KafkaConfig, KafkaLogLevel};
 use keel::kafka::envelope::EventEnvelope;
-use keel::kafka::producer::{PublishBatchRequest, PublishRequest};
+use keel::kafka::producer::{PublishBatchRequest, PublishRequest, PublishStack};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use tower::Service;
@@ -151,8 +151,9 @@ async fn run_size(
     let payload = payload_for(size);
     let value_len = event(&payload, 0).encode().unwrap().value.len();
 
-    let single_stack = client.publisher();
-    let batch_stack = client.batch_publisher();
+    let stack = PublishStack::new(client);
+    let single_stack = stack.event_service();
+    let batch_stack = stack.batch_service();
 
     let mut variants = vec![
         Variant {

@@ -75,11 +75,17 @@
 mod batch;
 mod future;
 mod metrics;
+mod stack;
 mod transactional;
 
 pub use batch::{BatchAck, PublishBatch, PublishBatchFuture, PublishBatchRequest};
 pub use future::PublishFuture;
 pub use metrics::{LatencyPercentiles, PublishMetrics, PublishMetricsSnapshot};
+pub use stack::{
+    IntoProducerError, KafkaOutage, ProducerErrors, ProducerErrorsFuture, ProducerErrorsLayer,
+    PublishBatchStack, PublishEventStack, PublishFields, PublishStack, PublishStackBuilder,
+    TopicRequest,
+};
 pub use transactional::{Transaction, TransactionalPublisher};
 
 use std::sync::Arc;

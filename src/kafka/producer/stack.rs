@@ -64,7 +64,7 @@
 //! let event = EventEnvelope::new("user.created", serde_json::json!({"userId": "123"}));
 //! publish.oneshot(PublishRequest::new("user.events", event)).await?;
 //! println!("breaker: {:?}", stack.circuit_breaker().state());
-//! println!("p99: {} µs", stack.event_metrics().snapshot().p99_us);
+//! println!("calls: {}", stack.event_metrics().snapshot().calls);
 //! # Ok(()) }
 //! ```
 
@@ -141,14 +141,17 @@ impl<E: IntoProducerError> IntoProducerError for TimeoutError<E> {
 
 impl<E: IntoProducerError> IntoProducerError for CircuitBreakerError<E> {
     fn into_producer_error(self, topic: &str) -> KafkaProducerError {
-        match self {
-            CircuitBreakerError::Inner(e) => e.into_producer_error(topic),
-            rejected => KafkaProducerError::with_source(
-                topic,
-                ProducerErrorKind::CircuitOpen,
-                rejected.to_string(),
+        let why = match self {
+            CircuitBreakerError::Inner(e) => return e.into_producer_error(topic),
+            CircuitBreakerError::Open { remaining_wait } => {
+                format!("circuit breaker is open; probing again in {remaining_wait:?}")
+            }
+            CircuitBreakerError::ForcedOpen => "circuit breaker is forced open".to_string(),
+            CircuitBreakerError::HalfOpenFull { permitted_probes } => format!(
+                "circuit breaker is half-open and all {permitted_probes} probe calls are in flight"
             ),
-        }
+        };
+        KafkaProducerError::with_source(topic, ProducerErrorKind::CircuitOpen, why)
     }
 }
 
@@ -472,8 +475,9 @@ impl PublishStackBuilder {
             .classifier(KafkaOutage)
             .build();
         let handle = breaker.handle();
-        self.client
-            .watch_circuit_breaker(Arc::new(move || format!("{:?}", handle.state())));
+        self.client.watch_circuit_breaker(Arc::new(move || {
+            handle.state().as_str().to_ascii_uppercase()
+        }));
         let logging = |operation, success_level, message| {
             LoggingLayer::new("KafkaProducer", operation)
                 .classify(ByError)
@@ -484,7 +488,11 @@ impl PublishStackBuilder {
                 .failure_message("Kafka publish failed")
         };
         PublishStack {
-            event_logging: logging("publish", self.success_level, "Event published successfully"),
+            event_logging: logging(
+                "publish",
+                self.success_level,
+                "Event published successfully",
+            ),
             batch_logging: logging("publish_batch", Level::INFO, "Batch published successfully"),
             client: self.client,
             breaker,
