@@ -10,7 +10,7 @@ use rdkafka::producer::DeliveryFuture;
 use serde::Serialize;
 use uuid::Uuid;
 
-use super::{Prepared, ProducerCore, PublishAck, is_queue_full};
+use super::{Prepared, ProducerCore, PublishAck, await_acks, is_queue_full};
 use crate::kafka::client::{KafkaClient, KeelProducer};
 use crate::kafka::envelope::EventEnvelope;
 use crate::kafka::error::{BatchOutcome, KafkaProducerError, ProducerErrorKind};
@@ -213,25 +213,9 @@ impl PublishBatch {
                         drop(rest);
                     }
                 }
-                let mut acks = Vec::with_capacity(deliveries.len());
-                for (delivery, id) in deliveries.into_iter().zip(ids) {
-                    match delivery.await {
-                        Ok(Ok(d)) => acks.push(PublishAck {
-                            event_id: id,
-                            partition: d.partition,
-                            offset: d.offset,
-                        }),
-                        Ok(Err((e, _))) => {
-                            failure.get_or_insert_with(|| {
-                                KafkaProducerError::from_kafka(topic.as_str(), e)
-                            });
-                        }
-                        Err(_) => {
-                            failure.get_or_insert_with(|| {
-                                KafkaProducerError::new(topic.as_str(), ProducerErrorKind::Canceled)
-                            });
-                        }
-                    }
+                let (acks, ack_failure) = await_acks(deliveries.into_iter().zip(ids), &topic).await;
+                if failure.is_none() {
+                    failure = ack_failure;
                 }
                 let elapsed = started.elapsed();
                 let delivered = acks.len();

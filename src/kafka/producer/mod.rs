@@ -248,6 +248,35 @@ impl Prepared {
     }
 }
 
+/// Awaits every acknowledgement, in order: the acks of the delivered events and
+/// the first failure, if any.
+pub(crate) async fn await_acks(
+    deliveries: impl IntoIterator<Item = (DeliveryFuture, Uuid)>,
+    topic: &str,
+) -> (Vec<PublishAck>, Option<KafkaProducerError>) {
+    let deliveries = deliveries.into_iter();
+    let mut acks = Vec::with_capacity(deliveries.size_hint().0);
+    let mut failure = None;
+    for (delivery, event_id) in deliveries {
+        match delivery.await {
+            Ok(Ok(d)) => acks.push(PublishAck {
+                event_id,
+                partition: d.partition,
+                offset: d.offset,
+            }),
+            Ok(Err((e, _))) => {
+                failure.get_or_insert_with(|| KafkaProducerError::from_kafka(topic, e));
+            }
+            Err(_) => {
+                failure.get_or_insert_with(|| {
+                    KafkaProducerError::new(topic, ProducerErrorKind::Canceled)
+                });
+            }
+        }
+    }
+    (acks, failure)
+}
+
 pub(crate) fn is_queue_full(e: &KafkaError) -> bool {
     e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull)
 }

@@ -11,7 +11,7 @@ use tokio::sync::{Mutex, OwnedMutexGuard};
 use uuid::Uuid;
 
 use super::batch::{BatchAck, PublishBatchFuture, PublishBatchRequest};
-use super::{Prepared, PublishAck, PublishMetrics};
+use super::{Prepared, PublishAck, PublishMetrics, await_acks};
 use crate::kafka::client::{KafkaClient, KeelClientContext, KeelProducer};
 use crate::kafka::envelope::EventEnvelope;
 use crate::kafka::error::{BatchOutcome, KafkaProducerError, ProducerErrorKind};
@@ -237,26 +237,7 @@ impl Transaction {
     pub async fn commit(mut self) -> Result<Vec<PublishAck>, KafkaProducerError> {
         let topic = self.topic().to_string();
         let total = self.deliveries.len();
-        let mut acks = Vec::with_capacity(total);
-        let mut failure = None;
-        for (delivery, id) in std::mem::take(&mut self.deliveries) {
-            match delivery.await {
-                Ok(Ok(d)) => acks.push(PublishAck {
-                    event_id: id,
-                    partition: d.partition,
-                    offset: d.offset,
-                }),
-                Ok(Err((e, _))) => {
-                    failure
-                        .get_or_insert_with(|| KafkaProducerError::from_kafka(topic.as_str(), e));
-                }
-                Err(_) => {
-                    failure.get_or_insert_with(|| {
-                        KafkaProducerError::new(topic.as_str(), ProducerErrorKind::Canceled)
-                    });
-                }
-            }
-        }
+        let (acks, failure) = await_acks(std::mem::take(&mut self.deliveries), &topic).await;
         if let Some(e) = failure {
             let _ = self.finish(false).await;
             self.inner
