@@ -173,60 +173,66 @@ async fn run_size(
             rates: vec![],
         },
     ];
-    for _ in 0..rounds {
-        // raw
-        let d = drive(n, window, |i| {
-            let fut = raw_send(raw, topic, &payload, i);
-            async move {
-                fut.await.expect("delivery").expect("ack");
-            }
-        })
-        .await;
-        variants[0].rates.push(n as f64 / d.as_secs_f64());
-
-        // keel, bare
-        let mut svc = client.publisher();
-        let d = drive(n, window, |i| {
-            let fut = svc.call(PublishRequest::new(topic, event(&payload, i)));
-            async move {
-                fut.await.expect("ack");
-            }
-        })
-        .await;
-        variants[1].rates.push(n as f64 / d.as_secs_f64());
-
-        // keel, default stack
-        let mut svc = single_stack.clone();
-        let d = drive(n, window, |i| {
-            let fut = svc.call(PublishRequest::new(topic, event(&payload, i)));
-            async move {
-                fut.await.expect("ack");
-            }
-        })
-        .await;
-        variants[2].rates.push(n as f64 / d.as_secs_f64());
-
-        // keel, batches of 1,000 through the default stack
-        let mut svc = batch_stack.clone();
-        let batches = n / 1000;
-        let d = drive(batches, (window / 1000).max(1), |b| {
-            let events = (0..1000).map(|i| event(&payload, b * 1000 + i)).collect();
-            let fut = svc.call(PublishBatchRequest::new(topic, events));
-            async move {
-                fut.await.expect("batch ack");
-            }
-        })
-        .await;
-        variants[3]
-            .rates
-            .push((batches * 1000) as f64 / d.as_secs_f64());
+    for round in 0..rounds {
+        // Rotate the order every round so no variant always runs first or last.
+        for k in 0..4 {
+            let v = (k + round) % 4;
+            let rate = match v {
+                0 => {
+                    let d = drive(n, window, |i| {
+                        let fut = raw_send(raw, topic, &payload, i);
+                        async move {
+                            fut.await.expect("delivery").expect("ack");
+                        }
+                    })
+                    .await;
+                    n as f64 / d.as_secs_f64()
+                }
+                1 | 2 => {
+                    let mut bare = client.publisher();
+                    let mut stacked = single_stack.clone();
+                    let d = drive(n, window, |i| {
+                        let req = PublishRequest::new(topic, event(&payload, i));
+                        let fut = if v == 1 {
+                            futures::future::Either::Left(bare.call(req))
+                        } else {
+                            futures::future::Either::Right(stacked.call(req))
+                        };
+                        async move {
+                            fut.await.expect("ack");
+                        }
+                    })
+                    .await;
+                    n as f64 / d.as_secs_f64()
+                }
+                _ => {
+                    let mut svc = batch_stack.clone();
+                    let batches = n / 1000;
+                    let d = drive(batches, (window / 1000).max(1), |b| {
+                        let events = (0..1000).map(|i| event(&payload, b * 1000 + i)).collect();
+                        let fut = svc.call(PublishBatchRequest::new(topic, events));
+                        async move {
+                            fut.await.expect("batch ack");
+                        }
+                    })
+                    .await;
+                    (batches * 1000) as f64 / d.as_secs_f64()
+                }
+            };
+            variants[v].rates.push(rate);
+        }
     }
     let raw_median = variants[0].median();
     for (tag, v) in ["raw", "keel_bare", "keel_stack", "keel_stack_batch"]
         .iter()
         .zip(&variants)
     {
-        println!("RESULT {tag} {size} {:.0}", v.median());
+        let rounds: Vec<String> = v.rates.iter().map(|r| format!("{r:.0}")).collect();
+        println!(
+            "RESULT {tag} {size} {:.0} rounds: {}",
+            v.median(),
+            rounds.join(" ")
+        );
     }
     println!(
         "\n## {size} B events (JSON value {value_len} B + key + 3 headers), {n} messages x {rounds} rounds, window {window}"

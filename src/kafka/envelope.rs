@@ -191,6 +191,11 @@ impl<T> EventEnvelope<T> {
         self.key.as_deref()
     }
 
+    /// Takes the key out, leaving none.
+    pub fn take_key(&mut self) -> Option<Vec<u8>> {
+        self.key.take()
+    }
+
     /// The extra headers (the `keel-event-*` headers excluded).
     pub fn headers(&self) -> &[(String, Vec<u8>)] {
         &self.headers

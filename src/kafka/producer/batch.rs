@@ -156,8 +156,8 @@ impl PublishBatch {
         }
         metrics.record_batch(total);
         let mut prepared = Vec::with_capacity(total);
-        for event in &req.events {
-            match Prepared::new(event, None) {
+        for event in req.events {
+            match Prepared::from_event(event, None) {
                 Ok(p) => prepared.push(p),
                 Err(e) => {
                     metrics.record_refused(total as u64);
@@ -219,8 +219,12 @@ impl PublishBatch {
                 }
                 let elapsed = started.elapsed();
                 let delivered = acks.len();
-                core.metrics()
-                    .record_call(delivered as u64, (total - delivered) as u64, elapsed);
+                core.metrics().record_call(
+                    delivered as u64,
+                    (total - delivered) as u64,
+                    started,
+                    elapsed,
+                );
                 match failure {
                     None => {
                         core.confirm_connected();

@@ -217,6 +217,21 @@ impl Prepared {
         })
     }
 
+    /// Like [`Prepared::new`], taking the event so its key is moved, not copied.
+    pub(crate) fn from_event<T: Serialize>(
+        mut event: EventEnvelope<T>,
+        partition: Option<i32>,
+    ) -> Result<Self, serde_json::Error> {
+        Ok(Prepared {
+            event_id: event.event_id(),
+            value: event.encode_value()?,
+            headers: Some(event.kafka_headers()),
+            timestamp_ms: event.timestamp_ms(),
+            key: event.take_key(),
+            partition,
+        })
+    }
+
     /// Hands the event to librdkafka's queue and returns the acknowledgement
     /// future; on failure gives the event back (for a retry on `QueueFull`).
     /// The error is as large as the record, like rdkafka's own `send_result`.
@@ -319,7 +334,7 @@ impl PublishEvent {
             Ok(p) => p,
             Err(e) => return PublishFuture::failed(e, self.core.clone(), started),
         };
-        let prepared = match Prepared::new(&req.event, req.partition) {
+        let prepared = match Prepared::from_event(req.event, req.partition) {
             Ok(p) => p,
             Err(e) => {
                 return PublishFuture::failed(

@@ -242,7 +242,7 @@ impl Transaction {
             let _ = self.finish(false).await;
             self.inner
                 .metrics
-                .record_call(0, total as u64, self.started.elapsed());
+                .record_call(0, total as u64, self.started, self.started.elapsed());
             return Err(e.with_batch(BatchOutcome {
                 total,
                 delivered: 0,
@@ -251,15 +251,21 @@ impl Transaction {
         }
         match self.finish(true).await {
             Ok(()) => {
-                self.inner
-                    .metrics
-                    .record_call(total as u64, 0, self.started.elapsed());
+                self.inner.metrics.record_call(
+                    total as u64,
+                    0,
+                    self.started,
+                    self.started.elapsed(),
+                );
                 Ok(acks)
             }
             Err(e) => {
-                self.inner
-                    .metrics
-                    .record_call(0, total as u64, self.started.elapsed());
+                self.inner.metrics.record_call(
+                    0,
+                    total as u64,
+                    self.started,
+                    self.started.elapsed(),
+                );
                 Err(e.with_batch(BatchOutcome {
                     total,
                     delivered: 0,
