@@ -12,7 +12,7 @@
 //! - [`PublishMetrics`]: total published, total failed, average batch size, last
 //!   published at, latency percentiles; shared by every service of one client.
 //!
-//! Get them from a [`KafkaClient`](crate::kafka::client::KafkaClient):
+//! Get them from a [`KafkaClient`]:
 //! [`publisher`](crate::kafka::client::KafkaClient::publisher),
 //! [`batch_publisher`](crate::kafka::client::KafkaClient::batch_publisher),
 //! [`transactional_publisher`](crate::kafka::client::KafkaClient::transactional_publisher).
@@ -33,7 +33,7 @@
 //! [`delivery_timeout`](crate::kafka::config::KafkaConfig::delivery_timeout)
 //! (librdkafka's `message.timeout.ms`, 30 s by default instead of librdkafka's
 //! 300 s): when the brokers are down the event fails with
-//! [`ProducerErrorKind::Timeout`](crate::kafka::error::ProducerErrorKind::Timeout)
+//! [`ProducerErrorKind::Timeout`]
 //! rather than waiting forever. A full local queue fails at once with
 //! `QueueFull` (retryable) for single events; a batch waits for its own earlier
 //! events to drain, within the delivery timeout.
@@ -45,7 +45,7 @@
 //! `acks=all`) makes those retries safe: no duplicates, no reordering within a
 //! partition. A publish error therefore means librdkafka has already retried
 //! until the delivery timeout. That is why the default stack
-//! ([`PublishStack`]) has **no retry layer**: retrying on top would multiply
+//! ([`PublishStack`], explained in [`stack`]) has **no retry layer**: retrying on top would multiply
 //! attempts, and a re-sent event would land *after* events of the same key
 //! published meanwhile, breaking per-key order. If you add one anyway, classify
 //! with [`ByError`](keel_layers::classify::ByError): message-too-large and
@@ -75,7 +75,7 @@
 mod batch;
 mod future;
 mod metrics;
-mod stack;
+pub mod stack;
 mod transactional;
 
 pub use batch::{BatchAck, PublishBatch, PublishBatchFuture, PublishBatchRequest};
