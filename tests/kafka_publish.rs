@@ -164,31 +164,23 @@ async fn a_batch_of_1001_is_refused_before_any_io() {
     // bare service (which checks too): neither sends anything.
     let stack = PublishStack::new(&client);
     let batch: Vec<_> = (0..1001).map(order).collect();
+    let too_large = ProducerErrorKind::BatchTooLarge {
+        size: 1001,
+        max: 1000,
+    };
     let err = stack
         .batch_service()
         .oneshot(PublishBatchRequest::new(topic.as_str(), batch.clone()))
         .await
         .expect_err("1,001 events is over the limit");
-    assert_eq!(
-        err.kind(),
-        ProducerErrorKind::BatchTooLarge {
-            size: 1001,
-            max: 1000
-        }
-    );
+    assert_eq!(err.kind(), too_large);
     assert_eq!(stack.batch_metrics().snapshot().failures, 1);
     let err = client
         .batch_publisher()
         .oneshot(PublishBatchRequest::new(topic.as_str(), batch))
         .await
         .expect_err("1,001 events is over the limit");
-    assert_eq!(
-        err.kind(),
-        ProducerErrorKind::BatchTooLarge {
-            size: 1001,
-            max: 1000
-        }
-    );
+    assert_eq!(err.kind(), too_large);
     assert_eq!(err.topic(), topic);
     assert!(!err.is_retryable());
 
