@@ -89,6 +89,8 @@ pub enum S3Operation {
     CreateBucket,
     /// Building the client from the config.
     Connect,
+    /// Waiting for the service stack to be ready (before any request).
+    Readiness,
 }
 
 impl S3Operation {
@@ -114,6 +116,7 @@ impl S3Operation {
             S3Operation::HealthCheck => "health_check",
             S3Operation::CreateBucket => "create_bucket",
             S3Operation::Connect => "connect",
+            S3Operation::Readiness => "readiness",
         }
     }
 }

@@ -45,9 +45,12 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
+use keel_layers::classify::ByError;
+use keel_layers::retry::{Retry, RetryLayer, RetryPolicy};
+use keel_layers::timeout::{Timeout, TimeoutError, TimeoutLayer};
 use tokio::io::AsyncWriteExt;
 use tower::util::BoxCloneSyncService;
-use tower::{Layer, Service, ServiceExt};
+use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
 use super::client::{S3Client, S3Health, ShutdownReport};
 use super::error::{BoxError, S3ErrorKind, S3Operation, S3ServiceError};
@@ -56,7 +59,7 @@ use super::metrics::{S3Metrics, S3MetricsSnapshot};
 use super::presign::PresignedUrl;
 use super::service::{
     CopyOutput, DeleteFailure, DeleteManyOutput, ListPage, MAX_DELETE_BATCH, ObjectDownload,
-    ObjectSummary, S3Request, S3Response, S3Service, UploadPayload, UploadRequest,
+    ObjectSummary, OnceBody, S3Request, S3Response, S3Service, UploadPayload, UploadRequest,
 };
 use super::upload::{
     BodySource, MultipartUploader, ProgressListener, UploadBody, UploadOptions, UploadOutput,
@@ -129,15 +132,32 @@ impl S3Builder {
         self
     }
 
-    /// Builds the facade over the bare service (no layers).
-    pub fn build(self) -> S3 {
-        self.build_with(tower::layer::util::Identity::new())
+    fn service(&self) -> S3Service {
+        let service = S3Service::new(self.client.clone());
+        match &self.multipart {
+            Some(engine) => service.with_multipart(Arc::clone(engine)),
+            None => service,
+        }
     }
 
-    /// Builds the facade with `layer` around the service, for both the operation
-    /// and the transfer stack. The layer's errors are turned back into
-    /// [`S3ServiceError`]s (an `S3ServiceError` passes through; anything else
-    /// becomes kind `Transport` with the error as its cause).
+    /// Builds the facade with the default stacks: [`operation_stack`] (retry,
+    /// timeout per attempt of the config's request timeout) for single-request
+    /// operations; the bare service for multipart uploads, whose engine retries
+    /// and times its parts itself.
+    pub fn build(self) -> S3 {
+        let service = self.service();
+        let bucket = self.client.bucket().to_owned();
+        let timeout = self.client.config().request_timeout();
+        let operations = erase(operation_stack(service.clone(), timeout), &bucket);
+        let transfers = erase(service, &bucket);
+        self.finish(operations, transfers)
+    }
+
+    /// Builds the facade with `layer` (and nothing else) around the service, for
+    /// both stacks. The layer's errors are turned back into [`S3ServiceError`]s
+    /// (an `S3ServiceError` or a timeout passes through typed; anything else
+    /// becomes kind `Transport` with the error as its cause). With
+    /// `tower::layer::util::Identity` this is the bare service.
     pub fn build_with<L>(self, layer: L) -> S3
     where
         L: Layer<S3Service>,
@@ -145,19 +165,21 @@ impl S3Builder {
         <L::Service as Service<S3Request>>::Error: Into<BoxError>,
         <L::Service as Service<S3Request>>::Future: Send + 'static,
     {
-        let mut service = S3Service::new(self.client.clone());
-        if let Some(engine) = &self.multipart {
-            service = service.with_multipart(Arc::clone(engine));
-        }
-        let stack = erase(layer.layer(service));
+        let bucket = self.client.bucket().to_owned();
+        let stack = layer.layer(self.service()).map_err(Into::<BoxError>::into);
+        let stack = erase(stack, &bucket);
+        self.finish(stack.clone(), stack)
+    }
+
+    fn finish(self, operations: S3Stack, transfers: S3Stack) -> S3 {
         let threshold = self
             .threshold
             .or_else(|| self.multipart.as_ref().map(|m| m.threshold()))
             .unwrap_or(DEFAULT_MULTIPART_THRESHOLD);
         S3 {
             client: self.client,
-            operations: stack.clone(),
-            transfers: stack,
+            operations,
+            transfers,
             policy: self.policy,
             threshold,
             metrics: self.metrics,
@@ -165,24 +187,140 @@ impl S3Builder {
     }
 }
 
-/// Boxes a stack, mapping its errors back to [`S3ServiceError`].
-fn erase<S>(service: S) -> S3Stack
+/// Boxes a stack whose errors can become [`S3ServiceError`]s.
+fn erase<S>(service: S, bucket: &str) -> S3Stack
 where
     S: Service<S3Request, Response = S3Response> + Clone + Send + Sync + 'static,
-    S::Error: Into<BoxError>,
+    S::Error: IntoS3ServiceError,
     S::Future: Send + 'static,
 {
-    BoxCloneSyncService::new(service.map_err(|e: S::Error| from_layer_error(e.into())))
+    BoxCloneSyncService::new(WithErrorContext {
+        inner: service,
+        bucket: Arc::from(bucket),
+    })
 }
 
-/// Recovers an [`S3ServiceError`] from whatever a layer returned.
-fn from_layer_error(err: BoxError) -> S3ServiceError {
-    match err.downcast::<S3ServiceError>() {
-        Ok(e) => *e,
-        Err(other) => S3ServiceError::new(S3Operation::Upload, S3ErrorKind::Transport)
-            .with_message(other.to_string())
-            .with_source(other),
+/// Turns a layer's error back into an [`S3ServiceError`], filling in the
+/// operation, bucket and key of the request it failed.
+pub trait IntoS3ServiceError {
+    /// The error for a call of `operation` on `bucket` / `key`.
+    fn into_s3_error(
+        self,
+        operation: S3Operation,
+        bucket: &str,
+        key: Option<&ObjectKey>,
+    ) -> S3ServiceError;
+}
+
+impl IntoS3ServiceError for S3ServiceError {
+    fn into_s3_error(self, _: S3Operation, _: &str, _: Option<&ObjectKey>) -> S3ServiceError {
+        self
     }
+}
+
+impl<E: IntoS3ServiceError> IntoS3ServiceError for TimeoutError<E> {
+    fn into_s3_error(
+        self,
+        operation: S3Operation,
+        bucket: &str,
+        key: Option<&ObjectKey>,
+    ) -> S3ServiceError {
+        match self {
+            TimeoutError::Elapsed { after } => {
+                let err = S3ServiceError::new(operation, S3ErrorKind::Timeout)
+                    .with_bucket(bucket)
+                    .with_message(format!("no answer within {after:?}"));
+                match key {
+                    Some(k) => err.with_key(k.as_str()),
+                    None => err,
+                }
+            }
+            TimeoutError::Inner(e) => e.into_s3_error(operation, bucket, key),
+        }
+    }
+}
+
+impl IntoS3ServiceError for BoxError {
+    fn into_s3_error(
+        self,
+        operation: S3Operation,
+        bucket: &str,
+        key: Option<&ObjectKey>,
+    ) -> S3ServiceError {
+        let err = match self.downcast::<S3ServiceError>() {
+            Ok(e) => return *e,
+            Err(other) => other,
+        };
+        let err = match err.downcast::<TimeoutError<S3ServiceError>>() {
+            Ok(e) => return e.into_s3_error(operation, bucket, key),
+            Err(other) => other,
+        };
+        let out = S3ServiceError::new(operation, S3ErrorKind::Transport)
+            .with_bucket(bucket)
+            .with_message(err.to_string())
+            .with_source(err);
+        match key {
+            Some(k) => out.with_key(k.as_str()),
+            None => out,
+        }
+    }
+}
+
+/// Maps the stack's errors to [`S3ServiceError`]s with the request's context.
+#[derive(Clone, Debug)]
+struct WithErrorContext<S> {
+    inner: S,
+    bucket: Arc<str>,
+}
+
+impl<S> Service<S3Request> for WithErrorContext<S>
+where
+    S: Service<S3Request, Response = S3Response>,
+    S::Error: IntoS3ServiceError,
+    S::Future: Send + 'static,
+{
+    type Response = S3Response;
+    type Error = S3ServiceError;
+    type Future = futures::future::BoxFuture<'static, Result<S3Response, S3ServiceError>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        let bucket = &self.bucket;
+        self.inner
+            .poll_ready(cx)
+            .map_err(|e| e.into_s3_error(S3Operation::Readiness, bucket, None))
+    }
+
+    fn call(&mut self, request: S3Request) -> Self::Future {
+        let operation = request.operation();
+        let key = request.key().cloned();
+        let bucket = Arc::clone(&self.bucket);
+        let future = self.inner.call(request);
+        Box::pin(async move {
+            future
+                .await
+                .map_err(|e| e.into_s3_error(operation, &bucket, key.as_ref()))
+        })
+    }
+}
+
+/// The default stack for single-request operations, outermost first: retry
+/// (`RetryPolicy::s3()`: 1, 2, 4 s, cap 10 s, 3 retries; what is retried and the
+/// delay floor come from [`S3ServiceError`]'s classification, so `SlowDown` and
+/// `Retry-After` are honoured) around a timeout per attempt.
+///
+/// The SDK does not retry (see [`S3Client`]), so this is the only place attempts
+/// are made: at most 4 per call.
+pub fn operation_stack<S>(service: S, attempt_timeout: Duration) -> Retry<Timeout<S>, ByError>
+where
+    S: Service<S3Request, Response = S3Response, Error = S3ServiceError> + Clone,
+{
+    ServiceBuilder::new()
+        .layer(RetryLayer::new(RetryPolicy::s3()).classifier(ByError))
+        .layer(TimeoutLayer::new(attempt_timeout))
+        .service(service)
 }
 
 impl S3 {
@@ -580,7 +718,7 @@ async fn prepare_payload(body: UploadBody, threshold: u64) -> io::Result<UploadP
         BodySource::Bytes(bytes) => {
             let len = bytes.len() as u64;
             Ok(UploadPayload::Multipart {
-                body: UploadBody::from(bytes).into_stream(),
+                body: OnceBody::new(UploadBody::from(bytes).into_stream()),
                 content_length: Some(len),
             })
         }
@@ -590,7 +728,7 @@ async fn prepare_payload(body: UploadBody, threshold: u64) -> io::Result<UploadP
                 Ok(UploadPayload::File { path, length })
             } else {
                 Ok(UploadPayload::Multipart {
-                    body: UploadBody::file(path).into_stream(),
+                    body: OnceBody::new(UploadBody::file(path).into_stream()),
                     content_length: Some(length),
                 })
             }
@@ -603,7 +741,7 @@ async fn prepare_payload(body: UploadBody, threshold: u64) -> io::Result<UploadP
                     let head = head.freeze();
                     let rest = futures::stream::iter([Ok(head), Ok(chunk)]).chain(stream);
                     return Ok(UploadPayload::Multipart {
-                        body: rest.boxed(),
+                        body: OnceBody::new(rest.boxed()),
                         content_length: None,
                     });
                 }
@@ -665,9 +803,13 @@ mod tests {
     async fn collect(payload: UploadPayload) -> Vec<u8> {
         match payload {
             UploadPayload::Bytes(b) => b.to_vec(),
-            UploadPayload::Multipart { body, .. } => {
-                body.map(|c| c.unwrap()).collect::<Vec<_>>().await.concat()
-            }
+            UploadPayload::Multipart { body, .. } => body
+                .take()
+                .unwrap()
+                .map(|c| c.unwrap())
+                .collect::<Vec<_>>()
+                .await
+                .concat(),
             UploadPayload::File { path, .. } => std::fs::read(path).unwrap(),
         }
     }
@@ -720,6 +862,139 @@ mod tests {
             Err(io::Error::other("boom")),
         ]));
         assert!(prepare_payload(body, 10).await.is_err());
+    }
+
+    fn exists_request() -> S3Request {
+        S3Request::Exists {
+            key: ObjectKey::new("k").unwrap(),
+        }
+    }
+
+    /// A fake S3 answering with `failures` errors first, then `Exists(true)`.
+    fn flaky(
+        failures: Vec<S3ErrorKind>,
+        calls: Arc<AtomicU64>,
+    ) -> impl Service<
+        S3Request,
+        Response = S3Response,
+        Error = S3ServiceError,
+        Future = impl Send + 'static,
+    > + Clone
+    + Send
+    + Sync
+    + 'static {
+        let failures = Arc::new(failures);
+        tower::service_fn(move |_req: S3Request| {
+            let n = calls.fetch_add(1, Ordering::SeqCst) as usize;
+            let failures = Arc::clone(&failures);
+            async move {
+                match failures.get(n) {
+                    Some(kind) => Err(S3ServiceError::new(S3Operation::Exists, kind.clone())),
+                    None => Ok(S3Response::Exists(true)),
+                }
+            }
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slow_down_is_retried_after_the_backoff_with_a_one_second_floor() {
+        let calls = Arc::new(AtomicU64::new(0));
+        let throttled = S3ErrorKind::Throttled { retry_after: None };
+        let stack = operation_stack(
+            flaky(vec![throttled.clone(), throttled], Arc::clone(&calls)),
+            Duration::from_secs(30),
+        );
+        let started = tokio::time::Instant::now();
+        let response = stack.oneshot(exists_request()).await.unwrap();
+        assert!(matches!(response, S3Response::Exists(true)));
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        // Backoff 1 s then 2 s (the SlowDown floor is 1 s).
+        assert_eq!(started.elapsed(), Duration::from_secs(3));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_raises_the_wait() {
+        let calls = Arc::new(AtomicU64::new(0));
+        let throttled = S3ErrorKind::Throttled {
+            retry_after: Some(Duration::from_secs(7)),
+        };
+        let stack = operation_stack(
+            flaky(vec![throttled], Arc::clone(&calls)),
+            Duration::from_secs(30),
+        );
+        let started = tokio::time::Instant::now();
+        stack.oneshot(exists_request()).await.unwrap();
+        assert_eq!(started.elapsed(), Duration::from_secs(7));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn three_retries_then_the_last_error() {
+        let calls = Arc::new(AtomicU64::new(0));
+        let stack = operation_stack(
+            flaky(vec![S3ErrorKind::Transport; 10], Arc::clone(&calls)),
+            Duration::from_secs(30),
+        );
+        let started = tokio::time::Instant::now();
+        let err = stack.oneshot(exists_request()).await.unwrap_err();
+        assert_eq!(calls.load(Ordering::SeqCst), 4, "1 attempt + 3 retries");
+        assert_eq!(started.elapsed(), Duration::from_secs(1 + 2 + 4));
+        let err = err.into_s3_error(S3Operation::Exists, "b", None);
+        assert_eq!(err.kind(), &S3ErrorKind::Transport);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn permanent_errors_are_not_retried() {
+        let calls = Arc::new(AtomicU64::new(0));
+        let stack = operation_stack(
+            flaky(vec![S3ErrorKind::AccessDenied], Arc::clone(&calls)),
+            Duration::from_secs(30),
+        );
+        let err = stack.oneshot(exists_request()).await.unwrap_err();
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            err.into_s3_error(S3Operation::Exists, "b", None).kind(),
+            &S3ErrorKind::AccessDenied
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn timed_out_attempts_are_retried_and_reported_as_timeouts() {
+        let calls = Arc::new(AtomicU64::new(0));
+        let counter = Arc::clone(&calls);
+        let hanging = tower::service_fn(move |_req: S3Request| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            async move {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                Ok::<_, S3ServiceError>(S3Response::Deleted)
+            }
+        });
+        let stack = erase(operation_stack(hanging, Duration::from_secs(30)), "media");
+        let started = tokio::time::Instant::now();
+        let err = stack.oneshot(exists_request()).await.unwrap_err();
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
+        assert_eq!(started.elapsed(), Duration::from_secs(4 * 30 + 1 + 2 + 4));
+        assert_eq!(err.kind(), &S3ErrorKind::Timeout);
+        assert_eq!(err.operation(), S3Operation::Exists);
+        assert_eq!(err.bucket(), Some("media"));
+        assert_eq!(err.key(), Some("k"));
+    }
+
+    #[test]
+    fn foreign_layer_errors_become_transport_errors_with_context() {
+        let boxed: BoxError = Box::new(io::Error::other("layer broke"));
+        let key = ObjectKey::new("k").unwrap();
+        let err = boxed.into_s3_error(S3Operation::Copy, "b", Some(&key));
+        assert_eq!(err.kind(), &S3ErrorKind::Transport);
+        assert_eq!(err.key(), Some("k"));
+        let typed: BoxError = Box::new(S3ServiceError::new(
+            S3Operation::List,
+            S3ErrorKind::NotFound,
+        ));
+        assert!(
+            typed
+                .into_s3_error(S3Operation::Copy, "b", None)
+                .is_not_found()
+        );
     }
 
     #[test]
