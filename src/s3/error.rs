@@ -16,7 +16,7 @@
 //! | [`CircuitOpen`](S3ErrorKind::CircuitOpen), [`ShuttingDown`](S3ErrorKind::ShuttingDown) | no | – |
 //!
 //! Not-found and the caller's own mistakes (invalid key or request) are
-//! [`Outcome::Ignored`](keel_layers::classify::Outcome::Ignored): they say nothing
+//! [`Outcome::Ignored`]: they say nothing
 //! about the server's health, so they never trip the circuit breaker.
 //!
 //! ```

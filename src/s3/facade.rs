@@ -227,13 +227,8 @@ impl<E: IntoS3ServiceError> IntoS3ServiceError for TimeoutError<E> {
     ) -> S3ServiceError {
         match self {
             TimeoutError::Elapsed { after } => {
-                let err = S3ServiceError::new(operation, S3ErrorKind::Timeout)
-                    .with_bucket(bucket)
-                    .with_message(format!("no answer within {after:?}"));
-                match key {
-                    Some(k) => err.with_key(k.as_str()),
-                    None => err,
-                }
+                in_context(S3ErrorKind::Timeout, operation, bucket, key)
+                    .with_message(format!("no answer within {after:?}"))
             }
             TimeoutError::Inner(e) => e.into_s3_error(operation, bucket, key),
         }
@@ -255,14 +250,23 @@ impl IntoS3ServiceError for BoxError {
             Ok(e) => return e.into_s3_error(operation, bucket, key),
             Err(other) => other,
         };
-        let out = S3ServiceError::new(operation, S3ErrorKind::Transport)
-            .with_bucket(bucket)
+        in_context(S3ErrorKind::Transport, operation, bucket, key)
             .with_message(err.to_string())
-            .with_source(err);
-        match key {
-            Some(k) => out.with_key(k.as_str()),
-            None => out,
-        }
+            .with_source(err)
+    }
+}
+
+/// A new error of `kind` for a call of `operation` on `bucket` / `key`.
+fn in_context(
+    kind: S3ErrorKind,
+    operation: S3Operation,
+    bucket: &str,
+    key: Option<&ObjectKey>,
+) -> S3ServiceError {
+    let err = S3ServiceError::new(operation, kind).with_bucket(bucket);
+    match key {
+        Some(k) => err.with_key(k.as_str()),
+        None => err,
     }
 }
 
@@ -394,10 +398,22 @@ impl S3 {
         result
     }
 
-    fn unexpected(&self, op: S3Operation, response: S3Response) -> S3ServiceError {
-        S3ServiceError::new(op, S3ErrorKind::InvalidRequest)
-            .with_bucket(self.bucket())
-            .with_message(format!("a layer answered {op} with {response:?}"))
+    /// Runs `request` and takes the expected variant out of the response (a
+    /// custom layer answering with another variant is an `InvalidRequest`).
+    async fn call_as<T>(
+        &self,
+        stack: &S3Stack,
+        request: S3Request,
+        expected: fn(S3Response) -> Option<T>,
+    ) -> Result<T, S3ServiceError> {
+        let op = request.operation();
+        expected(self.call(stack, request).await?).ok_or_else(|| {
+            S3ServiceError::new(op, S3ErrorKind::InvalidRequest)
+                .with_bucket(self.bucket())
+                .with_message(format!(
+                    "a layer answered {op} with another kind of response"
+                ))
+        })
     }
 
     /// Uploads `body` (bytes, a string, [`UploadBody::file`],
@@ -441,13 +457,11 @@ impl S3 {
             _ => &self.operations,
         };
         let request = S3Request::Upload(UploadRequest::new(key, payload, options, progress));
-        match self.call(stack, request).await? {
-            S3Response::Uploaded(out) => {
-                self.metrics.add_bytes_uploaded(out.size);
-                Ok(out)
-            }
-            other => Err(self.unexpected(op, other)),
-        }
+        let out = self
+            .call_as(stack, request, S3Response::into_uploaded)
+            .await?;
+        self.metrics.add_bytes_uploaded(out.size);
+        Ok(out)
     }
 
     /// Downloads `key` as a stream ([`ObjectDownload::body`]); bytes are counted as
@@ -458,19 +472,15 @@ impl S3 {
     ) -> Result<ObjectDownload, S3ServiceError> {
         let op = S3Operation::Download;
         let key = self.key(op, key)?;
-        match self
-            .call(&self.operations, S3Request::Download { key })
-            .await?
-        {
-            S3Response::Downloaded(mut download) => {
-                let metrics = self.metrics.clone();
-                download.body = download
-                    .body
-                    .on_chunk(Arc::new(move |n| metrics.add_bytes_downloaded(n)));
-                Ok(*download)
-            }
-            other => Err(self.unexpected(op, other)),
-        }
+        let request = S3Request::Download { key };
+        let mut download = *self
+            .call_as(&self.operations, request, S3Response::into_downloaded)
+            .await?;
+        let metrics = self.metrics.clone();
+        download.body = download
+            .body
+            .on_chunk(Arc::new(move |n| metrics.add_bytes_downloaded(n)));
+        Ok(download)
     }
 
     /// Downloads `key` into memory.
@@ -518,13 +528,9 @@ impl S3 {
     ) -> Result<PresignedUrl, S3ServiceError> {
         let op = S3Operation::PresignGet;
         let key = self.key(op, key)?;
-        match self
-            .call(&self.operations, S3Request::PresignGet { key, expiry })
-            .await?
-        {
-            S3Response::Presigned(url) => Ok(url),
-            other => Err(self.unexpected(op, other)),
-        }
+        let request = S3Request::PresignGet { key, expiry };
+        self.call_as(&self.operations, request, S3Response::into_presigned)
+            .await
     }
 
     /// A presigned PUT URL for `key`, valid for `expiry` (0 < expiry <= 7 days).
@@ -550,23 +556,17 @@ impl S3 {
             expiry,
             content_type: content_type.map(str::to_owned),
         };
-        match self.call(&self.operations, request).await? {
-            S3Response::Presigned(url) => Ok(url),
-            other => Err(self.unexpected(op, other)),
-        }
+        self.call_as(&self.operations, request, S3Response::into_presigned)
+            .await
     }
 
     /// Deletes `key` (a missing key is not an error, as in S3).
     pub async fn delete(&self, key: impl IntoObjectKey) -> Result<(), S3ServiceError> {
         let op = S3Operation::Delete;
         let key = self.key(op, key)?;
-        match self
-            .call(&self.operations, S3Request::Delete { key })
-            .await?
-        {
-            S3Response::Deleted => Ok(()),
-            other => Err(self.unexpected(op, other)),
-        }
+        let request = S3Request::Delete { key };
+        self.call_as(&self.operations, request, S3Response::into_deleted)
+            .await
     }
 
     /// Deletes many keys, in `DeleteObjects` calls of at most 1,000.
@@ -590,12 +590,14 @@ impl S3 {
             let request = S3Request::DeleteMany {
                 keys: chunk.to_vec(),
             };
-            match self.call(&self.operations, request).await {
-                Ok(S3Response::DeletedMany(out)) => {
+            let result = self
+                .call_as(&self.operations, request, S3Response::into_deleted_many)
+                .await;
+            match result {
+                Ok(out) => {
                     self.metrics.add_deletes(out.deleted as u64);
                     total.merge(out);
                 }
-                Ok(other) => return Err(self.unexpected(op, other)),
                 Err(err) => {
                     let code = err
                         .code()
@@ -618,13 +620,9 @@ impl S3 {
     pub async fn exists(&self, key: impl IntoObjectKey) -> Result<bool, S3ServiceError> {
         let op = S3Operation::Exists;
         let key = self.key(op, key)?;
-        match self
-            .call(&self.operations, S3Request::Exists { key })
-            .await?
-        {
-            S3Response::Exists(found) => Ok(found),
-            other => Err(self.unexpected(op, other)),
-        }
+        let request = S3Request::Exists { key };
+        self.call_as(&self.operations, request, S3Response::into_exists)
+            .await
     }
 
     /// Copies `source` to `destination` within the bucket (one `CopyObject`, so
@@ -662,10 +660,8 @@ impl S3 {
             source,
             destination,
         };
-        match self.call(&self.operations, request).await? {
-            S3Response::Copied(out) => Ok(out),
-            other => Err(self.unexpected(op, other)),
-        }
+        self.call_as(&self.operations, request, S3Response::into_copied)
+            .await
     }
 
     /// One page of the objects whose keys start with `prefix`.
@@ -675,16 +671,13 @@ impl S3 {
         continuation_token: Option<String>,
         max_keys: Option<i32>,
     ) -> Result<ListPage, S3ServiceError> {
-        let op = S3Operation::List;
         let request = S3Request::List {
             prefix: (!prefix.is_empty()).then(|| prefix.to_owned()),
             continuation_token,
             max_keys,
         };
-        match self.call(&self.operations, request).await? {
-            S3Response::Listed(page) => Ok(page),
-            other => Err(self.unexpected(op, other)),
-        }
+        self.call_as(&self.operations, request, S3Response::into_listed)
+            .await
     }
 
     /// Every object whose key starts with `prefix`, page after page.

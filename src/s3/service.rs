@@ -307,6 +307,49 @@ pub enum S3Response {
     Listed(ListPage),
 }
 
+/// `into_*` accessors: the payload of one variant, or `None` for another variant.
+macro_rules! response_accessors {
+    ($($(#[$doc:meta])* $name:ident => $variant:ident $(($ty:ty))?;)*) => {
+        impl S3Response {
+            $(
+                $(#[$doc])*
+                pub fn $name(self) -> Option<response_accessors!(@ty $($ty)?)> {
+                    match self {
+                        S3Response::$variant $((response_accessors!(@bind x $ty)))? => {
+                            Some(response_accessors!(@val $(x $ty)?))
+                        }
+                        _ => None,
+                    }
+                }
+            )*
+        }
+    };
+    (@ty $ty:ty) => { $ty };
+    (@ty) => { () };
+    (@bind $x:ident $ty:ty) => { $x };
+    (@val $x:ident $ty:ty) => { $x };
+    (@val) => { () };
+}
+
+response_accessors! {
+    /// The upload's output, for [`S3Response::Uploaded`].
+    into_uploaded => Uploaded(UploadOutput);
+    /// The download, for [`S3Response::Downloaded`].
+    into_downloaded => Downloaded(Box<ObjectDownload>);
+    /// The URL, for [`S3Response::Presigned`].
+    into_presigned => Presigned(PresignedUrl);
+    /// `()`, for [`S3Response::Deleted`].
+    into_deleted => Deleted;
+    /// The batch outcome, for [`S3Response::DeletedMany`].
+    into_deleted_many => DeletedMany(DeleteManyOutput);
+    /// Whether the object exists, for [`S3Response::Exists`].
+    into_exists => Exists(bool);
+    /// The copy's output, for [`S3Response::Copied`].
+    into_copied => Copied(CopyOutput);
+    /// The page, for [`S3Response::Listed`].
+    into_listed => Listed(ListPage);
+}
+
 /// A downloaded object: its metadata, and its body as a stream of chunks.
 ///
 /// The body is read from the connection as it is polled (nothing is buffered
