@@ -300,6 +300,17 @@ async fn every_operation_round_trips() {
         assert!(m.bytes_downloaded >= (data.len() * 2 + file_data.len()) as u64);
         assert!(m.last_operation_at.is_some());
         assert_eq!(m.latency["exists"].count, 3);
+        // The default stack's own metrics and breaker saw the same calls: the missing
+        // download is ignored (not a failure of the server), so the breaker is closed.
+        let calls = s3.call_metrics().unwrap().snapshot();
+        assert_eq!(calls.failures, 0, "{name}: {calls:?}");
+        assert_eq!(calls.ignored, 1, "{name}: the missing download");
+        // 4 uploads, 6 downloads, 3 exists, 1 copy, 3 list pages, 1 delete.
+        assert_eq!(calls.calls, 18, "{name}: {calls:?}");
+        assert_eq!(
+            s3.circuit_breaker().unwrap().state(),
+            keel::layers::circuit_breaker::CircuitState::Closed
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

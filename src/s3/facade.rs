@@ -10,11 +10,23 @@
 //! what was read put back in front. So memory stays bounded by the threshold here
 //! and by the engine's part size times parts in flight there.
 //!
-//! Two stacks run the requests: the *operation* stack (every operation but
-//! multipart uploads) and the *transfer* stack (multipart uploads: the engine owns
-//! per-part retries and timeouts, so a whole-upload timeout or retry would be
-//! wrong there). [`S3Builder::build_with`] puts one `tower::Layer` of your choice
-//! around both.
+//! Two stacks run the requests, both built by [`S3Builder::build`] from
+//! keel-layers ([`DefaultLayers`]), outermost first:
+//!
+//! - the *operation* stack (every operation but multipart uploads): logging (one
+//!   span and one completion event per call with operation, bucket and key),
+//!   call metrics, circuit breaker (opens after 5 consecutive failures, probes
+//!   after 60 s), retry (`RetryPolicy::s3()`: 1, 2, 4 s, cap 10 s, 3 retries;
+//!   `SlowDown` / `Retry-After` raise the wait), timeout per attempt (the config's
+//!   request timeout);
+//! - the *transfer* stack (multipart uploads): logging, metrics and the same
+//!   breaker, but no whole-upload retry or timeout — the engine retries and times
+//!   each part itself.
+//!
+//! The AWS SDK's own retries are off (see [`S3Client`]), so the retry layer is the
+//! one owner of attempts. Not-found answers and refused keys are `Ignored` by the
+//! classification: they never trip the breaker. [`S3Builder::build_with`] puts a
+//! `tower::Layer` of your choice around both instead.
 //!
 //! Cloning an `S3` is cheap and shares the client, the stacks (and so the state of
 //! their layers, such as a circuit breaker) and the metrics.
@@ -45,10 +57,16 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
+use keel_layers::circuit_breaker::{
+    CircuitBreakerError, CircuitBreakerHandle, CircuitBreakerLayer,
+};
 use keel_layers::classify::ByError;
+use keel_layers::logging::LoggingLayer;
+use keel_layers::metrics::{MetricsHandle, MetricsLayer};
 use keel_layers::retry::{Retry, RetryLayer, RetryPolicy};
 use keel_layers::timeout::{Timeout, TimeoutError, TimeoutLayer};
 use tokio::io::AsyncWriteExt;
+use tower::layer::util::{Identity, Stack};
 use tower::util::BoxCloneSyncService;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
@@ -81,6 +99,7 @@ pub struct S3 {
     policy: KeyPolicy,
     threshold: u64,
     metrics: S3Metrics,
+    layers: Option<DefaultLayers>,
 }
 
 impl fmt::Debug for S3 {
@@ -101,6 +120,7 @@ pub struct S3Builder {
     multipart: Option<Arc<dyn MultipartUploader>>,
     threshold: Option<u64>,
     metrics: S3Metrics,
+    layers: Option<DefaultLayers>,
 }
 
 impl S3Builder {
@@ -145,12 +165,24 @@ impl S3Builder {
     /// operations; the bare service for multipart uploads, whose engine retries
     /// and times its parts itself.
     pub fn build(self) -> S3 {
+        let layers = self
+            .layers
+            .clone()
+            .unwrap_or_else(|| DefaultLayers::new(self.client.config().request_timeout()));
         let service = self.service();
         let bucket = self.client.bucket().to_owned();
-        let timeout = self.client.config().request_timeout();
-        let operations = erase(operation_stack(service.clone(), timeout), &bucket);
-        let transfers = erase(service, &bucket);
-        self.finish(operations, transfers)
+        let operations = layers.operations(service.clone(), &bucket);
+        let transfers = layers.transfers(service, &bucket);
+        let mut s3 = self.finish(operations, transfers);
+        s3.layers = Some(layers);
+        s3
+    }
+
+    /// Settings of the default stack (default: [`DefaultLayers::new`] with the
+    /// config's request timeout); only [`build`](Self::build) uses them.
+    pub fn default_layers(mut self, layers: DefaultLayers) -> Self {
+        self.layers = Some(layers);
+        self
     }
 
     /// Builds the facade with `layer` (and nothing else) around the service, for
@@ -183,6 +215,7 @@ impl S3Builder {
             policy: self.policy,
             threshold,
             metrics: self.metrics,
+            layers: None,
         }
     }
 }
@@ -232,6 +265,40 @@ impl<E: IntoS3ServiceError> IntoS3ServiceError for TimeoutError<E> {
             }
             TimeoutError::Inner(e) => e.into_s3_error(operation, bucket, key),
         }
+    }
+}
+
+impl<E: IntoS3ServiceError> IntoS3ServiceError for CircuitBreakerError<E> {
+    fn into_s3_error(
+        self,
+        operation: S3Operation,
+        bucket: &str,
+        key: Option<&ObjectKey>,
+    ) -> S3ServiceError {
+        match self {
+            CircuitBreakerError::Inner(e) => e.into_s3_error(operation, bucket, key),
+            rejected => {
+                let rejected = rejected_source(rejected);
+                in_context(S3ErrorKind::CircuitOpen, operation, bucket, key)
+                    .with_message(rejected.to_string())
+                    .with_source(rejected)
+            }
+        }
+    }
+}
+
+/// The rejection itself as a cause (without the inner error type).
+fn rejected_source<E>(
+    rejected: CircuitBreakerError<E>,
+) -> CircuitBreakerError<std::convert::Infallible> {
+    match rejected {
+        CircuitBreakerError::Open { remaining_wait } => {
+            CircuitBreakerError::Open { remaining_wait }
+        }
+        CircuitBreakerError::HalfOpenFull { permitted_probes } => {
+            CircuitBreakerError::HalfOpenFull { permitted_probes }
+        }
+        _ => CircuitBreakerError::ForcedOpen,
     }
 }
 
@@ -310,6 +377,108 @@ where
     }
 }
 
+/// The shared parts of the default stacks: one circuit breaker and one set of
+/// call metrics for both the operation and the transfer stack.
+#[derive(Clone, Debug)]
+pub struct DefaultLayers {
+    breaker: CircuitBreakerLayer<ByError>,
+    metrics: MetricsHandle,
+    attempt_timeout: Duration,
+}
+
+impl DefaultLayers {
+    /// The seed's settings: a breaker that opens after 5 consecutive failures and
+    /// probes again after 60 s (not-found, invalid keys and other caller mistakes
+    /// never count: they are `Ignored`), call metrics over a 60 s window, and
+    /// `attempt_timeout` per attempt.
+    pub fn new(attempt_timeout: Duration) -> Self {
+        DefaultLayers {
+            breaker: CircuitBreakerLayer::builder().classifier(ByError).build(),
+            metrics: MetricsLayer::new().handle(),
+            attempt_timeout,
+        }
+    }
+
+    /// Uses `breaker` instead of the default one.
+    pub fn circuit_breaker(mut self, breaker: CircuitBreakerLayer<ByError>) -> Self {
+        self.breaker = breaker;
+        self
+    }
+
+    /// Counts into `metrics` instead of fresh call metrics.
+    pub fn metrics(mut self, metrics: MetricsHandle) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Wraps `service` in the operation stack, outermost first: logging, metrics,
+    /// circuit breaker, then [`operation_stack`] (retry, timeout per attempt).
+    pub fn operations<S>(&self, service: S, bucket: &str) -> S3Stack
+    where
+        S: Service<S3Request, Response = S3Response, Error = S3ServiceError>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        let core = operation_stack(service, self.attempt_timeout);
+        erase(self.outer(bucket).service(core), bucket)
+    }
+
+    /// Wraps `service` in the transfer stack: logging, metrics, circuit breaker
+    /// (no whole-call retry or timeout: the multipart engine has its own per part).
+    pub fn transfers<S>(&self, service: S, bucket: &str) -> S3Stack
+    where
+        S: Service<S3Request, Response = S3Response, Error = S3ServiceError>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        erase(self.outer(bucket).service(service), bucket)
+    }
+
+    fn outer(&self, bucket: &str) -> ServiceBuilder<OuterLayers> {
+        let fields = RequestLogFields {
+            bucket: Arc::from(bucket),
+        };
+        ServiceBuilder::new()
+            .layer(
+                LoggingLayer::new("S3Service", "s3")
+                    .classify(ByError)
+                    .fields(fields),
+            )
+            .layer(MetricsLayer::from_handle(self.metrics.clone()).classify(ByError))
+            .layer(self.breaker.clone())
+    }
+}
+
+/// Logging, metrics and circuit breaker, as `ServiceBuilder` stacks them.
+type OuterLayers = Stack<
+    CircuitBreakerLayer<ByError>,
+    Stack<MetricsLayer<ByError>, Stack<LoggingLayer<ByError, RequestLogFields>, Identity>>,
+>;
+
+/// The fields logged for every S3 call: operation, bucket and key (never bodies,
+/// options or credentials).
+#[derive(Clone, Debug)]
+pub struct RequestLogFields {
+    bucket: Arc<str>,
+}
+
+impl keel_layers::logging::RequestFields<S3Request> for RequestLogFields {
+    fn span(&self, req: &S3Request) -> tracing::Span {
+        tracing::info_span!(
+            "s3",
+            s3_operation = req.operation().as_str(),
+            bucket = %self.bucket,
+            key = req.key().map(ObjectKey::as_str),
+        )
+    }
+}
+
 /// The default stack for single-request operations, outermost first: retry
 /// (`RetryPolicy::s3()`: 1, 2, 4 s, cap 10 s, 3 retries; what is retried and the
 /// delay floor come from [`S3ServiceError`]'s classification, so `SlowDown` and
@@ -336,6 +505,7 @@ impl S3 {
             multipart: None,
             threshold: None,
             metrics: S3Metrics::default(),
+            layers: None,
         }
     }
 
@@ -367,6 +537,18 @@ impl S3 {
     /// The shared metrics handle.
     pub fn metrics_handle(&self) -> &S3Metrics {
         &self.metrics
+    }
+
+    /// The default stack's call metrics (calls, failures by class, in flight,
+    /// latency quantiles), when built with [`S3Builder::build`].
+    pub fn call_metrics(&self) -> Option<&MetricsHandle> {
+        self.layers.as_ref().map(|l| &l.metrics)
+    }
+
+    /// The default stack's circuit breaker (state, force open/closed, reset),
+    /// when built with [`S3Builder::build`].
+    pub fn circuit_breaker(&self) -> Option<CircuitBreakerHandle> {
+        self.layers.as_ref().map(|l| l.breaker.handle())
     }
 
     /// A `HeadBucket` health report.
@@ -970,6 +1152,57 @@ mod tests {
         assert_eq!(err.operation(), S3Operation::Exists);
         assert_eq!(err.bucket(), Some("media"));
         assert_eq!(err.key(), Some("k"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_default_stack_opens_its_breaker_after_five_failed_calls() {
+        let calls = Arc::new(AtomicU64::new(0));
+        let layers = DefaultLayers::new(Duration::from_secs(30));
+        let stack = layers.operations(
+            flaky(vec![S3ErrorKind::AccessDenied; 100], Arc::clone(&calls)),
+            "media",
+        );
+        for _ in 0..5 {
+            let err = stack.clone().oneshot(exists_request()).await.unwrap_err();
+            assert_eq!(err.kind(), &S3ErrorKind::AccessDenied);
+        }
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            5,
+            "permanent failures are not retried"
+        );
+        let err = stack.clone().oneshot(exists_request()).await.unwrap_err();
+        assert_eq!(err.kind(), &S3ErrorKind::CircuitOpen);
+        assert_eq!(err.key(), Some("k"));
+        assert!(!err.is_retryable());
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            5,
+            "an open breaker calls nothing"
+        );
+        let snapshot = layers.metrics.snapshot();
+        assert_eq!(snapshot.calls, 6);
+        assert_eq!(snapshot.failures_by_class["access_denied"], 5);
+        assert_eq!(snapshot.failures_by_class["circuit_open"], 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn not_found_never_trips_the_breaker() {
+        let calls = Arc::new(AtomicU64::new(0));
+        let layers = DefaultLayers::new(Duration::from_secs(30));
+        let stack = layers.operations(
+            flaky(vec![S3ErrorKind::NotFound; 20], Arc::clone(&calls)),
+            "media",
+        );
+        for _ in 0..20 {
+            let err = stack.clone().oneshot(exists_request()).await.unwrap_err();
+            assert!(err.is_not_found());
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 20);
+        assert_eq!(
+            layers.breaker.handle().state(),
+            keel_layers::circuit_breaker::CircuitState::Closed
+        );
     }
 
     #[test]
