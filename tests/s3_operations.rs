@@ -316,6 +316,41 @@ async fn every_operation_round_trips() {
 }
 
 #[tokio::test]
+async fn copy_across_buckets_and_single_put_progress() {
+    for server in support::s3_servers() {
+        let name = server.name;
+        let (source, _) = setup(&server, "copysrc").await;
+        let (target, _) = setup(&server, "copydst").await;
+        let events = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = Arc::clone(&events);
+        let listener =
+            keel::s3::upload::ProgressListener::new(move |e| seen.lock().unwrap().push(e));
+        source
+            .upload_with_progress(
+                "a/src.txt",
+                "from the other bucket",
+                UploadOptions::new(),
+                listener,
+            )
+            .await
+            .unwrap();
+        let events = events.lock().unwrap().clone();
+        assert_eq!(events.len(), 1, "{name}: one event for a single PutObject");
+        assert_eq!((events[0].bytes_sent, events[0].total), (21, Some(21)));
+        let out = target
+            .copy_from_bucket(source.bucket(), "a/src.txt", "b/dst.txt")
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e:?}"));
+        assert_eq!(out.bucket, target.bucket());
+        assert_eq!(
+            &target.download_bytes("b/dst.txt").await.unwrap()[..],
+            b"from the other bucket"
+        );
+        assert!(!source.exists("b/dst.txt").await.unwrap());
+    }
+}
+
+#[tokio::test]
 async fn upload_options_acl_encryption_and_tags_are_accepted() {
     for server in support::s3_servers() {
         let name = server.name;
