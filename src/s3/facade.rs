@@ -1154,14 +1154,20 @@ mod tests {
         assert_eq!(err.key(), Some("k"));
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn the_default_stack_opens_its_breaker_after_five_failed_calls() {
+    /// The default operation stack over a fake that fails `n` times with `kind`.
+    fn default_stack_failing(
+        kind: S3ErrorKind,
+        n: usize,
+    ) -> (S3Stack, DefaultLayers, Arc<AtomicU64>) {
         let calls = Arc::new(AtomicU64::new(0));
         let layers = DefaultLayers::new(Duration::from_secs(30));
-        let stack = layers.operations(
-            flaky(vec![S3ErrorKind::AccessDenied; 100], Arc::clone(&calls)),
-            "media",
-        );
+        let stack = layers.operations(flaky(vec![kind; n], Arc::clone(&calls)), "media");
+        (stack, layers, calls)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_default_stack_opens_its_breaker_after_five_failed_calls() {
+        let (stack, layers, calls) = default_stack_failing(S3ErrorKind::AccessDenied, 100);
         for _ in 0..5 {
             let err = stack.clone().oneshot(exists_request()).await.unwrap_err();
             assert_eq!(err.kind(), &S3ErrorKind::AccessDenied);
@@ -1188,12 +1194,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn not_found_never_trips_the_breaker() {
-        let calls = Arc::new(AtomicU64::new(0));
-        let layers = DefaultLayers::new(Duration::from_secs(30));
-        let stack = layers.operations(
-            flaky(vec![S3ErrorKind::NotFound; 20], Arc::clone(&calls)),
-            "media",
-        );
+        let (stack, layers, calls) = default_stack_failing(S3ErrorKind::NotFound, 20);
         for _ in 0..20 {
             let err = stack.clone().oneshot(exists_request()).await.unwrap_err();
             assert!(err.is_not_found());
