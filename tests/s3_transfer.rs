@@ -9,13 +9,18 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
+use keel::s3::client::S3Client;
+use keel::s3::config::S3Config;
 use keel::s3::download::RangedDownloader;
 use keel::s3::error::{S3ErrorKind, S3Operation};
+use keel::s3::key::ObjectKey;
 use keel::s3::multipart::{
     CopyConfig, MultipartCopier, MultipartEngine, ProgressListener, TransferConfig,
     TransferProgress,
 };
-use keel::s3::upload::{UploadBody, UploadOptions};
+use keel::s3::upload::{
+    MultipartUploadRequest, MultipartUploader, UploadBody, UploadOptions, UploadProgress,
+};
 use transfer_support::proxy::FaultProxy;
 use transfer_support::{
     assert_same_bytes, client, data, data_stream, fresh_bucket, get_bytes, open_multipart_uploads,
@@ -411,4 +416,65 @@ async fn a_body_shorter_than_announced_fails_and_leaves_no_upload() {
         proxy.seen()
     );
     assert!(open_multipart_uploads(&client, &bucket).await.is_empty());
+}
+
+/// The contract the S3 service uses: the engine behind `MultipartUploader`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_contract_uploads_through_the_engine() {
+    for server in support::s3_servers() {
+        let what = server.name;
+        let sdk = client(&server, &server.endpoint);
+        let bucket = fresh_bucket(&sdk, "contract").await;
+        let config = S3Config::builder()
+            .region("us-east-1")
+            .bucket(&bucket)
+            .endpoint(&server.endpoint)
+            .force_path_style(true)
+            .credentials(&server.access_key, &server.secret_key)
+            .build()
+            .unwrap();
+        let s3 = S3Client::from_sdk(config, sdk.clone());
+        let engine: Arc<dyn MultipartUploader> =
+            Arc::new(MultipartEngine::new(sdk.clone(), TransferConfig::default()));
+        assert_eq!(engine.threshold(), 5 * MIB);
+
+        let events: Arc<Mutex<Vec<UploadProgress>>> = Arc::default();
+        let listener = keel::s3::upload::ProgressListener::new({
+            let events = Arc::clone(&events);
+            move |event| events.lock().unwrap().push(event)
+        });
+        let length = 11 * MIB;
+        let key = ObjectKey::new("contract/eleven.bin").unwrap();
+        let request = MultipartUploadRequest::new(
+            s3,
+            bucket.clone(),
+            key.clone(),
+            data_stream(20, length).boxed(),
+            Some(length),
+            test_options(),
+            Some(listener),
+        );
+        let output = engine
+            .upload(request)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(output.key, key, "{what}");
+        assert_eq!(output.size, length, "{what}");
+        assert_eq!(output.parts, Some(3), "{what}");
+        assert!(output.etag.is_some(), "{what}");
+        assert_eq!(
+            output.location,
+            format!("{}/{bucket}/contract/eleven.bin", server.endpoint),
+            "{what}"
+        );
+        let events = events.lock().unwrap();
+        assert_eq!(events.len(), 3, "{what}");
+        assert_eq!(events[2].bytes_sent, length, "{what}");
+        assert_eq!(events[2].total, Some(length), "{what}");
+        assert_same_bytes(
+            &get_bytes(&sdk, &bucket, "contract/eleven.bin").await,
+            &data(20, length),
+            what,
+        );
+    }
 }
