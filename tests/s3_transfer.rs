@@ -467,7 +467,7 @@ async fn the_service_contract_uploads_through_the_engine() {
             format!("{}/{bucket}/contract/eleven.bin", server.endpoint),
             "{what}"
         );
-        let events = events.lock().unwrap();
+        let events = events.lock().unwrap().clone();
         assert_eq!(events.len(), 3, "{what}");
         assert_eq!(events[2].bytes_sent, length, "{what}");
         assert_eq!(events[2].total, Some(length), "{what}");

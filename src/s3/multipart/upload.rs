@@ -431,17 +431,18 @@ impl MultipartEngine {
         let mut next_part = 0u32;
         let mut sent = 0u64;
         loop {
-            if body_size.is_none() && tasks.len() < self.config.parts_in_flight {
-                if let Some(mut reader) = idle_reader.take() {
-                    let size = fixed_part_size.unwrap_or_else(|| {
-                        plan::part_size_for_unknown_length(next_part + 1, self.config.part_size)
-                    });
-                    let size = usize::try_from(size).unwrap_or(usize::MAX);
-                    reading = Some(Box::pin(async move {
-                        let part = reader.next_part(size).await;
-                        (reader, part)
-                    }));
-                }
+            if body_size.is_none()
+                && tasks.len() < self.config.parts_in_flight
+                && let Some(mut reader) = idle_reader.take()
+            {
+                let size = fixed_part_size.unwrap_or_else(|| {
+                    plan::part_size_for_unknown_length(next_part + 1, self.config.part_size)
+                });
+                let size = usize::try_from(size).unwrap_or(usize::MAX);
+                reading = Some(Box::pin(async move {
+                    let part = reader.next_part(size).await;
+                    (reader, part)
+                }));
             }
             tokio::select! {
                 (reader, part) = async { reading.as_mut().expect("guarded").await }, if reading.is_some() => {
