@@ -478,3 +478,68 @@ async fn the_service_contract_uploads_through_the_engine() {
         );
     }
 }
+
+/// Every upload option reaches a multipart object (moto keeps and reports them all).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_options_reach_a_multipart_object() {
+    use keel::s3::upload::{CannedAcl, ServerSideEncryption};
+    let server = support::moto();
+    let client = client(&server, &server.endpoint);
+    let bucket = fresh_bucket(&client, "options").await;
+    let options = test_options()
+        .cache_control("max-age=60")
+        .content_disposition("attachment; filename=\"report.bin\"")
+        .acl(CannedAcl::Private)
+        .server_side_encryption(ServerSideEncryption::Aes256)
+        .tag("team", "storage")
+        .tag("tier", "cold data");
+    let engine = MultipartEngine::new(client.clone(), TransferConfig::default());
+    let receipt = engine
+        .upload(
+            &bucket,
+            "options/obj",
+            UploadBody::stream(data_stream(30, 6 * MIB)),
+            &options,
+            &ProgressListener::none(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(receipt.parts, 2, "multipart");
+    let head = client
+        .head_object()
+        .bucket(&bucket)
+        .key("options/obj")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.content_type(), Some("application/x-keel-test"));
+    assert_eq!(head.cache_control(), Some("max-age=60"));
+    assert_eq!(
+        head.content_disposition(),
+        Some("attachment; filename=\"report.bin\"")
+    );
+    assert_eq!(
+        head.server_side_encryption(),
+        Some(&aws_sdk_s3::types::ServerSideEncryption::Aes256)
+    );
+    let tagging = client
+        .get_object_tagging()
+        .bucket(&bucket)
+        .key("options/obj")
+        .send()
+        .await
+        .unwrap();
+    let mut tags: Vec<(String, String)> = tagging
+        .tag_set()
+        .iter()
+        .map(|t| (t.key().to_string(), t.value().to_string()))
+        .collect();
+    tags.sort();
+    assert_eq!(
+        tags,
+        vec![
+            ("team".to_string(), "storage".to_string()),
+            ("tier".to_string(), "cold data".to_string())
+        ]
+    );
+}
