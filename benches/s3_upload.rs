@@ -108,6 +108,7 @@ async fn raw_sequential_multipart(client: &Client, bucket: &str, key: &str, data
                 .build(),
         );
     }
+    let completing = Instant::now();
     client
         .complete_multipart_upload()
         .bucket(bucket)
@@ -121,6 +122,8 @@ async fn raw_sequential_multipart(client: &Client, bucket: &str, key: &str, data
         .send()
         .await
         .expect("complete");
+    // What the server spends joining the parts, for the report.
+    eprintln!("COMPLETE {}", completing.elapsed().as_secs_f64());
 }
 
 /// Runs one upload in this (child) process and prints `RESULT secs hwm_kib start_kib`.
@@ -234,6 +237,10 @@ fn main() {
                 .output()
                 .expect("run child");
             let stdout = String::from_utf8_lossy(&output.stdout);
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            if let Some(line) = stderr.lines().find(|l| l.starts_with("COMPLETE ")) {
+                eprintln!("  (its CompleteMultipartUpload took {} s)", &line[9..]);
+            }
             let Some(line) = stdout.lines().find(|l| l.starts_with("RESULT ")) else {
                 panic!(
                     "{variant} failed: {}\n{}",
