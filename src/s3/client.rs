@@ -69,13 +69,23 @@ impl S3Client {
     /// standard AWS chain) and configures pooling, timeouts, retries and the
     /// endpoint as described in the [module docs](self).
     pub async fn connect(config: S3Config) -> Result<Self, S3ServiceError> {
+        Self::connect_with(config, |builder| builder).await
+    }
+
+    /// Like [`connect`](Self::connect), letting `customize` adjust the SDK config
+    /// last (add an interceptor, a different HTTP client, ...). Re-enabling SDK
+    /// retries here would multiply attempts with keel's retry layer.
+    pub async fn connect_with(
+        config: S3Config,
+        customize: impl FnOnce(aws_sdk_s3::config::Builder) -> aws_sdk_s3::config::Builder,
+    ) -> Result<Self, S3ServiceError> {
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
             .region(Region::new(config.region().to_owned()));
         if let Some(credentials) = config.credentials() {
             loader = loader.credentials_provider(credentials.clone());
         }
         let shared = loader.load().await;
-        let sdk_config = sdk_config(&config, &shared);
+        let sdk_config = customize(sdk_config_builder(&config, &shared)).build();
         tracing::info!(
             component = "S3Client",
             region = config.region(),
@@ -204,7 +214,10 @@ impl S3Client {
 }
 
 /// The SDK config keel uses (see the module docs).
-fn sdk_config(config: &S3Config, shared: &aws_config::SdkConfig) -> aws_sdk_s3::Config {
+fn sdk_config_builder(
+    config: &S3Config,
+    shared: &aws_config::SdkConfig,
+) -> aws_sdk_s3::config::Builder {
     let http_client = aws_smithy_http_client::Builder::new()
         .pool_max_idle_per_host(config.pool_max_idle_per_host())
         .pool_idle_timeout(config.pool_idle_timeout())
@@ -229,7 +242,7 @@ fn sdk_config(config: &S3Config, shared: &aws_config::SdkConfig) -> aws_sdk_s3::
             .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
             .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
     }
-    builder.build()
+    builder
 }
 
 #[derive(Debug, Default)]
@@ -313,7 +326,7 @@ mod tests {
             .behavior_version(BehaviorVersion::latest())
             .region(Region::new("us-east-1"))
             .build();
-        let sdk = aws_sdk_s3::Client::from_conf(sdk_config(&config, &shared));
+        let sdk = aws_sdk_s3::Client::from_conf(sdk_config_builder(&config, &shared).build());
         S3Client::from_sdk(config, sdk)
     }
 
