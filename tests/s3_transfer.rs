@@ -543,3 +543,56 @@ async fn upload_options_reach_a_multipart_object() {
         ]
     );
 }
+
+/// The facade with the engine plugged in: `s3.upload` of a 64 MiB stream goes
+/// multipart through the engine and comes back byte-identical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_facade_uploads_a_streamed_64_mib_object_through_the_engine() {
+    for server in support::s3_servers() {
+        let what = server.name;
+        let sdk = client(&server, &server.endpoint);
+        let bucket = fresh_bucket(&sdk, "facade").await;
+        let config = S3Config::builder()
+            .region("us-east-1")
+            .bucket(&bucket)
+            .endpoint(&server.endpoint)
+            .force_path_style(true)
+            .credentials(&server.access_key, &server.secret_key)
+            .build()
+            .unwrap();
+        let engine = Arc::new(MultipartEngine::new(sdk.clone(), TransferConfig::default()));
+        let s3 = keel::s3::S3::builder(S3Client::from_sdk(config, sdk.clone()))
+            .multipart(engine)
+            .build();
+        let events: Arc<Mutex<Vec<UploadProgress>>> = Arc::default();
+        let listener = keel::s3::upload::ProgressListener::new({
+            let events = Arc::clone(&events);
+            move |event| events.lock().unwrap().push(event)
+        });
+        let length = 64 * MIB;
+        let output = s3
+            .upload_with_progress(
+                "facade/sixty-four.bin",
+                UploadBody::stream(data_stream(40, length)),
+                test_options(),
+                listener,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(output.parts, Some(13), "{what}");
+        assert_eq!(output.size, length, "{what}");
+        let events = events.lock().unwrap().clone();
+        assert_eq!(events.len(), 13, "{what}");
+        assert!(
+            events.windows(2).all(|w| w[1].bytes_sent > w[0].bytes_sent),
+            "{what}: progress rises"
+        );
+        assert_eq!(events[12].bytes_sent, length, "{what}");
+        assert_eq!(events[12].total, Some(length), "{what}");
+        assert_same_bytes(
+            &get_bytes(&sdk, &bucket, "facade/sixty-four.bin").await,
+            &data(40, length),
+            what,
+        );
+    }
+}
