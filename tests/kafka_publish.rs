@@ -14,7 +14,7 @@ use keel::kafka::envelope::{
     EventEnvelope, HEADER_EVENT_ID, HEADER_EVENT_TYPE, HEADER_EVENT_VERSION,
 };
 use keel::kafka::error::ProducerErrorKind;
-use keel::kafka::producer::{PublishBatchRequest, PublishRequest};
+use keel::kafka::producer::{PublishBatchRequest, PublishRequest, PublishStack};
 use rdkafka::Message;
 use serde::{Deserialize, Serialize};
 use tower::ServiceExt;
@@ -160,19 +160,27 @@ async fn a_batch_of_1001_is_refused_before_any_io() {
     let client = client(&brokers);
     let topic = new_topic(&client, 2).await;
 
+    // Through the default stack (the batch-size layer refuses it) and through the
+    // bare service (which checks too): neither sends anything.
+    let stack = PublishStack::new(&client);
     let batch: Vec<_> = (0..1001).map(order).collect();
+    let too_large = ProducerErrorKind::BatchTooLarge {
+        size: 1001,
+        max: 1000,
+    };
+    let err = stack
+        .batch_service()
+        .oneshot(PublishBatchRequest::new(topic.as_str(), batch.clone()))
+        .await
+        .expect_err("1,001 events is over the limit");
+    assert_eq!(err.kind(), too_large);
+    assert_eq!(stack.batch_metrics().snapshot().failures, 1);
     let err = client
         .batch_publisher()
         .oneshot(PublishBatchRequest::new(topic.as_str(), batch))
         .await
         .expect_err("1,001 events is over the limit");
-    assert_eq!(
-        err.kind(),
-        ProducerErrorKind::BatchTooLarge {
-            size: 1001,
-            max: 1000
-        }
-    );
+    assert_eq!(err.kind(), too_large);
     assert_eq!(err.topic(), topic);
     assert!(!err.is_retryable());
 
@@ -192,11 +200,17 @@ async fn a_batch_of_1001_is_refused_before_any_io() {
 
     // 1,000 is fine.
     let batch: Vec<_> = (0..1000).map(order).collect();
-    client
-        .batch_publisher()
+    let ack = stack
+        .batch_service()
         .oneshot(PublishBatchRequest::new(topic.as_str(), batch))
         .await
         .expect("1,000 events is the limit");
+    assert_eq!(ack.acks.len(), 1000);
+    let (b, t) = (brokers.clone(), topic.clone());
+    let written = tokio::task::spawn_blocking(move || kafka_util::high_watermarks(&b, &t, 2))
+        .await
+        .unwrap();
+    assert_eq!(written, 1000);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,6 +7,7 @@ mod transfer_support;
 
 use std::time::Duration;
 
+use keel::s3::download::RangedDownloader;
 use keel::s3::error::{S3ErrorKind, S3Operation, THROTTLE_DELAY_FLOOR};
 use keel::s3::multipart::{
     MultipartEngine, ProgressListener, RetryPolicy, TransferConfig, TransferProgress,
@@ -236,5 +237,51 @@ async fn a_dropped_upload_future_aborts_the_upload() {
         task.abort();
         assert!(task.await.unwrap_err().is_cancelled(), "{what}");
         assert_no_upload_left(&proxy, &server, &bucket).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ranged_download_cut_mid_answer_retries_the_range() {
+    for server in support::s3_servers() {
+        let what = server.name;
+        let proxy = FaultProxy::start(&server.endpoint).await;
+        let client = client(&server, &proxy.endpoint());
+        let bucket = fresh_bucket(&client, "dlcut").await;
+        let length = 17 * MIB + 9;
+        let expected = data(14, length);
+        let config = TransferConfig::default().retry(fast_retry());
+        MultipartEngine::new(client.clone(), config.clone())
+            .upload(
+                &bucket,
+                "dl/obj",
+                UploadBody::from(expected.clone()),
+                &UploadOptions::new(),
+                &ProgressListener::none(),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        // Two ranged GETs lose their connection after 1 MiB of their answer.
+        proxy.cut_response(Matcher::RangedGet, 2, MIB);
+        let mut downloaded = Vec::new();
+        let receipt = RangedDownloader::new(client.clone(), config)
+            .download_to_writer(
+                &bucket,
+                "dl/obj",
+                &mut downloaded,
+                &ProgressListener::none(),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        let seen = proxy.seen();
+        assert_eq!(
+            seen.iter()
+                .filter(|s| s.fault == Some("cut_response"))
+                .count(),
+            2,
+            "{what}"
+        );
+        assert_eq!(receipt.parts, 4, "{what}");
+        assert_eq!(receipt.stats.retries, 2, "{what}: {:?}", receipt.stats);
+        assert_same_bytes(&downloaded, &expected, what);
     }
 }

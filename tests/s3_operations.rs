@@ -300,7 +300,53 @@ async fn every_operation_round_trips() {
         assert!(m.bytes_downloaded >= (data.len() * 2 + file_data.len()) as u64);
         assert!(m.last_operation_at.is_some());
         assert_eq!(m.latency["exists"].count, 3);
+        // The default stack's own metrics and breaker saw the same calls: the missing
+        // download is ignored (not a failure of the server), so the breaker is closed.
+        let calls = s3.call_metrics().unwrap().snapshot();
+        assert_eq!(calls.failures, 0, "{name}: {calls:?}");
+        assert_eq!(calls.ignored, 1, "{name}: the missing download");
+        // 4 uploads, 6 downloads, 3 exists, 1 copy, 3 list pages, 1 delete.
+        assert_eq!(calls.calls, 18, "{name}: {calls:?}");
+        assert_eq!(
+            s3.circuit_breaker().unwrap().state(),
+            keel::layers::circuit_breaker::CircuitState::Closed
+        );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+#[tokio::test]
+async fn copy_across_buckets_and_single_put_progress() {
+    for server in support::s3_servers() {
+        let name = server.name;
+        let (source, _) = setup(&server, "copysrc").await;
+        let (target, _) = setup(&server, "copydst").await;
+        let events = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = Arc::clone(&events);
+        let listener =
+            keel::s3::upload::ProgressListener::new(move |e| seen.lock().unwrap().push(e));
+        source
+            .upload_with_progress(
+                "a/src.txt",
+                "from the other bucket",
+                UploadOptions::new(),
+                listener,
+            )
+            .await
+            .unwrap();
+        let events = events.lock().unwrap().clone();
+        assert_eq!(events.len(), 1, "{name}: one event for a single PutObject");
+        assert_eq!((events[0].bytes_sent, events[0].total), (21, Some(21)));
+        let out = target
+            .copy_from_bucket(source.bucket(), "a/src.txt", "b/dst.txt")
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e:?}"));
+        assert_eq!(out.bucket, target.bucket());
+        assert_eq!(
+            &target.download_bytes("b/dst.txt").await.unwrap()[..],
+            b"from the other bucket"
+        );
+        assert!(!source.exists("b/dst.txt").await.unwrap());
     }
 }
 

@@ -9,13 +9,18 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
+use keel::s3::client::S3Client;
+use keel::s3::config::S3Config;
 use keel::s3::download::RangedDownloader;
 use keel::s3::error::{S3ErrorKind, S3Operation};
+use keel::s3::key::ObjectKey;
 use keel::s3::multipart::{
     CopyConfig, MultipartCopier, MultipartEngine, ProgressListener, TransferConfig,
     TransferProgress,
 };
-use keel::s3::upload::{UploadBody, UploadOptions};
+use keel::s3::upload::{
+    MultipartUploadRequest, MultipartUploader, UploadBody, UploadOptions, UploadProgress,
+};
 use transfer_support::proxy::FaultProxy;
 use transfer_support::{
     assert_same_bytes, client, data, data_stream, fresh_bucket, get_bytes, open_multipart_uploads,
@@ -411,4 +416,183 @@ async fn a_body_shorter_than_announced_fails_and_leaves_no_upload() {
         proxy.seen()
     );
     assert!(open_multipart_uploads(&client, &bucket).await.is_empty());
+}
+
+/// The contract the S3 service uses: the engine behind `MultipartUploader`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_contract_uploads_through_the_engine() {
+    for server in support::s3_servers() {
+        let what = server.name;
+        let sdk = client(&server, &server.endpoint);
+        let bucket = fresh_bucket(&sdk, "contract").await;
+        let config = S3Config::builder()
+            .region("us-east-1")
+            .bucket(&bucket)
+            .endpoint(&server.endpoint)
+            .force_path_style(true)
+            .credentials(&server.access_key, &server.secret_key)
+            .build()
+            .unwrap();
+        let s3 = S3Client::from_sdk(config, sdk.clone());
+        let engine: Arc<dyn MultipartUploader> =
+            Arc::new(MultipartEngine::new(sdk.clone(), TransferConfig::default()));
+        assert_eq!(engine.threshold(), 5 * MIB);
+
+        let events: Arc<Mutex<Vec<UploadProgress>>> = Arc::default();
+        let listener = keel::s3::upload::ProgressListener::new({
+            let events = Arc::clone(&events);
+            move |event| events.lock().unwrap().push(event)
+        });
+        let length = 11 * MIB;
+        let key = ObjectKey::new("contract/eleven.bin").unwrap();
+        let request = MultipartUploadRequest::new(
+            s3,
+            bucket.clone(),
+            key.clone(),
+            data_stream(20, length).boxed(),
+            Some(length),
+            test_options(),
+            Some(listener),
+        );
+        let output = engine
+            .upload(request)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(output.key, key, "{what}");
+        assert_eq!(output.size, length, "{what}");
+        assert_eq!(output.parts, Some(3), "{what}");
+        assert!(output.etag.is_some(), "{what}");
+        assert_eq!(
+            output.location,
+            format!("{}/{bucket}/contract/eleven.bin", server.endpoint),
+            "{what}"
+        );
+        let events = events.lock().unwrap().clone();
+        assert_eq!(events.len(), 3, "{what}");
+        assert_eq!(events[2].bytes_sent, length, "{what}");
+        assert_eq!(events[2].total, Some(length), "{what}");
+        assert_same_bytes(
+            &get_bytes(&sdk, &bucket, "contract/eleven.bin").await,
+            &data(20, length),
+            what,
+        );
+    }
+}
+
+/// Every upload option reaches a multipart object (moto keeps and reports them all).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_options_reach_a_multipart_object() {
+    use keel::s3::upload::{CannedAcl, ServerSideEncryption};
+    let server = support::moto();
+    let client = client(&server, &server.endpoint);
+    let bucket = fresh_bucket(&client, "options").await;
+    let options = test_options()
+        .cache_control("max-age=60")
+        .content_disposition("attachment; filename=\"report.bin\"")
+        .acl(CannedAcl::Private)
+        .server_side_encryption(ServerSideEncryption::Aes256)
+        .tag("team", "storage")
+        .tag("tier", "cold data");
+    let engine = MultipartEngine::new(client.clone(), TransferConfig::default());
+    let receipt = engine
+        .upload(
+            &bucket,
+            "options/obj",
+            UploadBody::stream(data_stream(30, 6 * MIB)),
+            &options,
+            &ProgressListener::none(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(receipt.parts, 2, "multipart");
+    let head = client
+        .head_object()
+        .bucket(&bucket)
+        .key("options/obj")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.content_type(), Some("application/x-keel-test"));
+    assert_eq!(head.cache_control(), Some("max-age=60"));
+    assert_eq!(
+        head.content_disposition(),
+        Some("attachment; filename=\"report.bin\"")
+    );
+    assert_eq!(
+        head.server_side_encryption(),
+        Some(&aws_sdk_s3::types::ServerSideEncryption::Aes256)
+    );
+    let tagging = client
+        .get_object_tagging()
+        .bucket(&bucket)
+        .key("options/obj")
+        .send()
+        .await
+        .unwrap();
+    let mut tags: Vec<(String, String)> = tagging
+        .tag_set()
+        .iter()
+        .map(|t| (t.key().to_string(), t.value().to_string()))
+        .collect();
+    tags.sort();
+    assert_eq!(
+        tags,
+        vec![
+            ("team".to_string(), "storage".to_string()),
+            ("tier".to_string(), "cold data".to_string())
+        ]
+    );
+}
+
+/// The facade with the engine plugged in: `s3.upload` of a 64 MiB stream goes
+/// multipart through the engine and comes back byte-identical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_facade_uploads_a_streamed_64_mib_object_through_the_engine() {
+    for server in support::s3_servers() {
+        let what = server.name;
+        let sdk = client(&server, &server.endpoint);
+        let bucket = fresh_bucket(&sdk, "facade").await;
+        let config = S3Config::builder()
+            .region("us-east-1")
+            .bucket(&bucket)
+            .endpoint(&server.endpoint)
+            .force_path_style(true)
+            .credentials(&server.access_key, &server.secret_key)
+            .build()
+            .unwrap();
+        let engine = Arc::new(MultipartEngine::new(sdk.clone(), TransferConfig::default()));
+        let s3 = keel::s3::S3::builder(S3Client::from_sdk(config, sdk.clone()))
+            .multipart(engine)
+            .build();
+        let events: Arc<Mutex<Vec<UploadProgress>>> = Arc::default();
+        let listener = keel::s3::upload::ProgressListener::new({
+            let events = Arc::clone(&events);
+            move |event| events.lock().unwrap().push(event)
+        });
+        let length = 64 * MIB;
+        let output = s3
+            .upload_with_progress(
+                "facade/sixty-four.bin",
+                UploadBody::stream(data_stream(40, length)),
+                test_options(),
+                listener,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(output.parts, Some(13), "{what}");
+        assert_eq!(output.size, length, "{what}");
+        let events = events.lock().unwrap().clone();
+        assert_eq!(events.len(), 13, "{what}");
+        assert!(
+            events.windows(2).all(|w| w[1].bytes_sent > w[0].bytes_sent),
+            "{what}: progress rises"
+        );
+        assert_eq!(events[12].bytes_sent, length, "{what}");
+        assert_eq!(events[12].total, Some(length), "{what}");
+        assert_same_bytes(
+            &get_bytes(&sdk, &bucket, "facade/sixty-four.bin").await,
+            &data(40, length),
+            what,
+        );
+    }
 }

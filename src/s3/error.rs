@@ -16,7 +16,7 @@
 //! | [`CircuitOpen`](S3ErrorKind::CircuitOpen), [`ShuttingDown`](S3ErrorKind::ShuttingDown) | no | – |
 //!
 //! Not-found and the caller's own mistakes (invalid key or request) are
-//! [`Outcome::Ignored`](keel_layers::classify::Outcome::Ignored): they say nothing
+//! [`Outcome::Ignored`]: they say nothing
 //! about the server's health, so they never trip the circuit breaker.
 //!
 //! ```
@@ -89,6 +89,8 @@ pub enum S3Operation {
     CreateBucket,
     /// Building the client from the config.
     Connect,
+    /// Waiting for the service stack to be ready (before any request).
+    Readiness,
 }
 
 impl S3Operation {
@@ -114,6 +116,7 @@ impl S3Operation {
             S3Operation::HealthCheck => "health_check",
             S3Operation::CreateBucket => "create_bucket",
             S3Operation::Connect => "connect",
+            S3Operation::Readiness => "readiness",
         }
     }
 }

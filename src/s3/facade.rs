@@ -10,11 +10,23 @@
 //! what was read put back in front. So memory stays bounded by the threshold here
 //! and by the engine's part size times parts in flight there.
 //!
-//! Two stacks run the requests: the *operation* stack (every operation but
-//! multipart uploads) and the *transfer* stack (multipart uploads: the engine owns
-//! per-part retries and timeouts, so a whole-upload timeout or retry would be
-//! wrong there). [`S3Builder::build_with`] puts one `tower::Layer` of your choice
-//! around both.
+//! Two stacks run the requests, both built by [`S3Builder::build`] from
+//! keel-layers ([`DefaultLayers`]), outermost first:
+//!
+//! - the *operation* stack (every operation but multipart uploads): logging (one
+//!   span and one completion event per call with operation, bucket and key),
+//!   call metrics, circuit breaker (opens after 5 consecutive failures, probes
+//!   after 60 s), retry (`RetryPolicy::s3()`: 1, 2, 4 s, cap 10 s, 3 retries;
+//!   `SlowDown` / `Retry-After` raise the wait), timeout per attempt (the config's
+//!   request timeout);
+//! - the *transfer* stack (multipart uploads): logging, metrics and the same
+//!   breaker, but no whole-upload retry or timeout — the engine retries and times
+//!   each part itself.
+//!
+//! The AWS SDK's own retries are off (see [`S3Client`]), so the retry layer is the
+//! one owner of attempts. Not-found answers and refused keys are `Ignored` by the
+//! classification: they never trip the breaker. [`S3Builder::build_with`] puts a
+//! `tower::Layer` of your choice around both instead.
 //!
 //! Cloning an `S3` is cheap and shares the client, the stacks (and so the state of
 //! their layers, such as a circuit breaker) and the metrics.
@@ -45,9 +57,18 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
+use keel_layers::circuit_breaker::{
+    CircuitBreakerError, CircuitBreakerHandle, CircuitBreakerLayer,
+};
+use keel_layers::classify::ByError;
+use keel_layers::logging::LoggingLayer;
+use keel_layers::metrics::{MetricsHandle, MetricsLayer};
+use keel_layers::retry::{Retry, RetryLayer, RetryPolicy};
+use keel_layers::timeout::{Timeout, TimeoutError, TimeoutLayer};
 use tokio::io::AsyncWriteExt;
+use tower::layer::util::{Identity, Stack};
 use tower::util::BoxCloneSyncService;
-use tower::{Layer, Service, ServiceExt};
+use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
 use super::client::{S3Client, S3Health, ShutdownReport};
 use super::error::{BoxError, S3ErrorKind, S3Operation, S3ServiceError};
@@ -56,7 +77,7 @@ use super::metrics::{S3Metrics, S3MetricsSnapshot};
 use super::presign::PresignedUrl;
 use super::service::{
     CopyOutput, DeleteFailure, DeleteManyOutput, ListPage, MAX_DELETE_BATCH, ObjectDownload,
-    ObjectSummary, S3Request, S3Response, S3Service, UploadPayload, UploadRequest,
+    ObjectSummary, OnceBody, S3Request, S3Response, S3Service, UploadPayload, UploadRequest,
 };
 use super::upload::{
     BodySource, MultipartUploader, ProgressListener, UploadBody, UploadOptions, UploadOutput,
@@ -78,6 +99,7 @@ pub struct S3 {
     policy: KeyPolicy,
     threshold: u64,
     metrics: S3Metrics,
+    layers: Option<DefaultLayers>,
 }
 
 impl fmt::Debug for S3 {
@@ -98,6 +120,7 @@ pub struct S3Builder {
     multipart: Option<Arc<dyn MultipartUploader>>,
     threshold: Option<u64>,
     metrics: S3Metrics,
+    layers: Option<DefaultLayers>,
 }
 
 impl S3Builder {
@@ -108,8 +131,10 @@ impl S3Builder {
         self
     }
 
-    /// The multipart engine for bodies above the threshold (default: none —
-    /// such uploads are refused with `InvalidRequest`).
+    /// The multipart engine for bodies above the threshold (default: a
+    /// [`MultipartEngine`](crate::s3::multipart::MultipartEngine) with
+    /// [`TransferConfig::default`](crate::s3::multipart::TransferConfig): 5 MiB
+    /// threshold and parts, 4 parts in flight).
     pub fn multipart(mut self, engine: Arc<dyn MultipartUploader>) -> Self {
         self.multipart = Some(engine);
         self
@@ -129,15 +154,44 @@ impl S3Builder {
         self
     }
 
-    /// Builds the facade over the bare service (no layers).
-    pub fn build(self) -> S3 {
-        self.build_with(tower::layer::util::Identity::new())
+    fn service(&self) -> S3Service {
+        let service = S3Service::new(self.client.clone());
+        match &self.multipart {
+            Some(engine) => service.with_multipart(Arc::clone(engine)),
+            None => service,
+        }
     }
 
-    /// Builds the facade with `layer` around the service, for both the operation
-    /// and the transfer stack. The layer's errors are turned back into
-    /// [`S3ServiceError`]s (an `S3ServiceError` passes through; anything else
-    /// becomes kind `Transport` with the error as its cause).
+    /// Builds the facade with the default stacks: [`operation_stack`] (retry,
+    /// timeout per attempt of the config's request timeout) for single-request
+    /// operations; the bare service for multipart uploads, whose engine retries
+    /// and times its parts itself.
+    pub fn build(self) -> S3 {
+        let layers = self
+            .layers
+            .clone()
+            .unwrap_or_else(|| DefaultLayers::new(self.client.config().request_timeout()));
+        let service = self.service();
+        let bucket = self.client.bucket().to_owned();
+        let operations = layers.operations(service.clone(), &bucket);
+        let transfers = layers.transfers(service, &bucket);
+        let mut s3 = self.finish(operations, transfers);
+        s3.layers = Some(layers);
+        s3
+    }
+
+    /// Settings of the default stack (default: [`DefaultLayers::new`] with the
+    /// config's request timeout); only [`build`](Self::build) uses them.
+    pub fn default_layers(mut self, layers: DefaultLayers) -> Self {
+        self.layers = Some(layers);
+        self
+    }
+
+    /// Builds the facade with `layer` (and nothing else) around the service, for
+    /// both stacks. The layer's errors are turned back into [`S3ServiceError`]s
+    /// (an `S3ServiceError` or a timeout passes through typed; anything else
+    /// becomes kind `Transport` with the error as its cause). With
+    /// `tower::layer::util::Identity` this is the bare service.
     pub fn build_with<L>(self, layer: L) -> S3
     where
         L: Layer<S3Service>,
@@ -145,55 +199,319 @@ impl S3Builder {
         <L::Service as Service<S3Request>>::Error: Into<BoxError>,
         <L::Service as Service<S3Request>>::Future: Send + 'static,
     {
-        let mut service = S3Service::new(self.client.clone());
-        if let Some(engine) = &self.multipart {
-            service = service.with_multipart(Arc::clone(engine));
-        }
-        let stack = erase(layer.layer(service));
+        let bucket = self.client.bucket().to_owned();
+        let stack = layer.layer(self.service()).map_err(Into::<BoxError>::into);
+        let stack = erase(stack, &bucket);
+        self.finish(stack.clone(), stack)
+    }
+
+    fn finish(self, operations: S3Stack, transfers: S3Stack) -> S3 {
         let threshold = self
             .threshold
             .or_else(|| self.multipart.as_ref().map(|m| m.threshold()))
             .unwrap_or(DEFAULT_MULTIPART_THRESHOLD);
         S3 {
             client: self.client,
-            operations: stack.clone(),
-            transfers: stack,
+            operations,
+            transfers,
             policy: self.policy,
             threshold,
             metrics: self.metrics,
+            layers: None,
         }
     }
 }
 
-/// Boxes a stack, mapping its errors back to [`S3ServiceError`].
-fn erase<S>(service: S) -> S3Stack
+/// Boxes a stack whose errors can become [`S3ServiceError`]s.
+fn erase<S>(service: S, bucket: &str) -> S3Stack
 where
     S: Service<S3Request, Response = S3Response> + Clone + Send + Sync + 'static,
-    S::Error: Into<BoxError>,
+    S::Error: IntoS3ServiceError,
     S::Future: Send + 'static,
 {
-    BoxCloneSyncService::new(service.map_err(|e: S::Error| from_layer_error(e.into())))
+    BoxCloneSyncService::new(WithErrorContext {
+        inner: service,
+        bucket: Arc::from(bucket),
+    })
 }
 
-/// Recovers an [`S3ServiceError`] from whatever a layer returned.
-fn from_layer_error(err: BoxError) -> S3ServiceError {
-    match err.downcast::<S3ServiceError>() {
-        Ok(e) => *e,
-        Err(other) => S3ServiceError::new(S3Operation::Upload, S3ErrorKind::Transport)
-            .with_message(other.to_string())
-            .with_source(other),
+/// Turns a layer's error back into an [`S3ServiceError`], filling in the
+/// operation, bucket and key of the request it failed.
+pub trait IntoS3ServiceError {
+    /// The error for a call of `operation` on `bucket` / `key`.
+    fn into_s3_error(
+        self,
+        operation: S3Operation,
+        bucket: &str,
+        key: Option<&ObjectKey>,
+    ) -> S3ServiceError;
+}
+
+impl IntoS3ServiceError for S3ServiceError {
+    fn into_s3_error(self, _: S3Operation, _: &str, _: Option<&ObjectKey>) -> S3ServiceError {
+        self
     }
+}
+
+impl<E: IntoS3ServiceError> IntoS3ServiceError for TimeoutError<E> {
+    fn into_s3_error(
+        self,
+        operation: S3Operation,
+        bucket: &str,
+        key: Option<&ObjectKey>,
+    ) -> S3ServiceError {
+        match self {
+            TimeoutError::Elapsed { after } => {
+                in_context(S3ErrorKind::Timeout, operation, bucket, key)
+                    .with_message(format!("no answer within {after:?}"))
+            }
+            TimeoutError::Inner(e) => e.into_s3_error(operation, bucket, key),
+        }
+    }
+}
+
+impl<E: IntoS3ServiceError> IntoS3ServiceError for CircuitBreakerError<E> {
+    fn into_s3_error(
+        self,
+        operation: S3Operation,
+        bucket: &str,
+        key: Option<&ObjectKey>,
+    ) -> S3ServiceError {
+        match self {
+            CircuitBreakerError::Inner(e) => e.into_s3_error(operation, bucket, key),
+            rejected => {
+                let rejected = rejected_source(rejected);
+                in_context(S3ErrorKind::CircuitOpen, operation, bucket, key)
+                    .with_message(rejected.to_string())
+                    .with_source(rejected)
+            }
+        }
+    }
+}
+
+/// The rejection itself as a cause (without the inner error type).
+fn rejected_source<E>(
+    rejected: CircuitBreakerError<E>,
+) -> CircuitBreakerError<std::convert::Infallible> {
+    match rejected {
+        CircuitBreakerError::Open { remaining_wait } => {
+            CircuitBreakerError::Open { remaining_wait }
+        }
+        CircuitBreakerError::HalfOpenFull { permitted_probes } => {
+            CircuitBreakerError::HalfOpenFull { permitted_probes }
+        }
+        _ => CircuitBreakerError::ForcedOpen,
+    }
+}
+
+impl IntoS3ServiceError for BoxError {
+    fn into_s3_error(
+        self,
+        operation: S3Operation,
+        bucket: &str,
+        key: Option<&ObjectKey>,
+    ) -> S3ServiceError {
+        let err = match self.downcast::<S3ServiceError>() {
+            Ok(e) => return *e,
+            Err(other) => other,
+        };
+        let err = match err.downcast::<TimeoutError<S3ServiceError>>() {
+            Ok(e) => return e.into_s3_error(operation, bucket, key),
+            Err(other) => other,
+        };
+        in_context(S3ErrorKind::Transport, operation, bucket, key)
+            .with_message(err.to_string())
+            .with_source(err)
+    }
+}
+
+/// A new error of `kind` for a call of `operation` on `bucket` / `key`.
+fn in_context(
+    kind: S3ErrorKind,
+    operation: S3Operation,
+    bucket: &str,
+    key: Option<&ObjectKey>,
+) -> S3ServiceError {
+    let err = S3ServiceError::new(operation, kind).with_bucket(bucket);
+    match key {
+        Some(k) => err.with_key(k.as_str()),
+        None => err,
+    }
+}
+
+/// Maps the stack's errors to [`S3ServiceError`]s with the request's context.
+#[derive(Clone, Debug)]
+struct WithErrorContext<S> {
+    inner: S,
+    bucket: Arc<str>,
+}
+
+impl<S> Service<S3Request> for WithErrorContext<S>
+where
+    S: Service<S3Request, Response = S3Response>,
+    S::Error: IntoS3ServiceError,
+    S::Future: Send + 'static,
+{
+    type Response = S3Response;
+    type Error = S3ServiceError;
+    type Future = futures::future::BoxFuture<'static, Result<S3Response, S3ServiceError>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        let bucket = &self.bucket;
+        self.inner
+            .poll_ready(cx)
+            .map_err(|e| e.into_s3_error(S3Operation::Readiness, bucket, None))
+    }
+
+    fn call(&mut self, request: S3Request) -> Self::Future {
+        let operation = request.operation();
+        let key = request.key().cloned();
+        let bucket = Arc::clone(&self.bucket);
+        let future = self.inner.call(request);
+        Box::pin(async move {
+            future
+                .await
+                .map_err(|e| e.into_s3_error(operation, &bucket, key.as_ref()))
+        })
+    }
+}
+
+/// The shared parts of the default stacks: one circuit breaker and one set of
+/// call metrics for both the operation and the transfer stack.
+#[derive(Clone, Debug)]
+pub struct DefaultLayers {
+    breaker: CircuitBreakerLayer<ByError>,
+    metrics: MetricsHandle,
+    attempt_timeout: Duration,
+}
+
+impl DefaultLayers {
+    /// The seed's settings: a breaker that opens after 5 consecutive failures and
+    /// probes again after 60 s (not-found, invalid keys and other caller mistakes
+    /// never count: they are `Ignored`), call metrics over a 60 s window, and
+    /// `attempt_timeout` per attempt.
+    pub fn new(attempt_timeout: Duration) -> Self {
+        DefaultLayers {
+            breaker: CircuitBreakerLayer::builder().classifier(ByError).build(),
+            metrics: MetricsLayer::new().handle(),
+            attempt_timeout,
+        }
+    }
+
+    /// Uses `breaker` instead of the default one.
+    pub fn circuit_breaker(mut self, breaker: CircuitBreakerLayer<ByError>) -> Self {
+        self.breaker = breaker;
+        self
+    }
+
+    /// Counts into `metrics` instead of fresh call metrics.
+    pub fn metrics(mut self, metrics: MetricsHandle) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Wraps `service` in the operation stack, outermost first: logging, metrics,
+    /// circuit breaker, then [`operation_stack`] (retry, timeout per attempt).
+    pub fn operations<S>(&self, service: S, bucket: &str) -> S3Stack
+    where
+        S: Service<S3Request, Response = S3Response, Error = S3ServiceError>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        let core = operation_stack(service, self.attempt_timeout);
+        erase(self.outer(bucket).service(core), bucket)
+    }
+
+    /// Wraps `service` in the transfer stack: logging, metrics, circuit breaker
+    /// (no whole-call retry or timeout: the multipart engine has its own per part).
+    pub fn transfers<S>(&self, service: S, bucket: &str) -> S3Stack
+    where
+        S: Service<S3Request, Response = S3Response, Error = S3ServiceError>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        erase(self.outer(bucket).service(service), bucket)
+    }
+
+    fn outer(&self, bucket: &str) -> ServiceBuilder<OuterLayers> {
+        let fields = RequestLogFields {
+            bucket: Arc::from(bucket),
+        };
+        ServiceBuilder::new()
+            .layer(
+                LoggingLayer::new("S3Service", "s3")
+                    .classify(ByError)
+                    .fields(fields),
+            )
+            .layer(MetricsLayer::from_handle(self.metrics.clone()).classify(ByError))
+            .layer(self.breaker.clone())
+    }
+}
+
+/// Logging, metrics and circuit breaker, as `ServiceBuilder` stacks them.
+type OuterLayers = Stack<
+    CircuitBreakerLayer<ByError>,
+    Stack<MetricsLayer<ByError>, Stack<LoggingLayer<ByError, RequestLogFields>, Identity>>,
+>;
+
+/// The fields logged for every S3 call: operation, bucket and key (never bodies,
+/// options or credentials).
+#[derive(Clone, Debug)]
+pub struct RequestLogFields {
+    bucket: Arc<str>,
+}
+
+impl keel_layers::logging::RequestFields<S3Request> for RequestLogFields {
+    fn span(&self, req: &S3Request) -> tracing::Span {
+        tracing::info_span!(
+            "s3",
+            s3_operation = req.operation().as_str(),
+            bucket = %self.bucket,
+            key = req.key().map(ObjectKey::as_str),
+        )
+    }
+}
+
+/// The default stack for single-request operations, outermost first: retry
+/// (`RetryPolicy::s3()`: 1, 2, 4 s, cap 10 s, 3 retries; what is retried and the
+/// delay floor come from [`S3ServiceError`]'s classification, so `SlowDown` and
+/// `Retry-After` are honoured) around a timeout per attempt.
+///
+/// The SDK does not retry (see [`S3Client`]), so this is the only place attempts
+/// are made: at most 4 per call.
+pub fn operation_stack<S>(service: S, attempt_timeout: Duration) -> Retry<Timeout<S>, ByError>
+where
+    S: Service<S3Request, Response = S3Response, Error = S3ServiceError> + Clone,
+{
+    ServiceBuilder::new()
+        .layer(RetryLayer::new(RetryPolicy::s3()).classifier(ByError))
+        .layer(TimeoutLayer::new(attempt_timeout))
+        .service(service)
 }
 
 impl S3 {
     /// A builder over `client`.
     pub fn builder(client: S3Client) -> S3Builder {
+        let engine = crate::s3::multipart::MultipartEngine::new(
+            client.sdk().clone(),
+            crate::s3::multipart::TransferConfig::default(),
+        );
         S3Builder {
             client,
             policy: KeyPolicy::strict(),
-            multipart: None,
+            multipart: Some(Arc::new(engine)),
             threshold: None,
             metrics: S3Metrics::default(),
+            layers: None,
         }
     }
 
@@ -227,6 +545,18 @@ impl S3 {
         &self.metrics
     }
 
+    /// The default stack's call metrics (calls, failures by class, in flight,
+    /// latency quantiles), when built with [`S3Builder::build`].
+    pub fn call_metrics(&self) -> Option<&MetricsHandle> {
+        self.layers.as_ref().map(|l| &l.metrics)
+    }
+
+    /// The default stack's circuit breaker (state, force open/closed, reset),
+    /// when built with [`S3Builder::build`].
+    pub fn circuit_breaker(&self) -> Option<CircuitBreakerHandle> {
+        self.layers.as_ref().map(|l| l.breaker.handle())
+    }
+
     /// A `HeadBucket` health report.
     pub async fn health(&self) -> S3Health {
         self.client.health().await
@@ -256,10 +586,22 @@ impl S3 {
         result
     }
 
-    fn unexpected(&self, op: S3Operation, response: S3Response) -> S3ServiceError {
-        S3ServiceError::new(op, S3ErrorKind::InvalidRequest)
-            .with_bucket(self.bucket())
-            .with_message(format!("a layer answered {op} with {response:?}"))
+    /// Runs `request` and takes the expected variant out of the response (a
+    /// custom layer answering with another variant is an `InvalidRequest`).
+    async fn call_as<T>(
+        &self,
+        stack: &S3Stack,
+        request: S3Request,
+        expected: fn(S3Response) -> Option<T>,
+    ) -> Result<T, S3ServiceError> {
+        let op = request.operation();
+        expected(self.call(stack, request).await?).ok_or_else(|| {
+            S3ServiceError::new(op, S3ErrorKind::InvalidRequest)
+                .with_bucket(self.bucket())
+                .with_message(format!(
+                    "a layer answered {op} with another kind of response"
+                ))
+        })
     }
 
     /// Uploads `body` (bytes, a string, [`UploadBody::file`],
@@ -303,13 +645,11 @@ impl S3 {
             _ => &self.operations,
         };
         let request = S3Request::Upload(UploadRequest::new(key, payload, options, progress));
-        match self.call(stack, request).await? {
-            S3Response::Uploaded(out) => {
-                self.metrics.add_bytes_uploaded(out.size);
-                Ok(out)
-            }
-            other => Err(self.unexpected(op, other)),
-        }
+        let out = self
+            .call_as(stack, request, S3Response::into_uploaded)
+            .await?;
+        self.metrics.add_bytes_uploaded(out.size);
+        Ok(out)
     }
 
     /// Downloads `key` as a stream ([`ObjectDownload::body`]); bytes are counted as
@@ -320,19 +660,15 @@ impl S3 {
     ) -> Result<ObjectDownload, S3ServiceError> {
         let op = S3Operation::Download;
         let key = self.key(op, key)?;
-        match self
-            .call(&self.operations, S3Request::Download { key })
-            .await?
-        {
-            S3Response::Downloaded(mut download) => {
-                let metrics = self.metrics.clone();
-                download.body = download
-                    .body
-                    .on_chunk(Arc::new(move |n| metrics.add_bytes_downloaded(n)));
-                Ok(*download)
-            }
-            other => Err(self.unexpected(op, other)),
-        }
+        let request = S3Request::Download { key };
+        let mut download = *self
+            .call_as(&self.operations, request, S3Response::into_downloaded)
+            .await?;
+        let metrics = self.metrics.clone();
+        download.body = download
+            .body
+            .on_chunk(Arc::new(move |n| metrics.add_bytes_downloaded(n)));
+        Ok(download)
     }
 
     /// Downloads `key` into memory.
@@ -380,13 +716,9 @@ impl S3 {
     ) -> Result<PresignedUrl, S3ServiceError> {
         let op = S3Operation::PresignGet;
         let key = self.key(op, key)?;
-        match self
-            .call(&self.operations, S3Request::PresignGet { key, expiry })
-            .await?
-        {
-            S3Response::Presigned(url) => Ok(url),
-            other => Err(self.unexpected(op, other)),
-        }
+        let request = S3Request::PresignGet { key, expiry };
+        self.call_as(&self.operations, request, S3Response::into_presigned)
+            .await
     }
 
     /// A presigned PUT URL for `key`, valid for `expiry` (0 < expiry <= 7 days).
@@ -412,23 +744,17 @@ impl S3 {
             expiry,
             content_type: content_type.map(str::to_owned),
         };
-        match self.call(&self.operations, request).await? {
-            S3Response::Presigned(url) => Ok(url),
-            other => Err(self.unexpected(op, other)),
-        }
+        self.call_as(&self.operations, request, S3Response::into_presigned)
+            .await
     }
 
     /// Deletes `key` (a missing key is not an error, as in S3).
     pub async fn delete(&self, key: impl IntoObjectKey) -> Result<(), S3ServiceError> {
         let op = S3Operation::Delete;
         let key = self.key(op, key)?;
-        match self
-            .call(&self.operations, S3Request::Delete { key })
-            .await?
-        {
-            S3Response::Deleted => Ok(()),
-            other => Err(self.unexpected(op, other)),
-        }
+        let request = S3Request::Delete { key };
+        self.call_as(&self.operations, request, S3Response::into_deleted)
+            .await
     }
 
     /// Deletes many keys, in `DeleteObjects` calls of at most 1,000.
@@ -452,12 +778,14 @@ impl S3 {
             let request = S3Request::DeleteMany {
                 keys: chunk.to_vec(),
             };
-            match self.call(&self.operations, request).await {
-                Ok(S3Response::DeletedMany(out)) => {
+            let result = self
+                .call_as(&self.operations, request, S3Response::into_deleted_many)
+                .await;
+            match result {
+                Ok(out) => {
                     self.metrics.add_deletes(out.deleted as u64);
                     total.merge(out);
                 }
-                Ok(other) => return Err(self.unexpected(op, other)),
                 Err(err) => {
                     let code = err
                         .code()
@@ -480,13 +808,9 @@ impl S3 {
     pub async fn exists(&self, key: impl IntoObjectKey) -> Result<bool, S3ServiceError> {
         let op = S3Operation::Exists;
         let key = self.key(op, key)?;
-        match self
-            .call(&self.operations, S3Request::Exists { key })
-            .await?
-        {
-            S3Response::Exists(found) => Ok(found),
-            other => Err(self.unexpected(op, other)),
-        }
+        let request = S3Request::Exists { key };
+        self.call_as(&self.operations, request, S3Response::into_exists)
+            .await
     }
 
     /// Copies `source` to `destination` within the bucket (one `CopyObject`, so
@@ -524,10 +848,8 @@ impl S3 {
             source,
             destination,
         };
-        match self.call(&self.operations, request).await? {
-            S3Response::Copied(out) => Ok(out),
-            other => Err(self.unexpected(op, other)),
-        }
+        self.call_as(&self.operations, request, S3Response::into_copied)
+            .await
     }
 
     /// One page of the objects whose keys start with `prefix`.
@@ -537,16 +859,13 @@ impl S3 {
         continuation_token: Option<String>,
         max_keys: Option<i32>,
     ) -> Result<ListPage, S3ServiceError> {
-        let op = S3Operation::List;
         let request = S3Request::List {
             prefix: (!prefix.is_empty()).then(|| prefix.to_owned()),
             continuation_token,
             max_keys,
         };
-        match self.call(&self.operations, request).await? {
-            S3Response::Listed(page) => Ok(page),
-            other => Err(self.unexpected(op, other)),
-        }
+        self.call_as(&self.operations, request, S3Response::into_listed)
+            .await
     }
 
     /// Every object whose key starts with `prefix`, page after page.
@@ -580,7 +899,7 @@ async fn prepare_payload(body: UploadBody, threshold: u64) -> io::Result<UploadP
         BodySource::Bytes(bytes) => {
             let len = bytes.len() as u64;
             Ok(UploadPayload::Multipart {
-                body: UploadBody::from(bytes).into_stream(),
+                body: OnceBody::new(UploadBody::from(bytes).into_stream()),
                 content_length: Some(len),
             })
         }
@@ -590,7 +909,7 @@ async fn prepare_payload(body: UploadBody, threshold: u64) -> io::Result<UploadP
                 Ok(UploadPayload::File { path, length })
             } else {
                 Ok(UploadPayload::Multipart {
-                    body: UploadBody::file(path).into_stream(),
+                    body: OnceBody::new(UploadBody::file(path).into_stream()),
                     content_length: Some(length),
                 })
             }
@@ -603,7 +922,7 @@ async fn prepare_payload(body: UploadBody, threshold: u64) -> io::Result<UploadP
                     let head = head.freeze();
                     let rest = futures::stream::iter([Ok(head), Ok(chunk)]).chain(stream);
                     return Ok(UploadPayload::Multipart {
-                        body: rest.boxed(),
+                        body: OnceBody::new(rest.boxed()),
                         content_length: None,
                     });
                 }
@@ -665,9 +984,13 @@ mod tests {
     async fn collect(payload: UploadPayload) -> Vec<u8> {
         match payload {
             UploadPayload::Bytes(b) => b.to_vec(),
-            UploadPayload::Multipart { body, .. } => {
-                body.map(|c| c.unwrap()).collect::<Vec<_>>().await.concat()
-            }
+            UploadPayload::Multipart { body, .. } => body
+                .take()
+                .unwrap()
+                .map(|c| c.unwrap())
+                .collect::<Vec<_>>()
+                .await
+                .concat(),
             UploadPayload::File { path, .. } => std::fs::read(path).unwrap(),
         }
     }
@@ -720,6 +1043,191 @@ mod tests {
             Err(io::Error::other("boom")),
         ]));
         assert!(prepare_payload(body, 10).await.is_err());
+    }
+
+    fn exists_request() -> S3Request {
+        S3Request::Exists {
+            key: ObjectKey::new("k").unwrap(),
+        }
+    }
+
+    /// A fake S3 answering with `failures` errors first, then `Exists(true)`.
+    fn flaky(
+        failures: Vec<S3ErrorKind>,
+        calls: Arc<AtomicU64>,
+    ) -> impl Service<
+        S3Request,
+        Response = S3Response,
+        Error = S3ServiceError,
+        Future = impl Send + 'static,
+    > + Clone
+    + Send
+    + Sync
+    + 'static {
+        let failures = Arc::new(failures);
+        tower::service_fn(move |_req: S3Request| {
+            let n = calls.fetch_add(1, Ordering::SeqCst) as usize;
+            let failures = Arc::clone(&failures);
+            async move {
+                match failures.get(n) {
+                    Some(kind) => Err(S3ServiceError::new(S3Operation::Exists, kind.clone())),
+                    None => Ok(S3Response::Exists(true)),
+                }
+            }
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slow_down_is_retried_after_the_backoff_with_a_one_second_floor() {
+        let calls = Arc::new(AtomicU64::new(0));
+        let throttled = S3ErrorKind::Throttled { retry_after: None };
+        let stack = operation_stack(
+            flaky(vec![throttled.clone(), throttled], Arc::clone(&calls)),
+            Duration::from_secs(30),
+        );
+        let started = tokio::time::Instant::now();
+        let response = stack.oneshot(exists_request()).await.unwrap();
+        assert!(matches!(response, S3Response::Exists(true)));
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        // Backoff 1 s then 2 s (the SlowDown floor is 1 s).
+        assert_eq!(started.elapsed(), Duration::from_secs(3));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_raises_the_wait() {
+        let calls = Arc::new(AtomicU64::new(0));
+        let throttled = S3ErrorKind::Throttled {
+            retry_after: Some(Duration::from_secs(7)),
+        };
+        let stack = operation_stack(
+            flaky(vec![throttled], Arc::clone(&calls)),
+            Duration::from_secs(30),
+        );
+        let started = tokio::time::Instant::now();
+        stack.oneshot(exists_request()).await.unwrap();
+        assert_eq!(started.elapsed(), Duration::from_secs(7));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn three_retries_then_the_last_error() {
+        let calls = Arc::new(AtomicU64::new(0));
+        let stack = operation_stack(
+            flaky(vec![S3ErrorKind::Transport; 10], Arc::clone(&calls)),
+            Duration::from_secs(30),
+        );
+        let started = tokio::time::Instant::now();
+        let err = stack.oneshot(exists_request()).await.unwrap_err();
+        assert_eq!(calls.load(Ordering::SeqCst), 4, "1 attempt + 3 retries");
+        assert_eq!(started.elapsed(), Duration::from_secs(1 + 2 + 4));
+        let err = err.into_s3_error(S3Operation::Exists, "b", None);
+        assert_eq!(err.kind(), &S3ErrorKind::Transport);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn permanent_errors_are_not_retried() {
+        let calls = Arc::new(AtomicU64::new(0));
+        let stack = operation_stack(
+            flaky(vec![S3ErrorKind::AccessDenied], Arc::clone(&calls)),
+            Duration::from_secs(30),
+        );
+        let err = stack.oneshot(exists_request()).await.unwrap_err();
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            err.into_s3_error(S3Operation::Exists, "b", None).kind(),
+            &S3ErrorKind::AccessDenied
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn timed_out_attempts_are_retried_and_reported_as_timeouts() {
+        let calls = Arc::new(AtomicU64::new(0));
+        let counter = Arc::clone(&calls);
+        let hanging = tower::service_fn(move |_req: S3Request| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            async move {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                Ok::<_, S3ServiceError>(S3Response::Deleted)
+            }
+        });
+        let stack = erase(operation_stack(hanging, Duration::from_secs(30)), "media");
+        let started = tokio::time::Instant::now();
+        let err = stack.oneshot(exists_request()).await.unwrap_err();
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
+        assert_eq!(started.elapsed(), Duration::from_secs(4 * 30 + 1 + 2 + 4));
+        assert_eq!(err.kind(), &S3ErrorKind::Timeout);
+        assert_eq!(err.operation(), S3Operation::Exists);
+        assert_eq!(err.bucket(), Some("media"));
+        assert_eq!(err.key(), Some("k"));
+    }
+
+    /// The default operation stack over a fake that fails `n` times with `kind`.
+    fn default_stack_failing(
+        kind: S3ErrorKind,
+        n: usize,
+    ) -> (S3Stack, DefaultLayers, Arc<AtomicU64>) {
+        let calls = Arc::new(AtomicU64::new(0));
+        let layers = DefaultLayers::new(Duration::from_secs(30));
+        let stack = layers.operations(flaky(vec![kind; n], Arc::clone(&calls)), "media");
+        (stack, layers, calls)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_default_stack_opens_its_breaker_after_five_failed_calls() {
+        let (stack, layers, calls) = default_stack_failing(S3ErrorKind::AccessDenied, 100);
+        for _ in 0..5 {
+            let err = stack.clone().oneshot(exists_request()).await.unwrap_err();
+            assert_eq!(err.kind(), &S3ErrorKind::AccessDenied);
+        }
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            5,
+            "permanent failures are not retried"
+        );
+        let err = stack.clone().oneshot(exists_request()).await.unwrap_err();
+        assert_eq!(err.kind(), &S3ErrorKind::CircuitOpen);
+        assert_eq!(err.key(), Some("k"));
+        assert!(!err.is_retryable());
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            5,
+            "an open breaker calls nothing"
+        );
+        let snapshot = layers.metrics.snapshot();
+        assert_eq!(snapshot.calls, 6);
+        assert_eq!(snapshot.failures_by_class["access_denied"], 5);
+        assert_eq!(snapshot.failures_by_class["circuit_open"], 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn not_found_never_trips_the_breaker() {
+        let (stack, layers, calls) = default_stack_failing(S3ErrorKind::NotFound, 20);
+        for _ in 0..20 {
+            let err = stack.clone().oneshot(exists_request()).await.unwrap_err();
+            assert!(err.is_not_found());
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 20);
+        assert_eq!(
+            layers.breaker.handle().state(),
+            keel_layers::circuit_breaker::CircuitState::Closed
+        );
+    }
+
+    #[test]
+    fn foreign_layer_errors_become_transport_errors_with_context() {
+        let boxed: BoxError = Box::new(io::Error::other("layer broke"));
+        let key = ObjectKey::new("k").unwrap();
+        let err = boxed.into_s3_error(S3Operation::Copy, "b", Some(&key));
+        assert_eq!(err.kind(), &S3ErrorKind::Transport);
+        assert_eq!(err.key(), Some("k"));
+        let typed: BoxError = Box::new(S3ServiceError::new(
+            S3Operation::List,
+            S3ErrorKind::NotFound,
+        ));
+        assert!(
+            typed
+                .into_s3_error(S3Operation::Copy, "b", None)
+                .is_not_found()
+        );
     }
 
     #[test]

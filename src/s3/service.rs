@@ -9,8 +9,8 @@
 //! Requests carry checked [`ObjectKey`]s, so an invalid key never reaches this
 //! service. Each request is one S3 call (a `DeleteMany` is one `DeleteObjects` of
 //! at most 1,000 keys, a `List` one page), so retrying a request retries exactly
-//! one call. Every request except a multipart upload of a stream can be cloned
-//! for a retry ([`S3Request::try_clone`]); the multipart engine retries its parts
+//! one call. Requests are cheap to clone for the retry layer; a stream body is
+//! sent at most once ([`OnceBody`]) — the multipart engine retries its parts
 //! itself.
 //!
 //! The service is always ready; it registers every call with the client's
@@ -57,7 +57,9 @@ use super::upload::{
 /// The most keys one `DeleteObjects` call takes.
 pub const MAX_DELETE_BATCH: usize = 1000;
 
-/// One S3 operation.
+/// One S3 operation. Cloning is cheap (keys, options and `Bytes` are cloned; a
+/// stream body is shared, see [`OnceBody`]), so the retry layer can keep a copy.
+#[derive(Clone)]
 #[non_exhaustive]
 pub enum S3Request {
     /// Upload an object (a single PutObject, or the multipart engine for
@@ -120,7 +122,7 @@ pub enum S3Request {
 }
 
 /// An upload: the key, what to send, the options and where progress goes.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct UploadRequest {
     /// The object.
@@ -150,7 +152,34 @@ impl UploadRequest {
     }
 }
 
+/// A one-shot body stream that can sit in a cloneable request: clones share it,
+/// and the first [`take`](OnceBody::take) gets it. A retry of a request whose body
+/// was already consumed therefore fails cleanly (kind `InvalidRequest`, not
+/// retryable) instead of sending a truncated body. The facade never retries
+/// multipart uploads as a whole: their parts are retried by the engine.
+#[derive(Clone)]
+pub struct OnceBody(Arc<std::sync::Mutex<Option<BodyStream>>>);
+
+impl OnceBody {
+    /// Wraps a stream.
+    pub fn new(body: BodyStream) -> Self {
+        OnceBody(Arc::new(std::sync::Mutex::new(Some(body))))
+    }
+
+    /// The stream, the first time; `None` after.
+    pub fn take(&self) -> Option<BodyStream> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+impl fmt::Debug for OnceBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("OnceBody(..)")
+    }
+}
+
 /// What an upload sends.
+#[derive(Clone)]
 #[non_exhaustive]
 pub enum UploadPayload {
     /// Bytes in memory, sent with one PutObject.
@@ -165,7 +194,7 @@ pub enum UploadPayload {
     /// A body above the multipart threshold, for the multipart engine.
     Multipart {
         /// The body from its first byte.
-        body: BodyStream,
+        body: OnceBody,
         /// The total length, when known.
         content_length: Option<u64>,
     },
@@ -228,61 +257,6 @@ impl S3Request {
             S3Request::DeleteMany { .. } | S3Request::List { .. } => None,
         }
     }
-
-    /// A copy of the request for a retry, or `None` when the body is a one-shot
-    /// stream (a multipart upload; the engine retries its parts).
-    pub fn try_clone(&self) -> Option<S3Request> {
-        Some(match self {
-            S3Request::Upload(u) => S3Request::Upload(UploadRequest {
-                key: u.key.clone(),
-                payload: match &u.payload {
-                    UploadPayload::Bytes(b) => UploadPayload::Bytes(b.clone()),
-                    UploadPayload::File { path, length } => UploadPayload::File {
-                        path: path.clone(),
-                        length: *length,
-                    },
-                    UploadPayload::Multipart { .. } => return None,
-                },
-                options: u.options.clone(),
-                progress: u.progress.clone(),
-            }),
-            S3Request::Download { key } => S3Request::Download { key: key.clone() },
-            S3Request::PresignGet { key, expiry } => S3Request::PresignGet {
-                key: key.clone(),
-                expiry: *expiry,
-            },
-            S3Request::PresignPut {
-                key,
-                expiry,
-                content_type,
-            } => S3Request::PresignPut {
-                key: key.clone(),
-                expiry: *expiry,
-                content_type: content_type.clone(),
-            },
-            S3Request::Delete { key } => S3Request::Delete { key: key.clone() },
-            S3Request::DeleteMany { keys } => S3Request::DeleteMany { keys: keys.clone() },
-            S3Request::Exists { key } => S3Request::Exists { key: key.clone() },
-            S3Request::Copy {
-                source_bucket,
-                source,
-                destination,
-            } => S3Request::Copy {
-                source_bucket: source_bucket.clone(),
-                source: source.clone(),
-                destination: destination.clone(),
-            },
-            S3Request::List {
-                prefix,
-                continuation_token,
-                max_keys,
-            } => S3Request::List {
-                prefix: prefix.clone(),
-                continuation_token: continuation_token.clone(),
-                max_keys: *max_keys,
-            },
-        })
-    }
 }
 
 impl fmt::Debug for S3Request {
@@ -331,6 +305,49 @@ pub enum S3Response {
     Copied(CopyOutput),
     /// One page of a listing.
     Listed(ListPage),
+}
+
+/// `into_*` accessors: the payload of one variant, or `None` for another variant.
+macro_rules! response_accessors {
+    ($($(#[$doc:meta])* $name:ident => $variant:ident $(($ty:ty))?;)*) => {
+        impl S3Response {
+            $(
+                $(#[$doc])*
+                pub fn $name(self) -> Option<response_accessors!(@ty $($ty)?)> {
+                    match self {
+                        S3Response::$variant $((response_accessors!(@bind x $ty)))? => {
+                            Some(response_accessors!(@val $(x $ty)?))
+                        }
+                        _ => None,
+                    }
+                }
+            )*
+        }
+    };
+    (@ty $ty:ty) => { $ty };
+    (@ty) => { () };
+    (@bind $x:ident $ty:ty) => { $x };
+    (@val $x:ident $ty:ty) => { $x };
+    (@val) => { () };
+}
+
+response_accessors! {
+    /// The upload's output, for [`S3Response::Uploaded`].
+    into_uploaded => Uploaded(UploadOutput);
+    /// The download, for [`S3Response::Downloaded`].
+    into_downloaded => Downloaded(Box<ObjectDownload>);
+    /// The URL, for [`S3Response::Presigned`].
+    into_presigned => Presigned(PresignedUrl);
+    /// `()`, for [`S3Response::Deleted`].
+    into_deleted => Deleted;
+    /// The batch outcome, for [`S3Response::DeletedMany`].
+    into_deleted_many => DeletedMany(DeleteManyOutput);
+    /// Whether the object exists, for [`S3Response::Exists`].
+    into_exists => Exists(bool);
+    /// The copy's output, for [`S3Response::Copied`].
+    into_copied => Copied(CopyOutput);
+    /// The page, for [`S3Response::Listed`].
+    into_listed => Listed(ListPage);
 }
 
 /// A downloaded object: its metadata, and its body as a stream of chunks.
@@ -815,6 +832,12 @@ async fn upload_one(
             body,
             content_length,
         } => {
+            let Some(body) = body.take() else {
+                return Err(S3ServiceError::new(op, S3ErrorKind::InvalidRequest)
+                    .with_bucket(bucket)
+                    .with_key(key.as_str())
+                    .with_message("the stream body was already consumed by an earlier attempt"));
+            };
             let Some(engine) = multipart else {
                 return Err(S3ServiceError::new(op, S3ErrorKind::InvalidRequest)
                     .with_bucket(bucket)
@@ -917,31 +940,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn streams_are_not_cloned_for_retries() {
+    fn stream_bodies_are_taken_once_across_clones() {
         let key = ObjectKey::new("k").unwrap();
-        let bytes = S3Request::Upload(UploadRequest::new(
-            key.clone(),
-            UploadPayload::Bytes(Bytes::from_static(b"x")),
-            UploadOptions::new(),
-            None,
-        ));
-        assert!(bytes.try_clone().is_some());
-        let stream = S3Request::Upload(UploadRequest::new(
+        let body = OnceBody::new(Box::pin(futures::stream::empty()));
+        let request = S3Request::Upload(UploadRequest::new(
             key.clone(),
             UploadPayload::Multipart {
-                body: Box::pin(futures::stream::empty()),
+                body: body.clone(),
                 content_length: None,
             },
             UploadOptions::new(),
             None,
         ));
-        assert!(stream.try_clone().is_none());
-        let list = S3Request::List {
-            prefix: Some("p/".into()),
-            continuation_token: None,
-            max_keys: None,
-        };
-        assert_eq!(list.try_clone().unwrap().operation(), S3Operation::List);
+        let copy = request.clone();
+        assert_eq!(copy.operation(), S3Operation::Upload);
+        assert!(body.take().is_some());
+        assert!(body.take().is_none(), "a clone must not get the body again");
         assert_eq!(
             S3Request::Exists { key: key.clone() }.key(),
             Some(&key),

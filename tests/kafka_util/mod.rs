@@ -68,12 +68,19 @@ pub fn high_watermarks(bootstrap: &str, topic: &str, partitions: i32) -> i64 {
         .set("bootstrap.servers", bootstrap)
         .create()
         .expect("watermark client");
+    // A fresh client may see a partition's leader a moment after the topic's
+    // creator did: retry a few times before failing.
     (0..partitions)
         .map(|p| {
-            consumer
-                .fetch_watermarks(topic, p, Duration::from_secs(10))
-                .expect("watermarks")
-                .1
+            let mut last = None;
+            for _ in 0..20 {
+                match consumer.fetch_watermarks(topic, p, Duration::from_secs(10)) {
+                    Ok((_, high)) => return high,
+                    Err(e) => last = Some(e),
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            panic!("watermarks of {topic}/{p}: {last:?}")
         })
         .sum()
 }

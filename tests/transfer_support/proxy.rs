@@ -28,6 +28,8 @@ pub enum Matcher {
     Any,
     /// UploadPart: `PUT ...?partNumber=..&uploadId=..`.
     UploadPart,
+    /// A GET with a `Range` header (a ranged download).
+    RangedGet,
 }
 
 impl Matcher {
@@ -35,6 +37,13 @@ impl Matcher {
         match self {
             Matcher::Any => true,
             Matcher::UploadPart => head.is_upload_part(),
+            Matcher::RangedGet => {
+                head.method == "GET"
+                    && head
+                        .raw_lines
+                        .iter()
+                        .any(|l| l.to_ascii_lowercase().starts_with("range:"))
+            }
         }
     }
 }
@@ -43,6 +52,7 @@ impl Matcher {
 enum FaultKind {
     SlowDown,
     CutBody { after: u64 },
+    CutResponse { after: u64 },
 }
 
 #[derive(Debug)]
@@ -146,6 +156,12 @@ impl FaultProxy {
     /// Cuts the next `count` matching requests after `after` bytes of their body.
     pub fn cut_body(&self, matcher: Matcher, count: usize, after: u64) {
         self.arm(FaultKind::CutBody { after }, matcher, count);
+    }
+
+    /// Forwards the next `count` matching requests, then cuts their answer after
+    /// `after` bytes of its body.
+    pub fn cut_response(&self, matcher: Matcher, count: usize, after: u64) {
+        self.arm(FaultKind::CutResponse { after }, matcher, count);
     }
 
     fn arm(&self, kind: FaultKind, matcher: Matcher, remaining: usize) {
@@ -280,6 +296,7 @@ async fn handle(mut downstream: TcpStream, upstream: &str, state: &State) -> std
             fault: match fault {
                 Some(FaultKind::SlowDown) => Some("slow_down"),
                 Some(FaultKind::CutBody { .. }) => Some("cut"),
+                Some(FaultKind::CutResponse { .. }) => Some("cut_response"),
                 None => None,
             },
         });
@@ -325,8 +342,12 @@ async fn handle(mut downstream: TcpStream, upstream: &str, state: &State) -> std
             drop(downstream);
             return Ok(());
         }
-        None => {}
+        Some(FaultKind::CutResponse { .. }) | None => {}
     }
+    let cut_answer_after = match fault {
+        Some(FaultKind::CutResponse { after }) => Some(after),
+        _ => None,
+    };
     let mut upstream_conn = TcpStream::connect(upstream).await?;
     write_head(&mut upstream_conn, &request).await?;
     upstream_conn.write_all(&early_body).await?;
@@ -366,6 +387,14 @@ async fn handle(mut downstream: TcpStream, upstream: &str, state: &State) -> std
                 continue;
             }
             state.seen.lock().unwrap()[index].status = status;
+            if let Some(after) = cut_answer_after {
+                // Send part of the body, then drop the connection mid-answer.
+                let early = &rest[..rest.len().min(after as usize)];
+                down_write.write_all(early).await?;
+                let left = after - early.len() as u64;
+                tokio::io::copy(&mut (&mut up_read).take(left), &mut down_write).await?;
+                return Ok(());
+            }
             down_write.write_all(&rest).await?;
             tokio::io::copy(&mut up_read, &mut down_write).await?;
             down_write.shutdown().await?;

@@ -157,7 +157,7 @@ pub struct UploadReceipt {
 /// sent, so a file, reader or stream body holds at most `parts_in_flight` part
 /// buffers (about `part_size x parts_in_flight`; the first 5 MiB of a stream of
 /// unknown length are read ahead to choose between PutObject and multipart). A
-/// [`UploadBody::Bytes`] body is sent from the caller's memory without copies.
+/// body of bytes is sent from the caller's memory without copies.
 ///
 /// # Cancellation
 ///
@@ -368,8 +368,8 @@ impl MultipartEngine {
             retry: self.config.retry.clone(),
             counters: counters.clone(),
         });
-        // Declared before the part tasks so that, when the future is dropped, the
-        // tasks are aborted first and the abort request goes out after them.
+        // The guard owns the part tasks: dropped with the future, it stops them
+        // first and sends the abort after them.
         let mut guard = AbortOnDrop::new(
             self.client.clone(),
             bucket,
@@ -377,9 +377,8 @@ impl MultipartEngine {
             &target.upload_id,
             self.config.retry.clone(),
         );
-        let mut tasks = JoinSet::new();
         let sent = self
-            .send_parts(&target, reader, fixed_part_size, progress, &mut tasks)
+            .send_parts(&target, reader, fixed_part_size, progress, &mut guard.tasks)
             .await;
         let result = match sent {
             Ok((parts, size)) => target.complete(parts, size).await,
@@ -402,7 +401,6 @@ impl MultipartEngine {
                 })
             }
             Err(error) => {
-                tasks.shutdown().await;
                 tracing::warn!(bucket, key, error = %error, "multipart upload failed, aborting it");
                 guard.abort_now().await;
                 Err(error)
@@ -433,17 +431,18 @@ impl MultipartEngine {
         let mut next_part = 0u32;
         let mut sent = 0u64;
         loop {
-            if body_size.is_none() && tasks.len() < self.config.parts_in_flight {
-                if let Some(mut reader) = idle_reader.take() {
-                    let size = fixed_part_size.unwrap_or_else(|| {
-                        plan::part_size_for_unknown_length(next_part + 1, self.config.part_size)
-                    });
-                    let size = usize::try_from(size).unwrap_or(usize::MAX);
-                    reading = Some(Box::pin(async move {
-                        let part = reader.next_part(size).await;
-                        (reader, part)
-                    }));
-                }
+            if body_size.is_none()
+                && tasks.len() < self.config.parts_in_flight
+                && let Some(mut reader) = idle_reader.take()
+            {
+                let size = fixed_part_size.unwrap_or_else(|| {
+                    plan::part_size_for_unknown_length(next_part + 1, self.config.part_size)
+                });
+                let size = usize::try_from(size).unwrap_or(usize::MAX);
+                reading = Some(Box::pin(async move {
+                    let part = reader.next_part(size).await;
+                    (reader, part)
+                }));
             }
             tokio::select! {
                 (reader, part) = async { reading.as_mut().expect("guarded").await }, if reading.is_some() => {
