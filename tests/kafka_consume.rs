@@ -105,6 +105,33 @@ async fn produce(
     out
 }
 
+/// The offsets `group` committed for partitions `0..partitions` of `topic` (0 when
+/// none), read by an independent consumer.
+async fn committed_offsets(
+    brokers: &str,
+    group: &str,
+    topic: &str,
+    partitions: i32,
+) -> HashMap<i32, i64> {
+    let probe: BaseConsumer = client(brokers).set("group.id", group).create().unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let c =
+        tokio::task::spawn_blocking(move || probe.committed_offsets(tpl, Duration::from_secs(10)))
+            .await
+            .unwrap()
+            .unwrap();
+    c.elements()
+        .iter()
+        .map(|e| match e.offset() {
+            Offset::Offset(o) => (e.partition(), o),
+            _ => (e.partition(), 0),
+        })
+        .collect()
+}
+
 /// What a handler saw.
 #[derive(Clone, Debug)]
 struct Seen {
@@ -215,7 +242,8 @@ async fn run_ten_thousand(
     produce(&producer(&brokers), &topic, &sent).await;
 
     let log: Log = Arc::default();
-    let consumer = builder(client(&brokers), unique(name))
+    let group = unique(name);
+    let consumer = builder(client(&brokers), group.clone())
         .start(
             StartOptions::new([topic.as_str()]).from_beginning(true),
             recording_registry(log.clone()),
@@ -227,6 +255,9 @@ async fn run_ten_thousand(
     .await;
     consumer.shutdown(Duration::from_secs(10)).await.unwrap();
     check_exactly_once_in_key_order(&sent, &log.lock().unwrap());
+    // Graceful shutdown committed everything (auto-commit mode: stored offsets).
+    let committed = committed_offsets(&brokers, &group, &topic, 4).await;
+    assert_eq!(committed.values().sum::<i64>(), 10_000, "{committed:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -643,25 +674,7 @@ async fn a_consumer_dropped_mid_stream_loses_nothing() {
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     // What the group committed, read by an independent consumer of the group.
-    let committed: HashMap<i32, i64> = {
-        let probe: BaseConsumer = client(&brokers).set("group.id", &group).create().unwrap();
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(&topic, 0);
-        tpl.add_partition(&topic, 1);
-        let c = tokio::task::spawn_blocking(move || {
-            probe.committed_offsets(tpl, Duration::from_secs(10))
-        })
-        .await
-        .unwrap()
-        .unwrap();
-        c.elements()
-            .iter()
-            .map(|e| match e.offset() {
-                Offset::Offset(o) => (e.partition(), o),
-                _ => (e.partition(), 0),
-            })
-            .collect()
-    };
+    let committed = committed_offsets(&brokers, &group, &topic, 2).await;
     let committed_total: i64 = committed.values().sum();
     assert!(
         committed_total > 0,
@@ -755,4 +768,66 @@ async fn shutdown_is_bounded_by_its_timeout() {
         result,
         Err(keel::kafka::consumer::ConsumerError::ShutdownTimedOut(_))
     ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebalance_mid_stream_loses_nothing() {
+    let brokers = support::kafka_brokers();
+    let topic = unique("rebalance");
+    let group = unique("rebalance");
+    create_topics(&brokers, &[(&topic, 4)]).await;
+    let sent = keyed_events(2_000, 40);
+    produce(&producer(&brokers), &topic, &sent).await;
+
+    // A slow handler keeps messages in flight while the group rebalances.
+    let slow_registry = |log: Log| {
+        HandlerRegistry::builder()
+            .handler_fn("order.created", move |event: ConsumedEvent| {
+                let log = log.clone();
+                async move {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    log.lock().unwrap().push(seen(&event));
+                    Ok::<_, BoxError>(())
+                }
+            })
+            .build()
+            .unwrap()
+    };
+    let (log_a, log_b): (Log, Log) = (Arc::default(), Arc::default());
+    let options = StartOptions::new([topic.as_str()]).from_beginning(true);
+    let a = KafkaConsumer::builder(client(&brokers), group.clone())
+        .workers(4)
+        .start(options.clone(), slow_registry(log_a.clone()))
+        .unwrap();
+    wait_until("A to handle 300", Duration::from_secs(60), || {
+        log_a.lock().unwrap().len() >= 300
+    })
+    .await;
+    let b = KafkaConsumer::builder(client(&brokers), group.clone())
+        .workers(4)
+        .start(options, slow_registry(log_b.clone()))
+        .unwrap();
+    let union = || -> HashSet<String> {
+        log_a
+            .lock()
+            .unwrap()
+            .iter()
+            .chain(log_b.lock().unwrap().iter())
+            .map(|s| s.event_id.clone())
+            .collect()
+    };
+    wait_until(
+        "every event handled by A or B",
+        Duration::from_secs(120),
+        || union().len() == 2_000,
+    )
+    .await;
+    a.shutdown(Duration::from_secs(10)).await.unwrap();
+    b.shutdown(Duration::from_secs(10)).await.unwrap();
+    assert!(
+        !log_b.lock().unwrap().is_empty(),
+        "B got partitions in the rebalance"
+    );
+    let committed = committed_offsets(&brokers, &group, &topic, 4).await;
+    assert_eq!(committed.values().sum::<i64>(), 2_000, "{committed:?}");
 }

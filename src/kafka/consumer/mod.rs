@@ -83,7 +83,7 @@
 //! ```
 
 mod error;
-mod event;
+pub(crate) mod event;
 mod lane;
 mod metrics;
 mod poll;

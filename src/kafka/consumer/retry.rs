@@ -165,7 +165,8 @@ where
         let classifier = self.classifier.clone();
         let (max_retries, backoff) = (self.max_retries, self.backoff);
         Box::pin(async move {
-            let mut result = svc.call(event.for_attempt(1)).await;
+            event.count_attempt();
+            let mut result = svc.call(event.clone()).await;
             let mut retry = 0;
             loop {
                 let verdict = classifier.classify(result.as_ref());
@@ -191,7 +192,10 @@ where
                 }
                 tokio::time::sleep(delay).await;
                 result = match svc.ready().await {
-                    Ok(ready) => ready.call(event.for_attempt(retry + 1)).await,
+                    Ok(ready) => {
+                        event.count_attempt();
+                        ready.call(event.clone()).await
+                    }
                     Err(e) => Err(e),
                 };
             }
@@ -225,7 +229,9 @@ mod tests {
             let seen = seen_attempts.clone();
             tower::service_fn(move |ev: ConsumedEvent| {
                 let n = calls.fetch_add(1, Ordering::SeqCst);
-                seen.lock().unwrap().push((ev.attempt(), Instant::now()));
+                seen.lock()
+                    .unwrap()
+                    .push((ev.attempts_made(), Instant::now()));
                 async move {
                     if n < 2 {
                         Err::<(), BoxError>("transient".into())
