@@ -779,13 +779,20 @@ async fn a_rebalance_mid_stream_loses_nothing() {
     let sent = keyed_events(2_000, 40);
     produce(&producer(&brokers), &topic, &sent).await;
 
-    // A slow handler keeps messages in flight while the group rebalances.
-    let slow_registry = |log: Log| {
+    // A's handler stops after 300 events until B has partitions: A's lanes are
+    // full and messages are in flight while the group rebalances (A must keep
+    // polling to let the rebalance happen at all).
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let slow_registry = |log: Log, gate: Option<Arc<tokio::sync::Semaphore>>| {
         HandlerRegistry::builder()
             .handler_fn("order.created", move |event: ConsumedEvent| {
-                let log = log.clone();
+                let (log, gate) = (log.clone(), gate.clone());
                 async move {
-                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    if let Some(gate) = gate
+                        && log.lock().unwrap().len() >= 300
+                    {
+                        let _ = gate.acquire().await;
+                    }
                     log.lock().unwrap().push(seen(&event));
                     Ok::<_, BoxError>(())
                 }
@@ -797,7 +804,11 @@ async fn a_rebalance_mid_stream_loses_nothing() {
     let options = StartOptions::new([topic.as_str()]).from_beginning(true);
     let a = KafkaConsumer::builder(client(&brokers), group.clone())
         .workers(4)
-        .start(options.clone(), slow_registry(log_a.clone()))
+        .lane_capacity(16)
+        .start(
+            options.clone(),
+            slow_registry(log_a.clone(), Some(gate.clone())),
+        )
         .unwrap();
     wait_until("A to handle 300", Duration::from_secs(60), || {
         log_a.lock().unwrap().len() >= 300
@@ -805,8 +816,14 @@ async fn a_rebalance_mid_stream_loses_nothing() {
     .await;
     let b = KafkaConsumer::builder(client(&brokers), group.clone())
         .workers(4)
-        .start(options, slow_registry(log_b.clone()))
+        .start(options, slow_registry(log_b.clone(), None))
         .unwrap();
+    wait_until("B to get partitions", Duration::from_secs(60), || {
+        !b.assignment().is_empty()
+    })
+    .await;
+    assert!(a.assignment().len() < 4, "A gave partitions up");
+    gate.close(); // let A go on
     let union = || -> HashSet<String> {
         log_a
             .lock()

@@ -18,10 +18,12 @@
 //! - **Polling** happens on one dedicated thread calling `BaseConsumer::poll` with a
 //!   short timeout: no `StreamConsumer` waker to lose (rust-rdkafka #638/#665/#848),
 //!   and rebalance callbacks run there with direct access to the offset tracker.
-//! - **Bounded memory**: lanes are bounded queues (`lane_capacity`); a full lane
-//!   blocks the poll thread (backpressure) while it keeps serving pause, resume and
-//!   stop; librdkafka's prefetch is capped by `queued.max.messages.kbytes` (16 MiB
-//!   unless you set it).
+//! - **Bounded memory and backpressure**: lanes are bounded queues
+//!   (`lane_capacity`). When one is full, the poll thread holds that one message and
+//!   pauses fetching, yet keeps polling, so rebalances and `max.poll.interval.ms` are
+//!   served however slow the handler is; when the lane is half empty it seeks back to
+//!   the next undispatched offset and resumes. librdkafka's prefetch is capped by
+//!   `queued.max.messages.kbytes` (16 MiB unless you set it).
 //! - **Ordering** ([`ProcessingOrder`]): by default one message at a time per
 //!   partition. Opt-in key-ordered mode handles one partition on `workers` lanes
 //!   concurrently, keeping order per key.
@@ -51,10 +53,6 @@
 //!   uncommitted (delivered again later) and the call returns
 //!   [`ConsumerError::ShutdownTimedOut`]; it never hangs. Dropping the handle without
 //!   shutdown stops everything without committing anything more.
-//!
-//! A handler slower than `max.poll.interval.ms` (5 min by default) with a full lane
-//! blocks polling that long and the broker takes the partitions away; pause the
-//! consumer under sustained backpressure instead.
 //!
 //! # Example
 //!
@@ -354,6 +352,9 @@ impl KafkaConsumerBuilder {
             poll_timeout: self.poll_timeout,
             commit_interval: self.commit_interval,
             topics: HashMap::new(),
+            held: None,
+            held_lane: 0,
+            rewind: HashMap::new(),
         };
         let weak = Arc::downgrade(&consumer);
         drop(consumer);
