@@ -11,4 +11,10 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
+pub mod batch;
+pub mod circuit_breaker;
 pub mod classify;
+pub mod logging;
+pub mod metrics;
+pub mod retry;
+pub mod timeout;

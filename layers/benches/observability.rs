@@ -1,0 +1,142 @@
+//! Per-call overhead of the metrics, batch-size and logging layers around a no-op
+//! service, on one thread.
+//!
+//! Run: `cargo bench -p keel-layers --bench observability`
+//!
+//! Each iteration polls the service ready, calls it and polls the response future
+//! once (the no-op completes immediately) with a no-op waker: no runtime, so the
+//! figures are the layers' own cost.
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use keel_layers::batch::BatchSizeLayer;
+use keel_layers::logging::LoggingLayer;
+use keel_layers::metrics::MetricsLayer;
+use std::convert::Infallible;
+use std::future::{Future, Ready, ready};
+use std::hint::black_box;
+use std::pin::pin;
+use std::task::{Context, Poll, Waker};
+use tower::{Layer, Service, ServiceBuilder, service_fn};
+
+type Batch = [u8; 8];
+
+fn noop()
+-> impl Service<Batch, Response = usize, Error = Infallible, Future = Ready<Result<usize, Infallible>>>
++ Clone {
+    service_fn(|req: Batch| ready(Ok::<_, Infallible>(req.len())))
+}
+
+#[inline]
+fn drive<S>(svc: &mut S, req: Batch) -> S::Response
+where
+    S: Service<Batch>,
+    S::Error: std::fmt::Debug,
+{
+    let mut cx = Context::from_waker(Waker::noop());
+    match svc.poll_ready(&mut cx) {
+        Poll::Ready(Ok(())) => {}
+        _ => unreachable!("no-op service is always ready"),
+    }
+    let fut = pin!(svc.call(req));
+    match fut.poll(&mut cx) {
+        Poll::Ready(Ok(res)) => res,
+        _ => unreachable!("no-op service completes at once"),
+    }
+}
+
+fn bench_one<S>(c: &mut Criterion, name: &str, mut svc: S)
+where
+    S: Service<Batch>,
+    S::Error: std::fmt::Debug,
+{
+    c.bench_function(name, |b| {
+        b.iter(|| black_box(drive(&mut svc, black_box([1; 8]))))
+    });
+}
+
+fn calibration(c: &mut Criterion) {
+    c.bench_function("calibration/std_instant_pair", |b| {
+        b.iter(|| black_box(std::time::Instant::now()).elapsed())
+    });
+    c.bench_function("calibration/tokio_instant_pair", |b| {
+        b.iter(|| black_box(tokio::time::Instant::now()).elapsed())
+    });
+    let clock = quanta::Clock::new();
+    c.bench_function("calibration/quanta_clock_pair", |b| {
+        b.iter(|| {
+            let start = black_box(clock.now());
+            clock.now().duration_since(start)
+        })
+    });
+    let mut histogram = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000_000_000, 2)
+        .expect("valid bounds");
+    let mut value = 1_000u64;
+    c.bench_function("calibration/hdrhistogram_record", |b| {
+        b.iter(|| {
+            value = value.wrapping_mul(6364136223846793005).wrapping_add(1) % 1_000_000_000;
+            histogram.saturating_record(black_box(value));
+        })
+    });
+}
+
+fn layers(c: &mut Criterion) {
+    bench_one(c, "baseline/noop", noop());
+    bench_one(c, "metrics", MetricsLayer::new().layer(noop()));
+    bench_one(c, "batch_size", BatchSizeLayer::new().layer(noop()));
+    bench_one(
+        c,
+        "logging/no_subscriber",
+        LoggingLayer::new("Bench", "noop").layer(noop()),
+    );
+    bench_one(
+        c,
+        "all_three/no_subscriber",
+        ServiceBuilder::new()
+            .layer(LoggingLayer::new("Bench", "noop"))
+            .layer(MetricsLayer::new())
+            .layer(BatchSizeLayer::new())
+            .service(noop()),
+    );
+
+    // A subscriber that lets WARN and ERROR through: the success events (INFO) and
+    // the span (INFO) are filtered out, but failures (ERROR) could be logged, so the
+    // layer still opens its (disabled) span and reads the clock.
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_writer(std::io::sink)
+        .finish();
+    tracing::subscriber::with_default(subscriber, || {
+        bench_one(
+            c,
+            "logging/subscriber_filters_events",
+            LoggingLayer::new("Bench", "noop").layer(noop()),
+        );
+        bench_one(
+            c,
+            "all_three/subscriber_filters_events",
+            ServiceBuilder::new()
+                .layer(LoggingLayer::new("Bench", "noop"))
+                .layer(MetricsLayer::new())
+                .layer(BatchSizeLayer::new())
+                .service(noop()),
+        );
+    });
+
+    // Same subscriber but the events are logged (into a sink), for scale.
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::INFO)
+        .with_writer(std::io::sink)
+        .event_format(keel_layers::logging::JsonLogFormat::new())
+        .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
+        .finish();
+    tracing::subscriber::with_default(subscriber, || {
+        bench_one(
+            c,
+            "logging/json_to_sink",
+            LoggingLayer::new("Bench", "noop").layer(noop()),
+        );
+    });
+}
+
+criterion_group!(benches, calibration, layers);
+criterion_main!(benches);

@@ -1,0 +1,158 @@
+//! Count calls, failures by class, calls in flight, and latency quantiles.
+//!
+//! The seed exposed `getMetrics()` per client; keel wraps any service in [`Metrics`]
+//! and reads the numbers through a cloneable [`MetricsHandle`]:
+//!
+//! - totals: calls started, successes, failures by
+//!   [`Classification::class`](crate::classify::Classification::class), ignored, and
+//!   cancelled (futures dropped before completing);
+//! - a gauge of calls in flight, decremented on completion *and* when the response
+//!   future is dropped;
+//! - the wall-clock time of the last success and of the last failure;
+//! - latency in an [HdrHistogram](https://hdrhistogram.github.io/HdrHistogram/) over a
+//!   rotating window — p50, p90, p99, p99.9, max and mean of the last one to two
+//!   intervals (default 60 s), rotated lazily by the calls and snapshots themselves,
+//!   no background task.
+//!
+//! What counts as a failure is decided by a [`Classify`] (default
+//! [`ErrorsAsFailures`]), so the same layer counts an HTTP 503 inside `Ok` as a
+//! failure with [`TowerHttp`](crate::classify::TowerHttp).
+//!
+//! [`MetricsHandle::snapshot`] returns a plain [`MetricsSnapshot`] (serde
+//! `Serialize`); [`render_prometheus`] and [`MetricsRegistry`] turn named snapshots
+//! into Prometheus text.
+//!
+//! # Cost per call
+//!
+//! Two clock readings (start and end), three relaxed atomic increments, one `Arc`
+//! clone, and at completion one uncontended `parking_lot` lock around the
+//! counters and the histogram record. Wall times are derived from the end reading
+//! and a wall-clock origin taken when the metrics were created, so no third clock
+//! read; they drift from the system clock only if the system clock is stepped.
+//! The monotonic clock is a [`LatencyClock`]: by default the CPU's time-stamp
+//! counter through `quanta`, about half the cost of `Instant::now()`;
+//! [`LatencyClock::tokio`] follows tokio's clock so tests can pause and advance time.
+//!
+//! # Example
+//!
+//! ```
+//! use keel_layers::metrics::MetricsLayer;
+//! use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let metrics = MetricsLayer::new();
+//! let handle = metrics.handle();
+//! let mut svc = ServiceBuilder::new()
+//!     .layer(metrics)
+//!     .service(service_fn(|fail: bool| async move {
+//!         if fail { Err("boom") } else { Ok(()) }
+//!     }));
+//!
+//! svc.ready().await.unwrap().call(false).await.unwrap();
+//! svc.ready().await.unwrap().call(true).await.unwrap_err();
+//!
+//! let snapshot = handle.snapshot();
+//! assert_eq!((snapshot.calls, snapshot.successes, snapshot.failures), (2, 1, 1));
+//! assert_eq!(snapshot.failures_by_class["error"], 1);
+//! assert_eq!(snapshot.in_flight, 0);
+//! # }
+//! ```
+
+mod clock;
+mod error;
+mod future;
+mod handle;
+mod layer;
+mod prometheus;
+mod window;
+
+pub use clock::LatencyClock;
+pub use error::RegistryError;
+pub use future::ResponseFuture;
+pub use handle::{
+    DEFAULT_SIGNIFICANT_FIGURES, DEFAULT_WINDOW, LatencySummary, MAX_FAILURE_CLASSES,
+    MetricsHandle, MetricsSnapshot, OTHER_CLASS,
+};
+pub use layer::{MetricsLayer, MetricsLayerBuilder};
+pub use prometheus::{
+    MetricsRegistry, PROMETHEUS_CONTENT_TYPE, is_valid_metric_name, render_prometheus,
+};
+
+use crate::classify::{Classify, ErrorsAsFailures};
+use std::task::{Context, Poll};
+use tower::Service;
+
+/// Records every call's outcome and latency; see the [module docs](self).
+///
+/// Cloning clones the inner service and the classifier and shares the metrics.
+#[derive(Clone, Debug)]
+pub struct Metrics<S, C = ErrorsAsFailures> {
+    inner: S,
+    classifier: C,
+    handle: MetricsHandle,
+}
+
+impl<S> Metrics<S> {
+    /// Wraps `inner` with fresh metrics and the defaults of [`MetricsLayer::new`].
+    pub fn new(inner: S) -> Self {
+        Metrics {
+            inner,
+            classifier: ErrorsAsFailures,
+            handle: MetricsLayer::new().handle(),
+        }
+    }
+}
+
+impl<S, C> Metrics<S, C> {
+    /// The handle to read these metrics.
+    pub fn handle(&self) -> MetricsHandle {
+        self.handle.clone()
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, C, Req> Service<Req> for Metrics<S, C>
+where
+    S: Service<Req>,
+    C: Classify<S::Response, S::Error> + Clone,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, C>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        let start = self.handle.shared.clock.now_nanos();
+        let inner = self.inner.call(req);
+        // Counted once the inner call returned, so a panicking `call` leaves no
+        // phantom call in flight.
+        self.handle.shared.start();
+        ResponseFuture {
+            inner,
+            classifier: self.classifier.clone(),
+            start,
+            in_flight: future::InFlight(Some(self.handle.shared.clone())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

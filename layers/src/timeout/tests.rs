@@ -1,0 +1,260 @@
+//! Timeout tests, on tokio's paused clock.
+
+use super::*;
+use crate::classify::{ByError, ClassifiedError};
+use crate::retry::{Jitter, Retry, RetryPolicy};
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::Waker;
+use tower::ServiceExt;
+
+const MS: Duration = Duration::from_millis(1);
+const SEC: Duration = Duration::from_secs(1);
+
+fn poll_once<F: Future + Unpin>(f: &mut F) -> Poll<F::Output> {
+    Pin::new(f).poll(&mut Context::from_waker(Waker::noop()))
+}
+
+/// A service that is not ready until `ready_at`, then answers after `latency`
+/// (`None`: never). Counts calls.
+#[derive(Clone)]
+struct Slow {
+    ready_at: Option<Instant>,
+    latency: Option<Duration>,
+    calls: Arc<AtomicUsize>,
+    fail_ready: bool,
+}
+
+impl Slow {
+    fn new(latency: Option<Duration>) -> Self {
+        Slow {
+            ready_at: None,
+            latency,
+            calls: Arc::new(AtomicUsize::new(0)),
+            fail_ready: false,
+        }
+    }
+
+    fn not_ready_for(mut self, d: Duration) -> Self {
+        self.ready_at = Some(Instant::now() + d);
+        self
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+impl Service<u32> for Slow {
+    type Response = u32;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<u32>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.fail_ready {
+            return Poll::Ready(Err(io::Error::other("broken")));
+        }
+        match self.ready_at {
+            Some(at) if Instant::now() < at => {
+                // Wake the caller when readiness arrives.
+                let waker = cx.waker().clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep_until(at).await;
+                    waker.wake();
+                });
+                Poll::Pending
+            }
+            _ => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn call(&mut self, req: u32) -> Self::Future {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let latency = self.latency;
+        Box::pin(async move {
+            match latency {
+                Some(Duration::ZERO) => {}
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending::<()>().await,
+            }
+            if req == u32::MAX {
+                Err(io::Error::new(io::ErrorKind::InvalidInput, "bad request"))
+            } else {
+                Ok(req)
+            }
+        })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn fires_exactly_at_the_deadline_not_before() {
+    let mut svc = Timeout::new(Slow::new(None), SEC);
+    let mut fut = Box::pin(svc.ready().await.unwrap().call(1));
+    assert!(poll_once(&mut fut).is_pending());
+    tokio::time::advance(SEC - MS).await;
+    assert!(poll_once(&mut fut).is_pending(), "not before the deadline");
+    tokio::time::advance(MS).await;
+    match poll_once(&mut fut) {
+        Poll::Ready(Err(TimeoutError::Elapsed { after })) => assert_eq!(after, SEC),
+        other => panic!("expected Elapsed, got {other:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn response_in_time_passes_through() {
+    let svc = Timeout::new(Slow::new(Some(SEC - MS)), SEC);
+    assert_eq!(svc.clone().oneshot(7).await.unwrap(), 7);
+    let immediate = Timeout::new(Slow::new(Some(Duration::ZERO)), SEC);
+    assert_eq!(immediate.clone().oneshot(8).await.unwrap(), 8);
+    // Errors pass through unchanged, typed.
+    let err = immediate.oneshot(u32::MAX).await.unwrap_err();
+    let inner = err.into_inner().expect("inner error");
+    assert_eq!(inner.kind(), io::ErrorKind::InvalidInput);
+}
+
+#[tokio::test(start_paused = true)]
+async fn clock_starts_at_the_first_pending_poll() {
+    let mut svc = Timeout::new(Slow::new(Some(3 * SEC)), 2 * SEC);
+    let fut = Box::pin(svc.ready().await.unwrap().call(1));
+    // Not polled for 10 s: that time is not charged to the call.
+    tokio::time::advance(10 * SEC).await;
+    let start = Instant::now();
+    let result = fut.await;
+    assert!(result.unwrap_err().is_elapsed());
+    assert_eq!(Instant::now() - start, 2 * SEC);
+}
+
+#[tokio::test(start_paused = true)]
+async fn readiness_not_covered_by_default() {
+    let svc = Timeout::new(Slow::new(Some(SEC)).not_ready_for(10 * SEC), 2 * SEC);
+    let start = Instant::now();
+    assert_eq!(svc.oneshot(3).await.unwrap(), 3);
+    assert_eq!(Instant::now() - start, 11 * SEC);
+}
+
+#[tokio::test(start_paused = true)]
+async fn covered_readiness_leaves_the_call_the_rest() {
+    // Ready after 3 s of a 5 s deadline; the call needs 2.5 s: times out at 5 s.
+    let inner = Slow::new(Some(2500 * MS)).not_ready_for(3 * SEC);
+    let mut svc = Timeout::new(inner.clone(), 5 * SEC).covering_readiness(true);
+    let start = Instant::now();
+    svc.ready().await.unwrap();
+    assert_eq!(Instant::now() - start, 3 * SEC);
+    let err = svc.call(1).await.unwrap_err();
+    assert!(matches!(err, TimeoutError::Elapsed { after } if after == 5 * SEC));
+    assert_eq!(Instant::now() - start, 5 * SEC);
+    assert_eq!(inner.calls(), 1);
+
+    // The next call, on a ready service, gets the full timeout again.
+    let start = Instant::now();
+    assert_eq!(svc.ready().await.unwrap().call(2).await.unwrap(), 2);
+    assert_eq!(Instant::now() - start, 2500 * MS);
+}
+
+#[tokio::test(start_paused = true)]
+async fn readiness_past_the_deadline_fails_the_call_not_the_service() {
+    let inner = Slow::new(Some(Duration::ZERO)).not_ready_for(10 * SEC);
+    let mut svc = Timeout::new(inner.clone(), 2 * SEC).covering_readiness(true);
+    let start = Instant::now();
+    // poll_ready does not error: it reports ready at the deadline...
+    svc.ready().await.unwrap();
+    assert_eq!(Instant::now() - start, 2 * SEC);
+    // ...and the call fails at once without reaching the inner service.
+    let err = svc.call(1).await.unwrap_err();
+    assert!(err.is_elapsed());
+    assert_eq!(inner.calls(), 0);
+    assert_eq!(Instant::now() - start, 2 * SEC);
+
+    // The service is still usable: a new wait starts a new clock.
+    svc.ready().await.unwrap();
+    assert_eq!(Instant::now() - start, 4 * SEC);
+    assert!(svc.call(2).await.unwrap_err().is_elapsed());
+    tokio::time::advance(6 * SEC).await;
+    assert_eq!(svc.ready().await.unwrap().call(3).await.unwrap(), 3);
+    assert_eq!(inner.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn ready_errors_pass_through_as_inner() {
+    let mut inner = Slow::new(Some(Duration::ZERO));
+    inner.fail_ready = true;
+    for cover in [false, true] {
+        let svc = Timeout::new(inner.clone(), SEC).covering_readiness(cover);
+        let err = svc.oneshot(1).await.unwrap_err();
+        assert_eq!(err.to_string(), "broken");
+        assert!(!err.is_elapsed());
+    }
+}
+
+#[test]
+fn elapsed_is_a_retryable_timeout() {
+    let elapsed = TimeoutError::<io::Error>::Elapsed { after: SEC };
+    let c = elapsed.classification();
+    assert!(c.should_retry());
+    assert_eq!(c.class, "timeout");
+    assert_eq!(elapsed.to_string(), "request timed out after 1s");
+    let inner = TimeoutError::Inner(io::Error::new(io::ErrorKind::InvalidInput, "bad"));
+    assert!(!inner.classification().should_retry());
+    assert_eq!(inner.classification().class, "io");
+}
+
+#[tokio::test(start_paused = true)]
+async fn timed_out_attempts_are_retried_inside_retry() {
+    // First attempt hangs, the second answers.
+    #[derive(Clone)]
+    struct HangOnce(Arc<AtomicUsize>);
+    impl Service<u32> for HangOnce {
+        type Response = u32;
+        type Error = io::Error;
+        type Future = Pin<Box<dyn Future<Output = io::Result<u32>> + Send>>;
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, req: u32) -> Self::Future {
+            let first = self.0.fetch_add(1, Ordering::SeqCst) == 0;
+            Box::pin(async move {
+                if first {
+                    std::future::pending::<()>().await;
+                }
+                Ok(req)
+            })
+        }
+    }
+    let calls = Arc::new(AtomicUsize::new(0));
+    let policy = RetryPolicy::new()
+        .jitter(Jitter::None)
+        .base(100 * MS)
+        .without_budget();
+    let svc = Retry::with_classifier(Timeout::new(HangOnce(calls.clone()), SEC), policy, ByError);
+    let start = Instant::now();
+    assert_eq!(svc.oneshot(5).await.unwrap(), 5);
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert_eq!(Instant::now() - start, SEC + 100 * MS);
+}
+
+#[tokio::test(start_paused = true)]
+async fn timeout_outside_retry_bounds_the_whole_call() {
+    use crate::retry::RetryLayer;
+    use tower::ServiceBuilder;
+    // Every attempt fails after 1 s; retries every 1 s would go on for 10 attempts.
+    let failing = tower::service_fn(|_: u32| async {
+        tokio::time::sleep(SEC).await;
+        Err::<u32, _>(io::Error::other("down"))
+    });
+    let svc = ServiceBuilder::new()
+        .layer(TimeoutLayer::new(5 * SEC))
+        .layer(RetryLayer::new(
+            RetryPolicy::new()
+                .jitter(Jitter::None)
+                .base(SEC)
+                .multiplier(1.0)
+                .max_attempts(10)
+                .without_budget(),
+        ))
+        .service(failing);
+    let start = Instant::now();
+    let err = svc.oneshot(1).await.unwrap_err();
+    assert!(err.is_elapsed());
+    assert_eq!(Instant::now() - start, 5 * SEC);
+}
