@@ -8,12 +8,12 @@
 mod support;
 
 use keel::kafka::consumer::{
-    Backoff, BoxError, ConsumedEvent, HandlerError, KafkaConsumer, KafkaConsumerBuilder,
-    StartOptions,
+    BoxError, ConsumedEvent, HandlerError, KafkaConsumer, KafkaConsumerBuilder, StartOptions,
 };
 use keel::kafka::dead_letter::headers as dlq;
 use keel::kafka::envelope::EventEnvelope;
 use keel::kafka::registry::HandlerRegistry;
+use keel::layers::retry::RetryPolicy;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -195,11 +195,12 @@ fn keyed_events(n: usize, keys: usize) -> Vec<EventEnvelope> {
         .collect()
 }
 
-fn fast_backoff() -> Backoff {
-    Backoff {
-        initial: Duration::from_millis(10),
-        max: Duration::from_millis(40),
-    }
+/// The Kafka schedule scaled down: 10, 20, 40 ms.
+fn fast_retries() -> RetryPolicy {
+    RetryPolicy::kafka()
+        .without_budget()
+        .base(Duration::from_millis(10))
+        .cap(Duration::from_millis(40))
 }
 
 /// Every event handled exactly once, content identical, per-key order kept.
@@ -300,7 +301,7 @@ async fn a_handler_failing_twice_is_retried_and_handled_once() {
             .unwrap()
     };
     let consumer = KafkaConsumer::builder(client(&brokers), unique("retry"))
-        .backoff(fast_backoff())
+        .retry_policy(fast_retries())
         .start(
             StartOptions::new([topic.as_str()])
                 .from_beginning(true)
@@ -413,7 +414,7 @@ async fn a_poison_message_lands_in_the_dlq_with_provenance_and_the_partition_mov
             .unwrap()
     };
     let consumer = KafkaConsumer::builder(client(&brokers), group.clone())
-        .backoff(fast_backoff())
+        .retry_policy(fast_retries())
         .start(
             StartOptions::new([topic.as_str()])
                 .from_beginning(true)

@@ -1,28 +1,32 @@
 //! A lane: one task draining one bounded queue, one message at a time.
 
+use super::attempts::CountAttempts;
+use super::error::HandlerErrors;
 use super::error::{BoxError, error_chain};
 use super::event::{ConsumedEvent, ReceivedMessage};
 use super::metrics::{ConsumerMetrics, Ending};
 use super::poll::{Completion, Work};
-use super::retry::{Backoff, MessageRetry};
 use crate::kafka::dead_letter::{
     DeadLetter, DeadLetterPublisher, DeadLetterReason, Disposition, reason_for,
 };
 use crate::kafka::envelope::EventEnvelope;
+use keel_layers::retry::{Backoff, Retry, RetryLayer, RetryPolicy};
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::{mpsc, watch};
 use tower::{Service, ServiceExt};
+use tracing::Instrument;
 
 pub(crate) type Boxed<S> =
     tower::util::MapErr<S, fn(<S as Service<ConsumedEvent>>::Error) -> BoxError>;
+type Retried<S> = Retry<CountAttempts<Boxed<S>>, HandlerErrors>;
 
 /// The per-lane handler stack the runtime builds from the start options.
 pub(crate) enum Stack<S: Service<ConsumedEvent>> {
     /// Retry, then dead-letter.
-    DeadLetter(DeadLetter<MessageRetry<Boxed<S>>>),
+    DeadLetter(DeadLetter<Retried<S>>),
     /// Retry, then log and skip (DLQ disabled).
-    Plain(MessageRetry<Boxed<S>>),
+    Plain(Retried<S>),
 }
 
 pub(crate) struct LaneContext {
@@ -38,16 +42,11 @@ where
     S::Error: Into<BoxError>,
     S::Future: Send + 'static,
 {
-    pub(crate) fn new(
-        handler: S,
-        max_retries: u32,
-        backoff: Backoff,
-        dlq: Option<DeadLetterPublisher>,
-    ) -> Self {
+    pub(crate) fn new(handler: S, policy: RetryPolicy, dlq: Option<DeadLetterPublisher>) -> Self {
         let boxed: Boxed<S> = handler.map_err(Into::into as fn(S::Error) -> BoxError);
         let retry = tower::Layer::layer(
-            &super::retry::MessageRetryLayer::new(max_retries).backoff(backoff),
-            boxed,
+            &RetryLayer::new(policy).classifier(HandlerErrors),
+            CountAttempts::new(boxed),
         );
         match dlq {
             Some(publisher) => Stack::DeadLetter(DeadLetter::new(retry, publisher)),
@@ -107,7 +106,15 @@ pub(crate) async fn run_lane<S>(
             },
         };
         let offset = work.message.offset();
-        process(&mut stack, &ctx, work.message).await;
+        let span = tracing::info_span!(
+            "kafka_message",
+            topic = %work.tp.topic,
+            partition = work.tp.partition,
+            offset
+        );
+        process(&mut stack, &ctx, work.message)
+            .instrument(span)
+            .await;
         let _ = ctx.completions.send(Completion {
             tp: work.tp,
             epoch: work.epoch,

@@ -9,8 +9,8 @@
 //! that runtime, with the handler a Tower service you compose with layers:
 //!
 //! ```text
-//! poll thread (BaseConsumer) ──route──▶ lane 0 ─▶ DeadLetter(MessageRetry(handler))
-//!   │  rebalance hooks                 lane 1 ─▶ DeadLetter(MessageRetry(handler))
+//! poll thread (BaseConsumer) ──route──▶ lane 0 ─▶ DeadLetter(Retry(CountAttempts(handler)))
+//!   │  rebalance hooks                 lane 1 ─▶ DeadLetter(Retry(CountAttempts(handler)))
 //!   ◀──────── completions ─────────────  ...
 //!   └─ commits: lowest unfinished offset per partition (OffsetTracker)
 //! ```
@@ -27,9 +27,14 @@
 //! - **Ordering** ([`ProcessingOrder`]): by default one message at a time per
 //!   partition. Opt-in key-ordered mode handles one partition on `workers` lanes
 //!   concurrently, keeping order per key.
-//! - **Retries** ([`MessageRetryLayer`]): per message, in place, 1 s, 2 s, 4 s, 8 s ...
-//!   capped at 30 s, `max_retries` times, each retry logged with its attempt and
-//!   backoff. Permanent failures skip the retries.
+//! - **Retries**: keel-layers' [`RetryLayer`](keel_layers::retry::RetryLayer) per
+//!   message, in place (the lane waits, so order is kept), with
+//!   [`RetryPolicy::kafka`]: 1 s, 2 s, 4 s, 8 s ... capped at 30 s, no jitter, no
+//!   retry budget (a budget would dead-letter healthy messages during an outage),
+//!   `max_retries` from the start options. Each retry is logged with its attempt and
+//!   backoff, inside a span carrying the topic, partition and offset. Failures
+//!   classified permanent ([`HandlerError::permanent`], decode errors) skip the
+//!   retries.
 //! - **Dead-letter queue** ([`DeadLetterLayer`](crate::kafka::dead_letter::DeadLetterLayer)):
 //!   after the last retry the message is republished unchanged to `<topic>.dlq` with
 //!   provenance headers, acknowledged before its offset may be committed. Messages
@@ -80,26 +85,27 @@
 //! # Ok(()) }
 //! ```
 
+mod attempts;
 mod error;
 pub(crate) mod event;
 mod lane;
 mod metrics;
 mod poll;
-mod retry;
 pub mod scheduler;
 pub mod tracker;
 
 pub use crate::kafka::envelope::{DecodeError, EventEnvelope};
+pub use attempts::{CountAttempts, CountAttemptsLayer};
 pub(crate) use error::error_chain;
 pub use error::{BoxError, ConsumerError, HandlerError, HandlerErrors, UnknownEventType};
 pub use event::{ConsumedEvent, ReceivedMessage, Timestamp};
 pub use metrics::{ConsumerMetrics, ConsumerMetricsSnapshot};
-pub use retry::{Backoff, MessageRetry, MessageRetryLayer};
 pub use scheduler::ProcessingOrder;
 pub use tracker::TopicPartition;
 
 use crate::kafka::config::KafkaConfig;
 use crate::kafka::dead_letter::{DEFAULT_SUFFIX, DeadLetterPublisher};
+use keel_layers::retry::RetryPolicy;
 use lane::{LaneContext, Stack, run_lane};
 use poll::{Command, KeelBaseConsumer, KeelConsumerContext, PollLoop, Shared};
 use rdkafka::ClientConfig;
@@ -178,7 +184,7 @@ pub struct KafkaConsumerBuilder {
     order: ProcessingOrder,
     workers: usize,
     lane_capacity: usize,
-    backoff: Backoff,
+    retry_policy: RetryPolicy,
     dlq_suffix: String,
     commit_interval: Duration,
     poll_timeout: Duration,
@@ -191,7 +197,7 @@ impl fmt::Debug for KafkaConsumerBuilder {
             .field("order", &self.order)
             .field("workers", &self.workers)
             .field("lane_capacity", &self.lane_capacity)
-            .field("backoff", &self.backoff)
+            .field("retry_policy", &self.retry_policy)
             .field("dlq_suffix", &self.dlq_suffix)
             .field("commit_interval", &self.commit_interval)
             .finish_non_exhaustive()
@@ -218,9 +224,11 @@ impl KafkaConsumerBuilder {
         self.lane_capacity = capacity;
         self
     }
-    /// Retry backoff (default 1 s doubling to 30 s).
-    pub fn backoff(mut self, backoff: Backoff) -> Self {
-        self.backoff = backoff;
+    /// Retry schedule (default [`RetryPolicy::kafka`] without budget: 1 s doubling
+    /// to 30 s, no jitter). Its attempt limit is replaced by the start options'
+    /// `max_retries`. Its backoff also paces re-publishing to an unreachable DLQ.
+    pub fn retry_policy(mut self, policy: RetryPolicy) -> Self {
+        self.retry_policy = policy;
         self
     }
     /// Suffix of dead-letter topics (default `.dlq`).
@@ -324,19 +332,15 @@ impl KafkaConsumerBuilder {
             completions: completions_tx,
             metrics: metrics.clone(),
             dlq: dlq.clone(),
-            backoff: self.backoff,
+            backoff: *self.retry_policy.schedule_config(),
         });
         let (lane_stop, lane_stop_rx) = watch::channel(false);
         let mut lanes = Vec::with_capacity(self.workers);
         let mut lane_tasks = Vec::with_capacity(self.workers);
         for _ in 0..self.workers {
             let (tx, rx) = mpsc::channel(self.lane_capacity);
-            let stack = Stack::new(
-                handler.clone(),
-                options.max_retries,
-                self.backoff,
-                dlq.clone(),
-            );
+            let policy = self.retry_policy.clone().max_retries(options.max_retries);
+            let stack = Stack::new(handler.clone(), policy, dlq.clone());
             lanes.push(tx);
             lane_tasks.push(rt.spawn(run_lane(rx, stack, ctx.clone(), lane_stop_rx.clone())));
         }
@@ -427,7 +431,7 @@ impl KafkaConsumer {
             order: ProcessingOrder::Partition,
             workers: 1,
             lane_capacity: 256,
-            backoff: Backoff::default(),
+            retry_policy: RetryPolicy::kafka().without_budget(),
             dlq_suffix: DEFAULT_SUFFIX.to_string(),
             commit_interval: Duration::from_secs(1),
             poll_timeout: Duration::from_millis(50),
