@@ -82,11 +82,11 @@ impl ConsumerMetrics {
     /// A consistent-enough copy of the counters.
     pub fn snapshot(&self) -> ConsumerMetricsSnapshot {
         let timed = self.timed.load(Relaxed);
-        let average = if timed == 0 {
-            Duration::ZERO
-        } else {
-            Duration::from_nanos(self.processing_nanos.load(Relaxed) / timed)
-        };
+        let average = self
+            .processing_nanos
+            .load(Relaxed)
+            .checked_div(timed)
+            .map_or(Duration::ZERO, Duration::from_nanos);
         let p99 = self
             .histogram
             .lock()
