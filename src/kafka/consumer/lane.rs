@@ -153,12 +153,14 @@ where
             return;
         }
     };
+    let event = ConsumedEvent::new(envelope, message);
     let mut round = 0u32;
     loop {
-        let event = ConsumedEvent::new(envelope.clone(), message.clone());
+        let attempts_before = event.attempts_made();
         match stack.handle(event.clone()).await {
             Ok(ending) => {
-                let retries = event.attempts_made().saturating_sub(1);
+                // Retries of this round only; earlier rounds were counted already.
+                let retries = (event.attempts_made() - attempts_before).saturating_sub(1);
                 ctx.metrics.record(ending, retries, started.elapsed());
                 return;
             }
@@ -166,11 +168,13 @@ where
                 // The DLQ publish failed: the offset must not be committed, so handle
                 // the message again (at-least-once) after a backoff.
                 round += 1;
+                let retries = (event.attempts_made() - attempts_before).saturating_sub(1);
+                ctx.metrics.record_retries(retries);
                 let delay = ctx.backoff.delay(round);
                 tracing::error!(
-                    topic = message.topic(),
-                    partition = message.partition(),
-                    offset = message.offset(),
+                    topic = event.topic(),
+                    partition = event.partition(),
+                    offset = event.offset(),
                     error = %error_chain(error.as_ref()),
                     backoff_ms = delay.as_millis() as u64,
                     "dead-letter publish failed; handling the message again"

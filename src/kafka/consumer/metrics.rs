@@ -75,6 +75,10 @@ impl ConsumerMetrics {
         self.last_processed_at_ms.store(now_ms, Relaxed);
     }
 
+    pub(crate) fn record_retries(&self, retries: u32) {
+        self.retries.fetch_add(u64::from(retries), Relaxed);
+    }
+
     pub(crate) fn record_decode_error(&self) {
         self.decode_errors.fetch_add(1, Relaxed);
     }
