@@ -19,8 +19,10 @@
 //!   short timeout: no `StreamConsumer` waker to lose (rust-rdkafka #638/#665/#848),
 //!   and rebalance callbacks run there with direct access to the offset tracker.
 //! - **Bounded memory and backpressure**: lanes are bounded queues
-//!   (`lane_capacity`). When one is full, the poll thread holds that one message and
-//!   pauses fetching, yet keeps polling, so rebalances and `max.poll.interval.ms` are
+//!   (`lane_capacity`). A full lane holds up the poll thread (which still serves
+//!   pause, resume and stop) for at most `backpressure_after` (500 ms); if it is
+//!   still full, the poll thread holds that one message and pauses fetching, yet
+//!   keeps polling, so rebalances and `max.poll.interval.ms` are
 //!   served however slow the handler is; when the lane is half empty it seeks back to
 //!   the next undispatched offset and resumes. librdkafka's prefetch is capped by
 //!   `queued.max.messages.kbytes` (16 MiB unless you set it).
@@ -188,6 +190,7 @@ pub struct KafkaConsumerBuilder {
     dlq_suffix: String,
     commit_interval: Duration,
     poll_timeout: Duration,
+    backpressure_after: Duration,
 }
 
 impl fmt::Debug for KafkaConsumerBuilder {
@@ -245,6 +248,14 @@ impl KafkaConsumerBuilder {
     /// commands and commits when no message arrives.
     pub fn poll_timeout(mut self, timeout: Duration) -> Self {
         self.poll_timeout = timeout;
+        self
+    }
+
+    /// How long a full lane may hold up polling before fetching is paused instead
+    /// (default 500 ms). Short bursts wait; sustained backpressure pauses, so
+    /// rebalances and `max.poll.interval.ms` are served however slow the handler.
+    pub fn backpressure_after(mut self, patience: Duration) -> Self {
+        self.backpressure_after = patience;
         self
     }
 
@@ -356,6 +367,7 @@ impl KafkaConsumerBuilder {
             poll_timeout: self.poll_timeout,
             commit_interval: self.commit_interval,
             topics: HashMap::new(),
+            backpressure_after: self.backpressure_after,
             held: None,
             held_lane: 0,
             rewind: HashMap::new(),
@@ -435,6 +447,7 @@ impl KafkaConsumer {
             dlq_suffix: DEFAULT_SUFFIX.to_string(),
             commit_interval: Duration::from_secs(1),
             poll_timeout: Duration::from_millis(50),
+            backpressure_after: Duration::from_millis(500),
         }
     }
 

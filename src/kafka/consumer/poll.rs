@@ -4,13 +4,15 @@
 //! timeout in a loop. It never waits on a waker that librdkafka must fire (the cause
 //! of `StreamConsumer`'s lost wakeups, rust-rdkafka #638/#665/#848); rebalance
 //! callbacks run on it, between polls, with direct access to the offset tracker.
-//! Fetched messages are copied out and routed to the bounded lane queues. When a
-//! lane is full the thread holds that one message and pauses fetching (librdkafka
-//! `pause`), but keeps polling, so rebalances and `max.poll.interval.ms` are served
-//! however slow the handler; once the lane is half empty it seeks every partition
-//! back to the next undispatched offset and resumes. Completions come back on a channel and become commits: stored offsets
-//! (auto-commit mode) or explicit commits (manual mode), always only up to the lowest
-//! unfinished offset of each partition.
+//! Fetched messages are copied out and routed to the bounded lane queues. A full
+//! lane holds the thread up to `backpressure_after` (serving commands meanwhile);
+//! if it stays full, the thread holds that one message and pauses fetching
+//! (librdkafka `pause`) but keeps polling, so rebalances and `max.poll.interval.ms`
+//! are served however slow the handler; once the lane is half empty it seeks every
+//! partition back to the next undispatched offset and resumes. Completions come
+//! back on a channel and become commits: stored offsets (auto-commit mode) or
+//! explicit commits (manual mode), always only up to the lowest unfinished offset of
+//! each partition.
 
 use super::error::ConsumerError;
 use super::event::ReceivedMessage;
@@ -219,6 +221,8 @@ pub(crate) struct PollLoop {
     pub(crate) poll_timeout: Duration,
     pub(crate) commit_interval: Duration,
     pub(crate) topics: HashMap<String, Arc<str>>,
+    /// How long a full lane may block polling before fetching is paused instead.
+    pub(crate) backpressure_after: Duration,
     /// A message whose lane was full, with that lane.
     pub(crate) held: Option<(usize, Work)>,
     /// The lane that was full last.
@@ -483,13 +487,49 @@ impl PollLoop {
         };
         match self.lanes[lane].try_send(work) {
             Ok(()) => Next::Continue,
-            Err(mpsc::error::TrySendError::Full(work)) => {
-                self.held = Some((lane, work));
-                self.pause_for_backpressure();
-                Next::Continue
-            }
+            Err(mpsc::error::TrySendError::Full(work)) => self.wait_for_room(lane, work),
             Err(mpsc::error::TrySendError::Closed(_)) => Next::Abort,
         }
+    }
+
+    /// A lane is full. Short bursts are absorbed by waiting (serving commands) up to
+    /// `backpressure_after`; a lane still full after that is sustained backpressure:
+    /// hold the message, pause fetching and go back to polling. Pausing on every
+    /// full lane would thrash (each resume seeks and re-fetches).
+    fn wait_for_room(&mut self, lane: usize, work: Work) -> Next {
+        let rt = self.rt.clone();
+        let sender = self.lanes[lane].clone();
+        let patience = self.backpressure_after;
+        let (next, unsent) = rt.block_on(async {
+            let mut reserve = std::pin::pin!(sender.reserve_owned());
+            let mut give_up = std::pin::pin!(tokio::time::sleep(patience));
+            loop {
+                tokio::select! {
+                    permit = &mut reserve => {
+                        return match permit {
+                            Ok(permit) => {
+                                permit.send(work);
+                                (Next::Continue, None)
+                            }
+                            Err(_) => (Next::Abort, None),
+                        };
+                    }
+                    () = &mut give_up => return (Next::Continue, Some(work)),
+                    cmd = self.commands.recv() => match cmd {
+                        Some(cmd) => match self.command(cmd) {
+                            Next::Continue => {}
+                            other => return (other, None),
+                        },
+                        None => return (Next::Abort, None),
+                    },
+                }
+            }
+        });
+        if let Some(work) = unsent {
+            self.held = Some((lane, work));
+            self.pause_for_backpressure();
+        }
+        next
     }
 
     /// A lane is full: hold its message and pause fetching everywhere, but keep
