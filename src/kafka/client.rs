@@ -604,7 +604,8 @@ impl KafkaClient {
         })
     }
 
-    /// Creates a topic (a no-op if it exists), waiting at most `timeout`.
+    /// Creates a topic (a no-op if it exists) and waits until every partition has
+    /// a leader, all within `timeout`.
     pub async fn create_topic(
         &self,
         name: &str,
@@ -640,7 +641,55 @@ impl KafkaClient {
                 }
             }
         }
-        Ok(())
+        self.wait_for_leaders(name, partitions, timeout).await
+    }
+
+    /// Polls metadata until `topic` shows `partitions` partitions, each with a leader.
+    async fn wait_for_leaders(
+        &self,
+        topic: &str,
+        partitions: i32,
+        timeout: Duration,
+    ) -> Result<(), KafkaClientError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let client = self.clone();
+            let name = topic.to_string();
+            // librdkafka's metadata call blocks: keep it off the async workers.
+            let metadata = tokio::task::spawn_blocking(move || {
+                client
+                    .admin()
+                    .ok()?
+                    .inner()
+                    .fetch_metadata(Some(&name), Duration::from_secs(1))
+                    .ok()
+            })
+            .await
+            .ok()
+            .flatten();
+            let ready = metadata
+                .map(|m| {
+                    m.topics().iter().any(|t| {
+                        t.name() == topic
+                            && t.error().is_none()
+                            && t.partitions().len() == partitions as usize
+                            && t.partitions()
+                                .iter()
+                                .all(|p| p.leader() >= 0 && p.error().is_none())
+                    })
+                })
+                .unwrap_or(false);
+            if ready {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(KafkaClientError::Admin {
+                    target: topic.to_string(),
+                    message: format!("partitions have no leader after {timeout:?}"),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Registers a consumer: the health check counts it and

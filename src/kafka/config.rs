@@ -255,7 +255,7 @@ impl Acks {
     }
 }
 
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 struct Inner {
     enabled: bool,
     brokers: Vec<String>,
@@ -286,29 +286,35 @@ pub struct KafkaConfig {
     inner: Arc<Inner>,
 }
 
-impl fmt::Debug for KafkaConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let i = &self.inner;
-        // Pass-through values may hold secrets (sasl.password, ssl keys): names only.
-        let property_names: Vec<&str> = i.properties.keys().map(String::as_str).collect();
-        f.debug_struct("KafkaConfig")
-            .field("enabled", &i.enabled)
-            .field("brokers", &i.brokers)
-            .field("client_id", &i.client_id)
-            .field("group_id", &i.group_id)
-            .field("connection_timeout", &i.connection_timeout)
-            .field("request_timeout", &i.request_timeout)
-            .field("retry_attempts", &i.retry_attempts)
-            .field("retry_backoff", &i.retry_backoff)
-            .field("delivery_timeout", &i.delivery_timeout)
-            .field("log_level", &i.log_level)
-            .field("max_batch_size", &i.max_batch_size)
-            .field("transactional_id", &i.transactional_id)
-            .field("idempotence", &i.idempotence)
-            .field("acks", &i.acks)
-            .field("statistics_interval", &i.statistics_interval)
+impl Inner {
+    /// Debug output without pass-through values, which may hold secrets
+    /// (`sasl.password`, SSL keys): their names only.
+    fn fmt_named(&self, f: &mut fmt::Formatter<'_>, name: &str) -> fmt::Result {
+        let property_names: Vec<&str> = self.properties.keys().map(String::as_str).collect();
+        f.debug_struct(name)
+            .field("enabled", &self.enabled)
+            .field("brokers", &self.brokers)
+            .field("client_id", &self.client_id)
+            .field("group_id", &self.group_id)
+            .field("connection_timeout", &self.connection_timeout)
+            .field("request_timeout", &self.request_timeout)
+            .field("retry_attempts", &self.retry_attempts)
+            .field("retry_backoff", &self.retry_backoff)
+            .field("delivery_timeout", &self.delivery_timeout)
+            .field("log_level", &self.log_level)
+            .field("max_batch_size", &self.max_batch_size)
+            .field("transactional_id", &self.transactional_id)
+            .field("idempotence", &self.idempotence)
+            .field("acks", &self.acks)
+            .field("statistics_interval", &self.statistics_interval)
             .field("rdkafka_properties", &property_names)
             .finish()
+    }
+}
+
+impl fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.inner.fmt_named(f, "KafkaConfig")
     }
 }
 
@@ -492,45 +498,38 @@ fn millis(d: Duration) -> u128 {
 }
 
 /// Builds a [`KafkaConfig`]; every setting starts at its documented default.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct KafkaConfigBuilder {
-    enabled: bool,
-    brokers: Vec<String>,
-    client_id: String,
-    group_id: String,
-    connection_timeout: Duration,
-    request_timeout: Duration,
-    retry_attempts: u32,
-    retry_backoff: Duration,
-    delivery_timeout: Duration,
-    log_level: KafkaLogLevel,
-    max_batch_size: usize,
-    transactional_id: Option<String>,
-    idempotence: bool,
-    acks: Acks,
-    statistics_interval: Duration,
-    properties: BTreeMap<String, (String, String)>,
+    inner: Inner,
+}
+
+impl fmt::Debug for KafkaConfigBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.inner.fmt_named(f, "KafkaConfigBuilder")
+    }
 }
 
 impl Default for KafkaConfigBuilder {
     fn default() -> Self {
         KafkaConfigBuilder {
-            enabled: true,
-            brokers: vec![DEFAULT_BROKERS.to_string()],
-            client_id: DEFAULT_CLIENT_ID.to_string(),
-            group_id: DEFAULT_GROUP_ID.to_string(),
-            connection_timeout: DEFAULT_CONNECTION_TIMEOUT,
-            request_timeout: DEFAULT_REQUEST_TIMEOUT,
-            retry_attempts: DEFAULT_RETRY_ATTEMPTS,
-            retry_backoff: DEFAULT_RETRY_BACKOFF,
-            delivery_timeout: DEFAULT_DELIVERY_TIMEOUT,
-            log_level: KafkaLogLevel::Info,
-            max_batch_size: DEFAULT_MAX_BATCH_SIZE,
-            transactional_id: None,
-            idempotence: true,
-            acks: Acks::All,
-            statistics_interval: DEFAULT_STATISTICS_INTERVAL,
-            properties: BTreeMap::new(),
+            inner: Inner {
+                enabled: true,
+                brokers: vec![DEFAULT_BROKERS.to_string()],
+                client_id: DEFAULT_CLIENT_ID.to_string(),
+                group_id: DEFAULT_GROUP_ID.to_string(),
+                connection_timeout: DEFAULT_CONNECTION_TIMEOUT,
+                request_timeout: DEFAULT_REQUEST_TIMEOUT,
+                retry_attempts: DEFAULT_RETRY_ATTEMPTS,
+                retry_backoff: DEFAULT_RETRY_BACKOFF,
+                delivery_timeout: DEFAULT_DELIVERY_TIMEOUT,
+                log_level: KafkaLogLevel::Info,
+                max_batch_size: DEFAULT_MAX_BATCH_SIZE,
+                transactional_id: None,
+                idempotence: true,
+                acks: Acks::All,
+                statistics_interval: DEFAULT_STATISTICS_INTERVAL,
+                properties: BTreeMap::new(),
+            },
         }
     }
 }
@@ -586,16 +585,16 @@ impl KafkaConfigBuilder {
         for (name, value) in vars {
             let (name, value) = (name.as_ref(), value.as_ref());
             match name {
-                env::BROKERS => b.brokers = split_brokers(value),
-                env::CLIENT_ID => b.client_id = value.to_string(),
-                env::GROUP_ID => b.group_id = value.to_string(),
-                env::CONNECTION_TIMEOUT => b.connection_timeout = parse_millis(name, value)?,
-                env::REQUEST_TIMEOUT => b.request_timeout = parse_millis(name, value)?,
-                env::RETRY_ATTEMPTS => b.retry_attempts = parse_number(name, value)?,
-                env::RETRY_BACKOFF_MS => b.retry_backoff = parse_millis(name, value)?,
-                env::DELIVERY_TIMEOUT => b.delivery_timeout = parse_millis(name, value)?,
+                env::BROKERS => b.inner.brokers = split_brokers(value),
+                env::CLIENT_ID => b.inner.client_id = value.to_string(),
+                env::GROUP_ID => b.inner.group_id = value.to_string(),
+                env::CONNECTION_TIMEOUT => b.inner.connection_timeout = parse_millis(name, value)?,
+                env::REQUEST_TIMEOUT => b.inner.request_timeout = parse_millis(name, value)?,
+                env::RETRY_ATTEMPTS => b.inner.retry_attempts = parse_number(name, value)?,
+                env::RETRY_BACKOFF_MS => b.inner.retry_backoff = parse_millis(name, value)?,
+                env::DELIVERY_TIMEOUT => b.inner.delivery_timeout = parse_millis(name, value)?,
                 env::LOG_LEVEL => {
-                    b.log_level = KafkaLogLevel::parse(value).ok_or_else(|| {
+                    b.inner.log_level = KafkaLogLevel::parse(value).ok_or_else(|| {
                         ConfigError::invalid(
                             name,
                             value,
@@ -603,10 +602,10 @@ impl KafkaConfigBuilder {
                         )
                     })?
                 }
-                env::ENABLE_KAFKA => b.enabled = parse_bool(name, value)?,
-                env::MAX_BATCH_SIZE => b.max_batch_size = parse_number(name, value)?,
+                env::ENABLE_KAFKA => b.inner.enabled = parse_bool(name, value)?,
+                env::MAX_BATCH_SIZE => b.inner.max_batch_size = parse_number(name, value)?,
                 env::TRANSACTIONAL_ID => {
-                    b.transactional_id = Some(value.to_string()).filter(|v| !v.is_empty())
+                    b.inner.transactional_id = Some(value.to_string()).filter(|v| !v.is_empty())
                 }
                 _ => {
                     if let Some(suffix) = name.strip_prefix(env::RDKAFKA_PREFIX) {
@@ -614,7 +613,8 @@ impl KafkaConfigBuilder {
                             continue;
                         }
                         let property = property_from_env_suffix(suffix);
-                        b.properties
+                        b.inner
+                            .properties
                             .insert(property, (value.to_string(), name.to_string()));
                     }
                 }
@@ -625,7 +625,7 @@ impl KafkaConfigBuilder {
 
     /// Kafka on or off (default on).
     pub fn enabled(mut self, enabled: bool) -> Self {
-        self.enabled = enabled;
+        self.inner.enabled = enabled;
         self
     }
 
@@ -635,79 +635,79 @@ impl KafkaConfigBuilder {
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
-        self.brokers = brokers.into_iter().map(Into::into).collect();
+        self.inner.brokers = brokers.into_iter().map(Into::into).collect();
         self
     }
 
     /// `client.id` (default `keel`).
     pub fn client_id(mut self, client_id: impl Into<String>) -> Self {
-        self.client_id = client_id.into();
+        self.inner.client_id = client_id.into();
         self
     }
 
     /// Consumer group id (default `keel-consumer-group`).
     pub fn group_id(mut self, group_id: impl Into<String>) -> Self {
-        self.group_id = group_id.into();
+        self.inner.group_id = group_id.into();
         self
     }
 
     /// Connection setup timeout (default 10 s).
     pub fn connection_timeout(mut self, timeout: Duration) -> Self {
-        self.connection_timeout = timeout;
+        self.inner.connection_timeout = timeout;
         self
     }
 
     /// Request timeout (default 30 s).
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
-        self.request_timeout = timeout;
+        self.inner.request_timeout = timeout;
         self
     }
 
     /// librdkafka retries of a failed request (default 5).
     pub fn retry_attempts(mut self, attempts: u32) -> Self {
-        self.retry_attempts = attempts;
+        self.inner.retry_attempts = attempts;
         self
     }
 
     /// librdkafka backoff between retries (default 300 ms).
     pub fn retry_backoff(mut self, backoff: Duration) -> Self {
-        self.retry_backoff = backoff;
+        self.inner.retry_backoff = backoff;
         self
     }
 
     /// The bound on waiting for a delivery acknowledgement (default 30 s).
     pub fn delivery_timeout(mut self, timeout: Duration) -> Self {
-        self.delivery_timeout = timeout;
+        self.inner.delivery_timeout = timeout;
         self
     }
 
     /// Log level (default info).
     pub fn log_level(mut self, level: KafkaLogLevel) -> Self {
-        self.log_level = level;
+        self.inner.log_level = level;
         self
     }
 
     /// Largest batch a publish accepts (default 1,000).
     pub fn max_batch_size(mut self, size: usize) -> Self {
-        self.max_batch_size = size;
+        self.inner.max_batch_size = size;
         self
     }
 
     /// `transactional.id` for the transactional publisher (default unset).
     pub fn transactional_id(mut self, id: impl Into<String>) -> Self {
-        self.transactional_id = Some(id.into());
+        self.inner.transactional_id = Some(id.into());
         self
     }
 
     /// Idempotent producer (default `true`; requires [`Acks::All`]).
     pub fn idempotence(mut self, idempotence: bool) -> Self {
-        self.idempotence = idempotence;
+        self.inner.idempotence = idempotence;
         self
     }
 
     /// Producer acknowledgements (default [`Acks::All`]).
     pub fn acks(mut self, acks: Acks) -> Self {
-        self.acks = acks;
+        self.inner.acks = acks;
         self
     }
 
@@ -715,7 +715,7 @@ impl KafkaConfigBuilder {
     /// (default 1 s; zero turns statistics off and the state then follows errors
     /// and deliveries only).
     pub fn statistics_interval(mut self, interval: Duration) -> Self {
-        self.statistics_interval = interval;
+        self.inner.statistics_interval = interval;
         self
     }
 
@@ -724,92 +724,92 @@ impl KafkaConfigBuilder {
     pub fn rdkafka_property(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         let name = name.into();
         let origin = format!("rdkafka_property({name})");
-        self.properties.insert(name, (value.into(), origin));
+        self.inner.properties.insert(name, (value.into(), origin));
         self
     }
 
     /// Validates every value and freezes the config.
     pub fn build(self) -> Result<KafkaConfig, ConfigError> {
-        if self.brokers.is_empty() {
+        if self.inner.brokers.is_empty() {
             return Err(ConfigError::invalid(
                 env::BROKERS,
                 "",
                 "at least one host:port is required",
             ));
         }
-        for broker in &self.brokers {
+        for broker in &self.inner.brokers {
             validate_broker(broker)?;
         }
-        if self.client_id.trim().is_empty() {
+        if self.inner.client_id.trim().is_empty() {
             return Err(ConfigError::invalid(
                 env::CLIENT_ID,
-                &self.client_id,
+                &self.inner.client_id,
                 "must not be empty",
             ));
         }
-        if self.group_id.trim().is_empty() {
+        if self.inner.group_id.trim().is_empty() {
             return Err(ConfigError::invalid(
                 env::GROUP_ID,
-                &self.group_id,
+                &self.inner.group_id,
                 "must not be empty",
             ));
         }
         positive_ms(
             env::CONNECTION_TIMEOUT,
-            self.connection_timeout,
+            self.inner.connection_timeout,
             1_000,
             2_147_483_647,
         )?;
-        positive_ms(env::REQUEST_TIMEOUT, self.request_timeout, 1, 900_000)?;
+        positive_ms(env::REQUEST_TIMEOUT, self.inner.request_timeout, 1, 900_000)?;
         positive_ms(
             env::DELIVERY_TIMEOUT,
-            self.delivery_timeout,
+            self.inner.delivery_timeout,
             1,
             2_147_483_647,
         )?;
-        if self.retry_backoff.as_millis() > 300_000 {
+        if self.inner.retry_backoff.as_millis() > 300_000 {
             return Err(ConfigError::invalid(
                 env::RETRY_BACKOFF_MS,
-                self.retry_backoff.as_millis().to_string(),
+                self.inner.retry_backoff.as_millis().to_string(),
                 "at most 300000 ms",
             ));
         }
-        if self.retry_attempts > i32::MAX as u32 {
+        if self.inner.retry_attempts > i32::MAX as u32 {
             return Err(ConfigError::invalid(
                 env::RETRY_ATTEMPTS,
-                self.retry_attempts.to_string(),
+                self.inner.retry_attempts.to_string(),
                 "at most 2147483647",
             ));
         }
-        if self.max_batch_size == 0 {
+        if self.inner.max_batch_size == 0 {
             return Err(ConfigError::invalid(
                 env::MAX_BATCH_SIZE,
                 "0",
                 "must be at least 1",
             ));
         }
-        if self.idempotence && self.acks != Acks::All {
+        if self.inner.idempotence && self.inner.acks != Acks::All {
             return Err(ConfigError::invalid(
                 "acks",
-                self.acks.as_str(),
+                self.inner.acks.as_str(),
                 "the idempotent producer requires acks=all",
             ));
         }
-        if self.idempotence && self.retry_attempts == 0 {
+        if self.inner.idempotence && self.inner.retry_attempts == 0 {
             return Err(ConfigError::invalid(
                 env::RETRY_ATTEMPTS,
                 "0",
                 "the idempotent producer requires at least one retry",
             ));
         }
-        if self.statistics_interval.as_millis() > 86_400_000 {
+        if self.inner.statistics_interval.as_millis() > 86_400_000 {
             return Err(ConfigError::invalid(
                 "statistics_interval",
-                self.statistics_interval.as_millis().to_string(),
+                self.inner.statistics_interval.as_millis().to_string(),
                 "at most 86400000 ms",
             ));
         }
-        if let Some(id) = &self.transactional_id
+        if let Some(id) = &self.inner.transactional_id
             && id.trim().is_empty()
         {
             return Err(ConfigError::invalid(
@@ -819,24 +819,7 @@ impl KafkaConfigBuilder {
             ));
         }
         let config = KafkaConfig {
-            inner: Arc::new(Inner {
-                enabled: self.enabled,
-                brokers: self.brokers,
-                client_id: self.client_id,
-                group_id: self.group_id,
-                connection_timeout: self.connection_timeout,
-                request_timeout: self.request_timeout,
-                retry_attempts: self.retry_attempts,
-                retry_backoff: self.retry_backoff,
-                delivery_timeout: self.delivery_timeout,
-                log_level: self.log_level,
-                max_batch_size: self.max_batch_size,
-                transactional_id: self.transactional_id,
-                idempotence: self.idempotence,
-                acks: self.acks,
-                statistics_interval: self.statistics_interval,
-                properties: self.properties,
-            }),
+            inner: Arc::new(self.inner),
         };
         check_with_librdkafka(&config)?;
         Ok(config)

@@ -191,6 +191,11 @@ impl<T> EventEnvelope<T> {
         self.key.as_deref()
     }
 
+    /// Takes the key out, leaving none.
+    pub fn take_key(&mut self) -> Option<Vec<u8>> {
+        self.key.take()
+    }
+
     /// The extra headers (the `keel-event-*` headers excluded).
     pub fn headers(&self) -> &[(String, Vec<u8>)] {
         &self.headers
@@ -202,6 +207,41 @@ impl<T> EventEnvelope<T> {
             .iter()
             .find(|(n, _)| n == name)
             .map(|(_, v)| v.as_slice())
+    }
+
+    /// The timestamp in ms since the Unix epoch (the record's create time).
+    pub fn timestamp_ms(&self) -> i64 {
+        (self.timestamp.unix_timestamp_nanos() / 1_000_000) as i64
+    }
+
+    /// The Kafka headers, built directly: `keel-event-*` first, then the extra
+    /// headers (reserved names skipped). Same content as
+    /// [`EncodedEvent::owned_headers`], without the intermediate copies.
+    pub fn kafka_headers(&self) -> OwnedHeaders {
+        let mut id_buf = Uuid::encode_buffer();
+        let id = self.event_id.hyphenated().encode_lower(&mut id_buf);
+        let h = OwnedHeaders::new_with_capacity(3 + self.headers.len())
+            .insert(Header {
+                key: HEADER_EVENT_ID,
+                value: Some(id.as_bytes()),
+            })
+            .insert(Header {
+                key: HEADER_EVENT_TYPE,
+                value: Some(self.event_type.as_bytes()),
+            })
+            .insert(Header {
+                key: HEADER_EVENT_VERSION,
+                value: Some(self.version.as_bytes()),
+            });
+        self.headers
+            .iter()
+            .filter(|(n, _)| !is_reserved(n))
+            .fold(h, |h, (name, value)| {
+                h.insert(Header {
+                    key: name,
+                    value: Some(value),
+                })
+            })
     }
 
     /// The same envelope with its payload transformed.
@@ -222,23 +262,11 @@ impl<T: Serialize> EventEnvelope<T> {
     /// Encodes the envelope: JSON value, `keel-event-*` headers then the extra
     /// headers, and the key.
     pub fn encode(&self) -> Result<EncodedEvent, serde_json::Error> {
-        let value = serde_json::to_vec(&BodyRef {
-            event_id: &self.event_id,
-            event_type: &self.event_type,
-            version: &self.version,
-            timestamp: self.timestamp,
-            payload: &self.payload,
-        })?;
+        let value = self.encode_value()?;
         let mut headers = Vec::with_capacity(3 + self.headers.len());
         let mut id_buf = Uuid::encode_buffer();
-        headers.push((
-            HEADER_EVENT_ID.to_string(),
-            self.event_id
-                .hyphenated()
-                .encode_lower(&mut id_buf)
-                .as_bytes()
-                .to_vec(),
-        ));
+        let id = self.event_id.hyphenated().encode_lower(&mut id_buf);
+        headers.push((HEADER_EVENT_ID.to_string(), id.as_bytes().to_vec()));
         headers.push((
             HEADER_EVENT_TYPE.to_string(),
             self.event_type.as_bytes().to_vec(),
@@ -257,10 +285,20 @@ impl<T: Serialize> EventEnvelope<T> {
             key: self.key.clone(),
             value,
             headers,
-            timestamp_ms: (self.timestamp.unix_timestamp_nanos() / 1_000_000) as i64,
+            timestamp_ms: self.timestamp_ms(),
         })
     }
 
+    /// The JSON value alone.
+    pub fn encode_value(&self) -> Result<Vec<u8>, serde_json::Error> {
+        serde_json::to_vec(&BodyRef {
+            event_id: &self.event_id,
+            event_type: &self.event_type,
+            version: &self.version,
+            timestamp: self.timestamp,
+            payload: &self.payload,
+        })
+    }
     /// Turns the payload into raw JSON.
     pub fn into_json(self) -> Result<EventEnvelope<serde_json::Value>, serde_json::Error> {
         let payload = serde_json::to_value(&self.payload)?;
@@ -591,6 +629,23 @@ mod tests {
             EventEnvelope::<serde_json::Value>::from_message(&enc.to_owned_message("t", 1, 2))
                 .unwrap();
         assert_eq!(back, e);
+    }
+
+    #[test]
+    fn direct_headers_match_encoded_headers() {
+        let e = EventEnvelope::new("a.b", json!({"x": 1}))
+            .with_header("h1", "v1")
+            .with_header(HEADER_EVENT_ID, "spoof");
+        let direct = e.kafka_headers();
+        let via = e.encode().unwrap().owned_headers();
+        let list = |h: &OwnedHeaders| -> Vec<(String, Vec<u8>)> {
+            h.iter()
+                .map(|h| (h.key.to_string(), h.value.unwrap().to_vec()))
+                .collect()
+        };
+        assert_eq!(list(&direct), list(&via));
+        assert_eq!(list(&direct).len(), 4);
+        assert_eq!(e.encode_value().unwrap(), e.encode().unwrap().value);
     }
 
     #[test]

@@ -87,6 +87,10 @@ pub enum ProducerErrorKind {
     ShuttingDown,
     /// The delivery report never arrived (the producer was dropped). Retryable.
     Canceled,
+    /// The publish stack's circuit breaker refused the call without touching
+    /// Kafka. Permanent for this call (retrying into an open breaker only burns
+    /// attempts); the breaker probes again after its open wait.
+    CircuitOpen,
     /// Anything else librdkafka reported. Retryable.
     Other,
 }
@@ -159,6 +163,7 @@ impl ProducerErrorKind {
             K::Fatal => Classification::permanent_failure("fatal"),
             K::ShuttingDown => Classification::permanent_failure("shutting_down"),
             K::Canceled => Classification::failure("canceled"),
+            K::CircuitOpen => Classification::permanent_failure("circuit_open"),
             K::Other => Classification::failure("kafka"),
         }
     }
@@ -206,6 +211,7 @@ impl fmt::Display for ProducerErrorKind {
             K::Fatal => f.write_str("the producer hit a fatal error"),
             K::ShuttingDown => f.write_str("the producer is shutting down"),
             K::Canceled => f.write_str("the delivery report was lost"),
+            K::CircuitOpen => f.write_str("the circuit breaker is open"),
             K::Other => f.write_str("Kafka error"),
         }
     }

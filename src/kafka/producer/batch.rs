@@ -8,10 +8,11 @@ use std::time::{Duration, Instant};
 
 use rdkafka::producer::DeliveryFuture;
 use serde::Serialize;
+use uuid::Uuid;
 
-use super::{ProducerCore, PublishAck, enqueue, is_queue_full};
+use super::{Prepared, ProducerCore, PublishAck, await_acks, is_queue_full};
 use crate::kafka::client::{KafkaClient, KeelProducer};
-use crate::kafka::envelope::{EncodedEvent, EventEnvelope};
+use crate::kafka::envelope::EventEnvelope;
 use crate::kafka::error::{BatchOutcome, KafkaProducerError, ProducerErrorKind};
 
 /// Events for one topic, published together.
@@ -154,14 +155,10 @@ impl PublishBatch {
             }));
         }
         metrics.record_batch(total);
-        let mut encoded = Vec::with_capacity(total);
-        let mut ids = Vec::with_capacity(total);
-        for event in &req.events {
-            match event.encode() {
-                Ok(e) => {
-                    encoded.push(e);
-                    ids.push(event.event_id());
-                }
+        let mut prepared = Vec::with_capacity(total);
+        for event in req.events {
+            match Prepared::from_event(event, None) {
+                Ok(p) => prepared.push(p),
                 Err(e) => {
                     metrics.record_refused(total as u64);
                     return ready(Err(KafkaProducerError::with_source(
@@ -177,29 +174,33 @@ impl PublishBatch {
                 }
             }
         }
+        let ids: Vec<Uuid> = prepared.iter().map(|p| p.event_id).collect();
         // Enqueue everything we can right now, in order.
         let mut deliveries: Vec<DeliveryFuture> = Vec::with_capacity(total);
         let mut enqueue_error = None;
-        for e in &encoded {
-            match enqueue(&producer, &topic, e, None) {
+        let mut rest = prepared.into_iter();
+        for p in rest.by_ref() {
+            match p.send(&producer, &topic) {
                 Ok(d) => deliveries.push(d),
-                Err(err) => {
-                    enqueue_error = Some(err);
+                Err((err, p)) => {
+                    enqueue_error = Some((err, p));
                     break;
                 }
             }
         }
+        let rest: Vec<Prepared> = rest.collect();
         let core = self.core.clone();
         let delivery_timeout = core.shared.config.delivery_timeout();
         PublishBatchFuture {
             inner: Box::pin(async move {
                 let mut failure: Option<KafkaProducerError> = None;
-                if let Some(err) = enqueue_error {
+                if let Some((err, first)) = enqueue_error {
                     if is_queue_full(&err) {
+                        let pending = std::iter::once(first).chain(rest);
                         if let Err(e) = enqueue_rest(
                             &producer,
                             &topic,
-                            &encoded,
+                            pending,
                             &mut deliveries,
                             started + delivery_timeout,
                         )
@@ -209,32 +210,21 @@ impl PublishBatch {
                         }
                     } else {
                         failure = Some(KafkaProducerError::from_kafka(topic.as_str(), err));
+                        drop(rest);
                     }
                 }
-                let mut acks = Vec::with_capacity(deliveries.len());
-                for (delivery, id) in deliveries.into_iter().zip(ids) {
-                    match delivery.await {
-                        Ok(Ok(d)) => acks.push(PublishAck {
-                            event_id: id,
-                            partition: d.partition,
-                            offset: d.offset,
-                        }),
-                        Ok(Err((e, _))) => {
-                            failure.get_or_insert_with(|| {
-                                KafkaProducerError::from_kafka(topic.as_str(), e)
-                            });
-                        }
-                        Err(_) => {
-                            failure.get_or_insert_with(|| {
-                                KafkaProducerError::new(topic.as_str(), ProducerErrorKind::Canceled)
-                            });
-                        }
-                    }
+                let (acks, ack_failure) = await_acks(deliveries.into_iter().zip(ids), &topic).await;
+                if failure.is_none() {
+                    failure = ack_failure;
                 }
                 let elapsed = started.elapsed();
                 let delivered = acks.len();
-                core.metrics()
-                    .record_call(delivered as u64, (total - delivered) as u64, elapsed);
+                core.metrics().record_call(
+                    delivered as u64,
+                    (total - delivered) as u64,
+                    started,
+                    elapsed,
+                );
                 match failure {
                     None => {
                         core.confirm_connected();
@@ -270,30 +260,31 @@ impl PublishBatch {
     }
 }
 
-/// Enqueues `encoded[deliveries.len()..]`, waiting for the batch's own earlier
-/// events to drain while librdkafka's queue is full, until `deadline`.
+/// Enqueues `pending` in order, waiting while librdkafka's queue is full (other
+/// publishers, or this batch's own earlier events, drain it), until `deadline`.
 async fn enqueue_rest(
     producer: &KeelProducer,
     topic: &str,
-    encoded: &[EncodedEvent],
+    pending: impl Iterator<Item = Prepared>,
     deliveries: &mut Vec<DeliveryFuture>,
     deadline: Instant,
 ) -> Result<(), KafkaProducerError> {
-    let mut next = deliveries.len();
-    while next < encoded.len() {
-        match enqueue(producer, topic, &encoded[next], None) {
-            Ok(d) => {
-                deliveries.push(d);
-                next += 1;
-            }
-            Err(e) if is_queue_full(&e) => {
-                if Instant::now() >= deadline {
-                    return Err(KafkaProducerError::from_kafka(topic, e));
+    for mut p in pending {
+        loop {
+            match p.send(producer, topic) {
+                Ok(d) => {
+                    deliveries.push(d);
+                    break;
                 }
-                // Other publishers share the queue; poll again shortly.
-                tokio::time::sleep(Duration::from_millis(1)).await;
+                Err((e, back)) if is_queue_full(&e) => {
+                    if Instant::now() >= deadline {
+                        return Err(KafkaProducerError::from_kafka(topic, e));
+                    }
+                    p = back;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                Err((e, _)) => return Err(KafkaProducerError::from_kafka(topic, e)),
             }
-            Err(e) => return Err(KafkaProducerError::from_kafka(topic, e)),
         }
     }
     Ok(())

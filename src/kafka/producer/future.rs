@@ -96,7 +96,9 @@ impl Future for PublishFuture {
         let elapsed = this.started.elapsed();
         match &result {
             Ok(ack) => {
-                this.core.metrics().record_call(1, 0, elapsed);
+                this.core
+                    .metrics()
+                    .record_call(1, 0, *this.started, elapsed);
                 this.core.confirm_connected();
                 tracing::debug!(
                     target: "keel::kafka",
@@ -109,7 +111,9 @@ impl Future for PublishFuture {
                 );
             }
             Err(e) => {
-                this.core.metrics().record_call(0, 1, elapsed);
+                this.core
+                    .metrics()
+                    .record_call(0, 1, *this.started, elapsed);
                 tracing::warn!(
                     target: "keel::kafka",
                     topic = %this.topic,

@@ -2,7 +2,7 @@
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
@@ -22,6 +22,10 @@ pub struct PublishMetrics {
     batch_events: AtomicU64,
     last_published_unix_ms: AtomicU64,
     latency_us: Mutex<Histogram<u64>>,
+    /// Wall-clock origin: wall times are derived from monotonic readings the
+    /// calls take anyway, so recording reads no extra clock.
+    origin: Instant,
+    origin_unix_ms: u64,
 }
 
 impl Default for PublishMetrics {
@@ -43,17 +47,27 @@ impl PublishMetrics {
             latency_us: Mutex::new(
                 Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds"),
             ),
+            origin: Instant::now(),
+            origin_unix_ms: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
         }
     }
 
-    /// Records one finished call: `published` events acknowledged, `failed` not.
-    pub(crate) fn record_call(&self, published: u64, failed: u64, latency: Duration) {
+    /// Records one finished call, started at `started` and lasting `latency`:
+    /// `published` events acknowledged, `failed` not.
+    pub(crate) fn record_call(
+        &self,
+        published: u64,
+        failed: u64,
+        started: Instant,
+        latency: Duration,
+    ) {
         if published > 0 {
             self.published.fetch_add(published, Ordering::Relaxed);
-            let now = SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0);
+            let end = (started + latency).saturating_duration_since(self.origin);
+            let now = self.origin_unix_ms + end.as_millis() as u64;
             self.last_published_unix_ms
                 .fetch_max(now, Ordering::Relaxed);
         }
@@ -162,16 +176,25 @@ mod tests {
         assert_eq!(m.snapshot().last_published_at_unix_ms, None);
         m.record_batch(10);
         m.record_batch(30);
-        m.record_call(40, 0, Duration::from_millis(2));
-        m.record_call(1, 0, Duration::from_millis(4));
-        m.record_call(0, 1, Duration::from_millis(100));
+        let t = Instant::now();
+        m.record_call(40, 0, t, Duration::from_millis(2));
+        m.record_call(1, 0, t, Duration::from_millis(4));
+        m.record_call(0, 1, t, Duration::from_millis(100));
         m.record_refused(5);
         let s = m.snapshot();
         assert_eq!(s.total_published, 41);
         assert_eq!(s.total_failed, 6);
         assert_eq!(s.total_batches, 2);
         assert_eq!(s.average_batch_size, 20.0);
-        assert!(s.last_published_at_unix_ms.is_some());
+        let wall_now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let last = s.last_published_at_unix_ms.unwrap();
+        assert!(
+            last <= wall_now + 1_000 && last + 60_000 >= wall_now,
+            "{last} vs {wall_now}"
+        );
         assert_eq!(s.latency.calls, 3);
         assert!(
             (3_990..=4_010).contains(&s.latency.p50_us),

@@ -1,7 +1,7 @@
 //! Publishing events as Tower services.
 //!
-//! - [`PublishEvent`]: `Service<PublishRequest<T>>` (also `Service<(String,
-//!   EventEnvelope<T>)>`), one event, resolving to a [`PublishAck`] with the
+//! - [`PublishEvent`]: `Service<PublishRequest<T>>` (build one from
+//!   `(topic, EventEnvelope<T>)` with `.into()`), one event, resolving to a [`PublishAck`] with the
 //!   partition and offset once the broker acknowledges it.
 //! - [`PublishBatch`]: `Service<PublishBatchRequest<T>>`, up to
 //!   [`max_batch_size`](crate::kafka::config::KafkaConfig::max_batch_size) events
@@ -12,7 +12,7 @@
 //! - [`PublishMetrics`]: total published, total failed, average batch size, last
 //!   published at, latency percentiles; shared by every service of one client.
 //!
-//! Get them from a [`KafkaClient`](crate::kafka::client::KafkaClient):
+//! Get them from a [`KafkaClient`]:
 //! [`publisher`](crate::kafka::client::KafkaClient::publisher),
 //! [`batch_publisher`](crate::kafka::client::KafkaClient::batch_publisher),
 //! [`transactional_publisher`](crate::kafka::client::KafkaClient::transactional_publisher).
@@ -33,7 +33,7 @@
 //! [`delivery_timeout`](crate::kafka::config::KafkaConfig::delivery_timeout)
 //! (librdkafka's `message.timeout.ms`, 30 s by default instead of librdkafka's
 //! 300 s): when the brokers are down the event fails with
-//! [`ProducerErrorKind::Timeout`](crate::kafka::error::ProducerErrorKind::Timeout)
+//! [`ProducerErrorKind::Timeout`]
 //! rather than waiting forever. A full local queue fails at once with
 //! `QueueFull` (retryable) for single events; a batch waits for its own earlier
 //! events to drain, within the delivery timeout.
@@ -45,7 +45,7 @@
 //! `acks=all`) makes those retries safe: no duplicates, no reordering within a
 //! partition. A publish error therefore means librdkafka has already retried
 //! until the delivery timeout. That is why the default stack
-//! ([`PublishStack`]) has **no retry layer**: retrying on top would multiply
+//! ([`PublishStack`], explained in [`stack`]) has **no retry layer**: retrying on top would multiply
 //! attempts, and a re-sent event would land *after* events of the same key
 //! published meanwhile, breaking per-key order. If you add one anyway, classify
 //! with [`ByError`](keel_layers::classify::ByError): message-too-large and
@@ -75,11 +75,17 @@
 mod batch;
 mod future;
 mod metrics;
+pub mod stack;
 mod transactional;
 
 pub use batch::{BatchAck, PublishBatch, PublishBatchFuture, PublishBatchRequest};
 pub use future::PublishFuture;
 pub use metrics::{LatencyPercentiles, PublishMetrics, PublishMetricsSnapshot};
+pub use stack::{
+    IntoProducerError, KafkaOutage, ProducerErrors, ProducerErrorsFuture, ProducerErrorsLayer,
+    PublishBatchStack, PublishEventStack, PublishFields, PublishStack, PublishStackBuilder,
+    TopicRequest,
+};
 pub use transactional::{Transaction, TransactionalPublisher};
 
 use std::sync::Arc;
@@ -88,12 +94,13 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{DeliveryFuture, FutureRecord};
 use serde::Serialize;
 use uuid::Uuid;
 
 use crate::kafka::client::{ClientShared, KafkaClient, KeelProducer};
-use crate::kafka::envelope::{EncodedEvent, EventEnvelope};
+use crate::kafka::envelope::EventEnvelope;
 use crate::kafka::error::{KafkaProducerError, ProducerErrorKind};
 
 /// One event for one topic, optionally pinned to a partition.
@@ -138,7 +145,9 @@ pub struct PublishAck {
     pub event_id: Uuid,
     /// The partition it was stored in.
     pub partition: i32,
-    /// Its offset in that partition.
+    /// Its offset in that partition. librdkafka reports `-1001` (unknown) when
+    /// the idempotent producer learns of the write only through the broker's
+    /// duplicate-sequence answer to a retry.
     pub offset: i64,
 }
 
@@ -182,24 +191,105 @@ impl ProducerCore {
     }
 }
 
-/// Hands one encoded event to librdkafka's queue; returns the acknowledgement future.
-pub(crate) fn enqueue(
-    producer: &KeelProducer,
-    topic: &str,
-    encoded: &EncodedEvent,
+/// One event ready for librdkafka: serialized value, key, headers, timestamp.
+pub(crate) struct Prepared {
+    pub(crate) event_id: Uuid,
+    value: Vec<u8>,
+    key: Option<Vec<u8>>,
+    headers: Option<OwnedHeaders>,
+    timestamp_ms: i64,
     partition: Option<i32>,
-) -> Result<DeliveryFuture, KafkaError> {
-    let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic)
-        .payload(&encoded.value[..])
-        .timestamp(encoded.timestamp_ms)
-        .headers(encoded.owned_headers());
-    if let Some(key) = &encoded.key {
-        record = record.key(&key[..]);
+}
+
+impl Prepared {
+    /// Serializes `event`; fails only if the payload cannot be serialized.
+    pub(crate) fn new<T: Serialize>(
+        event: &EventEnvelope<T>,
+        partition: Option<i32>,
+    ) -> Result<Self, serde_json::Error> {
+        Ok(Prepared {
+            event_id: event.event_id(),
+            value: event.encode_value()?,
+            key: event.key().map(<[u8]>::to_vec),
+            headers: Some(event.kafka_headers()),
+            timestamp_ms: event.timestamp_ms(),
+            partition,
+        })
     }
-    if let Some(p) = partition {
-        record = record.partition(p);
+
+    /// Like [`Prepared::new`], taking the event so its key is moved, not copied.
+    pub(crate) fn from_event<T: Serialize>(
+        mut event: EventEnvelope<T>,
+        partition: Option<i32>,
+    ) -> Result<Self, serde_json::Error> {
+        Ok(Prepared {
+            event_id: event.event_id(),
+            value: event.encode_value()?,
+            headers: Some(event.kafka_headers()),
+            timestamp_ms: event.timestamp_ms(),
+            key: event.take_key(),
+            partition,
+        })
     }
-    producer.send_result(record).map_err(|(e, _)| e)
+
+    /// Hands the event to librdkafka's queue and returns the acknowledgement
+    /// future; on failure gives the event back (for a retry on `QueueFull`).
+    /// The error is as large as the record, like rdkafka's own `send_result`.
+    #[allow(clippy::result_large_err)]
+    pub(crate) fn send(
+        mut self,
+        producer: &KeelProducer,
+        topic: &str,
+    ) -> Result<DeliveryFuture, (KafkaError, Self)> {
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic)
+            .payload(&self.value[..])
+            .timestamp(self.timestamp_ms);
+        if let Some(h) = self.headers.take() {
+            record = record.headers(h);
+        }
+        if let Some(key) = &self.key {
+            record = record.key(&key[..]);
+        }
+        if let Some(p) = self.partition {
+            record = record.partition(p);
+        }
+        match producer.send_result(record) {
+            Ok(delivery) => Ok(delivery),
+            Err((e, record)) => {
+                let headers = record.headers;
+                Err((e, Prepared { headers, ..self }))
+            }
+        }
+    }
+}
+
+/// Awaits every acknowledgement, in order: the acks of the delivered events and
+/// the first failure, if any.
+pub(crate) async fn await_acks(
+    deliveries: impl IntoIterator<Item = (DeliveryFuture, Uuid)>,
+    topic: &str,
+) -> (Vec<PublishAck>, Option<KafkaProducerError>) {
+    let deliveries = deliveries.into_iter();
+    let mut acks = Vec::with_capacity(deliveries.size_hint().0);
+    let mut failure = None;
+    for (delivery, event_id) in deliveries {
+        match delivery.await {
+            Ok(Ok(d)) => acks.push(PublishAck {
+                event_id,
+                partition: d.partition,
+                offset: d.offset,
+            }),
+            Ok(Err((e, _))) => {
+                failure.get_or_insert_with(|| KafkaProducerError::from_kafka(topic, e));
+            }
+            Err(_) => {
+                failure.get_or_insert_with(|| {
+                    KafkaProducerError::new(topic, ProducerErrorKind::Canceled)
+                });
+            }
+        }
+    }
+    (acks, failure)
 }
 
 pub(crate) fn is_queue_full(e: &KafkaError) -> bool {
@@ -244,8 +334,8 @@ impl PublishEvent {
             Ok(p) => p,
             Err(e) => return PublishFuture::failed(e, self.core.clone(), started),
         };
-        let encoded = match req.event.encode() {
-            Ok(e) => e,
+        let prepared = match Prepared::from_event(req.event, req.partition) {
+            Ok(p) => p,
             Err(e) => {
                 return PublishFuture::failed(
                     KafkaProducerError::with_source(topic, ProducerErrorKind::Serialization, e),
@@ -254,11 +344,11 @@ impl PublishEvent {
                 );
             }
         };
-        match enqueue(producer, &topic, &encoded, req.partition) {
+        match prepared.send(producer, &topic) {
             Ok(delivery) => {
                 PublishFuture::waiting(delivery, topic, event_id, self.core.clone(), started)
             }
-            Err(e) => PublishFuture::failed(
+            Err((e, _)) => PublishFuture::failed(
                 KafkaProducerError::from_kafka(topic, e),
                 self.core.clone(),
                 started,
@@ -278,20 +368,6 @@ impl<T: Serialize> tower::Service<PublishRequest<T>> for PublishEvent {
 
     fn call(&mut self, req: PublishRequest<T>) -> Self::Future {
         self.publish(req)
-    }
-}
-
-impl<T: Serialize> tower::Service<(String, EventEnvelope<T>)> for PublishEvent {
-    type Response = PublishAck;
-    type Error = KafkaProducerError;
-    type Future = PublishFuture;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, (topic, event): (String, EventEnvelope<T>)) -> Self::Future {
-        self.publish(PublishRequest::new(topic, event))
     }
 }
 

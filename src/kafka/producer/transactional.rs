@@ -11,7 +11,7 @@ use tokio::sync::{Mutex, OwnedMutexGuard};
 use uuid::Uuid;
 
 use super::batch::{BatchAck, PublishBatchFuture, PublishBatchRequest};
-use super::{PublishAck, PublishMetrics, enqueue};
+use super::{Prepared, PublishAck, PublishMetrics, await_acks};
 use crate::kafka::client::{KafkaClient, KeelClientContext, KeelProducer};
 use crate::kafka::envelope::EventEnvelope;
 use crate::kafka::error::{BatchOutcome, KafkaProducerError, ProducerErrorKind};
@@ -210,11 +210,12 @@ impl Transaction {
         topic: &str,
         event: &EventEnvelope<T>,
     ) -> Result<(), KafkaProducerError> {
-        let encoded = event.encode().map_err(|e| {
+        let prepared = Prepared::new(event, None).map_err(|e| {
             KafkaProducerError::with_source(topic, ProducerErrorKind::Serialization, e)
         })?;
-        let delivery = enqueue(&self.inner.producer, topic, &encoded, None)
-            .map_err(|e| KafkaProducerError::from_kafka(topic, e))?;
+        let delivery = prepared
+            .send(&self.inner.producer, topic)
+            .map_err(|(e, _)| KafkaProducerError::from_kafka(topic, e))?;
         if self.first_topic.is_none() {
             self.first_topic = Some(topic.to_string());
         }
@@ -236,31 +237,12 @@ impl Transaction {
     pub async fn commit(mut self) -> Result<Vec<PublishAck>, KafkaProducerError> {
         let topic = self.topic().to_string();
         let total = self.deliveries.len();
-        let mut acks = Vec::with_capacity(total);
-        let mut failure = None;
-        for (delivery, id) in std::mem::take(&mut self.deliveries) {
-            match delivery.await {
-                Ok(Ok(d)) => acks.push(PublishAck {
-                    event_id: id,
-                    partition: d.partition,
-                    offset: d.offset,
-                }),
-                Ok(Err((e, _))) => {
-                    failure
-                        .get_or_insert_with(|| KafkaProducerError::from_kafka(topic.as_str(), e));
-                }
-                Err(_) => {
-                    failure.get_or_insert_with(|| {
-                        KafkaProducerError::new(topic.as_str(), ProducerErrorKind::Canceled)
-                    });
-                }
-            }
-        }
+        let (acks, failure) = await_acks(std::mem::take(&mut self.deliveries), &topic).await;
         if let Some(e) = failure {
             let _ = self.finish(false).await;
             self.inner
                 .metrics
-                .record_call(0, total as u64, self.started.elapsed());
+                .record_call(0, total as u64, self.started, self.started.elapsed());
             return Err(e.with_batch(BatchOutcome {
                 total,
                 delivered: 0,
@@ -269,15 +251,21 @@ impl Transaction {
         }
         match self.finish(true).await {
             Ok(()) => {
-                self.inner
-                    .metrics
-                    .record_call(total as u64, 0, self.started.elapsed());
+                self.inner.metrics.record_call(
+                    total as u64,
+                    0,
+                    self.started,
+                    self.started.elapsed(),
+                );
                 Ok(acks)
             }
             Err(e) => {
-                self.inner
-                    .metrics
-                    .record_call(0, total as u64, self.started.elapsed());
+                self.inner.metrics.record_call(
+                    0,
+                    total as u64,
+                    self.started,
+                    self.started.elapsed(),
+                );
                 Err(e.with_batch(BatchOutcome {
                     total,
                     delivered: 0,
