@@ -46,6 +46,9 @@ pub(crate) struct Completion {
 
 type Ack = oneshot::Sender<Result<(), ConsumerError>>;
 
+/// How often auto-commit mode hands finished offsets to librdkafka.
+const STORE_INTERVAL: Duration = Duration::from_millis(10);
+
 /// Requests from the runtime handle to the poll thread.
 #[derive(Debug)]
 pub(crate) enum Command {
@@ -392,10 +395,15 @@ impl PollLoop {
         let commits = {
             let mut tracker = self.shared.tracker();
             self.shared.drain_completions(&mut tracker);
-            if self.shared.manual_commit
-                && !final_commit
-                && last_commit.elapsed() < self.commit_interval
-            {
+            // Manual mode commits every `commit_interval`; auto-commit mode stores
+            // at most every 10 ms (librdkafka commits stored offsets every
+            // `auto.commit.interval.ms` anyway), not once per message.
+            let every = if self.shared.manual_commit {
+                self.commit_interval
+            } else {
+                STORE_INTERVAL
+            };
+            if !final_commit && last_commit.elapsed() < every {
                 return;
             }
             tracker.take_commits()
