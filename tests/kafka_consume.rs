@@ -849,3 +849,60 @@ async fn a_rebalance_mid_stream_loses_nothing() {
     let committed = committed_offsets(&brokers, &group, &topic, 4).await;
     assert_eq!(committed.values().sum::<i64>(), 2_000, "{committed:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_dlq_failures_are_counted_and_skipped() {
+    let brokers = support::kafka_brokers();
+    let topic = unique("no-dlq");
+    create_topics(&brokers, &[(&topic, 1)]).await;
+    let bad = EventEnvelope::new("order.created", json!({"poison": true}));
+    let unknown = EventEnvelope::new("order.unknown", json!({}));
+    let good = EventEnvelope::new("order.created", json!({"poison": false}));
+    produce(&producer(&brokers), &topic, &[bad, unknown, good.clone()]).await;
+    let log: Log = Arc::default();
+    let registry = {
+        let log = log.clone();
+        HandlerRegistry::builder()
+            .handler_fn("order.created", move |event: ConsumedEvent| {
+                let log = log.clone();
+                async move {
+                    if event.envelope().payload()["poison"] == json!(true) {
+                        return Err::<(), BoxError>("poison".into());
+                    }
+                    log.lock().unwrap().push(seen(&event));
+                    Ok(())
+                }
+            })
+            .build()
+            .unwrap()
+    };
+    let consumer = KafkaConsumer::builder(client(&brokers), unique("no-dlq"))
+        .retry_policy(fast_retries())
+        .start(
+            StartOptions::new([topic.as_str()])
+                .from_beginning(true)
+                .max_retries(1)
+                .enable_dlq(false),
+            registry,
+        )
+        .unwrap();
+    wait_until("the good event", Duration::from_secs(60), || {
+        log.lock().unwrap().len() == 1
+    })
+    .await;
+    let metrics = consumer.metrics();
+    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(log.lock().unwrap()[0].event_id, good.event_id().to_string());
+    assert_eq!(metrics.total_failed, 1);
+    assert_eq!(metrics.total_retries, 1);
+    assert_eq!(metrics.total_dead_lettered, 0);
+    // The unknown type was skipped by the registry's default and counts as processed.
+    assert_eq!(metrics.total_processed, 2);
+    assert!(metrics.last_processed_at.is_some());
+    // The failed message waited one 10 ms backoff: it is the slowest of three.
+    assert!(
+        metrics.p99_processing_time >= Duration::from_millis(9),
+        "{metrics:?}"
+    );
+    assert!(metrics.average_processing_time > Duration::ZERO);
+}

@@ -625,3 +625,46 @@ impl Drop for KafkaConsumer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn start_refuses_bad_settings_before_any_io() {
+        let handler = tower::service_fn(|_e: ConsumedEvent| async { Ok::<_, BoxError>(()) });
+        let builder = KafkaConsumer::builder(ClientConfig::new(), "g");
+        let err = builder
+            .clone()
+            .start(StartOptions::new(Vec::<String>::new()), handler)
+            .unwrap_err();
+        assert!(matches!(err, ConsumerError::Config(_)));
+        let err = builder
+            .clone()
+            .workers(0)
+            .start(StartOptions::new(["t"]), handler)
+            .unwrap_err();
+        assert!(matches!(err, ConsumerError::Config(_)));
+        let err = KafkaConsumer::builder(ClientConfig::new(), "")
+            .start(StartOptions::new(["t"]), handler)
+            .unwrap_err();
+        assert!(matches!(err, ConsumerError::Config(_)));
+    }
+
+    #[test]
+    fn disabled_kafka_gives_a_clear_error() {
+        let config = KafkaConfig::builder().enabled(false).build().unwrap();
+        assert!(matches!(
+            KafkaConsumer::from_config(&config),
+            Err(ConsumerError::Disabled)
+        ));
+    }
+
+    #[test]
+    fn start_options_default_like_the_seed() {
+        let o = StartOptions::new(["a", "b"]);
+        assert_eq!(o.topics, vec!["a", "b"]);
+        assert!(!o.from_beginning && o.auto_commit && o.enable_dlq);
+        assert_eq!(o.max_retries, 3);
+    }
+}
