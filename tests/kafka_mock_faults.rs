@@ -618,3 +618,55 @@ async fn the_default_batch_stack_refuses_1001_before_the_breaker_and_the_broker(
     assert_eq!(ack.acks.len(), 1000);
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_local_queue_is_a_typed_error_for_events_and_waited_out_by_batches() {
+    let topic = topic();
+    let cluster = cluster(&topic, 1);
+    // A tiny local queue that librdkafka holds for 200 ms before sending.
+    let config = KafkaConfig::builder()
+        .brokers(cluster.bootstrap_servers().split(',').map(str::to_string))
+        .log_level(KafkaLogLevel::Nothing)
+        .rdkafka_property("queue.buffering.max.messages", "10")
+        .rdkafka_property("linger.ms", "200")
+        .build()
+        .unwrap();
+    let client = KafkaClient::connect(config).unwrap();
+    warm_up(&client, &topic).await;
+
+    // Single events: the 11th enqueue in a row finds the queue full.
+    let mut publisher = client.publisher();
+    let mut pending = Vec::new();
+    let mut queue_full = None;
+    for i in 0..11 {
+        let ready = ServiceExt::<PublishRequest>::ready(&mut publisher)
+            .await
+            .unwrap();
+        pending.push(ready.call(PublishRequest::new(topic.as_str(), event(i))));
+    }
+    for (i, f) in pending.into_iter().enumerate() {
+        match f.await {
+            Ok(_) => assert!(i < 10, "event {i} cannot have fit in the queue"),
+            Err(e) => queue_full = Some(e),
+        }
+    }
+    let err = queue_full.expect("the 11th event finds the queue full");
+    assert_eq!(err.kind(), ProducerErrorKind::QueueFull);
+    assert!(err.is_retryable());
+
+    // A batch of 100 through the same queue: enqueued as the queue drains.
+    let ack = client
+        .batch_publisher()
+        .oneshot(PublishBatchRequest::new(
+            topic.as_str(),
+            (0..100).map(event).collect(),
+        ))
+        .await
+        .expect("the batch waits for room in the queue");
+    assert_eq!(ack.acks.len(), 100);
+    let offsets: Vec<i64> = ack.acks.iter().map(|a| a.offset).collect();
+    assert!(
+        offsets.windows(2).all(|w| w[0] < w[1]),
+        "in order: {offsets:?}"
+    );
+}
