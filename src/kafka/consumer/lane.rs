@@ -97,12 +97,20 @@ pub(crate) async fn run_lane<S>(
     S::Future: Send + 'static,
 {
     loop {
-        let work = tokio::select! {
-            biased;
-            _ = stop.wait_for(|stop| *stop) => break,
-            work = queue.recv() => match work {
-                Some(work) => work,
-                None => break,
+        if *stop.borrow() {
+            break;
+        }
+        // Fast path while the queue has work; park on both only when it is empty.
+        let work = match queue.try_recv() {
+            Ok(work) => work,
+            Err(mpsc::error::TryRecvError::Disconnected) => break,
+            Err(mpsc::error::TryRecvError::Empty) => tokio::select! {
+                biased;
+                _ = stop.wait_for(|stop| *stop) => break,
+                work = queue.recv() => match work {
+                    Some(work) => work,
+                    None => break,
+                },
             },
         };
         let offset = work.message.offset();
