@@ -102,7 +102,12 @@ pub(crate) async fn run_lane<S>(
         }
         // Fast path while the queue has work; park on both only when it is empty.
         let work = match queue.try_recv() {
-            Ok(work) => work,
+            Ok(work) => {
+                // Yield now and then so a queue the poll thread keeps full cannot
+                // starve other tasks of this worker.
+                tokio::task::coop::consume_budget().await;
+                work
+            }
             Err(mpsc::error::TryRecvError::Disconnected) => break,
             Err(mpsc::error::TryRecvError::Empty) => tokio::select! {
                 biased;
