@@ -8,12 +8,12 @@
 mod support;
 
 use keel::kafka::consumer::{
-    Backoff, BoxError, ConsumedEvent, HandlerError, KafkaConsumer, KafkaConsumerBuilder,
-    StartOptions,
+    BoxError, ConsumedEvent, HandlerError, KafkaConsumer, KafkaConsumerBuilder, StartOptions,
 };
 use keel::kafka::dead_letter::headers as dlq;
 use keel::kafka::envelope::EventEnvelope;
 use keel::kafka::registry::HandlerRegistry;
+use keel::layers::retry::RetryPolicy;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -105,6 +105,33 @@ async fn produce(
     out
 }
 
+/// The offsets `group` committed for partitions `0..partitions` of `topic` (0 when
+/// none), read by an independent consumer.
+async fn committed_offsets(
+    brokers: &str,
+    group: &str,
+    topic: &str,
+    partitions: i32,
+) -> HashMap<i32, i64> {
+    let probe: BaseConsumer = client(brokers).set("group.id", group).create().unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let c =
+        tokio::task::spawn_blocking(move || probe.committed_offsets(tpl, Duration::from_secs(10)))
+            .await
+            .unwrap()
+            .unwrap();
+    c.elements()
+        .iter()
+        .map(|e| match e.offset() {
+            Offset::Offset(o) => (e.partition(), o),
+            _ => (e.partition(), 0),
+        })
+        .collect()
+}
+
 /// What a handler saw.
 #[derive(Clone, Debug)]
 struct Seen {
@@ -168,11 +195,12 @@ fn keyed_events(n: usize, keys: usize) -> Vec<EventEnvelope> {
         .collect()
 }
 
-fn fast_backoff() -> Backoff {
-    Backoff {
-        initial: Duration::from_millis(10),
-        max: Duration::from_millis(40),
-    }
+/// The Kafka schedule scaled down: 10, 20, 40 ms.
+fn fast_retries() -> RetryPolicy {
+    RetryPolicy::kafka()
+        .without_budget()
+        .base(Duration::from_millis(10))
+        .cap(Duration::from_millis(40))
 }
 
 /// Every event handled exactly once, content identical, per-key order kept.
@@ -215,7 +243,8 @@ async fn run_ten_thousand(
     produce(&producer(&brokers), &topic, &sent).await;
 
     let log: Log = Arc::default();
-    let consumer = builder(client(&brokers), unique(name))
+    let group = unique(name);
+    let consumer = builder(client(&brokers), group.clone())
         .start(
             StartOptions::new([topic.as_str()]).from_beginning(true),
             recording_registry(log.clone()),
@@ -227,6 +256,9 @@ async fn run_ten_thousand(
     .await;
     consumer.shutdown(Duration::from_secs(10)).await.unwrap();
     check_exactly_once_in_key_order(&sent, &log.lock().unwrap());
+    // Graceful shutdown committed everything (auto-commit mode: stored offsets).
+    let committed = committed_offsets(&brokers, &group, &topic, 4).await;
+    assert_eq!(committed.values().sum::<i64>(), 10_000, "{committed:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -269,7 +301,7 @@ async fn a_handler_failing_twice_is_retried_and_handled_once() {
             .unwrap()
     };
     let consumer = KafkaConsumer::builder(client(&brokers), unique("retry"))
-        .backoff(fast_backoff())
+        .retry_policy(fast_retries())
         .start(
             StartOptions::new([topic.as_str()])
                 .from_beginning(true)
@@ -382,7 +414,7 @@ async fn a_poison_message_lands_in_the_dlq_with_provenance_and_the_partition_mov
             .unwrap()
     };
     let consumer = KafkaConsumer::builder(client(&brokers), group.clone())
-        .backoff(fast_backoff())
+        .retry_policy(fast_retries())
         .start(
             StartOptions::new([topic.as_str()])
                 .from_beginning(true)
@@ -643,25 +675,7 @@ async fn a_consumer_dropped_mid_stream_loses_nothing() {
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     // What the group committed, read by an independent consumer of the group.
-    let committed: HashMap<i32, i64> = {
-        let probe: BaseConsumer = client(&brokers).set("group.id", &group).create().unwrap();
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(&topic, 0);
-        tpl.add_partition(&topic, 1);
-        let c = tokio::task::spawn_blocking(move || {
-            probe.committed_offsets(tpl, Duration::from_secs(10))
-        })
-        .await
-        .unwrap()
-        .unwrap();
-        c.elements()
-            .iter()
-            .map(|e| match e.offset() {
-                Offset::Offset(o) => (e.partition(), o),
-                _ => (e.partition(), 0),
-            })
-            .collect()
-    };
+    let committed = committed_offsets(&brokers, &group, &topic, 2).await;
     let committed_total: i64 = committed.values().sum();
     assert!(
         committed_total > 0,
@@ -755,4 +769,140 @@ async fn shutdown_is_bounded_by_its_timeout() {
         result,
         Err(keel::kafka::consumer::ConsumerError::ShutdownTimedOut(_))
     ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebalance_mid_stream_loses_nothing() {
+    let brokers = support::kafka_brokers();
+    let topic = unique("rebalance");
+    let group = unique("rebalance");
+    create_topics(&brokers, &[(&topic, 4)]).await;
+    let sent = keyed_events(2_000, 40);
+    produce(&producer(&brokers), &topic, &sent).await;
+
+    // A's handler stops after 300 events until B has partitions: A's lanes are
+    // full and messages are in flight while the group rebalances (A must keep
+    // polling to let the rebalance happen at all).
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let slow_registry = |log: Log, gate: Option<Arc<tokio::sync::Semaphore>>| {
+        HandlerRegistry::builder()
+            .handler_fn("order.created", move |event: ConsumedEvent| {
+                let (log, gate) = (log.clone(), gate.clone());
+                async move {
+                    if let Some(gate) = gate
+                        && log.lock().unwrap().len() >= 300
+                    {
+                        let _ = gate.acquire().await;
+                    }
+                    log.lock().unwrap().push(seen(&event));
+                    Ok::<_, BoxError>(())
+                }
+            })
+            .build()
+            .unwrap()
+    };
+    let (log_a, log_b): (Log, Log) = (Arc::default(), Arc::default());
+    let options = StartOptions::new([topic.as_str()]).from_beginning(true);
+    let a = KafkaConsumer::builder(client(&brokers), group.clone())
+        .workers(4)
+        .lane_capacity(16)
+        .start(
+            options.clone(),
+            slow_registry(log_a.clone(), Some(gate.clone())),
+        )
+        .unwrap();
+    wait_until("A to handle 300", Duration::from_secs(60), || {
+        log_a.lock().unwrap().len() >= 300
+    })
+    .await;
+    let b = KafkaConsumer::builder(client(&brokers), group.clone())
+        .workers(4)
+        .start(options, slow_registry(log_b.clone(), None))
+        .unwrap();
+    wait_until("B to get partitions", Duration::from_secs(60), || {
+        !b.assignment().is_empty()
+    })
+    .await;
+    assert!(a.assignment().len() < 4, "A gave partitions up");
+    gate.close(); // let A go on
+    let union = || -> HashSet<String> {
+        log_a
+            .lock()
+            .unwrap()
+            .iter()
+            .chain(log_b.lock().unwrap().iter())
+            .map(|s| s.event_id.clone())
+            .collect()
+    };
+    wait_until(
+        "every event handled by A or B",
+        Duration::from_secs(120),
+        || union().len() == 2_000,
+    )
+    .await;
+    a.shutdown(Duration::from_secs(10)).await.unwrap();
+    b.shutdown(Duration::from_secs(10)).await.unwrap();
+    assert!(
+        !log_b.lock().unwrap().is_empty(),
+        "B got partitions in the rebalance"
+    );
+    let committed = committed_offsets(&brokers, &group, &topic, 4).await;
+    assert_eq!(committed.values().sum::<i64>(), 2_000, "{committed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_dlq_failures_are_counted_and_skipped() {
+    let brokers = support::kafka_brokers();
+    let topic = unique("no-dlq");
+    create_topics(&brokers, &[(&topic, 1)]).await;
+    let bad = EventEnvelope::new("order.created", json!({"poison": true}));
+    let unknown = EventEnvelope::new("order.unknown", json!({}));
+    let good = EventEnvelope::new("order.created", json!({"poison": false}));
+    produce(&producer(&brokers), &topic, &[bad, unknown, good.clone()]).await;
+    let log: Log = Arc::default();
+    let registry = {
+        let log = log.clone();
+        HandlerRegistry::builder()
+            .handler_fn("order.created", move |event: ConsumedEvent| {
+                let log = log.clone();
+                async move {
+                    if event.envelope().payload()["poison"] == json!(true) {
+                        return Err::<(), BoxError>("poison".into());
+                    }
+                    log.lock().unwrap().push(seen(&event));
+                    Ok(())
+                }
+            })
+            .build()
+            .unwrap()
+    };
+    let consumer = KafkaConsumer::builder(client(&brokers), unique("no-dlq"))
+        .retry_policy(fast_retries())
+        .start(
+            StartOptions::new([topic.as_str()])
+                .from_beginning(true)
+                .max_retries(1)
+                .enable_dlq(false),
+            registry,
+        )
+        .unwrap();
+    wait_until("the good event", Duration::from_secs(60), || {
+        log.lock().unwrap().len() == 1
+    })
+    .await;
+    let metrics = consumer.metrics();
+    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(log.lock().unwrap()[0].event_id, good.event_id().to_string());
+    assert_eq!(metrics.total_failed, 1);
+    assert_eq!(metrics.total_retries, 1);
+    assert_eq!(metrics.total_dead_lettered, 0);
+    // The unknown type was skipped by the registry's default and counts as processed.
+    assert_eq!(metrics.total_processed, 2);
+    assert!(metrics.last_processed_at.is_some());
+    // The failed message waited one 10 ms backoff: it is the slowest of three.
+    assert!(
+        metrics.p99_processing_time >= Duration::from_millis(9),
+        "{metrics:?}"
+    );
+    assert!(metrics.average_processing_time > Duration::ZERO);
 }

@@ -107,7 +107,7 @@ pub struct UnknownEventType(pub String);
 /// Classifies handler errors: a [`HandlerError`] says itself whether it is
 /// retryable, a [`DecodeError`] never is, any other error is a retryable failure of
 /// class `"error"`. The default classifier of
-/// [`MessageRetryLayer`](super::retry::MessageRetryLayer).
+/// the consumer runtime's [`RetryLayer`](keel_layers::retry::RetryLayer).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct HandlerErrors;
 

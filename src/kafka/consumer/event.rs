@@ -84,7 +84,6 @@ struct EventInner {
 #[derive(Clone, Debug)]
 pub struct ConsumedEvent {
     inner: Arc<EventInner>,
-    attempt: u32,
 }
 
 impl ConsumedEvent {
@@ -96,7 +95,6 @@ impl ConsumedEvent {
                 message,
                 attempts: AtomicU32::new(0),
             }),
-            attempt: 1,
         }
     }
 
@@ -136,22 +134,16 @@ impl ConsumedEvent {
     pub fn timestamp(&self) -> Timestamp {
         self.inner.message.timestamp()
     }
-    /// Which attempt this call is (1 for the first call, 2 for the first retry...).
-    pub fn attempt(&self) -> u32 {
-        self.attempt
-    }
-    /// How many times the handler was called for this message so far.
+    /// How many times the handler was called for this message so far; inside a
+    /// handler, the number of the current attempt (1 for the first call, 2 for the
+    /// first retry...).
     pub fn attempts_made(&self) -> u32 {
         self.inner.attempts.load(Ordering::Relaxed)
     }
 
-    /// A clone for attempt number `attempt`, counted as made.
-    pub(crate) fn for_attempt(&self, attempt: u32) -> Self {
-        self.inner.attempts.fetch_add(1, Ordering::Relaxed);
-        ConsumedEvent {
-            inner: self.inner.clone(),
-            attempt,
-        }
+    /// Counts one more handler call; returns the attempt number.
+    pub(crate) fn count_attempt(&self) -> u32 {
+        self.inner.attempts.fetch_add(1, Ordering::Relaxed) + 1
     }
 }
 

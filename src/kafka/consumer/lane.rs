@@ -1,28 +1,32 @@
 //! A lane: one task draining one bounded queue, one message at a time.
 
+use super::attempts::CountAttempts;
+use super::error::HandlerErrors;
 use super::error::{BoxError, error_chain};
 use super::event::{ConsumedEvent, ReceivedMessage};
 use super::metrics::{ConsumerMetrics, Ending};
 use super::poll::{Completion, Work};
-use super::retry::{Backoff, MessageRetry};
 use crate::kafka::dead_letter::{
     DeadLetter, DeadLetterPublisher, DeadLetterReason, Disposition, reason_for,
 };
 use crate::kafka::envelope::EventEnvelope;
+use keel_layers::retry::{Backoff, Retry, RetryLayer, RetryPolicy};
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::{mpsc, watch};
 use tower::{Service, ServiceExt};
+use tracing::Instrument;
 
 pub(crate) type Boxed<S> =
     tower::util::MapErr<S, fn(<S as Service<ConsumedEvent>>::Error) -> BoxError>;
+type Retried<S> = Retry<CountAttempts<Boxed<S>>, HandlerErrors>;
 
 /// The per-lane handler stack the runtime builds from the start options.
 pub(crate) enum Stack<S: Service<ConsumedEvent>> {
     /// Retry, then dead-letter.
-    DeadLetter(DeadLetter<MessageRetry<Boxed<S>>>),
+    DeadLetter(DeadLetter<Retried<S>>),
     /// Retry, then log and skip (DLQ disabled).
-    Plain(MessageRetry<Boxed<S>>),
+    Plain(Retried<S>),
 }
 
 pub(crate) struct LaneContext {
@@ -38,16 +42,11 @@ where
     S::Error: Into<BoxError>,
     S::Future: Send + 'static,
 {
-    pub(crate) fn new(
-        handler: S,
-        max_retries: u32,
-        backoff: Backoff,
-        dlq: Option<DeadLetterPublisher>,
-    ) -> Self {
+    pub(crate) fn new(handler: S, policy: RetryPolicy, dlq: Option<DeadLetterPublisher>) -> Self {
         let boxed: Boxed<S> = handler.map_err(Into::into as fn(S::Error) -> BoxError);
         let retry = tower::Layer::layer(
-            &super::retry::MessageRetryLayer::new(max_retries).backoff(backoff),
-            boxed,
+            &RetryLayer::new(policy).classifier(HandlerErrors),
+            CountAttempts::new(boxed),
         );
         match dlq {
             Some(publisher) => Stack::DeadLetter(DeadLetter::new(retry, publisher)),
@@ -98,16 +97,37 @@ pub(crate) async fn run_lane<S>(
     S::Future: Send + 'static,
 {
     loop {
-        let work = tokio::select! {
-            biased;
-            _ = stop.wait_for(|stop| *stop) => break,
-            work = queue.recv() => match work {
-                Some(work) => work,
-                None => break,
+        if *stop.borrow() {
+            break;
+        }
+        // Fast path while the queue has work; park on both only when it is empty.
+        let work = match queue.try_recv() {
+            Ok(work) => {
+                // Yield now and then so a queue the poll thread keeps full cannot
+                // starve other tasks of this worker.
+                tokio::task::coop::consume_budget().await;
+                work
+            }
+            Err(mpsc::error::TryRecvError::Disconnected) => break,
+            Err(mpsc::error::TryRecvError::Empty) => tokio::select! {
+                biased;
+                _ = stop.wait_for(|stop| *stop) => break,
+                work = queue.recv() => match work {
+                    Some(work) => work,
+                    None => break,
+                },
             },
         };
         let offset = work.message.offset();
-        process(&mut stack, &ctx, work.message).await;
+        let span = tracing::info_span!(
+            "kafka_message",
+            topic = %work.tp.topic,
+            partition = work.tp.partition,
+            offset
+        );
+        process(&mut stack, &ctx, work.message)
+            .instrument(span)
+            .await;
         let _ = ctx.completions.send(Completion {
             tp: work.tp,
             epoch: work.epoch,
@@ -146,12 +166,14 @@ where
             return;
         }
     };
+    let event = ConsumedEvent::new(envelope, message);
     let mut round = 0u32;
     loop {
-        let event = ConsumedEvent::new(envelope.clone(), message.clone());
+        let attempts_before = event.attempts_made();
         match stack.handle(event.clone()).await {
             Ok(ending) => {
-                let retries = event.attempts_made().saturating_sub(1);
+                // Retries of this round only; earlier rounds were counted already.
+                let retries = (event.attempts_made() - attempts_before).saturating_sub(1);
                 ctx.metrics.record(ending, retries, started.elapsed());
                 return;
             }
@@ -159,11 +181,13 @@ where
                 // The DLQ publish failed: the offset must not be committed, so handle
                 // the message again (at-least-once) after a backoff.
                 round += 1;
+                let retries = (event.attempts_made() - attempts_before).saturating_sub(1);
+                ctx.metrics.record_retries(retries);
                 let delay = ctx.backoff.delay(round);
                 tracing::error!(
-                    topic = message.topic(),
-                    partition = message.partition(),
-                    offset = message.offset(),
+                    topic = event.topic(),
+                    partition = event.partition(),
+                    offset = event.offset(),
                     error = %error_chain(error.as_ref()),
                     backoff_ms = delay.as_millis() as u64,
                     "dead-letter publish failed; handling the message again"

@@ -75,6 +75,10 @@ impl ConsumerMetrics {
         self.last_processed_at_ms.store(now_ms, Relaxed);
     }
 
+    pub(crate) fn record_retries(&self, retries: u32) {
+        self.retries.fetch_add(u64::from(retries), Relaxed);
+    }
+
     pub(crate) fn record_decode_error(&self) {
         self.decode_errors.fetch_add(1, Relaxed);
     }
@@ -82,11 +86,11 @@ impl ConsumerMetrics {
     /// A consistent-enough copy of the counters.
     pub fn snapshot(&self) -> ConsumerMetricsSnapshot {
         let timed = self.timed.load(Relaxed);
-        let average = if timed == 0 {
-            Duration::ZERO
-        } else {
-            Duration::from_nanos(self.processing_nanos.load(Relaxed) / timed)
-        };
+        let average = self
+            .processing_nanos
+            .load(Relaxed)
+            .checked_div(timed)
+            .map_or(Duration::ZERO, Duration::from_nanos);
         let p99 = self
             .histogram
             .lock()

@@ -9,8 +9,8 @@
 //! that runtime, with the handler a Tower service you compose with layers:
 //!
 //! ```text
-//! poll thread (BaseConsumer) ──route──▶ lane 0 ─▶ DeadLetter(MessageRetry(handler))
-//!   │  rebalance hooks                 lane 1 ─▶ DeadLetter(MessageRetry(handler))
+//! poll thread (BaseConsumer) ──route──▶ lane 0 ─▶ DeadLetter(Retry(CountAttempts(handler)))
+//!   │  rebalance hooks                 lane 1 ─▶ DeadLetter(Retry(CountAttempts(handler)))
 //!   ◀──────── completions ─────────────  ...
 //!   └─ commits: lowest unfinished offset per partition (OffsetTracker)
 //! ```
@@ -18,16 +18,25 @@
 //! - **Polling** happens on one dedicated thread calling `BaseConsumer::poll` with a
 //!   short timeout: no `StreamConsumer` waker to lose (rust-rdkafka #638/#665/#848),
 //!   and rebalance callbacks run there with direct access to the offset tracker.
-//! - **Bounded memory**: lanes are bounded queues (`lane_capacity`); a full lane
-//!   blocks the poll thread (backpressure) while it keeps serving pause, resume and
-//!   stop; librdkafka's prefetch is capped by `queued.max.messages.kbytes` (16 MiB
-//!   unless you set it).
+//! - **Bounded memory and backpressure**: lanes are bounded queues
+//!   (`lane_capacity`). A full lane holds up the poll thread (which still serves
+//!   pause, resume and stop) for at most `backpressure_after` (500 ms); if it is
+//!   still full, the poll thread holds that one message and pauses fetching, yet
+//!   keeps polling, so rebalances and `max.poll.interval.ms` are
+//!   served however slow the handler is; when the lane is half empty it seeks back to
+//!   the next undispatched offset and resumes. librdkafka's prefetch is capped by
+//!   `queued.max.messages.kbytes` (16 MiB unless you set it).
 //! - **Ordering** ([`ProcessingOrder`]): by default one message at a time per
 //!   partition. Opt-in key-ordered mode handles one partition on `workers` lanes
 //!   concurrently, keeping order per key.
-//! - **Retries** ([`MessageRetryLayer`]): per message, in place, 1 s, 2 s, 4 s, 8 s ...
-//!   capped at 30 s, `max_retries` times, each retry logged with its attempt and
-//!   backoff. Permanent failures skip the retries.
+//! - **Retries**: keel-layers' [`RetryLayer`](keel_layers::retry::RetryLayer) per
+//!   message, in place (the lane waits, so order is kept), with
+//!   [`RetryPolicy::kafka`]: 1 s, 2 s, 4 s, 8 s ... capped at 30 s, no jitter, no
+//!   retry budget (a budget would dead-letter healthy messages during an outage),
+//!   `max_retries` from the start options. Each retry is logged with its attempt and
+//!   backoff, inside a span carrying the topic, partition and offset. Failures
+//!   classified permanent ([`HandlerError::permanent`], decode errors) skip the
+//!   retries.
 //! - **Dead-letter queue** ([`DeadLetterLayer`](crate::kafka::dead_letter::DeadLetterLayer)):
 //!   after the last retry the message is republished unchanged to `<topic>.dlq` with
 //!   provenance headers, acknowledged before its offset may be committed. Messages
@@ -51,10 +60,6 @@
 //!   uncommitted (delivered again later) and the call returns
 //!   [`ConsumerError::ShutdownTimedOut`]; it never hangs. Dropping the handle without
 //!   shutdown stops everything without committing anything more.
-//!
-//! A handler slower than `max.poll.interval.ms` (5 min by default) with a full lane
-//! blocks polling that long and the broker takes the partitions away; pause the
-//! consumer under sustained backpressure instead.
 //!
 //! # Example
 //!
@@ -82,26 +87,27 @@
 //! # Ok(()) }
 //! ```
 
+mod attempts;
 mod error;
-mod event;
+pub(crate) mod event;
 mod lane;
 mod metrics;
 mod poll;
-mod retry;
 pub mod scheduler;
 pub mod tracker;
 
 pub use crate::kafka::envelope::{DecodeError, EventEnvelope};
+pub use attempts::{CountAttempts, CountAttemptsLayer};
 pub(crate) use error::error_chain;
 pub use error::{BoxError, ConsumerError, HandlerError, HandlerErrors, UnknownEventType};
 pub use event::{ConsumedEvent, ReceivedMessage, Timestamp};
 pub use metrics::{ConsumerMetrics, ConsumerMetricsSnapshot};
-pub use retry::{Backoff, MessageRetry, MessageRetryLayer};
 pub use scheduler::ProcessingOrder;
 pub use tracker::TopicPartition;
 
 use crate::kafka::config::KafkaConfig;
 use crate::kafka::dead_letter::{DEFAULT_SUFFIX, DeadLetterPublisher};
+use keel_layers::retry::RetryPolicy;
 use lane::{LaneContext, Stack, run_lane};
 use poll::{Command, KeelBaseConsumer, KeelConsumerContext, PollLoop, Shared};
 use rdkafka::ClientConfig;
@@ -180,10 +186,11 @@ pub struct KafkaConsumerBuilder {
     order: ProcessingOrder,
     workers: usize,
     lane_capacity: usize,
-    backoff: Backoff,
+    retry_policy: RetryPolicy,
     dlq_suffix: String,
     commit_interval: Duration,
     poll_timeout: Duration,
+    backpressure_after: Duration,
 }
 
 impl fmt::Debug for KafkaConsumerBuilder {
@@ -193,7 +200,7 @@ impl fmt::Debug for KafkaConsumerBuilder {
             .field("order", &self.order)
             .field("workers", &self.workers)
             .field("lane_capacity", &self.lane_capacity)
-            .field("backoff", &self.backoff)
+            .field("retry_policy", &self.retry_policy)
             .field("dlq_suffix", &self.dlq_suffix)
             .field("commit_interval", &self.commit_interval)
             .finish_non_exhaustive()
@@ -220,9 +227,11 @@ impl KafkaConsumerBuilder {
         self.lane_capacity = capacity;
         self
     }
-    /// Retry backoff (default 1 s doubling to 30 s).
-    pub fn backoff(mut self, backoff: Backoff) -> Self {
-        self.backoff = backoff;
+    /// Retry schedule (default [`RetryPolicy::kafka`] without budget: 1 s doubling
+    /// to 30 s, no jitter). Its attempt limit is replaced by the start options'
+    /// `max_retries`. Its backoff also paces re-publishing to an unreachable DLQ.
+    pub fn retry_policy(mut self, policy: RetryPolicy) -> Self {
+        self.retry_policy = policy;
         self
     }
     /// Suffix of dead-letter topics (default `.dlq`).
@@ -239,6 +248,14 @@ impl KafkaConsumerBuilder {
     /// commands and commits when no message arrives.
     pub fn poll_timeout(mut self, timeout: Duration) -> Self {
         self.poll_timeout = timeout;
+        self
+    }
+
+    /// How long a full lane may hold up polling before fetching is paused instead
+    /// (default 500 ms). Short bursts wait; sustained backpressure pauses, so
+    /// rebalances and `max.poll.interval.ms` are served however slow the handler.
+    pub fn backpressure_after(mut self, patience: Duration) -> Self {
+        self.backpressure_after = patience;
         self
     }
 
@@ -326,19 +343,15 @@ impl KafkaConsumerBuilder {
             completions: completions_tx,
             metrics: metrics.clone(),
             dlq: dlq.clone(),
-            backoff: self.backoff,
+            backoff: *self.retry_policy.schedule_config(),
         });
         let (lane_stop, lane_stop_rx) = watch::channel(false);
         let mut lanes = Vec::with_capacity(self.workers);
         let mut lane_tasks = Vec::with_capacity(self.workers);
         for _ in 0..self.workers {
             let (tx, rx) = mpsc::channel(self.lane_capacity);
-            let stack = Stack::new(
-                handler.clone(),
-                options.max_retries,
-                self.backoff,
-                dlq.clone(),
-            );
+            let policy = self.retry_policy.clone().max_retries(options.max_retries);
+            let stack = Stack::new(handler.clone(), policy, dlq.clone());
             lanes.push(tx);
             lane_tasks.push(rt.spawn(run_lane(rx, stack, ctx.clone(), lane_stop_rx.clone())));
         }
@@ -354,6 +367,10 @@ impl KafkaConsumerBuilder {
             poll_timeout: self.poll_timeout,
             commit_interval: self.commit_interval,
             topics: HashMap::new(),
+            backpressure_after: self.backpressure_after,
+            held: None,
+            held_lane: 0,
+            rewind: HashMap::new(),
         };
         let weak = Arc::downgrade(&consumer);
         drop(consumer);
@@ -426,10 +443,11 @@ impl KafkaConsumer {
             order: ProcessingOrder::Partition,
             workers: 1,
             lane_capacity: 256,
-            backoff: Backoff::default(),
+            retry_policy: RetryPolicy::kafka().without_budget(),
             dlq_suffix: DEFAULT_SUFFIX.to_string(),
             commit_interval: Duration::from_secs(1),
             poll_timeout: Duration::from_millis(50),
+            backpressure_after: Duration::from_millis(500),
         }
     }
 
@@ -605,5 +623,48 @@ impl Drop for KafkaConsumer {
         for task in &self.lane_tasks {
             task.abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn start_refuses_bad_settings_before_any_io() {
+        let handler = tower::service_fn(|_e: ConsumedEvent| async { Ok::<_, BoxError>(()) });
+        let builder = KafkaConsumer::builder(ClientConfig::new(), "g");
+        let err = builder
+            .clone()
+            .start(StartOptions::new(Vec::<String>::new()), handler)
+            .unwrap_err();
+        assert!(matches!(err, ConsumerError::Config(_)));
+        let err = builder
+            .clone()
+            .workers(0)
+            .start(StartOptions::new(["t"]), handler)
+            .unwrap_err();
+        assert!(matches!(err, ConsumerError::Config(_)));
+        let err = KafkaConsumer::builder(ClientConfig::new(), "")
+            .start(StartOptions::new(["t"]), handler)
+            .unwrap_err();
+        assert!(matches!(err, ConsumerError::Config(_)));
+    }
+
+    #[test]
+    fn disabled_kafka_gives_a_clear_error() {
+        let config = KafkaConfig::builder().enabled(false).build().unwrap();
+        assert!(matches!(
+            KafkaConsumer::from_config(&config),
+            Err(ConsumerError::Disabled)
+        ));
+    }
+
+    #[test]
+    fn start_options_default_like_the_seed() {
+        let o = StartOptions::new(["a", "b"]);
+        assert_eq!(o.topics, vec!["a", "b"]);
+        assert!(!o.from_beginning && o.auto_commit && o.enable_dlq);
+        assert_eq!(o.max_retries, 3);
     }
 }

@@ -4,11 +4,15 @@
 //! timeout in a loop. It never waits on a waker that librdkafka must fire (the cause
 //! of `StreamConsumer`'s lost wakeups, rust-rdkafka #638/#665/#848); rebalance
 //! callbacks run on it, between polls, with direct access to the offset tracker.
-//! Fetched messages are copied out and routed to the bounded lane queues; a full lane
-//! blocks the thread (backpressure) while it keeps serving pause, resume and stop
-//! commands. Completions come back on a channel and become commits: stored offsets
-//! (auto-commit mode) or explicit commits (manual mode), always only up to the lowest
-//! unfinished offset of each partition.
+//! Fetched messages are copied out and routed to the bounded lane queues. A full
+//! lane holds the thread up to `backpressure_after` (serving commands meanwhile);
+//! if it stays full, the thread holds that one message and pauses fetching
+//! (librdkafka `pause`) but keeps polling, so rebalances and `max.poll.interval.ms`
+//! are served however slow the handler; once the lane is half empty it seeks every
+//! partition back to the next undispatched offset and resumes. Completions come
+//! back on a channel and become commits: stored offsets (auto-commit mode) or
+//! explicit commits (manual mode), always only up to the lowest unfinished offset of
+//! each partition.
 
 use super::error::ConsumerError;
 use super::event::ReceivedMessage;
@@ -42,6 +46,9 @@ pub(crate) struct Completion {
 
 type Ack = oneshot::Sender<Result<(), ConsumerError>>;
 
+/// How often auto-commit mode hands finished offsets to librdkafka.
+const STORE_INTERVAL: Duration = Duration::from_millis(10);
+
 /// Requests from the runtime handle to the poll thread.
 #[derive(Debug)]
 pub(crate) enum Command {
@@ -63,6 +70,8 @@ pub(crate) struct Shared {
     pub(crate) paused_all: AtomicBool,
     pub(crate) paused: Mutex<HashSet<TopicPartition>>,
     pub(crate) aborted: AtomicBool,
+    /// Fetching is paused because a lane is full.
+    pub(crate) backpressure: AtomicBool,
     pub(crate) manual_commit: bool,
 }
 
@@ -84,6 +93,7 @@ impl Shared {
             paused_all: AtomicBool::new(false),
             paused: Mutex::new(HashSet::new()),
             aborted: AtomicBool::new(false),
+            backpressure: AtomicBool::new(false),
             manual_commit,
         }
     }
@@ -162,7 +172,8 @@ impl ConsumerContext for KeelConsumerContext {
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(assigned) => {
-                let paused_all = self.shared.paused_all.load(Ordering::SeqCst);
+                let paused_all = self.shared.paused_all.load(Ordering::SeqCst)
+                    || self.shared.backpressure.load(Ordering::SeqCst);
                 let paused = self.shared.paused();
                 let mut to_pause = TopicPartitionList::new();
                 {
@@ -213,6 +224,14 @@ pub(crate) struct PollLoop {
     pub(crate) poll_timeout: Duration,
     pub(crate) commit_interval: Duration,
     pub(crate) topics: HashMap<String, Arc<str>>,
+    /// How long a full lane may block polling before fetching is paused instead.
+    pub(crate) backpressure_after: Duration,
+    /// A message whose lane was full, with that lane.
+    pub(crate) held: Option<(usize, Work)>,
+    /// The lane that was full last.
+    pub(crate) held_lane: usize,
+    /// Lowest offset fetched but not dispatched, per partition, during backpressure.
+    pub(crate) rewind: HashMap<TopicPartition, i64>,
 }
 
 enum Next {
@@ -267,7 +286,7 @@ impl PollLoop {
         }
     }
 
-    fn command(&self, cmd: Command) -> Next {
+    fn command(&mut self, cmd: Command) -> Next {
         match cmd {
             Command::Pause(tp, ack) => {
                 let _ = ack.send(self.pause(tp));
@@ -317,7 +336,7 @@ impl PollLoop {
         Ok(())
     }
 
-    fn resume(&self, tp: Option<TopicPartition>) -> Result<(), ConsumerError> {
+    fn resume(&mut self, tp: Option<TopicPartition>) -> Result<(), ConsumerError> {
         let tpl = self.targets(&tp)?;
         match &tp {
             None => {
@@ -328,38 +347,47 @@ impl PollLoop {
                 self.shared.paused().remove(tp);
             }
         }
-        // librdkafka drops the messages it had prefetched for a paused partition.
-        // Seek each partition back to one past the last message handed to a worker
-        // *before* resuming, so fetching restarts exactly there and nothing is skipped.
-        let positions: Vec<(Arc<str>, i32, i64)> = {
+        // Under backpressure the fetch stays paused; relieving it resumes these.
+        if tpl.count() > 0 && !self.shared.backpressure.load(Ordering::SeqCst) {
+            self.seek_and_resume(&tpl);
+        }
+        tracing::info!(partition = ?tp, "consumption resumed");
+        Ok(())
+    }
+
+    /// Seeks each partition of `tpl` to one past the last message handed to a
+    /// worker (or to the first fetched-but-dropped one), then resumes it.
+    ///
+    /// librdkafka drops the messages it had prefetched for a paused partition;
+    /// seeking *before* resuming makes fetching restart exactly where handing out
+    /// stopped, so nothing is skipped (re-fetched duplicates are dropped by the
+    /// tracker).
+    fn seek_and_resume(&mut self, tpl: &TopicPartitionList) {
+        let positions: Vec<(TopicPartition, i64)> = {
             let tracker = self.shared.tracker();
             tpl.elements()
                 .iter()
                 .filter_map(|e| {
                     let tp = TopicPartition::new(e.topic(), e.partition());
-                    tracker
-                        .resume_position(&tp)
-                        .map(|pos| (tp.topic.clone(), tp.partition, pos))
+                    let rewind = self.rewind.remove(&tp);
+                    let pos = tracker.resume_position(&tp).or(rewind)?;
+                    Some((tp, pos))
                 })
                 .collect()
         };
-        for (topic, partition, pos) in positions {
+        for (tp, pos) in positions {
             if let Err(e) = self.consumer.seek(
-                &topic,
-                partition,
+                &tp.topic,
+                tp.partition,
                 Offset::Offset(pos),
                 Duration::from_secs(5),
             ) {
-                tracing::warn!(topic = %topic, partition, offset = pos, error = %e, "seek before resume failed");
+                tracing::warn!(%tp, offset = pos, error = %e, "seek before resume failed");
             }
         }
-        if tpl.count() > 0 {
-            self.consumer
-                .resume(&tpl)
-                .map_err(|e| ConsumerError::kafka("resuming", e))?;
+        if let Err(e) = self.consumer.resume(tpl) {
+            tracing::warn!(error = %e, "resume failed");
         }
-        tracing::info!(partition = ?tp, "consumption resumed");
-        Ok(())
     }
 
     /// Applies completions; stores or commits the positions that moved.
@@ -367,10 +395,15 @@ impl PollLoop {
         let commits = {
             let mut tracker = self.shared.tracker();
             self.shared.drain_completions(&mut tracker);
-            if self.shared.manual_commit
-                && !final_commit
-                && last_commit.elapsed() < self.commit_interval
-            {
+            // Manual mode commits every `commit_interval`; auto-commit mode stores
+            // at most every 10 ms (librdkafka commits stored offsets every
+            // `auto.commit.interval.ms` anyway), not once per message.
+            let every = if self.shared.manual_commit {
+                self.commit_interval
+            } else {
+                STORE_INTERVAL
+            };
+            if !final_commit && last_commit.elapsed() < every {
                 return;
             }
             tracker.take_commits()
@@ -400,7 +433,16 @@ impl PollLoop {
     }
 
     fn poll_once(&mut self) -> Next {
-        let message = match self.consumer.poll(self.poll_timeout) {
+        if let Some(next) = self.relieve_backpressure() {
+            return next;
+        }
+        let timeout = if self.held.is_some() {
+            // Check the full lane again soon; keep polling to serve rebalances.
+            self.poll_timeout.min(Duration::from_millis(10))
+        } else {
+            self.poll_timeout
+        };
+        let message = match self.consumer.poll(timeout) {
             None => return Next::Continue,
             Some(Err(e)) => {
                 tracing::warn!(error = %e, "kafka consumer error");
@@ -420,6 +462,16 @@ impl PollLoop {
             topic,
             partition: message.partition(),
         };
+        if self.held.is_some() || self.shared.backpressure.load(Ordering::SeqCst) {
+            // Fetched before the backpressure pause took effect: not dispatched, so
+            // fetch it again when the pause ends.
+            let offset = message.offset();
+            self.rewind
+                .entry(tp)
+                .and_modify(|o| *o = (*o).min(offset))
+                .or_insert(offset);
+            return Next::Continue;
+        }
         let epoch = match self.shared.tracker().dispatch(&tp, message.offset()) {
             Dispatch::Accepted { epoch } => epoch,
             skipped => {
@@ -443,38 +495,107 @@ impl PollLoop {
         };
         match self.lanes[lane].try_send(work) {
             Ok(()) => Next::Continue,
-            Err(mpsc::error::TrySendError::Full(work)) => self.send_blocking(lane, work),
+            Err(mpsc::error::TrySendError::Full(work)) => self.wait_for_room(lane, work),
             Err(mpsc::error::TrySendError::Closed(_)) => Next::Abort,
         }
     }
 
-    /// Waits for room in a full lane while still serving commands.
-    fn send_blocking(&mut self, lane: usize, work: Work) -> Next {
+    /// A lane is full. Short bursts are absorbed by waiting (serving commands) up to
+    /// `backpressure_after`; a lane still full after that is sustained backpressure:
+    /// hold the message, pause fetching and go back to polling. Pausing on every
+    /// full lane would thrash (each resume seeks and re-fetches).
+    fn wait_for_room(&mut self, lane: usize, work: Work) -> Next {
         let rt = self.rt.clone();
-        rt.block_on(async {
-            let sender = self.lanes[lane].clone();
+        let sender = self.lanes[lane].clone();
+        let patience = self.backpressure_after;
+        let (next, unsent) = rt.block_on(async {
             let mut reserve = std::pin::pin!(sender.reserve_owned());
+            let mut give_up = std::pin::pin!(tokio::time::sleep(patience));
             loop {
                 tokio::select! {
                     permit = &mut reserve => {
                         return match permit {
                             Ok(permit) => {
                                 permit.send(work);
-                                Next::Continue
+                                (Next::Continue, None)
                             }
-                            Err(_) => Next::Abort,
+                            Err(_) => (Next::Abort, None),
                         };
                     }
+                    () = &mut give_up => return (Next::Continue, Some(work)),
                     cmd = self.commands.recv() => match cmd {
                         Some(cmd) => match self.command(cmd) {
                             Next::Continue => {}
-                            other => return other,
+                            other => return (other, None),
                         },
-                        None => return Next::Abort,
+                        None => return (Next::Abort, None),
                     },
                 }
             }
-        })
+        });
+        if let Some(work) = unsent {
+            self.held = Some((lane, work));
+            self.pause_for_backpressure();
+        }
+        next
+    }
+
+    /// A lane is full: hold its message and pause fetching everywhere, but keep
+    /// polling so rebalances and the poll interval are served.
+    fn pause_for_backpressure(&self) {
+        if self.shared.backpressure.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        match self.consumer.assignment() {
+            Ok(tpl) if tpl.count() > 0 => {
+                if let Err(e) = self.consumer.pause(&tpl) {
+                    tracing::warn!(error = %e, "backpressure pause failed");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "backpressure pause: no assignment"),
+        }
+        tracing::debug!("lane full: fetching paused");
+    }
+
+    /// Sends the held message once its lane has room, and ends the backpressure
+    /// pause when that lane is at most half full (hysteresis).
+    fn relieve_backpressure(&mut self) -> Option<Next> {
+        if let Some((lane, work)) = self.held.take() {
+            match self.lanes[lane].try_send(work) {
+                Ok(()) => self.held_lane = lane,
+                Err(mpsc::error::TrySendError::Full(work)) => {
+                    self.held = Some((lane, work));
+                    return None;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return Some(Next::Abort),
+            }
+        }
+        if !self.shared.backpressure.load(Ordering::SeqCst) {
+            return None;
+        }
+        let lane = &self.lanes[self.held_lane];
+        if lane.capacity() * 2 < lane.max_capacity() {
+            return None;
+        }
+        self.shared.backpressure.store(false, Ordering::SeqCst);
+        if self.shared.paused_all.load(Ordering::SeqCst) {
+            return None; // the user's pause stands; their resume seeks
+        }
+        let Ok(assignment) = self.consumer.assignment() else {
+            return None;
+        };
+        let user_paused = self.shared.paused().clone();
+        let mut tpl = TopicPartitionList::new();
+        for e in assignment.elements() {
+            let tp = TopicPartition::new(e.topic(), e.partition());
+            if !user_paused.contains(&tp) {
+                tpl.add_partition(e.topic(), e.partition());
+            }
+        }
+        self.seek_and_resume(&tpl);
+        tracing::debug!("lane drained: fetching resumed");
+        None
     }
 
     /// After Stop: keep committing what lanes finish until Finish (or the handle is

@@ -4,10 +4,11 @@
 //! Without a dead-letter queue a consumer that meets a poison message has two bad
 //! choices: retry it forever (the partition stops) or skip it (the message is lost).
 //! [`DeadLetterLayer`] takes the third way, as Spring Kafka's
-//! `DeadLetterPublishingRecoverer` does: after the last retry (put the
-//! [`MessageRetryLayer`](crate::kafka::consumer::MessageRetryLayer) *inside* this
-//! layer) the original key, payload and headers are republished to the dead-letter
-//! topic, with [`headers`] appended: original topic, partition, offset, timestamp and
+//! `DeadLetterPublishingRecoverer` does: after the last retry (put keel-layers'
+//! [`RetryLayer`](keel_layers::retry::RetryLayer) *inside* this layer, and
+//! [`CountAttemptsLayer`](crate::kafka::consumer::CountAttemptsLayer) inside that so
+//! attempts are counted) the original key, payload and headers are republished to
+//! the dead-letter topic, with [`headers`] appended: original topic, partition, offset, timestamp and
 //! timestamp type, consumer group, error kind, error type, error message, attempts
 //! and the failure time. The publish is acknowledged by the broker (idempotent
 //! producer, `acks=all`) before the service answers, so the consumer runtime commits
@@ -20,7 +21,8 @@
 //! # Example
 //!
 //! ```no_run
-//! use keel::kafka::consumer::{ConsumedEvent, MessageRetryLayer};
+//! use keel::kafka::consumer::{BoxError, ConsumedEvent, CountAttemptsLayer, HandlerErrors};
+//! use keel::layers::retry::{RetryLayer, RetryPolicy};
 //! use keel::kafka::dead_letter::{DeadLetterLayer, DeadLetterPublisher};
 //! use rdkafka::ClientConfig;
 //! use tower::ServiceBuilder;
@@ -30,11 +32,12 @@
 //! let publisher = DeadLetterPublisher::new(&base, "orders-service", ".dlq")?;
 //! let handler = tower::service_fn(|event: ConsumedEvent| async move {
 //!     println!("{}", event.event_type());
-//!     Ok::<_, keel::kafka::consumer::BoxError>(())
+//!     Ok::<_, BoxError>(())
 //! });
 //! let stack = ServiceBuilder::new()
 //!     .layer(DeadLetterLayer::new(publisher))
-//!     .layer(MessageRetryLayer::new(3))
+//!     .layer(RetryLayer::new(RetryPolicy::kafka().without_budget()).classifier(HandlerErrors))
+//!     .layer(CountAttemptsLayer)
 //!     .service(handler);
 //! # let _ = stack;
 //! # Ok::<_, rdkafka::error::KafkaError>(())
