@@ -17,12 +17,11 @@ use std::time::Duration;
 
 use keel::kafka::client::KafkaClient;
 use keel::kafka::config::{KafkaConfig, KafkaConfigBuilder, KafkaLogLevel};
-use keel::kafka::consumer::{
-    Backoff, BoxError, ConsumedEvent, HandlerError, KafkaConsumer, StartOptions,
-};
+use keel::kafka::consumer::{BoxError, ConsumedEvent, HandlerError, KafkaConsumer, StartOptions};
 use keel::kafka::envelope::EventEnvelope;
 use keel::kafka::producer::PublishRequest;
 use keel::kafka::registry::HandlerRegistry;
+use keel::layers::retry::RetryPolicy;
 use serde_json::json;
 use tower::ServiceExt;
 
@@ -73,10 +72,12 @@ async fn main() -> Result<(), BoxError> {
         })
         .build()?;
     let consumer = KafkaConsumer::from_config(&config)?
-        .backoff(Backoff {
-            initial: Duration::from_millis(100),
-            max: Duration::from_secs(1),
-        })
+        .retry_policy(
+            RetryPolicy::kafka()
+                .without_budget()
+                .base(Duration::from_millis(100))
+                .cap(Duration::from_secs(1)),
+        )
         .start(
             StartOptions::new([topic.clone()])
                 .from_beginning(true)

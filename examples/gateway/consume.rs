@@ -5,11 +5,10 @@
 use std::time::Duration;
 
 use keel::kafka::config::KafkaConfig;
-use keel::kafka::consumer::{
-    Backoff, BoxError, ConsumedEvent, HandlerError, KafkaConsumer, StartOptions,
-};
+use keel::kafka::consumer::{BoxError, ConsumedEvent, HandlerError, KafkaConsumer, StartOptions};
 use keel::kafka::registry::HandlerRegistry;
 use keel::layers::metrics::{MetricsLayer, MetricsRegistry};
+use keel::layers::retry::RetryPolicy;
 use tower::ServiceBuilder;
 
 /// The demo handlers, by event type.
@@ -42,7 +41,7 @@ pub fn registry(metrics: &MetricsRegistry) -> Result<HandlerRegistry, BoxError> 
 async fn handle(event_type: &'static str, event: ConsumedEvent) -> Result<(), HandlerError> {
     let envelope = event.envelope();
     match event_type {
-        DEMO_FLAKY if event.attempt() <= 1 => {
+        DEMO_FLAKY if event.attempts_made() <= 1 => {
             return Err(HandlerError::retryable(std::io::Error::other(
                 "demo.flaky fails its first attempt",
             )));
@@ -61,7 +60,7 @@ async fn handle(event_type: &'static str, event: ConsumedEvent) -> Result<(), Ha
         topic = event.topic(),
         partition = event.partition(),
         offset = event.offset(),
-        attempt = event.attempt(),
+        attempt = event.attempts_made(),
         payload = %envelope.payload(),
         "event handled"
     );
@@ -77,10 +76,12 @@ pub fn start(
     registry: HandlerRegistry,
 ) -> Result<KafkaConsumer, BoxError> {
     let consumer = KafkaConsumer::from_config(config)?
-        .backoff(Backoff {
-            initial: retry_initial,
-            max: Duration::from_secs(30),
-        })
+        .retry_policy(
+            RetryPolicy::kafka()
+                .without_budget()
+                .base(retry_initial)
+                .cap(Duration::from_secs(30)),
+        )
         .start(
             StartOptions::new(topics.iter().cloned())
                 .from_beginning(true)

@@ -40,14 +40,13 @@ use axum::ServiceExt;
 use axum::extract::Request;
 use keel::kafka::client::KafkaClient;
 use keel::kafka::config::{KafkaConfig, KafkaConfigBuilder, KafkaLogLevel};
-use keel::layers::classify::ByError;
-use keel::layers::logging::{LoggingLayer, json_layer};
+use keel::layers::logging::json_layer;
 use keel::layers::metrics::{MetricsLayer, MetricsRegistry};
-use keel::s3::multipart::{MultipartEngine, TransferConfig};
+use keel::s3::facade::DefaultLayers;
 use keel::s3::{S3, S3Client, S3Config};
 use tokio::sync::{RwLock, watch};
 use tokio::time::Instant;
-use tower::{BoxError, ServiceBuilder};
+use tower::BoxError;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
@@ -206,19 +205,22 @@ async fn run() -> Result<ExitCode, BoxError> {
             }
         }
     }
-    let engine = MultipartEngine::new(s3_client.sdk().clone(), TransferConfig::default());
-    let s3_layer_metrics = MetricsLayer::new().classify(ByError);
-    metrics.register("s3_call", s3_layer_metrics.handle())?;
+    // keel's default S3 stack (logging, call metrics, circuit breaker, retry with
+    // the seed's schedule, timeout per attempt; multipart uploads through the
+    // engine, which retries its parts itself), with our breaker and metrics
+    // handles so /metrics and the breaker gauge can read them.
     let s3_breaker = breaker::dependency();
     let s3_breaker_handle = s3_breaker.handle();
+    let s3_call_metrics = MetricsLayer::new().handle();
+    metrics.register("s3_call", s3_call_metrics.clone())?;
+    let request_timeout = s3_client.config().request_timeout();
     let s3 = S3::builder(s3_client)
-        .multipart(Arc::new(engine))
-        .build_with(
-            ServiceBuilder::new()
-                .layer(LoggingLayer::new("S3", "operation").classify(ByError))
-                .layer(s3_layer_metrics)
-                .layer(s3_breaker),
-        );
+        .default_layers(
+            DefaultLayers::new(request_timeout)
+                .circuit_breaker(s3_breaker)
+                .metrics(s3_call_metrics),
+        )
+        .build();
 
     // Publishing and the in-process consumer.
     let (publish, publish_batch, publish_breaker) =
