@@ -19,15 +19,12 @@ use keel::kafka::consumer::KafkaConsumer;
 use keel::kafka::envelope::EventEnvelope;
 use keel::kafka::error::{KafkaProducerError, ProducerErrorKind};
 use keel::kafka::producer::{
-    BatchAck, PublishAck, PublishBatch, PublishBatchRequest, PublishEvent, PublishRequest,
+    BatchAck, PublishAck, PublishBatchRequest, PublishRequest, PublishStack,
 };
-use keel::layers::circuit_breaker::{
-    CircuitBreakerError, CircuitBreakerHandle, CircuitBreakerLayer,
-};
-use keel::layers::classify::{ByError, TowerHttp};
+use keel::layers::circuit_breaker::{CircuitBreakerHandle, CircuitBreakerLayer};
+use keel::layers::classify::TowerHttp;
 use keel::layers::logging::LoggingLayer;
 use keel::layers::metrics::{MetricsLayer, MetricsRegistry, PROMETHEUS_CONTENT_TYPE};
-use keel::layers::timeout::{TimeoutError, TimeoutLayer};
 use keel::s3::upload::{ProgressListener, UploadProgress};
 use keel::s3::{S3, S3ErrorKind, S3ServiceError, UploadBody, UploadOptions};
 use serde::Deserialize;
@@ -39,16 +36,16 @@ use tower_http::classify::ServerErrorsAsFailures;
 
 use crate::prom;
 
-/// The single-event publish stack: logging, metrics, timeout, keel's publish service.
-pub type PublishStack = BoxCloneSyncService<PublishRequest, PublishAck, BoxError>;
-/// The batch publish stack.
+/// keel's single-event publish stack, boxed.
+pub type EventStack = BoxCloneSyncService<PublishRequest, PublishAck, BoxError>;
+/// keel's batch publish stack, boxed.
 pub type BatchStack = BoxCloneSyncService<PublishBatchRequest, BatchAck, BoxError>;
 
 /// What every handler shares. Cloning is cheap.
 #[derive(Clone)]
 pub struct AppState {
     pub kafka: KafkaClient,
-    pub publish: PublishStack,
+    pub publish: EventStack,
     pub publish_batch: BatchStack,
     pub s3: S3,
     /// The consumer, for `/metrics` and readiness; taken out at shutdown.
@@ -61,38 +58,28 @@ pub struct AppState {
     pub breakers: Vec<(&'static str, CircuitBreakerHandle)>,
 }
 
-/// Wraps keel's publish services in keel's layers (logging, metrics, one circuit
-/// breaker shared by both, timeout) and registers their metrics. No retry layer:
-/// librdkafka retries itself, and a retry on top would break per-key order.
+/// keel's default publish stack (logging, metrics, batch size, circuit breaker,
+/// timeout; no retry layer: librdkafka retries itself, and a retry on top would
+/// break per-key order), its metrics registered for `/metrics`.
 pub fn publish_stacks(
     kafka: &KafkaClient,
     metrics: &MetricsRegistry,
-    timeout: Duration,
-) -> Result<(PublishStack, BatchStack, CircuitBreakerHandle), BoxError> {
-    let breaker = crate::breaker::dependency();
-    let handle = breaker.handle();
-    let one = MetricsLayer::new().classify(ByError);
-    metrics.register("kafka_publish_call", one.handle())?;
-    let publish = ServiceBuilder::new()
-        .map_err(BoxError::from)
-        .layer(LoggingLayer::new("KafkaProducer", "publish").classify(ByError))
-        .layer(one)
-        .layer(breaker.clone())
-        .layer(TimeoutLayer::new(timeout))
-        .service(PublishEvent::new(kafka));
-    let batch = MetricsLayer::new().classify(ByError);
-    metrics.register("kafka_publish_batch_call", batch.handle())?;
-    let publish_batch = ServiceBuilder::new()
-        .map_err(BoxError::from)
-        .layer(LoggingLayer::new("KafkaProducer", "publish_batch").classify(ByError))
-        .layer(batch)
-        .layer(breaker)
-        .layer(TimeoutLayer::new(timeout))
-        .service(PublishBatch::new(kafka));
+    timeout: Option<Duration>,
+) -> Result<(EventStack, BatchStack, CircuitBreakerHandle), BoxError> {
+    let mut builder = PublishStack::builder(kafka).open_wait(Duration::from_secs(10));
+    if let Some(timeout) = timeout {
+        builder = builder.timeout(timeout);
+    }
+    let stack = builder.build();
+    metrics.register("kafka_publish_call", stack.event_metrics())?;
+    metrics.register("kafka_publish_batch_call", stack.batch_metrics())?;
+    let publish = ServiceExt::<PublishRequest>::map_err(stack.event_service(), BoxError::from);
+    let publish_batch =
+        ServiceExt::<PublishBatchRequest>::map_err(stack.batch_service(), BoxError::from);
     Ok((
         BoxCloneSyncService::new(publish),
         BoxCloneSyncService::new(publish_batch),
-        handle,
+        stack.circuit_breaker(),
     ))
 }
 
@@ -223,6 +210,7 @@ fn producer_status(e: &KafkaProducerError) -> StatusCode {
         }
         ProducerErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
         ProducerErrorKind::QueueFull
+        | ProducerErrorKind::CircuitOpen
         | ProducerErrorKind::Transport
         | ProducerErrorKind::ShuttingDown
         | ProducerErrorKind::Disabled => StatusCode::SERVICE_UNAVAILABLE,
@@ -244,16 +232,10 @@ fn s3_status(e: &S3ServiceError) -> StatusCode {
     }
 }
 
-type PublishError = CircuitBreakerError<TimeoutError<KafkaProducerError>>;
-
 impl From<BoxError> for ApiError {
     fn from(err: BoxError) -> Self {
-        let status = if let Some(e) = err.downcast_ref::<PublishError>() {
-            match e.inner() {
-                None => StatusCode::SERVICE_UNAVAILABLE,
-                Some(TimeoutError::Elapsed { .. }) => StatusCode::GATEWAY_TIMEOUT,
-                Some(TimeoutError::Inner(inner)) => producer_status(inner),
-            }
+        let status = if let Some(e) = err.downcast_ref::<KafkaProducerError>() {
+            producer_status(e)
         } else if let Some(e) = err.downcast_ref::<S3ServiceError>() {
             s3_status(e)
         } else {

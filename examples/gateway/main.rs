@@ -15,7 +15,7 @@
 //! | `KEEL_GATEWAY_TOPICS` | `orders,users` | topics the in-process consumer handles |
 //! | `KEEL_GATEWAY_MAX_RETRIES` | `3` | handler retries before the DLQ |
 //! | `KEEL_GATEWAY_RETRY_INITIAL_MS` | `1000` | first retry delay (doubles, capped at 30 s) |
-//! | `KEEL_GATEWAY_PUBLISH_TIMEOUT_MS` | `10000` | timeout layer around one publish |
+//! | `KEEL_GATEWAY_PUBLISH_TIMEOUT_MS` | delivery timeout + 5 s | timeout layer around one publish |
 //! | `KEEL_GATEWAY_PRESIGN_SECS` | `900` | lifetime of the presigned GET URLs |
 //! | `KEEL_GATEWAY_CREATE_BUCKET` | `false` | create `AWS_S3_BUCKET` at start if it is missing |
 //! | `KEEL_SHUTDOWN_TIMEOUT_SECS` | `20` | budget for the whole graceful shutdown |
@@ -57,7 +57,7 @@ struct Settings {
     topics: Vec<String>,
     max_retries: u32,
     retry_initial: Duration,
-    publish_timeout: Duration,
+    publish_timeout: Option<Duration>,
     presign_expiry: Duration,
     create_bucket: bool,
     shutdown_timeout: Duration,
@@ -100,10 +100,9 @@ impl Settings {
             topics,
             max_retries: parsed("KEEL_GATEWAY_MAX_RETRIES", 3)?,
             retry_initial: Duration::from_millis(parsed("KEEL_GATEWAY_RETRY_INITIAL_MS", 1000)?),
-            publish_timeout: Duration::from_millis(parsed(
-                "KEEL_GATEWAY_PUBLISH_TIMEOUT_MS",
-                10_000,
-            )?),
+            publish_timeout: var("KEEL_GATEWAY_PUBLISH_TIMEOUT_MS")
+                .map(|_| parsed("KEEL_GATEWAY_PUBLISH_TIMEOUT_MS", 0).map(Duration::from_millis))
+                .transpose()?,
             presign_expiry: Duration::from_secs(parsed("KEEL_GATEWAY_PRESIGN_SECS", 900)?),
             create_bucket: parsed("KEEL_GATEWAY_CREATE_BUCKET", false)?,
             shutdown_timeout: Duration::from_secs(parsed("KEEL_SHUTDOWN_TIMEOUT_SECS", 20)?),
@@ -225,10 +224,6 @@ async fn run() -> Result<ExitCode, BoxError> {
     // Publishing and the in-process consumer.
     let (publish, publish_batch, publish_breaker) =
         http::publish_stacks(&kafka, &metrics, settings.publish_timeout)?;
-    {
-        let handle = publish_breaker.clone();
-        kafka.watch_circuit_breaker(Arc::new(move || handle.state().to_string()));
-    }
     let consumer = consume::start(
         &kafka_config,
         &settings.topics,
