@@ -12,6 +12,7 @@
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
 pub mod batch;
+pub mod circuit_breaker;
 pub mod classify;
 pub mod logging;
 pub mod metrics;
