@@ -758,23 +758,10 @@ mod axum_router {
         }
     }
 
-    fn get_request(path: &str) -> Request<Body> {
-        Request::get(path).body(Body::empty()).unwrap()
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_503_counts_as_a_failure_and_a_404_does_not() {
-        let metrics = MetricsLayer::new().classify(TowerHttp::server_errors());
-        let stats = metrics.handle();
-        let breaker = CircuitBreakerLayer::builder()
-            .consecutive_failures(2)
-            .classifier(TowerHttp::server_errors())
-            .build();
-        let breaker_handle = breaker.handle();
-        let handled = Arc::new(AtomicUsize::new(0));
+    /// `/missing` answers 404, `/unavailable` 503; both count in `handled`.
+    fn routes(handled: &Arc<AtomicUsize>) -> Router {
         let (on_missing, on_unavailable) = (handled.clone(), handled.clone());
-
-        let app: Router = Router::new()
+        Router::new()
             .route(
                 "/missing",
                 get(move || async move {
@@ -789,19 +776,34 @@ mod axum_router {
                     StatusCode::SERVICE_UNAVAILABLE
                 }),
             )
-            .layer(
-                ServiceBuilder::new()
-                    .layer(HandleErrorLayer::new(|err: KeelError| async move {
-                        to_response(err)
-                    }))
-                    .logging(
-                        LoggingLayer::new("Gateway", "request")
-                            .classify(TowerHttp::server_errors()),
-                    )
-                    .metrics(metrics)
-                    .keel_timeout(Duration::from_secs(5))
-                    .circuit_breaker(breaker),
-            );
+    }
+
+    fn get_request(path: &str) -> Request<Body> {
+        Request::get(path).body(Body::empty()).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_503_counts_as_a_failure_and_a_404_does_not() {
+        let metrics = MetricsLayer::new().classify(TowerHttp::server_errors());
+        let stats = metrics.handle();
+        let breaker = CircuitBreakerLayer::builder()
+            .consecutive_failures(2)
+            .classifier(TowerHttp::server_errors())
+            .build();
+        let breaker_handle = breaker.handle();
+        let handled = Arc::new(AtomicUsize::new(0));
+        let app = routes(&handled).layer(
+            ServiceBuilder::new()
+                .layer(HandleErrorLayer::new(|err: KeelError| async move {
+                    to_response(err)
+                }))
+                .logging(
+                    LoggingLayer::new("Gateway", "request").classify(TowerHttp::server_errors()),
+                )
+                .metrics(metrics)
+                .keel_timeout(Duration::from_secs(5))
+                .circuit_breaker(breaker),
+        );
 
         // 404s are answers, not failures: they neither count as failures nor trip
         // the breaker, however many there are.
@@ -863,22 +865,7 @@ mod axum_router {
         }
 
         let handled = Arc::new(AtomicUsize::new(0));
-        let (on_missing, on_unavailable) = (handled.clone(), handled.clone());
-        let router: Router = Router::new()
-            .route(
-                "/missing",
-                get(move || async move {
-                    on_missing.fetch_add(1, Ordering::SeqCst);
-                    StatusCode::NOT_FOUND
-                }),
-            )
-            .route(
-                "/unavailable",
-                get(move || async move {
-                    on_unavailable.fetch_add(1, Ordering::SeqCst);
-                    StatusCode::SERVICE_UNAVAILABLE
-                }),
-            );
+        let router = routes(&handled);
 
         let metrics = MetricsLayer::new().classify(TowerHttp::server_errors());
         let stats = metrics.handle();
