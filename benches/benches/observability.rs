@@ -8,10 +8,10 @@
 //! figures are the layers' own cost.
 
 use criterion::{Criterion, criterion_group, criterion_main};
+use keel_benches::{Batch, Noop, call_once};
 use keel_layers::batch::BatchSizeLayer;
 use keel_layers::logging::LoggingLayer;
 use keel_layers::metrics::MetricsLayer;
-use keel_benches::{Batch, Noop, call_once};
 use std::hint::black_box;
 use tower::{Layer, Service, ServiceBuilder};
 
