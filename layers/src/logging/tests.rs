@@ -274,6 +274,8 @@ async fn filtered_levels_log_nothing_and_pass_results_through() {
     assert_eq!(lines[0]["component"], "KafkaProducer");
 }
 
+// The serial guard is meant to span the awaits (a current-thread runtime).
+#[allow(clippy::await_holding_lock)]
 #[tokio::test]
 async fn default_layer_without_fields_and_without_subscriber() {
     let serial = serial();
