@@ -15,7 +15,7 @@
 //! takes its "nothing would be logged" path (see its docs).
 
 use std::hint::black_box;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use criterion::measurement::WallTime;
@@ -128,6 +128,12 @@ fn cases<R: Runner>(r: &mut R) {
     // `elapsed()` pair at about 50 ns on a quiet 2-core machine.
     r.sync("calibration/std_instant_pair", || {
         black_box(Instant::now()).elapsed() < Duration::MAX
+    });
+    // What a layer pays to hand its response future a shared `Arc` (one atomic
+    // increment, one decrement); on two threads both hit the same counter.
+    let shared = Arc::new(0_u64);
+    r.sync("calibration/arc_clone_drop", move || {
+        Arc::strong_count(&black_box(shared.clone())) > 1
     });
 }
 
