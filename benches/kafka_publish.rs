@@ -1,0 +1,313 @@
+//! Publish throughput on the real broker: keel's publish services (bare, and
+//! through the default stack) beside raw rdkafka `FutureProducer::send_result`
+//! with the same librdkafka config, at 100 B and 1 KiB.
+//!
+//! A scripted load run (not criterion): each variant publishes `KEEL_BENCH_MESSAGES`
+//! messages (default 200,000) with at most `KEEL_BENCH_WINDOW` (default 10,000)
+//! acknowledgements outstanding, and the rounds alternate between variants so
+//! that drift on a shared machine hits all of them alike. Reported: the median
+//! msg/s over `KEEL_BENCH_ROUNDS` (default 5) rounds and the ratio to raw
+//! rdkafka. Every message is acknowledged by the broker (`acks=all`,
+//! idempotent) before it counts.
+//!
+//! Run: `scripts/bench-kafka-publish` (also runs Apache Kafka's
+//! ProducerPerformance beside it), or
+//! `cargo bench --no-default-features --features kafka --bench kafka_publish`.
+//! Needs the broker of `scripts/up` (`KEEL_KAFKA_BROKERS`, default
+//! 127.0.0.1:9092).
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use keel::kafka::client::KafkaClient;
+use keel::kafka::config::{KafkaConfig, KafkaLogLevel};
+use keel::kafka::envelope::EventEnvelope;
+use keel::kafka::producer::{PublishBatchRequest, PublishRequest, PublishStack};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use tower::Service;
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A payload of exactly `size` bytes of JSON body once wrapped in the envelope:
+/// the envelope adds ~150 bytes, so small sizes carry a short string.
+fn payload_for(size: usize) -> serde_json::Value {
+    let overhead = EventEnvelope::new("bench.event", serde_json::json!({ "d": "" }))
+        .encode()
+        .unwrap()
+        .value
+        .len();
+    let pad = size.saturating_sub(overhead);
+    serde_json::json!({ "d": "x".repeat(pad) })
+}
+
+/// keel's event, borrowing the payload (as the raw variant does).
+fn event(payload: &serde_json::Value, i: usize) -> EventEnvelope<&serde_json::Value> {
+    EventEnvelope::new("bench.event", payload).with_key(format!("k{}", i % 64))
+}
+
+/// Drives `n` publishes with at most `window` outstanding: `start(i)` must
+/// enqueue at once and return the acknowledgement future.
+async fn drive<F, Fut>(n: usize, window: usize, mut start: F) -> Duration
+where
+    F: FnMut(usize) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let began = Instant::now();
+    let mut outstanding = VecDeque::with_capacity(window);
+    for i in 0..n {
+        if outstanding.len() >= window {
+            outstanding.pop_front().unwrap().await;
+        }
+        outstanding.push_back(start(i));
+    }
+    for f in outstanding {
+        f.await;
+    }
+    began.elapsed()
+}
+
+/// What a raw-rdkafka user writes to send the same message as keel: the same
+/// JSON body (serde, own struct), key and three headers, enqueued with
+/// `send_result`. No keel code.
+fn raw_send(
+    raw: &FutureProducer,
+    topic: &str,
+    payload: &serde_json::Value,
+    i: usize,
+) -> rdkafka::producer::DeliveryFuture {
+    #[derive(serde::Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Body<'a> {
+        event_id: uuid::Uuid,
+        event_type: &'a str,
+        version: &'a str,
+        #[serde(with = "time::serde::rfc3339")]
+        timestamp: time::OffsetDateTime,
+        payload: &'a serde_json::Value,
+    }
+    let now = time::OffsetDateTime::now_utc();
+    let body = Body {
+        event_id: uuid::Uuid::new_v4(),
+        event_type: "bench.event",
+        version: "1.0",
+        timestamp: now,
+        payload,
+    };
+    let value = serde_json::to_vec(&body).unwrap();
+    let id = body.event_id.to_string();
+    let headers = OwnedHeaders::new_with_capacity(3)
+        .insert(Header {
+            key: "keel-event-id",
+            value: Some(&id),
+        })
+        .insert(Header {
+            key: "keel-event-type",
+            value: Some("bench.event"),
+        })
+        .insert(Header {
+            key: "keel-event-version",
+            value: Some("1.0"),
+        });
+    let key = format!("k{}", i % 64);
+    let record = FutureRecord::to(topic)
+        .payload(&value)
+        .key(&key)
+        .headers(headers)
+        .timestamp((now.unix_timestamp_nanos() / 1_000_000) as i64);
+    raw.send_result(record)
+        .map_err(|(e, _)| e)
+        .expect("enqueue")
+}
+
+struct Variant {
+    name: &'static str,
+    rates: Vec<f64>,
+}
+
+impl Variant {
+    fn median(&self) -> f64 {
+        let mut r = self.rates.clone();
+        r.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        r[r.len() / 2]
+    }
+}
+
+async fn run_size(
+    client: &KafkaClient,
+    raw: &FutureProducer,
+    topic: &str,
+    size: usize,
+    n: usize,
+    window: usize,
+    rounds: usize,
+) {
+    let payload = payload_for(size);
+    let value_len = event(&payload, 0).encode().unwrap().value.len();
+
+    let stack = PublishStack::new(client);
+    let single_stack = stack.event_service();
+    let batch_stack = stack.batch_service();
+
+    let mut variants = vec![
+        Variant {
+            name: "raw rdkafka FutureProducer::send_result",
+            rates: vec![],
+        },
+        Variant {
+            name: "keel PublishEvent (bare service)",
+            rates: vec![],
+        },
+        Variant {
+            name: "keel PublishEvent through the default stack",
+            rates: vec![],
+        },
+        Variant {
+            name: "keel PublishBatch x1000 through the default stack",
+            rates: vec![],
+        },
+    ];
+    for round in 0..rounds {
+        // Rotate the order every round so no variant always runs first or last.
+        for k in 0..4 {
+            let v = (k + round) % 4;
+            let rate = match v {
+                0 => {
+                    let d = drive(n, window, |i| {
+                        let fut = raw_send(raw, topic, &payload, i);
+                        async move {
+                            fut.await.expect("delivery").expect("ack");
+                        }
+                    })
+                    .await;
+                    n as f64 / d.as_secs_f64()
+                }
+                1 | 2 => {
+                    let mut bare = client.publisher();
+                    let mut stacked = single_stack.clone();
+                    let d = drive(n, window, |i| {
+                        let req = PublishRequest::new(topic, event(&payload, i));
+                        let fut = if v == 1 {
+                            futures::future::Either::Left(bare.call(req))
+                        } else {
+                            futures::future::Either::Right(stacked.call(req))
+                        };
+                        async move {
+                            fut.await.expect("ack");
+                        }
+                    })
+                    .await;
+                    n as f64 / d.as_secs_f64()
+                }
+                _ => {
+                    let mut svc = batch_stack.clone();
+                    let batches = n / 1000;
+                    let d = drive(batches, (window / 1000).max(1), |b| {
+                        let events = (0..1000).map(|i| event(&payload, b * 1000 + i)).collect();
+                        let fut = svc.call(PublishBatchRequest::new(topic, events));
+                        async move {
+                            fut.await.expect("batch ack");
+                        }
+                    })
+                    .await;
+                    (batches * 1000) as f64 / d.as_secs_f64()
+                }
+            };
+            variants[v].rates.push(rate);
+        }
+    }
+    let raw_median = variants[0].median();
+    for (tag, v) in ["raw", "keel_bare", "keel_stack", "keel_stack_batch"]
+        .iter()
+        .zip(&variants)
+    {
+        let rounds: Vec<String> = v.rates.iter().map(|r| format!("{r:.0}")).collect();
+        println!(
+            "RESULT {tag} {size} {:.0} rounds: {}",
+            v.median(),
+            rounds.join(" ")
+        );
+    }
+    println!(
+        "\n## {size} B events (JSON value {value_len} B + key + 3 headers), {n} messages x {rounds} rounds, window {window}"
+    );
+    println!(
+        "| variant | median msg/s | MB/s (value) | ratio of medians | median of per-round ratios |"
+    );
+    println!("|---|---:|---:|---:|---:|");
+    for v in &variants {
+        let m = v.median();
+        // Each round runs every variant back to back: the ratio within a round
+        // is less exposed to slow drift of a shared machine than the medians.
+        let paired = Variant {
+            name: v.name,
+            rates: v
+                .rates
+                .iter()
+                .zip(&variants[0].rates)
+                .map(|(a, b)| a / b)
+                .collect(),
+        };
+        println!(
+            "| {} | {:.0} | {:.1} | {:.3} | {:.3} |",
+            v.name,
+            m,
+            m * value_len as f64 / 1e6,
+            m / raw_median,
+            paired.median()
+        );
+    }
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; `cargo test --benches` passes nothing
+    // extra: run a tiny smoke version then.
+    let benching = std::env::args().any(|a| a == "--bench");
+    let brokers = std::env::var("KEEL_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
+    let n = if benching {
+        env_usize("KEEL_BENCH_MESSAGES", 200_000)
+    } else {
+        2_000
+    };
+    let rounds = if benching {
+        env_usize("KEEL_BENCH_ROUNDS", 5)
+    } else {
+        1
+    };
+    let window = env_usize("KEEL_BENCH_WINDOW", 10_000);
+    let n = n.div_ceil(1000) * 1000;
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let config = KafkaConfig::builder()
+            .brokers(brokers.split(',').map(str::to_string))
+            .client_id("keel-bench")
+            .log_level(KafkaLogLevel::Warn)
+            .build()
+            .unwrap();
+        let client = KafkaClient::connect(config.clone()).unwrap();
+        // Raw rdkafka with exactly keel's producer config.
+        let raw: FutureProducer = config.producer_client_config().create().unwrap();
+        let topic = format!("keel-bench-publish-{}", uuid::Uuid::new_v4());
+        client
+            .create_topic(&topic, 1, 1, Duration::from_secs(30))
+            .await
+            .expect("create the bench topic (is the broker up? scripts/up)");
+        println!("# Kafka publish throughput, broker {brokers}, topic {topic} (1 partition)");
+        println!("librdkafka config (keel's and raw's): acks=all, enable.idempotence=true, librdkafka defaults otherwise");
+        for size in [100, 1024] {
+            run_size(&client, &raw, &topic, size, n, window, rounds).await;
+        }
+        raw.flush(Duration::from_secs(10)).unwrap();
+        client.disconnect(Duration::from_secs(10)).await.unwrap();
+    });
+}

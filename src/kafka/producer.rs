@@ -1,1 +1,0 @@
-//! Kafka producer (being written).

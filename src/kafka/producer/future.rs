@@ -1,0 +1,128 @@
+//! The response future of [`PublishEvent`](super::PublishEvent).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use pin_project_lite::pin_project;
+use rdkafka::producer::DeliveryFuture;
+use uuid::Uuid;
+
+use super::{ProducerCore, PublishAck};
+use crate::kafka::error::{KafkaProducerError, ProducerErrorKind};
+
+pin_project! {
+    /// Waits for the broker's acknowledgement of one already-enqueued event.
+    ///
+    /// Dropping it does not take the event back (it is in librdkafka's queue
+    /// already); only the metrics of that call are lost.
+    pub struct PublishFuture {
+        #[pin]
+        delivery: Option<DeliveryFuture>,
+        error: Option<KafkaProducerError>,
+        topic: String,
+        event_id: Uuid,
+        core: ProducerCore,
+        started: Instant,
+    }
+}
+
+impl std::fmt::Debug for PublishFuture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PublishFuture")
+            .field("topic", &self.topic)
+            .field("event_id", &self.event_id)
+            .field("waiting", &self.delivery.is_some())
+            .finish()
+    }
+}
+
+impl PublishFuture {
+    pub(crate) fn waiting(
+        delivery: DeliveryFuture,
+        topic: String,
+        event_id: Uuid,
+        core: ProducerCore,
+        started: Instant,
+    ) -> Self {
+        PublishFuture {
+            delivery: Some(delivery),
+            error: None,
+            topic,
+            event_id,
+            core,
+            started,
+        }
+    }
+
+    pub(crate) fn failed(error: KafkaProducerError, core: ProducerCore, started: Instant) -> Self {
+        PublishFuture {
+            delivery: None,
+            topic: error.topic().to_string(),
+            error: Some(error),
+            event_id: Uuid::nil(),
+            core,
+            started,
+        }
+    }
+}
+
+impl Future for PublishFuture {
+    type Output = Result<PublishAck, KafkaProducerError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = match this.delivery.as_pin_mut() {
+            None => Err(this.error.take().unwrap_or_else(|| {
+                KafkaProducerError::new(this.topic.as_str(), ProducerErrorKind::Other)
+            })),
+            Some(delivery) => match delivery.poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(Ok(d))) => Ok(PublishAck {
+                    event_id: *this.event_id,
+                    partition: d.partition,
+                    offset: d.offset,
+                }),
+                Poll::Ready(Ok(Err((e, _message)))) => {
+                    Err(KafkaProducerError::from_kafka(this.topic.as_str(), e))
+                }
+                Poll::Ready(Err(_canceled)) => Err(KafkaProducerError::new(
+                    this.topic.as_str(),
+                    ProducerErrorKind::Canceled,
+                )),
+            },
+        };
+        let elapsed = this.started.elapsed();
+        match &result {
+            Ok(ack) => {
+                this.core
+                    .metrics()
+                    .record_call(1, 0, *this.started, elapsed);
+                this.core.confirm_connected();
+                tracing::debug!(
+                    target: "keel::kafka",
+                    topic = %this.topic,
+                    event_id = %ack.event_id,
+                    partition = ack.partition,
+                    offset = ack.offset,
+                    duration_us = elapsed.as_micros() as u64,
+                    "event published"
+                );
+            }
+            Err(e) => {
+                this.core
+                    .metrics()
+                    .record_call(0, 1, *this.started, elapsed);
+                tracing::warn!(
+                    target: "keel::kafka",
+                    topic = %this.topic,
+                    error = %e,
+                    duration_us = elapsed.as_micros() as u64,
+                    "event publish failed"
+                );
+            }
+        }
+        Poll::Ready(result)
+    }
+}

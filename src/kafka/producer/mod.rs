@@ -1,0 +1,399 @@
+//! Publishing events as Tower services.
+//!
+//! - [`PublishEvent`]: `Service<PublishRequest<T>>` (build one from
+//!   `(topic, EventEnvelope<T>)` with `.into()`), one event, resolving to a [`PublishAck`] with the
+//!   partition and offset once the broker acknowledges it.
+//! - [`PublishBatch`]: `Service<PublishBatchRequest<T>>`, up to
+//!   [`max_batch_size`](crate::kafka::config::KafkaConfig::max_batch_size) events
+//!   (1,000 by default) to one topic, resolving to a [`BatchAck`] once every event
+//!   is acknowledged. A larger batch is refused before any I/O.
+//! - [`TransactionalPublisher`]: all-or-nothing batches (`transactional.id`,
+//!   init / begin / commit / abort) for critical events.
+//! - [`PublishMetrics`]: total published, total failed, average batch size, last
+//!   published at, latency percentiles; shared by every service of one client.
+//!
+//! Get them from a [`KafkaClient`]:
+//! [`publisher`](crate::kafka::client::KafkaClient::publisher),
+//! [`batch_publisher`](crate::kafka::client::KafkaClient::batch_publisher),
+//! [`transactional_publisher`](crate::kafka::client::KafkaClient::transactional_publisher).
+//!
+//! # Enqueue at once, acknowledge later
+//!
+//! `call` serializes the event and hands it to librdkafka's queue *before it
+//! returns* (rdkafka's `send_result`); the returned future only waits for the
+//! acknowledgement. So events are enqueued in call order — which is what keeps
+//! per-key order — and awaiting many futures one by one costs nothing extra.
+//! (rdkafka's `FutureProducer::send` is an `async fn` that enqueues only when
+//! first polled; awaiting such futures one by one sends one message per
+//! `linger.ms`.) A batch enqueues every event, then awaits every acknowledgement.
+//!
+//! # Bounded waits
+//!
+//! A publish resolves within the config's
+//! [`delivery_timeout`](crate::kafka::config::KafkaConfig::delivery_timeout)
+//! (librdkafka's `message.timeout.ms`, 30 s by default instead of librdkafka's
+//! 300 s): when the brokers are down the event fails with
+//! [`ProducerErrorKind::Timeout`]
+//! rather than waiting forever. A full local queue fails at once with
+//! `QueueFull` (retryable) for single events; a batch waits for its own earlier
+//! events to drain, within the delivery timeout.
+//!
+//! # Retries and ordering
+//!
+//! librdkafka retries failed produce requests itself (`retries`,
+//! `retry.backoff.ms`), and the idempotent producer (on by default, with
+//! `acks=all`) makes those retries safe: no duplicates, no reordering within a
+//! partition. A publish error therefore means librdkafka has already retried
+//! until the delivery timeout. That is why the default stack
+//! ([`PublishStack`], explained in [`stack`]) has **no retry layer**: retrying on top would multiply
+//! attempts, and a re-sent event would land *after* events of the same key
+//! published meanwhile, breaking per-key order. If you add one anyway, classify
+//! with [`ByError`](keel_layers::classify::ByError): message-too-large and
+//! serialization errors are permanent and are never retried.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use keel::kafka::client::KafkaClient;
+//! use keel::kafka::config::KafkaConfig;
+//! use keel::kafka::envelope::EventEnvelope;
+//! use keel::kafka::producer::PublishRequest;
+//! use tower::ServiceExt;
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let client = KafkaClient::connect(KafkaConfig::from_env()?)?;
+//! let event = EventEnvelope::new("user.created", serde_json::json!({"userId": "123"}))
+//!     .with_key("123");
+//! let ack = client
+//!     .publisher()
+//!     .oneshot(PublishRequest::new("user.events", event))
+//!     .await?;
+//! println!("stored at partition {} offset {}", ack.partition, ack.offset);
+//! # Ok(()) }
+//! ```
+
+mod batch;
+mod future;
+mod metrics;
+pub mod stack;
+mod transactional;
+
+pub use batch::{BatchAck, PublishBatch, PublishBatchFuture, PublishBatchRequest};
+pub use future::PublishFuture;
+pub use metrics::{LatencyPercentiles, PublishMetrics, PublishMetricsSnapshot};
+pub use stack::{
+    IntoProducerError, KafkaOutage, ProducerErrors, ProducerErrorsFuture, ProducerErrorsLayer,
+    PublishBatchStack, PublishEventStack, PublishFields, PublishStack, PublishStackBuilder,
+    TopicRequest,
+};
+pub use transactional::{Transaction, TransactionalPublisher};
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::OwnedHeaders;
+use rdkafka::producer::{DeliveryFuture, FutureRecord};
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::kafka::client::{ClientShared, KafkaClient, KeelProducer};
+use crate::kafka::envelope::EventEnvelope;
+use crate::kafka::error::{KafkaProducerError, ProducerErrorKind};
+
+/// One event for one topic, optionally pinned to a partition.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PublishRequest<T = serde_json::Value> {
+    /// The topic.
+    pub topic: String,
+    /// The event.
+    pub event: EventEnvelope<T>,
+    /// A fixed partition; `None` lets the partitioner choose (by key).
+    pub partition: Option<i32>,
+}
+
+impl<T> PublishRequest<T> {
+    /// `event` for `topic`, partitioned by its key.
+    pub fn new(topic: impl Into<String>, event: EventEnvelope<T>) -> Self {
+        PublishRequest {
+            topic: topic.into(),
+            event,
+            partition: None,
+        }
+    }
+
+    /// Pins the event to `partition`.
+    pub fn with_partition(mut self, partition: i32) -> Self {
+        self.partition = Some(partition);
+        self
+    }
+}
+
+impl<T, S: Into<String>> From<(S, EventEnvelope<T>)> for PublishRequest<T> {
+    fn from((topic, event): (S, EventEnvelope<T>)) -> Self {
+        PublishRequest::new(topic, event)
+    }
+}
+
+/// The broker's acknowledgement of one event.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PublishAck {
+    /// The event's id.
+    pub event_id: Uuid,
+    /// The partition it was stored in.
+    pub partition: i32,
+    /// Its offset in that partition. librdkafka reports `-1001` (unknown) when
+    /// the idempotent producer learns of the write only through the broker's
+    /// duplicate-sequence answer to a retry.
+    pub offset: i64,
+}
+
+/// What the publish services share: the client's producer, config, state, metrics.
+#[derive(Clone)]
+pub(crate) struct ProducerCore {
+    pub(crate) shared: Arc<ClientShared>,
+}
+
+impl ProducerCore {
+    pub(crate) fn new(client: &KafkaClient) -> Self {
+        ProducerCore {
+            shared: client.shared.clone(),
+        }
+    }
+
+    pub(crate) fn metrics(&self) -> &PublishMetrics {
+        &self.shared.metrics
+    }
+
+    /// The producer, or the error every publish answers when there is none.
+    pub(crate) fn producer(&self, topic: &str) -> Result<&KeelProducer, KafkaProducerError> {
+        let producer = self
+            .shared
+            .producer
+            .as_ref()
+            .ok_or_else(|| KafkaProducerError::disabled(topic))?;
+        if self.shared.closed.load(Ordering::Acquire) {
+            return Err(KafkaProducerError::new(
+                topic,
+                ProducerErrorKind::ShuttingDown,
+            ));
+        }
+        Ok(producer)
+    }
+
+    pub(crate) fn confirm_connected(&self) {
+        if let Some(t) = &self.shared.producer_tracker {
+            t.confirm_connected();
+        }
+    }
+}
+
+/// One event ready for librdkafka: serialized value, key, headers, timestamp.
+pub(crate) struct Prepared {
+    pub(crate) event_id: Uuid,
+    value: Vec<u8>,
+    key: Option<Vec<u8>>,
+    headers: Option<OwnedHeaders>,
+    timestamp_ms: i64,
+    partition: Option<i32>,
+}
+
+impl Prepared {
+    /// Serializes `event`; fails only if the payload cannot be serialized.
+    pub(crate) fn new<T: Serialize>(
+        event: &EventEnvelope<T>,
+        partition: Option<i32>,
+    ) -> Result<Self, serde_json::Error> {
+        Ok(Prepared {
+            event_id: event.event_id(),
+            value: event.encode_value()?,
+            key: event.key().map(<[u8]>::to_vec),
+            headers: Some(event.kafka_headers()),
+            timestamp_ms: event.timestamp_ms(),
+            partition,
+        })
+    }
+
+    /// Like [`Prepared::new`], taking the event so its key is moved, not copied.
+    pub(crate) fn from_event<T: Serialize>(
+        mut event: EventEnvelope<T>,
+        partition: Option<i32>,
+    ) -> Result<Self, serde_json::Error> {
+        Ok(Prepared {
+            event_id: event.event_id(),
+            value: event.encode_value()?,
+            headers: Some(event.kafka_headers()),
+            timestamp_ms: event.timestamp_ms(),
+            key: event.take_key(),
+            partition,
+        })
+    }
+
+    /// Hands the event to librdkafka's queue and returns the acknowledgement
+    /// future; on failure gives the event back (for a retry on `QueueFull`).
+    /// The error is as large as the record, like rdkafka's own `send_result`.
+    #[allow(clippy::result_large_err)]
+    pub(crate) fn send(
+        mut self,
+        producer: &KeelProducer,
+        topic: &str,
+    ) -> Result<DeliveryFuture, (KafkaError, Self)> {
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic)
+            .payload(&self.value[..])
+            .timestamp(self.timestamp_ms);
+        if let Some(h) = self.headers.take() {
+            record = record.headers(h);
+        }
+        if let Some(key) = &self.key {
+            record = record.key(&key[..]);
+        }
+        if let Some(p) = self.partition {
+            record = record.partition(p);
+        }
+        match producer.send_result(record) {
+            Ok(delivery) => Ok(delivery),
+            Err((e, record)) => {
+                let headers = record.headers;
+                Err((e, Prepared { headers, ..self }))
+            }
+        }
+    }
+}
+
+/// Awaits every acknowledgement, in order: the acks of the delivered events and
+/// the first failure, if any.
+pub(crate) async fn await_acks(
+    deliveries: impl IntoIterator<Item = (DeliveryFuture, Uuid)>,
+    topic: &str,
+) -> (Vec<PublishAck>, Option<KafkaProducerError>) {
+    let deliveries = deliveries.into_iter();
+    let mut acks = Vec::with_capacity(deliveries.size_hint().0);
+    let mut failure = None;
+    for (delivery, event_id) in deliveries {
+        match delivery.await {
+            Ok(Ok(d)) => acks.push(PublishAck {
+                event_id,
+                partition: d.partition,
+                offset: d.offset,
+            }),
+            Ok(Err((e, _))) => {
+                failure.get_or_insert_with(|| KafkaProducerError::from_kafka(topic, e));
+            }
+            Err(_) => {
+                failure.get_or_insert_with(|| {
+                    KafkaProducerError::new(topic, ProducerErrorKind::Canceled)
+                });
+            }
+        }
+    }
+    (acks, failure)
+}
+
+pub(crate) fn is_queue_full(e: &KafkaError) -> bool {
+    e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull)
+}
+
+/// Publishes one event and resolves on the broker's acknowledgement.
+///
+/// `call` enqueues the event at once; see the [module docs](self). `poll_ready`
+/// is always ready (librdkafka's queue is the buffer; a full queue is a
+/// `QueueFull` error). Cloning is cheap and shares the client's producer and
+/// metrics.
+#[derive(Clone)]
+pub struct PublishEvent {
+    core: ProducerCore,
+}
+
+impl std::fmt::Debug for PublishEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PublishEvent").finish_non_exhaustive()
+    }
+}
+
+impl PublishEvent {
+    /// The publish service of `client`.
+    pub fn new(client: &KafkaClient) -> Self {
+        PublishEvent {
+            core: ProducerCore::new(client),
+        }
+    }
+
+    /// The metrics shared with every publish service of the client.
+    pub fn metrics(&self) -> PublishMetricsSnapshot {
+        self.core.metrics().snapshot()
+    }
+
+    fn publish<T: Serialize>(&self, req: PublishRequest<T>) -> PublishFuture {
+        let started = Instant::now();
+        let event_id = req.event.event_id();
+        let topic = req.topic;
+        let producer = match self.core.producer(&topic) {
+            Ok(p) => p,
+            Err(e) => return PublishFuture::failed(e, self.core.clone(), started),
+        };
+        let prepared = match Prepared::from_event(req.event, req.partition) {
+            Ok(p) => p,
+            Err(e) => {
+                return PublishFuture::failed(
+                    KafkaProducerError::with_source(topic, ProducerErrorKind::Serialization, e),
+                    self.core.clone(),
+                    started,
+                );
+            }
+        };
+        match prepared.send(producer, &topic) {
+            Ok(delivery) => {
+                PublishFuture::waiting(delivery, topic, event_id, self.core.clone(), started)
+            }
+            Err((e, _)) => PublishFuture::failed(
+                KafkaProducerError::from_kafka(topic, e),
+                self.core.clone(),
+                started,
+            ),
+        }
+    }
+}
+
+impl<T: Serialize> tower::Service<PublishRequest<T>> for PublishEvent {
+    type Response = PublishAck;
+    type Error = KafkaProducerError;
+    type Future = PublishFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: PublishRequest<T>) -> Self::Future {
+        self.publish(req)
+    }
+}
+
+impl KafkaClient {
+    /// The single-event publish service (no layers; see [`PublishStack`] for the
+    /// default stack).
+    pub fn publisher(&self) -> PublishEvent {
+        PublishEvent::new(self)
+    }
+
+    /// The batch publish service (no layers).
+    pub fn batch_publisher(&self) -> PublishBatch {
+        PublishBatch::new(self)
+    }
+
+    /// The publish metrics of this client.
+    pub fn publish_metrics(&self) -> PublishMetricsSnapshot {
+        self.shared.metrics.snapshot()
+    }
+
+    /// A transactional publisher with `transactional_id` (or the config's
+    /// `KAFKA_TRANSACTIONAL_ID` when `None`), its transactions initialised.
+    pub async fn transactional_publisher(
+        &self,
+        transactional_id: Option<&str>,
+    ) -> Result<TransactionalPublisher, KafkaProducerError> {
+        TransactionalPublisher::new(self, transactional_id).await
+    }
+}

@@ -1,0 +1,95 @@
+//! Helpers shared by the Kafka integration tests: an independent reader.
+#![allow(dead_code)]
+
+use std::time::{Duration, Instant};
+
+use keel::kafka::envelope::EventEnvelope;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::OwnedMessage;
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+
+/// Reads every message of `topic` (partitions `0..partitions`) from the beginning
+/// with a plain rdkafka consumer (no keel code), until `expected` arrived or 30 s
+/// passed, then half a second more so that extra (duplicate) messages show up.
+/// `isolation` is `read_committed` or `read_uncommitted`.
+pub fn read_raw(
+    bootstrap: &str,
+    topic: &str,
+    partitions: i32,
+    expected: usize,
+    isolation: &str,
+) -> Vec<OwnedMessage> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", format!("keel-reader-{}", uuid::Uuid::new_v4()))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .set("isolation.level", isolation)
+        .create()
+        .expect("reader consumer");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .expect("partition");
+    }
+    consumer.assign(&tpl).expect("assign");
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while out.len() < expected && Instant::now() < deadline {
+        if let Some(m) = consumer.poll(Duration::from_millis(100)) {
+            out.push(m.expect("consume").detach());
+        }
+    }
+    let settle = Instant::now() + Duration::from_millis(500);
+    while Instant::now() < settle {
+        if let Some(m) = consumer.poll(Duration::from_millis(50)) {
+            out.push(m.expect("consume").detach());
+        }
+    }
+    out
+}
+
+/// [`read_raw`] decoded as keel events (read-uncommitted).
+pub fn read_back(
+    bootstrap: &str,
+    topic: &str,
+    partitions: i32,
+    expected: usize,
+) -> Vec<EventEnvelope> {
+    read_raw(bootstrap, topic, partitions, expected, "read_uncommitted")
+        .iter()
+        .map(|m| EventEnvelope::from_message(m).expect("a keel event"))
+        .collect()
+}
+
+/// Sum of the high watermarks of `topic`'s partitions.
+pub fn high_watermarks(bootstrap: &str, topic: &str, partitions: i32) -> i64 {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .expect("watermark client");
+    // A fresh client may see a partition's leader a moment after the topic's
+    // creator did: retry a few times before failing.
+    (0..partitions)
+        .map(|p| {
+            let mut last = None;
+            for _ in 0..20 {
+                match consumer.fetch_watermarks(topic, p, Duration::from_secs(10)) {
+                    Ok((_, high)) => return high,
+                    Err(e) => last = Some(e),
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            panic!("watermarks of {topic}/{p}: {last:?}")
+        })
+        .sum()
+}
+
+/// The first header named `name` of a raw message.
+pub fn header<'a>(m: &'a OwnedMessage, name: &str) -> Option<&'a [u8]> {
+    use rdkafka::message::Headers;
+    m.headers()?
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+}
