@@ -1,1 +1,172 @@
-//! S3 presign (being written).
+//! Presigned GET and PUT URLs: time-limited links a plain HTTP client can use
+//! without credentials.
+//!
+//! The expiry is checked before signing: more than zero and at most
+//! [`MAX_PRESIGN_EXPIRY`] (7 days, SigV4's limit). The client always has a region
+//! (see [`S3Config`](super::config::S3Config)), so the URL is signed for the right
+//! scope — presigning without one silently gives a URL no server accepts
+//! (aws-sdk-rust #861). With a custom endpoint the client signs "when required"
+//! only, so no checksum parameters end up in the URL.
+//!
+//! ```
+//! use keel::s3::presign::check_expiry;
+//! use std::time::Duration;
+//!
+//! assert!(check_expiry(Duration::from_secs(3600)).is_ok());
+//! assert!(check_expiry(Duration::ZERO).is_err());
+//! assert!(check_expiry(Duration::from_secs(8 * 24 * 3600)).is_err());
+//! ```
+
+use std::time::{Duration, SystemTime};
+
+use aws_sdk_s3::presigning::{PresignedRequest, PresigningConfig};
+
+use super::client::S3Client;
+use super::error::{S3ErrorKind, S3Operation, S3ServiceError};
+use super::key::ObjectKey;
+
+/// The longest expiry SigV4 allows: 7 days.
+pub const MAX_PRESIGN_EXPIRY: Duration = Duration::from_secs(7 * 24 * 60 * 60);
+
+/// Why an expiry is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidExpiry {
+    /// Zero.
+    #[error("a presigned URL expiry must be more than zero")]
+    Zero,
+    /// Over [`MAX_PRESIGN_EXPIRY`].
+    #[error("a presigned URL expiry must be at most 7 days, got {0:?}")]
+    TooLong(Duration),
+}
+
+/// Checks an expiry: more than zero, at most 7 days.
+pub fn check_expiry(expiry: Duration) -> Result<(), InvalidExpiry> {
+    if expiry.is_zero() {
+        Err(InvalidExpiry::Zero)
+    } else if expiry > MAX_PRESIGN_EXPIRY {
+        Err(InvalidExpiry::TooLong(expiry))
+    } else {
+        Ok(())
+    }
+}
+
+/// A presigned request: the URL, the method, and the headers the caller must send
+/// with it (for a PUT, the signed `Content-Type`, if one was given).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PresignedUrl {
+    /// The URL.
+    pub url: String,
+    /// `GET` or `PUT`.
+    pub method: String,
+    /// Headers that were signed and must be sent as they are.
+    pub headers: Vec<(String, String)>,
+    /// How long the URL is valid from signing.
+    pub expires_in: Duration,
+    /// When the URL stops working (by the signer's clock).
+    pub expires_at: SystemTime,
+}
+
+impl PresignedUrl {
+    fn from_sdk(req: PresignedRequest, expires_in: Duration, signed_at: SystemTime) -> Self {
+        PresignedUrl {
+            url: req.uri().to_owned(),
+            method: req.method().to_owned(),
+            headers: req
+                .headers()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+            expires_in,
+            expires_at: signed_at + expires_in,
+        }
+    }
+}
+
+fn presigning_config(
+    operation: S3Operation,
+    bucket: &str,
+    key: &ObjectKey,
+    expiry: Duration,
+) -> Result<(PresigningConfig, SystemTime), S3ServiceError> {
+    let refuse = |e: Box<dyn std::error::Error + Send + Sync>| {
+        S3ServiceError::new(operation, S3ErrorKind::InvalidRequest)
+            .with_bucket(bucket)
+            .with_key(key.as_str())
+            .with_message(e.to_string())
+            .with_source(e)
+    };
+    check_expiry(expiry).map_err(|e| refuse(e.into()))?;
+    let signed_at = SystemTime::now();
+    let config = PresigningConfig::builder()
+        .start_time(signed_at)
+        .expires_in(expiry)
+        .build()
+        .map_err(|e| refuse(e.into()))?;
+    Ok((config, signed_at))
+}
+
+/// A presigned GET URL for `key` in `bucket`.
+pub async fn presign_get(
+    client: &S3Client,
+    bucket: &str,
+    key: &ObjectKey,
+    expiry: Duration,
+) -> Result<PresignedUrl, S3ServiceError> {
+    let op = S3Operation::PresignGet;
+    let (config, signed_at) = presigning_config(op, bucket, key, expiry)?;
+    let req = client
+        .sdk()
+        .get_object()
+        .bucket(bucket)
+        .key(key.as_str())
+        .presigned(config)
+        .await
+        .map_err(|e| S3ServiceError::from_sdk(op, bucket, Some(key.as_str()), e))?;
+    Ok(PresignedUrl::from_sdk(req, expiry, signed_at))
+}
+
+/// A presigned PUT URL for `key` in `bucket`. With a `content_type`, the uploader
+/// must send that exact `Content-Type` (it is signed).
+pub async fn presign_put(
+    client: &S3Client,
+    bucket: &str,
+    key: &ObjectKey,
+    expiry: Duration,
+    content_type: Option<&str>,
+) -> Result<PresignedUrl, S3ServiceError> {
+    let op = S3Operation::PresignPut;
+    let (config, signed_at) = presigning_config(op, bucket, key, expiry)?;
+    let req = client
+        .sdk()
+        .put_object()
+        .bucket(bucket)
+        .key(key.as_str())
+        .set_content_type(content_type.map(str::to_owned))
+        .presigned(config)
+        .await
+        .map_err(|e| S3ServiceError::from_sdk(op, bucket, Some(key.as_str()), e))?;
+    Ok(PresignedUrl::from_sdk(req, expiry, signed_at))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expiry_bounds() {
+        assert_eq!(check_expiry(Duration::ZERO), Err(InvalidExpiry::Zero));
+        assert!(check_expiry(Duration::from_nanos(1)).is_ok());
+        assert!(check_expiry(MAX_PRESIGN_EXPIRY).is_ok());
+        let over = MAX_PRESIGN_EXPIRY + Duration::from_secs(1);
+        assert_eq!(check_expiry(over), Err(InvalidExpiry::TooLong(over)));
+    }
+
+    #[test]
+    fn refused_expiry_is_an_invalid_request() {
+        let key = ObjectKey::new("k").unwrap();
+        let err =
+            presigning_config(S3Operation::PresignGet, "b", &key, Duration::ZERO).unwrap_err();
+        assert_eq!(err.kind(), &S3ErrorKind::InvalidRequest);
+        assert_eq!(err.key(), Some("k"));
+    }
+}

@@ -12,8 +12,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 /// The command that starts every test server.
-pub const START_HINT: &str =
-    "start the test servers with `scripts/up` (or run the whole suite with `scripts/test`); logs are in `$KEEL_RUN_DIR/logs` (default ~/.cache/keel/run/logs)";
+pub const START_HINT: &str = "start the test servers with `scripts/up` (or run the whole suite with `scripts/test`); logs are in `$KEEL_RUN_DIR/logs` (default ~/.cache/keel/run/logs)";
 
 fn env_or(name: &str, default: &str) -> String {
     std::env::var(name)

@@ -1,0 +1,680 @@
+//! The upload engine: one PutObject below the threshold, concurrent multipart above.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use aws_sdk_s3::Client;
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use bytes::Bytes;
+use tokio::task::JoinSet;
+
+use super::body::PartReader;
+use super::guard::AbortOnDrop;
+use super::plan::{self, MAX_PARTS, MIB};
+use super::progress::{ProgressListener, TransferProgress};
+use super::retry::{RetryPolicy, TransferCounters, TransferStats, with_retries};
+use crate::s3::error::{S3ErrorKind, S3Operation, S3ServiceError};
+use crate::s3::upload::{
+    BodyStream, MultipartFuture, MultipartUploadRequest, MultipartUploader, UploadBody,
+    UploadOptions, UploadOutput, UploadProgress,
+};
+
+/// The error for a request that cannot be made as asked (a body of the wrong
+/// length, an object over S3's limits).
+pub(crate) fn invalid(
+    operation: S3Operation,
+    bucket: &str,
+    key: &str,
+    message: String,
+) -> S3ServiceError {
+    S3ServiceError::new(operation, S3ErrorKind::InvalidRequest)
+        .with_bucket(bucket)
+        .with_key(key)
+        .with_message(message)
+}
+
+/// The error for an answer that lacks something the transfer needs.
+pub(crate) fn missing(
+    operation: S3Operation,
+    bucket: &str,
+    key: &str,
+    what: &str,
+) -> S3ServiceError {
+    S3ServiceError::new(
+        operation,
+        S3ErrorKind::Service {
+            code: None,
+            status: None,
+        },
+    )
+    .with_bucket(bucket)
+    .with_key(key)
+    .with_message(format!("the answer has no {what}"))
+}
+
+/// Settings of uploads, copies and ranged downloads.
+///
+/// | setting | default | why |
+/// |---|---|---|
+/// | `threshold` | 5 MiB | as the seed: smaller objects go in one PutObject |
+/// | `part_size` | 5 MiB | as the seed and `@aws-sdk/lib-storage`; S3's minimum. Grows to fit 10,000 parts (see [`plan`](super::plan)). 8-16 MiB sends fewer requests on fast links |
+/// | `parts_in_flight` | 4 | as lib-storage's `queueSize`: memory is about `part_size x parts_in_flight` |
+/// | `retry` | 3 retries, 1 s, 2 s, 4 s, cap 10 s | as the seed; per request, see [`RetryPolicy`] |
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TransferConfig {
+    threshold: u64,
+    part_size: u64,
+    parts_in_flight: usize,
+    retry: RetryPolicy,
+}
+
+impl Default for TransferConfig {
+    fn default() -> Self {
+        TransferConfig {
+            threshold: 5 * MIB,
+            part_size: 5 * MIB,
+            parts_in_flight: 4,
+            retry: RetryPolicy::default(),
+        }
+    }
+}
+
+impl TransferConfig {
+    /// Objects of at least this many bytes go multipart (default 5 MiB).
+    pub fn threshold(mut self, bytes: u64) -> Self {
+        self.threshold = bytes;
+        self
+    }
+
+    /// The size of the first parts (default 5 MiB; clamped to 5 MiB..=5 GiB).
+    pub fn part_size(mut self, bytes: u64) -> Self {
+        self.part_size = plan::clamp_part_size(bytes);
+        self
+    }
+
+    /// Parts (or ranges) in flight at once (default 4, at least 1).
+    pub fn parts_in_flight(mut self, parts: usize) -> Self {
+        self.parts_in_flight = parts.max(1);
+        self
+    }
+
+    /// How each request is retried.
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    /// The multipart threshold.
+    pub fn get_threshold(&self) -> u64 {
+        self.threshold
+    }
+
+    /// The first part size.
+    pub fn get_part_size(&self) -> u64 {
+        self.part_size
+    }
+
+    /// Parts in flight.
+    pub fn get_parts_in_flight(&self) -> usize {
+        self.parts_in_flight
+    }
+
+    /// The retry policy.
+    pub fn get_retry(&self) -> &RetryPolicy {
+        &self.retry
+    }
+}
+
+/// What a finished upload reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UploadReceipt {
+    /// The bucket.
+    pub bucket: String,
+    /// The key.
+    pub key: String,
+    /// The object's ETag.
+    pub e_tag: Option<String>,
+    /// The object's version, in a versioned bucket.
+    pub version_id: Option<String>,
+    /// The object's location, when S3 reports one (multipart only).
+    pub location: Option<String>,
+    /// Bytes uploaded.
+    pub size: u64,
+    /// Parts of the multipart upload; 0 for a single PutObject.
+    pub parts: u32,
+    /// Requests, retries, throttling, backoff and the peak of parts in flight.
+    pub stats: TransferStats,
+}
+
+/// Uploads objects: one PutObject below the threshold, concurrent multipart above,
+/// with per-part retry, progress events, and no multipart upload left behind on
+/// failure or cancellation.
+///
+/// # Memory
+///
+/// The next part is read only when fewer than `parts_in_flight` parts are being
+/// sent, so a file, reader or stream body holds at most `parts_in_flight` part
+/// buffers (about `part_size x parts_in_flight`; the first 5 MiB of a stream of
+/// unknown length are read ahead to choose between PutObject and multipart). A
+/// body of bytes is sent from the caller's memory without copies.
+///
+/// # Cancellation
+///
+/// Dropping the upload future aborts the part tasks and spawns an
+/// AbortMultipartUpload on the current Tokio runtime, so no multipart upload is
+/// left behind (outside a runtime the abort is impossible and is logged). A
+/// failure (retries exhausted, a permanent error, a body that fails to read)
+/// stops the other parts, waits for them, then aborts before returning the error.
+///
+/// # Retries
+///
+/// Every request is retried by [`RetryPolicy`]; a part is re-sent from the buffer
+/// it already holds. Build the client with the SDK's own retries disabled, or the
+/// attempts multiply.
+///
+/// Cloning shares the SDK client (its connection pool) and copies the config.
+#[derive(Clone, Debug)]
+pub struct MultipartEngine {
+    client: Client,
+    config: TransferConfig,
+}
+
+impl MultipartEngine {
+    /// An uploader over `client` with `config`.
+    pub fn new(client: Client, config: TransferConfig) -> Self {
+        MultipartEngine { client, config }
+    }
+
+    /// The SDK client.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The config.
+    pub fn config(&self) -> &TransferConfig {
+        &self.config
+    }
+
+    /// Uploads `body` to `bucket`/`key` with `options`, reporting to `progress`.
+    ///
+    /// The key is used as given: check it with [`ObjectKey`](crate::s3::key::ObjectKey)
+    /// first (the S3 service does).
+    pub async fn upload(
+        &self,
+        bucket: &str,
+        key: &str,
+        body: UploadBody,
+        options: &UploadOptions,
+        progress: &ProgressListener,
+    ) -> Result<UploadReceipt, S3ServiceError> {
+        let reader = PartReader::open(body)
+            .await
+            .map_err(|e| S3ServiceError::io(S3Operation::Upload, bucket, key, e))?;
+        self.upload_from(bucket, key, reader, options, progress)
+            .await
+    }
+
+    /// Uploads a stream of chunks whose total is `length` when known (then checked:
+    /// a body that runs short or long fails and leaves nothing behind).
+    pub async fn upload_stream(
+        &self,
+        bucket: &str,
+        key: &str,
+        body: BodyStream,
+        length: Option<u64>,
+        options: &UploadOptions,
+        progress: &ProgressListener,
+    ) -> Result<UploadReceipt, S3ServiceError> {
+        let reader = PartReader::from_stream(body, length);
+        self.upload_from(bucket, key, reader, options, progress)
+            .await
+    }
+
+    async fn upload_from(
+        &self,
+        bucket: &str,
+        key: &str,
+        mut reader: PartReader,
+        options: &UploadOptions,
+        progress: &ProgressListener,
+    ) -> Result<UploadReceipt, S3ServiceError> {
+        let counters = TransferCounters::default();
+        let read_error = |e| S3ServiceError::io(S3Operation::Upload, bucket, key, e);
+        let threshold = self.config.threshold;
+        let single = match reader.length() {
+            Some(length) if length < threshold || length == 0 => {
+                Some(read_whole(&mut reader, length, bucket, key).await?)
+            }
+            Some(_) => None,
+            None => {
+                let probe_size = usize::try_from(threshold.max(1)).unwrap_or(usize::MAX);
+                let probe = reader.next_part(probe_size).await.map_err(read_error)?;
+                if reader.is_finished() {
+                    Some(probe)
+                } else {
+                    reader.unread(probe);
+                    None
+                }
+            }
+        };
+        match single {
+            Some(data) => {
+                self.put_single(bucket, key, data, options, progress, counters)
+                    .await
+            }
+            None => {
+                self.put_multipart(bucket, key, reader, options, progress, counters)
+                    .await
+            }
+        }
+    }
+
+    async fn put_single(
+        &self,
+        bucket: &str,
+        key: &str,
+        data: Bytes,
+        options: &UploadOptions,
+        progress: &ProgressListener,
+        counters: TransferCounters,
+    ) -> Result<UploadReceipt, S3ServiceError> {
+        let size = data.len() as u64;
+        let output = {
+            let _flight = counters.enter_flight();
+            with_retries(&self.config.retry, &counters, || {
+                let request = self
+                    .client
+                    .put_object()
+                    .bucket(bucket)
+                    .key(key)
+                    .content_length(size as i64)
+                    .body(ByteStream::from(data.clone()));
+                let sent = options.apply_to_put_object(request).send();
+                async move {
+                    sent.await.map_err(|e| {
+                        S3ServiceError::from_sdk(S3Operation::Upload, bucket, Some(key), e)
+                    })
+                }
+            })
+            .await?
+        };
+        progress.emit(TransferProgress {
+            bytes: size,
+            total: Some(size),
+            part_number: 1,
+            parts_done: 1,
+        });
+        tracing::debug!(bucket, key, size, "uploaded with one PutObject");
+        Ok(UploadReceipt {
+            bucket: bucket.to_string(),
+            key: key.to_string(),
+            e_tag: output.e_tag().map(str::to_string),
+            version_id: output.version_id().map(str::to_string),
+            location: None,
+            size,
+            parts: 0,
+            stats: counters.snapshot(),
+        })
+    }
+
+    async fn put_multipart(
+        &self,
+        bucket: &str,
+        key: &str,
+        reader: PartReader,
+        options: &UploadOptions,
+        progress: &ProgressListener,
+        counters: TransferCounters,
+    ) -> Result<UploadReceipt, S3ServiceError> {
+        let fixed_part_size = match reader.length() {
+            Some(length) => Some(
+                plan::part_size_for_length(length, self.config.part_size).ok_or_else(|| {
+                    invalid(
+                        S3Operation::Upload,
+                        bucket,
+                        key,
+                        format!("{length} bytes is over S3's 5 TiB object limit"),
+                    )
+                })?,
+            ),
+            None => None,
+        };
+        let operation = S3Operation::CreateMultipartUpload;
+        let created = with_retries(&self.config.retry, &counters, || {
+            let request = self
+                .client
+                .create_multipart_upload()
+                .bucket(bucket)
+                .key(key);
+            let sent = options.apply_to_create_multipart_upload(request).send();
+            async move {
+                sent.await
+                    .map_err(|e| S3ServiceError::from_sdk(operation, bucket, Some(key), e))
+            }
+        })
+        .await?;
+        let upload_id = created
+            .upload_id()
+            .ok_or_else(|| missing(operation, bucket, key, "upload id"))?
+            .to_string();
+        tracing::debug!(bucket, key, upload_id, "multipart upload created");
+
+        let target = Arc::new(PartTarget {
+            client: self.client.clone(),
+            bucket: bucket.to_string(),
+            key: key.to_string(),
+            upload_id,
+            retry: self.config.retry.clone(),
+            counters: counters.clone(),
+        });
+        // The guard owns the part tasks: dropped with the future, it stops them
+        // first and sends the abort after them.
+        let mut guard = AbortOnDrop::new(
+            self.client.clone(),
+            bucket,
+            key,
+            &target.upload_id,
+            self.config.retry.clone(),
+        );
+        let sent = self
+            .send_parts(&target, reader, fixed_part_size, progress, &mut guard.tasks)
+            .await;
+        let result = match sent {
+            Ok((parts, size)) => target.complete(parts, size).await,
+            Err(error) => Err(error),
+        };
+        match result {
+            Ok(output) => {
+                guard.disarm();
+                let size = output.size;
+                tracing::debug!(bucket, key, size, "multipart upload completed");
+                Ok(UploadReceipt {
+                    bucket: bucket.to_string(),
+                    key: key.to_string(),
+                    e_tag: output.e_tag,
+                    version_id: output.version_id,
+                    location: output.location,
+                    size,
+                    parts: output.parts,
+                    stats: counters.snapshot(),
+                })
+            }
+            Err(error) => {
+                tracing::warn!(bucket, key, error = %error, "multipart upload failed, aborting it");
+                guard.abort_now().await;
+                Err(error)
+            }
+        }
+    }
+
+    /// Reads parts and sends them, at most `parts_in_flight` at once; returns the
+    /// completed parts in order and the body's size.
+    ///
+    /// Reading the next part and reaping finished parts run side by side, so a slow
+    /// body neither hides a failed part nor delays progress events.
+    async fn send_parts(
+        &self,
+        target: &Arc<PartTarget>,
+        reader: PartReader,
+        fixed_part_size: Option<u64>,
+        progress: &ProgressListener,
+        tasks: &mut JoinSet<Result<(CompletedPart, u64), S3ServiceError>>,
+    ) -> Result<(Vec<CompletedPart>, u64), S3ServiceError> {
+        let (bucket, key) = (target.bucket.as_str(), target.key.as_str());
+        let announced = reader.length();
+        // The reader is here between reads and inside `reading` during one.
+        let mut idle_reader = Some(reader);
+        let mut reading: Option<PendingRead> = None;
+        let mut body_size: Option<u64> = None;
+        let mut completed = Vec::new();
+        let mut next_part = 0u32;
+        let mut sent = 0u64;
+        loop {
+            if body_size.is_none()
+                && tasks.len() < self.config.parts_in_flight
+                && let Some(mut reader) = idle_reader.take()
+            {
+                let size = fixed_part_size.unwrap_or_else(|| {
+                    plan::part_size_for_unknown_length(next_part + 1, self.config.part_size)
+                });
+                let size = usize::try_from(size).unwrap_or(usize::MAX);
+                reading = Some(Box::pin(async move {
+                    let part = reader.next_part(size).await;
+                    (reader, part)
+                }));
+            }
+            tokio::select! {
+                (reader, part) = async { reading.as_mut().expect("guarded").await }, if reading.is_some() => {
+                    reading = None;
+                    let data = part.map_err(|e| S3ServiceError::io(S3Operation::Upload, bucket, key, e))?;
+                    check_length(announced, &reader, bucket, key)?;
+                    if reader.is_finished() {
+                        body_size = Some(reader.bytes_read());
+                    }
+                    idle_reader = Some(reader);
+                    if data.is_empty() {
+                        continue;
+                    }
+                    next_part += 1;
+                    if next_part > MAX_PARTS {
+                        let message = format!("the body needs more than {MAX_PARTS} parts");
+                        return Err(invalid(S3Operation::Upload, bucket, key, message));
+                    }
+                    let target = Arc::clone(target);
+                    let number = next_part;
+                    tasks.spawn(async move { target.upload_part(number, data).await });
+                }
+                Some(joined) = tasks.join_next() => {
+                    let (part, length) = joined.map_err(|e| {
+                        S3ServiceError::new(S3Operation::UploadPart, S3ErrorKind::Service { code: None, status: None })
+                            .with_bucket(bucket)
+                            .with_key(key)
+                            .with_message("the part task ended abnormally")
+                            .with_source(e)
+                    })??;
+                    sent += length;
+                    let part_number = part.part_number().and_then(|n| u32::try_from(n).ok()).unwrap_or(0);
+                    completed.push(part);
+                    progress.emit(TransferProgress {
+                        bytes: sent,
+                        total: announced.or(body_size),
+                        part_number,
+                        parts_done: completed.len() as u32,
+                    });
+                }
+                else => break,
+            }
+        }
+        completed.sort_by_key(|part| part.part_number());
+        Ok((completed, body_size.unwrap_or(sent)))
+    }
+}
+
+/// A read of the next part in progress; it owns the reader until it finishes.
+type PendingRead = Pin<Box<dyn Future<Output = (PartReader, std::io::Result<Bytes>)> + Send>>;
+
+/// Checks the bytes read against the announced length: never past it, and all of
+/// it once the body has ended.
+fn check_length(
+    announced: Option<u64>,
+    reader: &PartReader,
+    bucket: &str,
+    key: &str,
+) -> Result<(), S3ServiceError> {
+    let Some(expected) = announced else {
+        return Ok(());
+    };
+    let actual = reader.bytes_read();
+    if actual > expected || (reader.is_finished() && actual != expected) {
+        let message = if actual > expected {
+            format!("the body runs past the announced {expected} bytes")
+        } else {
+            format!("the body ended after {actual} of the announced {expected} bytes")
+        };
+        return Err(invalid(S3Operation::Upload, bucket, key, message));
+    }
+    Ok(())
+}
+
+/// Reads a whole body of announced `length` (below the threshold) into memory.
+async fn read_whole(
+    reader: &mut PartReader,
+    length: u64,
+    bucket: &str,
+    key: &str,
+) -> Result<Bytes, S3ServiceError> {
+    // One byte more than announced, to notice a body that runs long.
+    let size = usize::try_from(length.saturating_add(1)).unwrap_or(usize::MAX);
+    let data = reader
+        .next_part(size)
+        .await
+        .map_err(|e| S3ServiceError::io(S3Operation::Upload, bucket, key, e))?;
+    check_length(Some(length), reader, bucket, key)?;
+    Ok(data)
+}
+
+/// Where the parts of one multipart upload go; shared by its part tasks.
+#[derive(Debug)]
+struct PartTarget {
+    client: Client,
+    bucket: String,
+    key: String,
+    upload_id: String,
+    retry: RetryPolicy,
+    counters: TransferCounters,
+}
+
+struct Completed {
+    e_tag: Option<String>,
+    version_id: Option<String>,
+    location: Option<String>,
+    parts: u32,
+    size: u64,
+}
+
+impl PartTarget {
+    async fn upload_part(
+        &self,
+        part_number: u32,
+        data: Bytes,
+    ) -> Result<(CompletedPart, u64), S3ServiceError> {
+        let _flight = self.counters.enter_flight();
+        let length = data.len() as u64;
+        let (bucket, key) = (self.bucket.as_str(), self.key.as_str());
+        let operation = S3Operation::UploadPart;
+        let output = with_retries(&self.retry, &self.counters, || {
+            let sent = self
+                .client
+                .upload_part()
+                .bucket(bucket)
+                .key(key)
+                .upload_id(&self.upload_id)
+                .part_number(part_number as i32)
+                .content_length(length as i64)
+                .body(ByteStream::from(data.clone()))
+                .send();
+            async move {
+                sent.await
+                    .map_err(|e| S3ServiceError::from_sdk(operation, bucket, Some(key), e))
+            }
+        })
+        .await?;
+        let e_tag = output
+            .e_tag()
+            .ok_or_else(|| missing(operation, bucket, key, "ETag"))?;
+        let part = CompletedPart::builder()
+            .part_number(part_number as i32)
+            .e_tag(e_tag)
+            .build();
+        Ok((part, length))
+    }
+
+    async fn complete(
+        &self,
+        parts: Vec<CompletedPart>,
+        size: u64,
+    ) -> Result<Completed, S3ServiceError> {
+        let count = parts.len() as u32;
+        let upload = CompletedMultipartUpload::builder()
+            .set_parts(Some(parts))
+            .build();
+        let (bucket, key) = (self.bucket.as_str(), self.key.as_str());
+        let operation = S3Operation::CompleteMultipartUpload;
+        let output = with_retries(&self.retry, &self.counters, || {
+            let sent = self
+                .client
+                .complete_multipart_upload()
+                .bucket(bucket)
+                .key(key)
+                .upload_id(&self.upload_id)
+                .multipart_upload(upload.clone())
+                .send();
+            async move {
+                sent.await
+                    .map_err(|e| S3ServiceError::from_sdk(operation, bucket, Some(key), e))
+            }
+        })
+        .await?;
+        Ok(Completed {
+            e_tag: output.e_tag().map(str::to_string),
+            version_id: output.version_id().map(str::to_string),
+            location: output.location().map(str::to_string),
+            parts: count,
+            size,
+        })
+    }
+}
+
+/// The engine behind the S3 service's uploads above the threshold: the service
+/// checks the key, reads the first `threshold` bytes and hands over the body from
+/// its first byte; the engine does parts, concurrency, retries, progress and the
+/// abort. The request's client is used (its SDK client), with this engine's config.
+impl MultipartUploader for MultipartEngine {
+    fn threshold(&self) -> u64 {
+        self.config.threshold
+    }
+
+    fn upload(&self, request: MultipartUploadRequest) -> MultipartFuture {
+        let config = self.config.clone();
+        Box::pin(async move {
+            let MultipartUploadRequest {
+                client,
+                bucket,
+                key,
+                body,
+                content_length,
+                options,
+                progress,
+            } = request;
+            let engine = MultipartEngine::new(client.sdk().clone(), config);
+            let listener = match progress {
+                Some(listener) => ProgressListener::callback(move |event| {
+                    listener.report(UploadProgress::new(
+                        event.bytes,
+                        event.total,
+                        Some(event.part_number),
+                    ))
+                }),
+                None => ProgressListener::none(),
+            };
+            let receipt = engine
+                .upload_stream(
+                    &bucket,
+                    key.as_str(),
+                    body,
+                    content_length,
+                    &options,
+                    &listener,
+                )
+                .await?;
+            let output = UploadOutput::new(client.config(), &bucket, key, receipt.size)
+                .with_etag(receipt.e_tag)
+                .with_version_id(receipt.version_id);
+            Ok(match receipt.parts {
+                0 => output,
+                parts => output.with_parts(parts),
+            })
+        })
+    }
+}

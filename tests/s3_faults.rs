@@ -1,0 +1,287 @@
+//! S3 transfers through a fault-injecting proxy in front of each real test server:
+//! throttling, connections cut mid-part, failures that outlast the retries, and
+//! dropped upload futures. Start the servers with `scripts/up`.
+
+mod support;
+mod transfer_support;
+
+use std::time::Duration;
+
+use keel::s3::download::RangedDownloader;
+use keel::s3::error::{S3ErrorKind, S3Operation, THROTTLE_DELAY_FLOOR};
+use keel::s3::multipart::{
+    MultipartEngine, ProgressListener, RetryPolicy, TransferConfig, TransferProgress,
+};
+use keel::s3::upload::{UploadBody, UploadOptions};
+use transfer_support::proxy::{FaultProxy, Matcher};
+use transfer_support::{
+    assert_same_bytes, client, data, data_stream, fresh_bucket, get_bytes, open_multipart_uploads,
+    wait_until,
+};
+
+const MIB: u64 = 1024 * 1024;
+
+/// Short backoff so the suite stays quick; throttling answers still wait the
+/// 1 s floor, which is what the SlowDown test looks for.
+fn fast_retry() -> RetryPolicy {
+    RetryPolicy::default()
+        .initial_backoff(Duration::from_millis(10))
+        .max_backoff(Duration::from_millis(100))
+}
+
+/// After a failed or dropped upload: the proxy saw an AbortMultipartUpload that
+/// the server accepted and, where the server can list them (moto), no multipart
+/// upload is left in the bucket.
+async fn assert_no_upload_left(proxy: &FaultProxy, server: &support::S3Server, bucket: &str) {
+    let what = server.name;
+    let aborted = wait_until(Duration::from_secs(20), || {
+        proxy
+            .seen()
+            .iter()
+            .any(|s| s.is_abort() && s.status == Some(204))
+    })
+    .await;
+    assert!(
+        aborted,
+        "{what}: no accepted abort among {:#?}",
+        proxy.seen()
+    );
+    if server.name == "moto" {
+        let direct = client(server, &server.endpoint);
+        let open = open_multipart_uploads(&direct, bucket).await;
+        assert!(
+            open.is_empty(),
+            "{what}: multipart uploads left behind: {open:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_down_answers_are_backed_off_and_the_upload_completes() {
+    for server in support::s3_servers() {
+        let what = server.name;
+        let proxy = FaultProxy::start(&server.endpoint).await;
+        let client = client(&server, &proxy.endpoint());
+        let bucket = fresh_bucket(&client, "slow").await;
+        // The next three requests, whatever they are (CreateMultipartUpload first,
+        // then parts), are answered 503 SlowDown.
+        proxy.slow_down(Matcher::Any, 3);
+        let uploader = MultipartEngine::new(
+            client.clone(),
+            TransferConfig::default().retry(fast_retry()),
+        );
+        let length = 16 * MIB;
+        let receipt = uploader
+            .upload(
+                &bucket,
+                "slow/obj",
+                UploadBody::stream(data_stream(10, length)),
+                &UploadOptions::new(),
+                &ProgressListener::none(),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+
+        let throttled: Vec<_> = proxy
+            .seen()
+            .into_iter()
+            .filter(|s| s.status == Some(503))
+            .collect();
+        assert_eq!(throttled.len(), 3, "{what}: {throttled:?}");
+        assert_eq!(receipt.stats.throttled, 3, "{what}: {:?}", receipt.stats);
+        assert_eq!(receipt.stats.retries, 3, "{what}");
+        // Every throttled retry waited the 1 s floor, not the 10 ms backoff.
+        assert_eq!(
+            receipt.stats.backoff,
+            THROTTLE_DELAY_FLOOR * 3,
+            "{what}: {:?}",
+            receipt.stats
+        );
+        assert_eq!(receipt.parts, 4, "{what}");
+        assert_same_bytes(
+            &get_bytes(&client, &bucket, "slow/obj").await,
+            &data(10, length),
+            what,
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_cut_during_a_part_is_retried_and_the_object_is_intact() {
+    for server in support::s3_servers() {
+        let what = server.name;
+        let proxy = FaultProxy::start(&server.endpoint).await;
+        let client = client(&server, &proxy.endpoint());
+        let bucket = fresh_bucket(&client, "cut").await;
+        // Two UploadParts lose their connection after 1 MiB of their 5 MiB body.
+        proxy.cut_body(Matcher::UploadPart, 2, MIB);
+        let uploader = MultipartEngine::new(
+            client.clone(),
+            TransferConfig::default().retry(fast_retry()),
+        );
+        let length = 24 * MIB + 123;
+        let receipt = uploader
+            .upload(
+                &bucket,
+                "cut/obj",
+                UploadBody::stream(data_stream(11, length)),
+                &UploadOptions::new(),
+                &ProgressListener::none(),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+
+        let seen = proxy.seen();
+        assert_eq!(
+            seen.iter().filter(|s| s.fault == Some("cut")).count(),
+            2,
+            "{what}"
+        );
+        assert_eq!(receipt.stats.retries, 2, "{what}: {:?}", receipt.stats);
+        assert_eq!(receipt.stats.throttled, 0, "{what}");
+        assert_eq!(receipt.parts, 5, "{what}");
+        assert_eq!(
+            seen.iter().filter(|s| s.is_upload_part()).count(),
+            7,
+            "{what}: 5 parts + 2 retries"
+        );
+        assert_same_bytes(
+            &get_bytes(&client, &bucket, "cut/obj").await,
+            &data(11, length),
+            what,
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_that_outlasts_the_retries_aborts_the_upload() {
+    for server in support::s3_servers() {
+        let what = server.name;
+        let proxy = FaultProxy::start(&server.endpoint).await;
+        let client = client(&server, &proxy.endpoint());
+        let bucket = fresh_bucket(&client, "fail").await;
+        proxy.slow_down(Matcher::UploadPart, usize::MAX);
+        let uploader = MultipartEngine::new(
+            client.clone(),
+            TransferConfig::default().retry(fast_retry().max_retries(2)),
+        );
+        let error = uploader
+            .upload(
+                &bucket,
+                "fail/obj",
+                UploadBody::stream(data_stream(12, 12 * MIB)),
+                &UploadOptions::new(),
+                &ProgressListener::none(),
+            )
+            .await
+            .expect_err("every part is throttled");
+        assert_eq!(
+            error.operation(),
+            S3Operation::UploadPart,
+            "{what}: {error}"
+        );
+        assert!(
+            matches!(error.kind(), S3ErrorKind::Throttled { .. }),
+            "{what}: {error}"
+        );
+        let message = error.message().unwrap_or_default();
+        assert!(
+            message.ends_with("(gave up after 3 attempts)"),
+            "{what}: {message}"
+        );
+        assert_no_upload_left(&proxy, &server, &bucket).await;
+        let missing = client
+            .head_object()
+            .bucket(&bucket)
+            .key("fail/obj")
+            .send()
+            .await;
+        assert!(missing.is_err(), "{what}: no object was made");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_upload_future_aborts_the_upload() {
+    for server in support::s3_servers() {
+        let what = server.name;
+        let proxy = FaultProxy::start(&server.endpoint).await;
+        let client = client(&server, &proxy.endpoint());
+        let bucket = fresh_bucket(&client, "drop").await;
+        let uploader = MultipartEngine::new(client.clone(), TransferConfig::default());
+        // 12 MiB, then a body that never ends: the upload cannot finish by itself.
+        let body = futures::StreamExt::chain(data_stream(13, 12 * MIB), futures::stream::pending());
+        let (sender, mut progress) = tokio::sync::watch::channel(TransferProgress::default());
+        let listener = ProgressListener::watch(sender);
+        let task = tokio::spawn({
+            let bucket = bucket.clone();
+            async move {
+                uploader
+                    .upload(
+                        &bucket,
+                        "drop/obj",
+                        UploadBody::stream(body),
+                        &UploadOptions::new(),
+                        &listener,
+                    )
+                    .await
+            }
+        });
+        // Wait until two parts are stored, then drop the upload future.
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            progress.wait_for(|p| p.parts_done >= 2),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{what}: parts never completed"))
+        .expect("progress channel");
+        task.abort();
+        assert!(task.await.unwrap_err().is_cancelled(), "{what}");
+        assert_no_upload_left(&proxy, &server, &bucket).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ranged_download_cut_mid_answer_retries_the_range() {
+    for server in support::s3_servers() {
+        let what = server.name;
+        let proxy = FaultProxy::start(&server.endpoint).await;
+        let client = client(&server, &proxy.endpoint());
+        let bucket = fresh_bucket(&client, "dlcut").await;
+        let length = 17 * MIB + 9;
+        let expected = data(14, length);
+        let config = TransferConfig::default().retry(fast_retry());
+        MultipartEngine::new(client.clone(), config.clone())
+            .upload(
+                &bucket,
+                "dl/obj",
+                UploadBody::from(expected.clone()),
+                &UploadOptions::new(),
+                &ProgressListener::none(),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        // Two ranged GETs lose their connection after 1 MiB of their answer.
+        proxy.cut_response(Matcher::RangedGet, 2, MIB);
+        let mut downloaded = Vec::new();
+        let receipt = RangedDownloader::new(client.clone(), config)
+            .download_to_writer(
+                &bucket,
+                "dl/obj",
+                &mut downloaded,
+                &ProgressListener::none(),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        let seen = proxy.seen();
+        assert_eq!(
+            seen.iter()
+                .filter(|s| s.fault == Some("cut_response"))
+                .count(),
+            2,
+            "{what}"
+        );
+        assert_eq!(receipt.parts, 4, "{what}");
+        assert_eq!(receipt.stats.retries, 2, "{what}: {:?}", receipt.stats);
+        assert_same_bytes(&downloaded, &expected, what);
+    }
+}

@@ -1,0 +1,413 @@
+//! A fault-injecting HTTP/1.1 proxy for S3 tests.
+//!
+//! It listens on 127.0.0.1, reads one request per connection, forwards it to the
+//! real server with `Connection: close` (so every request has its own connection
+//! and its end is the connection's end), and pipes the answer back. Path-style
+//! requests keep their `Host` header, so SigV4 signatures made for the proxy's
+//! address still verify at the server. Faults are armed per kind of request:
+//!
+//! - answer `503 SlowDown` with an S3 XML error body to the next N matching requests;
+//! - forward the first B bytes of the body of the next N matching requests, then cut
+//!   both connections.
+//!
+//! It logs every request (method, target, status, fault) and counts how many
+//! UploadPart requests were in flight at once.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+/// Which requests a fault applies to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Matcher {
+    /// Every request.
+    Any,
+    /// UploadPart: `PUT ...?partNumber=..&uploadId=..`.
+    UploadPart,
+    /// A GET with a `Range` header (a ranged download).
+    RangedGet,
+}
+
+impl Matcher {
+    fn matches(self, head: &RequestHead) -> bool {
+        match self {
+            Matcher::Any => true,
+            Matcher::UploadPart => head.is_upload_part(),
+            Matcher::RangedGet => {
+                head.method == "GET"
+                    && head
+                        .raw_lines
+                        .iter()
+                        .any(|l| l.to_ascii_lowercase().starts_with("range:"))
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum FaultKind {
+    SlowDown,
+    CutBody { after: u64 },
+    CutResponse { after: u64 },
+}
+
+#[derive(Debug)]
+struct Fault {
+    kind: FaultKind,
+    matcher: Matcher,
+    remaining: usize,
+}
+
+/// One request the proxy saw.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Seen {
+    /// HTTP method.
+    pub method: String,
+    /// Path and query.
+    pub target: String,
+    /// Status answered (by the server or the proxy); `None` when cut.
+    pub status: Option<u16>,
+    /// The fault applied, if any: "slow_down" or "cut".
+    pub fault: Option<&'static str>,
+}
+
+impl Seen {
+    /// Whether this was an AbortMultipartUpload.
+    pub fn is_abort(&self) -> bool {
+        self.method == "DELETE" && self.target.contains("uploadId=")
+    }
+
+    /// Whether this was an UploadPart.
+    pub fn is_upload_part(&self) -> bool {
+        self.method == "PUT"
+            && self.target.contains("partNumber=")
+            && self.target.contains("uploadId=")
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    faults: Mutex<Vec<Fault>>,
+    seen: Mutex<Vec<Seen>>,
+    parts_in_flight: AtomicUsize,
+    max_parts_in_flight: AtomicUsize,
+}
+
+/// The proxy; stops when dropped.
+#[derive(Debug)]
+pub struct FaultProxy {
+    address: SocketAddr,
+    state: Arc<State>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FaultProxy {
+    /// Starts a proxy to the server at `upstream` (`http://host:port`).
+    pub async fn start(upstream: &str) -> FaultProxy {
+        let upstream = upstream
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_string();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let address = listener.local_addr().expect("proxy address");
+        let state = Arc::new(State::default());
+        let task = tokio::spawn({
+            let state = Arc::clone(&state);
+            async move {
+                loop {
+                    let Ok((downstream, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    let state = Arc::clone(&state);
+                    let upstream = upstream.clone();
+                    tokio::spawn(async move {
+                        let _ = handle(downstream, &upstream, &state).await;
+                    });
+                }
+            }
+        });
+        FaultProxy {
+            address,
+            state,
+            task,
+        }
+    }
+
+    /// The endpoint to give the SDK: `http://127.0.0.1:port`.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    /// Answers `503 SlowDown` to the next `count` requests that `matcher` matches.
+    pub fn slow_down(&self, matcher: Matcher, count: usize) {
+        self.arm(FaultKind::SlowDown, matcher, count);
+    }
+
+    /// Cuts the next `count` matching requests after `after` bytes of their body.
+    pub fn cut_body(&self, matcher: Matcher, count: usize, after: u64) {
+        self.arm(FaultKind::CutBody { after }, matcher, count);
+    }
+
+    /// Forwards the next `count` matching requests, then cuts their answer after
+    /// `after` bytes of its body.
+    pub fn cut_response(&self, matcher: Matcher, count: usize, after: u64) {
+        self.arm(FaultKind::CutResponse { after }, matcher, count);
+    }
+
+    fn arm(&self, kind: FaultKind, matcher: Matcher, remaining: usize) {
+        self.state.faults.lock().unwrap().push(Fault {
+            kind,
+            matcher,
+            remaining,
+        });
+    }
+
+    /// Removes every armed fault.
+    pub fn disarm(&self) {
+        self.state.faults.lock().unwrap().clear();
+    }
+
+    /// Every request seen so far, in arrival order.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.state.seen.lock().unwrap().clone()
+    }
+
+    /// The most UploadPart requests in flight at once.
+    pub fn max_parts_in_flight(&self) -> usize {
+        self.state.max_parts_in_flight.load(Ordering::SeqCst)
+    }
+}
+
+#[derive(Debug)]
+struct RequestHead {
+    method: String,
+    target: String,
+    content_length: Option<u64>,
+    /// The head as received, minus any `Connection` header and the final blank line.
+    raw_lines: Vec<String>,
+}
+
+impl RequestHead {
+    fn is_upload_part(&self) -> bool {
+        self.method == "PUT"
+            && self.target.contains("partNumber=")
+            && self.target.contains("uploadId=")
+    }
+}
+
+/// Reads an HTTP head (up to and including the blank line); returns it and any
+/// bytes read past it.
+async fn read_head<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    mut buffer: Vec<u8>,
+) -> std::io::Result<Option<(String, Vec<u8>)>> {
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = find(&buffer, b"\r\n\r\n") {
+            let rest = buffer.split_off(end + 4);
+            let head = String::from_utf8_lossy(&buffer).into_owned();
+            return Ok(Some((head, rest)));
+        }
+        if buffer.len() > 256 * 1024 {
+            return Err(std::io::Error::other("head too large"));
+        }
+        let n = reader.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        buffer.extend_from_slice(&chunk[..n]);
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+fn parse_request(head: &str) -> RequestHead {
+    let mut lines = head.split("\r\n").filter(|l| !l.is_empty());
+    let request_line = lines.next().unwrap_or_default().to_string();
+    let mut parts = request_line.split(' ');
+    let method = parts.next().unwrap_or_default().to_string();
+    let target = parts.next().unwrap_or_default().to_string();
+    let mut content_length = None;
+    let mut raw_lines = vec![request_line.clone()];
+    for line in lines {
+        let lower = line.to_ascii_lowercase();
+        if lower.starts_with("connection:") {
+            continue;
+        }
+        if let Some(value) = lower.strip_prefix("content-length:") {
+            content_length = value.trim().parse().ok();
+        }
+        raw_lines.push(line.to_string());
+    }
+    RequestHead {
+        method,
+        target,
+        content_length,
+        raw_lines,
+    }
+}
+
+struct PartFlight<'a>(&'a State);
+
+impl Drop for PartFlight<'_> {
+    fn drop(&mut self) {
+        self.0.parts_in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+async fn handle(mut downstream: TcpStream, upstream: &str, state: &State) -> std::io::Result<()> {
+    let Some((head, early_body)) = read_head(&mut downstream, Vec::new()).await? else {
+        return Ok(());
+    };
+    let request = parse_request(&head);
+    let _flight = request.is_upload_part().then(|| {
+        let now = state.parts_in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        state.max_parts_in_flight.fetch_max(now, Ordering::SeqCst);
+        PartFlight(state)
+    });
+    let fault = {
+        let mut faults = state.faults.lock().unwrap();
+        let found = faults
+            .iter_mut()
+            .find(|f| f.remaining > 0 && f.matcher.matches(&request));
+        found.map(|f| {
+            f.remaining -= 1;
+            f.kind
+        })
+    };
+    let index = {
+        let mut seen = state.seen.lock().unwrap();
+        seen.push(Seen {
+            method: request.method.clone(),
+            target: request.target.clone(),
+            status: None,
+            fault: match fault {
+                Some(FaultKind::SlowDown) => Some("slow_down"),
+                Some(FaultKind::CutBody { .. }) => Some("cut"),
+                Some(FaultKind::CutResponse { .. }) => Some("cut_response"),
+                None => None,
+            },
+        });
+        seen.len() - 1
+    };
+    let body_length = request.content_length.unwrap_or(0);
+    match fault {
+        Some(FaultKind::SlowDown) => {
+            // Drain the body so the client is not cut off while still sending.
+            let mut remaining = body_length.saturating_sub(early_body.len() as u64);
+            let mut sink = [0u8; 64 * 1024];
+            while remaining > 0 {
+                let n = downstream.read(&mut sink).await?;
+                if n == 0 {
+                    break;
+                }
+                remaining = remaining.saturating_sub(n as u64);
+            }
+            let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message><RequestId>keel-fault-proxy</RequestId></Error>";
+            let response = format!(
+                "HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            downstream.write_all(response.as_bytes()).await?;
+            downstream.shutdown().await?;
+            state.seen.lock().unwrap()[index].status = Some(503);
+            return Ok(());
+        }
+        Some(FaultKind::CutBody { after }) => {
+            let mut upstream_conn = TcpStream::connect(upstream).await?;
+            write_head(&mut upstream_conn, &request).await?;
+            let early = &early_body[..early_body.len().min(after as usize)];
+            upstream_conn.write_all(early).await?;
+            let mut remaining = after.saturating_sub(early.len() as u64);
+            let mut limited = (&mut downstream).take(remaining);
+            remaining -= tokio::io::copy(&mut limited, &mut upstream_conn)
+                .await?
+                .min(remaining);
+            let _ = remaining;
+            // Drop both connections mid-body: the client sees a reset, the server a
+            // truncated request.
+            drop(upstream_conn);
+            drop(downstream);
+            return Ok(());
+        }
+        Some(FaultKind::CutResponse { .. }) | None => {}
+    }
+    let cut_answer_after = match fault {
+        Some(FaultKind::CutResponse { after }) => Some(after),
+        _ => None,
+    };
+    let mut upstream_conn = TcpStream::connect(upstream).await?;
+    write_head(&mut upstream_conn, &request).await?;
+    upstream_conn.write_all(&early_body).await?;
+    let (mut down_read, mut down_write) = downstream.into_split();
+    let (mut up_read, mut up_write) = upstream_conn.into_split();
+    let remaining = body_length.saturating_sub(early_body.len() as u64);
+    let send_body = async move {
+        let mut limited = (&mut down_read).take(remaining);
+        tokio::io::copy(&mut limited, &mut up_write).await?;
+        up_write.flush().await?;
+        // Keep the upstream write half open: some servers close on a half-close.
+        Ok::<_, std::io::Error>(up_write)
+    };
+    let send_answer = async {
+        let mut carry = Vec::new();
+        loop {
+            let Some((response_head, rest)) =
+                read_head(&mut up_read, std::mem::take(&mut carry)).await?
+            else {
+                return Ok::<_, std::io::Error>(());
+            };
+            let status: Option<u16> = response_head.split(' ').nth(1).and_then(|s| s.parse().ok());
+            let informational = status.is_some_and(|s| s < 200);
+            let rewritten = if informational {
+                response_head
+            } else {
+                let mut lines: Vec<&str> = response_head
+                    .split("\r\n")
+                    .filter(|l| !l.is_empty() && !l.to_ascii_lowercase().starts_with("connection:"))
+                    .collect();
+                lines.push("Connection: close");
+                format!("{}\r\n\r\n", lines.join("\r\n"))
+            };
+            down_write.write_all(rewritten.as_bytes()).await?;
+            if informational {
+                carry = rest;
+                continue;
+            }
+            state.seen.lock().unwrap()[index].status = status;
+            if let Some(after) = cut_answer_after {
+                // Send part of the body, then drop the connection mid-answer.
+                let early = &rest[..rest.len().min(after as usize)];
+                down_write.write_all(early).await?;
+                let left = after - early.len() as u64;
+                tokio::io::copy(&mut (&mut up_read).take(left), &mut down_write).await?;
+                return Ok(());
+            }
+            down_write.write_all(&rest).await?;
+            tokio::io::copy(&mut up_read, &mut down_write).await?;
+            down_write.shutdown().await?;
+            return Ok(());
+        }
+    };
+    let (sent, answered) = tokio::join!(send_body, send_answer);
+    drop(sent);
+    answered
+}
+
+async fn write_head(upstream: &mut TcpStream, request: &RequestHead) -> std::io::Result<()> {
+    let mut head = request.raw_lines.join("\r\n");
+    head.push_str("\r\nConnection: close\r\n\r\n");
+    upstream.write_all(head.as_bytes()).await
+}
