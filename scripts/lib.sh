@@ -1,4 +1,5 @@
 # shellcheck shell=bash
+# shellcheck disable=SC2034 # the variables are used by the scripts that source this file
 # Shared settings and helpers for scripts/up, down, status, test and env.
 # Sourced, never run. Every setting can be overridden from the environment.
 

@@ -38,6 +38,9 @@ def client(endpoint, access, secret):
 
 def http(method, url, data=None):
     request = urllib.request.Request(url, data=data, method=method)
+    if data is not None:
+        # urllib's default form content type makes moto store an empty object.
+        request.add_header("Content-Type", "application/octet-stream")
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.status

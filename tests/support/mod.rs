@@ -12,8 +12,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 /// The command that starts every test server.
-pub const START_HINT: &str =
-    "start the test servers with `scripts/up` (or run the whole suite with `scripts/test`); logs are in `$KEEL_RUN_DIR/logs` (default ~/.cache/keel/run/logs)";
+pub const START_HINT: &str = "start the test servers with `scripts/up` (or run the whole suite with `scripts/test`); logs are in `$KEEL_RUN_DIR/logs` (default ~/.cache/keel/run/logs)";
 
 fn env_or(name: &str, default: &str) -> String {
     std::env::var(name)
@@ -138,4 +137,26 @@ pub fn kafka_libs() -> PathBuf {
         dir.display()
     );
     dir
+}
+
+/// `127.0.0.1:<port>` where nothing listens (a port the OS just handed out and
+/// that was released again), for tests of what happens when a server is down.
+pub fn closed_local_address() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    let port = listener.local_addr().expect("local address").port();
+    drop(listener);
+    format!("127.0.0.1:{port}")
+}
+
+/// Runs one test of the current test binary in a child process with extra
+/// environment variables (e.g. a server address where nothing listens) and returns
+/// its output; the child's exit status tells whether that test passed.
+pub fn run_this_test_binary(test: &str, env: &[(&str, String)]) -> std::process::Output {
+    let exe = std::env::current_exe().expect("path of the running test binary");
+    let mut command = std::process::Command::new(exe);
+    command.args(["--exact", test, "--test-threads", "1"]);
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    command.output().expect("run the test binary again")
 }
