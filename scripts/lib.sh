@@ -31,15 +31,42 @@ KEEL_LOG_DIR="$KEEL_RUN_DIR/logs"
 KEEL_S3FS_BIN="$KEEL_CACHE/s3s-fs/bin/s3s-fs"
 KEEL_VENV="$KEEL_CACHE/venv"
 
-# Pinned versions (the Kafka and log4j versions live in scripts/kafka/pom.xml).
+# Pinned versions: s3s-fs here, Kafka and log4j in scripts/kafka/pom.xml, moto and
+# boto3 in scripts/moto-requirements.txt.
 KEEL_S3FS_VERSION=0.14.1
-KEEL_MOTO_VERSION=5.2.5
-KEEL_BOTO3_VERSION=1.44.8
 
 KEEL_KAFKA_BROKERS="$KEEL_HOST:$KEEL_KAFKA_PORT"
 KEEL_S3FS_ENDPOINT="http://$KEEL_HOST:$KEEL_S3FS_PORT"
 KEEL_MOTO_ENDPOINT="http://$KEEL_HOST:$KEEL_MOTO_PORT"
 KEEL_KAFKA_CLUSTER_BROKERS="$KEEL_HOST:$KEEL_KAFKA_CLUSTER_PORT_BASE,$KEEL_HOST:$((KEEL_KAFKA_CLUSTER_PORT_BASE + 1)),$KEEL_HOST:$((KEEL_KAFKA_CLUSTER_PORT_BASE + 2))"
+
+# Every server scripts/up may start, as NAME:TEXT, where TEXT is a part of its command
+# line that tells it from any other process (pid files are $KEEL_RUN_DIR/NAME.pid).
+KEEL_SERVERS=(
+	"kafka:$KEEL_RUN_DIR/kafka/server.properties"
+	"kafka-cluster-1:$KEEL_RUN_DIR/kafka-cluster-1/server.properties"
+	"kafka-cluster-2:$KEEL_RUN_DIR/kafka-cluster-2/server.properties"
+	"kafka-cluster-3:$KEEL_RUN_DIR/kafka-cluster-3/server.properties"
+	"s3s-fs:$KEEL_RUN_DIR/s3s-fs/data"
+	"moto:$KEEL_VENV/bin/moto_server"
+)
+
+# The command-line text of server NAME (see KEEL_SERVERS).
+server_match() {
+	local entry
+	for entry in "${KEEL_SERVERS[@]}"; do
+		if [[ ${entry%%:*} == "$1" ]]; then
+			echo "${entry#*:}"
+			return 0
+		fi
+	done
+	die "unknown server $1"
+}
+
+# The pid of server NAME if scripts/up started it and it still runs; nothing otherwise.
+running() {
+	live_pid "$1" "$(server_match "$1")"
+}
 
 # The topic and bucket that readiness checks create.
 KEEL_CHECK_TOPIC=keel-up-check
@@ -85,6 +112,40 @@ log_tail() {
 		echo "--- last lines of $1:"
 		tail -n "${2:-20}" "$1" | sed 's/^/    /'
 	fi
+}
+
+# Stops the named servers if up started them and they run, and removes their pid
+# files and data; sets STOPPED_COUNT. TERM first, KILL after 10 s: a lone Kafka
+# node stops in a second or two, but the last nodes of a cluster that stops as a
+# whole wait for a controller quorum that is gone, and the data goes anyway.
+stop_servers() {
+	local name pid deadline count=0
+	local -A stopping=()
+	for name in "$@"; do
+		pid="$(running "$name")"
+		if [[ -n $pid ]]; then
+			say "stopping $name (pid $pid)"
+			kill -TERM "$pid" 2>/dev/null || true
+			stopping[$name]=$pid
+			count=$((count + 1))
+		fi
+	done
+	deadline=$((SECONDS + 10))
+	for name in "${!stopping[@]}"; do
+		pid=${stopping[$name]}
+		while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do
+			sleep 0.2
+		done
+		if kill -0 "$pid" 2>/dev/null; then
+			say "$name (pid $pid) did not stop in time; killing it"
+			kill -KILL "$pid" 2>/dev/null || true
+		fi
+	done
+	for name in "$@"; do
+		rm -f "$KEEL_RUN_DIR/$name.pid"
+		rm -rf "${KEEL_RUN_DIR:?}/$name"
+	done
+	STOPPED_COUNT=$count
 }
 
 kafka_java() {
