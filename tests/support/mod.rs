@@ -41,6 +41,24 @@ pub fn kafka_brokers() -> String {
     brokers
 }
 
+/// Bootstrap servers of the three-node Kafka cluster that `scripts/up --cluster`
+/// starts (`KEEL_KAFKA_CLUSTER_BROKERS`, default
+/// `127.0.0.1:19092,127.0.0.1:19093,127.0.0.1:19094`), each checked to be reachable.
+/// Not started by default: tests that need it fail with the command that starts it.
+pub fn kafka_cluster_brokers() -> String {
+    let brokers = env_or(
+        "KEEL_KAFKA_CLUSTER_BROKERS",
+        "127.0.0.1:19092,127.0.0.1:19093,127.0.0.1:19094",
+    );
+    for broker in brokers.split(',') {
+        require_reachable(
+            "the three-node Kafka cluster (start it with `scripts/up --cluster`)",
+            broker,
+        );
+    }
+    brokers
+}
+
 /// One S3-compatible test server.
 #[derive(Clone, Debug)]
 pub struct S3Server {
