@@ -84,7 +84,11 @@ keel_env_exports() {
 	for name in KEEL_CACHE KEEL_RUN_DIR KEEL_KAFKA_BROKERS KEEL_KAFKA_CLUSTER_BROKERS \
 		KEEL_S3FS_ENDPOINT KEEL_S3FS_ACCESS_KEY KEEL_S3FS_SECRET_KEY KEEL_MOTO_ENDPOINT \
 		KEEL_KCAT KEEL_KAFKA_LIBS; do
-		printf 'export %s=%q\n' "$name" "${!name}"
+		if [[ ${!name} == *\'* ]]; then
+			printf 'export %s=%q\n' "$name" "${!name}"
+		else
+			printf "export %s='%s'\n" "$name" "${!name}"
+		fi
 	done
 }
 
