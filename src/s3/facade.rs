@@ -131,8 +131,10 @@ impl S3Builder {
         self
     }
 
-    /// The multipart engine for bodies above the threshold (default: none —
-    /// such uploads are refused with `InvalidRequest`).
+    /// The multipart engine for bodies above the threshold (default: a
+    /// [`MultipartEngine`](crate::s3::multipart::MultipartEngine) with
+    /// [`TransferConfig::default`](crate::s3::multipart::TransferConfig): 5 MiB
+    /// threshold and parts, 4 parts in flight).
     pub fn multipart(mut self, engine: Arc<dyn MultipartUploader>) -> Self {
         self.multipart = Some(engine);
         self
@@ -499,10 +501,14 @@ where
 impl S3 {
     /// A builder over `client`.
     pub fn builder(client: S3Client) -> S3Builder {
+        let engine = crate::s3::multipart::MultipartEngine::new(
+            client.sdk().clone(),
+            crate::s3::multipart::TransferConfig::default(),
+        );
         S3Builder {
             client,
             policy: KeyPolicy::strict(),
-            multipart: None,
+            multipart: Some(Arc::new(engine)),
             threshold: None,
             metrics: S3Metrics::default(),
             layers: None,

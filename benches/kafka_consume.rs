@@ -1,0 +1,254 @@
+//! Consume-and-handle on the real broker (`scripts/up`), keel beside raw rdkafka.
+//!
+//! - `consume_handle_commit/*`: 100,000 envelopes (~150 B) from one partition. keel's
+//!   runtime (poll thread, one lane, registry, retry and DLQ layers, offset tracker,
+//!   stored offsets + auto-commit) beside a raw `StreamConsumer` loop doing the same
+//!   work per message: decode the envelope, call a no-op handler, store the offset
+//!   (auto-commit). Timed from the first handled message to the last, so joining the
+//!   group is not counted.
+//! - `key_ordered_1ms/*`: 1,000 envelopes over 100 keys on one partition, a handler
+//!   that sleeps 1 ms: sequential (one lane) beside key-ordered mode on 32 lanes.
+//!
+//! Run: `scripts/up && cargo bench --no-default-features --features kafka --bench kafka_consume`
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
+use keel::kafka::consumer::{BoxError, ConsumedEvent, KafkaConsumer, StartOptions};
+use keel::kafka::envelope::EventEnvelope;
+use keel::kafka::registry::HandlerRegistry;
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::json;
+use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+
+const THROUGHPUT_N: u64 = 100_000;
+const KEYED_N: u64 = 1_000;
+
+fn unique(name: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("keel-bench-{name}-{}-{nanos}", std::process::id())
+}
+
+fn client(brokers: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers);
+    c
+}
+
+async fn prepare(brokers: &str, name: &str, n: u64, keys: u64) -> String {
+    let topic = unique(name);
+    let admin: AdminClient<DefaultClientContext> = client(brokers).create().unwrap();
+    for r in admin
+        .create_topics(
+            &[NewTopic::new(&topic, 1, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
+        .await
+        .unwrap()
+    {
+        r.unwrap();
+    }
+    let producer: FutureProducer = client(brokers).set("linger.ms", "10").create().unwrap();
+    let mut deliveries = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        let event = EventEnvelope::new("bench.event", json!({"i": i, "note": "consume bench"}))
+            .with_key(format!("key-{}", i % keys));
+        let encoded = event.encode().unwrap();
+        let mut record = FutureRecord::to(&topic)
+            .payload(&encoded.value)
+            .headers(encoded.owned_headers());
+        if let Some(key) = &encoded.key {
+            record = record.key(key);
+        }
+        loop {
+            match producer.send_result(record) {
+                Ok(d) => {
+                    deliveries.push(d);
+                    break;
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                Err((e, _)) => panic!("{e}"),
+            }
+        }
+    }
+    for d in deliveries {
+        d.await.unwrap().unwrap();
+    }
+    topic
+}
+
+/// Handler counting messages; returns (registry, first-handled instant, done signal).
+fn counting_registry(
+    n: u64,
+    sleep: Option<Duration>,
+) -> (HandlerRegistry, Arc<OnceLock<Instant>>, Arc<Notify>) {
+    let first = Arc::new(OnceLock::new());
+    let done = Arc::new(Notify::new());
+    let count = Arc::new(AtomicU64::new(0));
+    let registry = {
+        let (first, done) = (first.clone(), done.clone());
+        HandlerRegistry::builder()
+            .handler_fn("bench.event", move |event: ConsumedEvent| {
+                let (first, done, count) = (first.clone(), done.clone(), count.clone());
+                async move {
+                    first.get_or_init(Instant::now);
+                    black_box(event.envelope().payload());
+                    if let Some(d) = sleep {
+                        tokio::time::sleep(d).await;
+                    }
+                    if count.fetch_add(1, Ordering::Relaxed) + 1 == n {
+                        done.notify_one();
+                    }
+                    Ok::<_, BoxError>(())
+                }
+            })
+            .build()
+            .unwrap()
+    };
+    (registry, first, done)
+}
+
+async fn keel_run(
+    brokers: &str,
+    topic: &str,
+    n: u64,
+    workers: usize,
+    key_ordered: bool,
+    sleep: Option<Duration>,
+) -> Duration {
+    let (registry, first, done) = counting_registry(n, sleep);
+    let mut builder = KafkaConsumer::builder(client(brokers), unique("g"));
+    builder = if key_ordered {
+        builder.key_ordered(workers)
+    } else {
+        builder.workers(workers)
+    };
+    let consumer = builder
+        .start(StartOptions::new([topic]).from_beginning(true), registry)
+        .unwrap();
+    done.notified().await;
+    let elapsed = first.get().unwrap().elapsed();
+    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
+    elapsed
+}
+
+async fn raw_run(brokers: &str, topic: &str, n: u64) -> Duration {
+    let consumer: StreamConsumer = client(brokers)
+        .set("group.id", unique("g"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "true")
+        .set("enable.auto.offset.store", "false")
+        .set("queued.max.messages.kbytes", "16384")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let handler = |event: EventEnvelope| {
+        black_box(event.payload());
+    };
+    let mut first = None;
+    for _ in 0..n {
+        let m = consumer.recv().await.unwrap();
+        first.get_or_insert_with(Instant::now);
+        if let Ok(event) = EventEnvelope::from_message(&m) {
+            handler(event);
+        }
+        consumer.store_offset_from_message(&m).unwrap();
+    }
+    let elapsed = first.unwrap().elapsed();
+    consumer
+        .commit_consumer_state(rdkafka::consumer::CommitMode::Sync)
+        .unwrap();
+    elapsed
+}
+
+fn benches(c: &mut Criterion) {
+    let brokers = support::kafka_brokers();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let big = rt.block_on(prepare(&brokers, "throughput", THROUGHPUT_N, 1_000));
+    let keyed = rt.block_on(prepare(&brokers, "keyed", KEYED_N, 100));
+
+    let mut g = c.benchmark_group("consume_handle_commit");
+    g.sample_size(10)
+        .sampling_mode(SamplingMode::Flat)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(5))
+        .throughput(Throughput::Elements(THROUGHPUT_N));
+    g.bench_function("raw_stream_consumer", |b| {
+        b.to_async(&rt).iter_custom(|iters| {
+            let (brokers, topic) = (brokers.clone(), big.clone());
+            async move {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    total += raw_run(&brokers, &topic, THROUGHPUT_N).await;
+                }
+                total
+            }
+        })
+    });
+    g.bench_function("keel_runtime", |b| {
+        b.to_async(&rt).iter_custom(|iters| {
+            let (brokers, topic) = (brokers.clone(), big.clone());
+            async move {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    total += keel_run(&brokers, &topic, THROUGHPUT_N, 1, false, None).await;
+                }
+                total
+            }
+        })
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("key_ordered_1ms");
+    g.sample_size(10)
+        .sampling_mode(SamplingMode::Flat)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(5))
+        .throughput(Throughput::Elements(KEYED_N));
+    for (name, workers, key_ordered) in [("sequential", 1, false), ("key_ordered_32", 32, true)] {
+        g.bench_function(name, |b| {
+            b.to_async(&rt).iter_custom(|iters| {
+                let (brokers, topic) = (brokers.clone(), keyed.clone());
+                async move {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        total += keel_run(
+                            &brokers,
+                            &topic,
+                            KEYED_N,
+                            workers,
+                            key_ordered,
+                            Some(Duration::from_millis(1)),
+                        )
+                        .await;
+                    }
+                    total
+                }
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(kafka_consume, benches);
+criterion_main!(kafka_consume);

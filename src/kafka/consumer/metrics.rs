@@ -1,0 +1,168 @@
+//! Counters and processing-time statistics of a consumer runtime.
+
+use hdrhistogram::Histogram;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Live metrics of one consumer runtime, shared by its workers (`Arc`).
+#[derive(Debug)]
+pub struct ConsumerMetrics {
+    processed: AtomicU64,
+    failed: AtomicU64,
+    retries: AtomicU64,
+    dead_lettered: AtomicU64,
+    decode_errors: AtomicU64,
+    last_processed_at_ms: AtomicU64,
+    processing_nanos: AtomicU64,
+    timed: AtomicU64,
+    /// Processing time in microseconds, 1 µs .. 1 h, 2 significant digits.
+    histogram: Mutex<Histogram<u64>>,
+}
+
+impl Default for ConsumerMetrics {
+    fn default() -> Self {
+        ConsumerMetrics {
+            processed: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+            dead_lettered: AtomicU64::new(0),
+            decode_errors: AtomicU64::new(0),
+            last_processed_at_ms: AtomicU64::new(0),
+            processing_nanos: AtomicU64::new(0),
+            timed: AtomicU64::new(0),
+            histogram: Mutex::new(
+                Histogram::new_with_bounds(1, 3_600_000_000, 2).expect("static bounds are valid"),
+            ),
+        }
+    }
+}
+
+/// How one message ended, for the metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Ending {
+    /// Handled successfully (or skipped as an unknown type).
+    Processed,
+    /// Failed after its retries and was published to the DLQ.
+    DeadLettered,
+    /// Failed after its retries; DLQ disabled, so it was logged and skipped.
+    Failed,
+}
+
+impl ConsumerMetrics {
+    pub(crate) fn record(&self, ending: Ending, retries: u32, elapsed: Duration) {
+        match ending {
+            Ending::Processed => self.processed.fetch_add(1, Relaxed),
+            Ending::DeadLettered => {
+                self.dead_lettered.fetch_add(1, Relaxed);
+                self.failed.fetch_add(1, Relaxed)
+            }
+            Ending::Failed => self.failed.fetch_add(1, Relaxed),
+        };
+        if retries > 0 {
+            self.retries.fetch_add(u64::from(retries), Relaxed);
+        }
+        let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        self.processing_nanos.fetch_add(nanos, Relaxed);
+        self.timed.fetch_add(1, Relaxed);
+        if let Ok(mut h) = self.histogram.lock() {
+            h.saturating_record((nanos / 1_000).max(1));
+        }
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        self.last_processed_at_ms.store(now_ms, Relaxed);
+    }
+
+    pub(crate) fn record_retries(&self, retries: u32) {
+        self.retries.fetch_add(u64::from(retries), Relaxed);
+    }
+
+    pub(crate) fn record_decode_error(&self) {
+        self.decode_errors.fetch_add(1, Relaxed);
+    }
+
+    /// A consistent-enough copy of the counters.
+    pub fn snapshot(&self) -> ConsumerMetricsSnapshot {
+        let timed = self.timed.load(Relaxed);
+        let average = self
+            .processing_nanos
+            .load(Relaxed)
+            .checked_div(timed)
+            .map_or(Duration::ZERO, Duration::from_nanos);
+        let p99 = self
+            .histogram
+            .lock()
+            .map(|h| {
+                if h.is_empty() {
+                    Duration::ZERO
+                } else {
+                    Duration::from_micros(h.value_at_quantile(0.99))
+                }
+            })
+            .unwrap_or_default();
+        let last = self.last_processed_at_ms.load(Relaxed);
+        ConsumerMetricsSnapshot {
+            total_processed: self.processed.load(Relaxed),
+            total_failed: self.failed.load(Relaxed),
+            total_retries: self.retries.load(Relaxed),
+            total_dead_lettered: self.dead_lettered.load(Relaxed),
+            total_decode_errors: self.decode_errors.load(Relaxed),
+            last_processed_at: (last != 0).then(|| UNIX_EPOCH + Duration::from_millis(last)),
+            average_processing_time: average,
+            p99_processing_time: p99,
+        }
+    }
+}
+
+/// A copy of a runtime's metrics at one moment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConsumerMetricsSnapshot {
+    /// Messages handled successfully (unknown types skipped by the registry included).
+    pub total_processed: u64,
+    /// Messages whose handling failed after all retries (dead-lettered or skipped),
+    /// undecodable messages included.
+    pub total_failed: u64,
+    /// Retries made (a message handled at its third attempt counts 2).
+    pub total_retries: u64,
+    /// Messages published to a dead-letter topic.
+    pub total_dead_lettered: u64,
+    /// Messages that were not a valid event envelope.
+    pub total_decode_errors: u64,
+    /// When the last message finished (handled, dead-lettered or failed).
+    pub last_processed_at: Option<SystemTime>,
+    /// Mean time from the start of handling to the end (retries and DLQ included).
+    pub average_processing_time: Duration,
+    /// 99th percentile of the same (2 significant digits).
+    pub p99_processing_time: Duration,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_and_percentiles() {
+        let m = ConsumerMetrics::default();
+        assert_eq!(m.snapshot().last_processed_at, None);
+        for i in 1..=100u64 {
+            m.record(Ending::Processed, 0, Duration::from_millis(i));
+        }
+        m.record(Ending::DeadLettered, 3, Duration::from_millis(1));
+        m.record(Ending::Failed, 2, Duration::from_millis(1));
+        m.record_decode_error();
+        let s = m.snapshot();
+        assert_eq!(s.total_processed, 100);
+        assert_eq!(s.total_failed, 2);
+        assert_eq!(s.total_dead_lettered, 1);
+        assert_eq!(s.total_retries, 5);
+        assert_eq!(s.total_decode_errors, 1);
+        assert!(s.last_processed_at.is_some());
+        // 102 samples: 1..=100 ms and two of 1 ms; p99 is about 99 ms.
+        let p99 = s.p99_processing_time.as_millis();
+        assert!((98..=100).contains(&p99), "p99 = {p99} ms");
+        let avg = s.average_processing_time.as_micros();
+        assert_eq!(avg, (5050 + 2) * 1000 / 102);
+    }
+}

@@ -1,0 +1,670 @@
+//! Consume-and-handle: a consumer runtime that drives every Kafka message through a
+//! handler `tower::Service<ConsumedEvent>`.
+//!
+//! # Why a runtime, and how it is built
+//!
+//! rust-rdkafka gives a stream of messages and leaves the rest to you; the seed's
+//! consumer (and Karafka, Spring Kafka, Parallel Consumer) give routing, retries, a
+//! dead-letter queue, safe commits, pause/resume and metrics. [`KafkaConsumer`] is
+//! that runtime, with the handler a Tower service you compose with layers:
+//!
+//! ```text
+//! poll thread (BaseConsumer) ──route──▶ lane 0 ─▶ DeadLetter(Retry(CountAttempts(handler)))
+//!   │  rebalance hooks                 lane 1 ─▶ DeadLetter(Retry(CountAttempts(handler)))
+//!   ◀──────── completions ─────────────  ...
+//!   └─ commits: lowest unfinished offset per partition (OffsetTracker)
+//! ```
+//!
+//! - **Polling** happens on one dedicated thread calling `BaseConsumer::poll` with a
+//!   short timeout: no `StreamConsumer` waker to lose (rust-rdkafka #638/#665/#848),
+//!   and rebalance callbacks run there with direct access to the offset tracker.
+//! - **Bounded memory and backpressure**: lanes are bounded queues
+//!   (`lane_capacity`). A full lane holds up the poll thread (which still serves
+//!   pause, resume and stop) for at most `backpressure_after` (500 ms); if it is
+//!   still full, the poll thread holds that one message and pauses fetching, yet
+//!   keeps polling, so rebalances and `max.poll.interval.ms` are
+//!   served however slow the handler is; when the lane is half empty it seeks back to
+//!   the next undispatched offset and resumes. librdkafka's prefetch is capped by
+//!   `queued.max.messages.kbytes` (16 MiB unless you set it).
+//! - **Ordering** ([`ProcessingOrder`]): by default one message at a time per
+//!   partition. Opt-in key-ordered mode handles one partition on `workers` lanes
+//!   concurrently, keeping order per key.
+//! - **Retries**: keel-layers' [`RetryLayer`](keel_layers::retry::RetryLayer) per
+//!   message, in place (the lane waits, so order is kept), with
+//!   [`RetryPolicy::kafka`]: 1 s, 2 s, 4 s, 8 s ... capped at 30 s, no jitter, no
+//!   retry budget (a budget would dead-letter healthy messages during an outage),
+//!   `max_retries` from the start options. Each retry is logged with its attempt and
+//!   backoff, inside a span carrying the topic, partition and offset. Failures
+//!   classified permanent ([`HandlerError::permanent`], decode errors) skip the
+//!   retries.
+//! - **Dead-letter queue** ([`DeadLetterLayer`](crate::kafka::dead_letter::DeadLetterLayer)):
+//!   after the last retry the message is republished unchanged to `<topic>.dlq` with
+//!   provenance headers, acknowledged before its offset may be committed. Messages
+//!   that are not a valid envelope go there too (error kind `decode`) and the
+//!   partition moves on. With the DLQ disabled, a failed message is logged, counted
+//!   and skipped.
+//! - **At-least-once**: an offset is committed only once its message and every
+//!   earlier one of its partition is handled or dead-lettered
+//!   ([`tracker::OffsetTracker`]); on partition revocation the finished part is
+//!   committed synchronously before the partition goes. In auto-commit mode keel
+//!   *stores* those offsets (`enable.auto.offset.store=false`) and librdkafka commits
+//!   them every `auto.commit.interval.ms`; in manual mode keel commits them itself
+//!   every `commit_interval`. Either way only finished offsets are ever committed.
+//! - **Pause / resume** of everything or one partition. librdkafka drops prefetched
+//!   messages of a paused partition, so resume first seeks each partition to one
+//!   past the last message handed to a worker: nothing is skipped, and re-fetched
+//!   duplicates are dropped by the tracker. Messages already queued in lanes are
+//!   still handled after a pause.
+//! - **Shutdown** with a timeout: stop fetching, let each lane finish its current
+//!   message, commit, close. Work still running at the deadline is abandoned
+//!   uncommitted (delivered again later) and the call returns
+//!   [`ConsumerError::ShutdownTimedOut`]; it never hangs. Dropping the handle without
+//!   shutdown stops everything without committing anything more.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use keel::kafka::consumer::{BoxError, ConsumedEvent, KafkaConsumer, StartOptions};
+//! use keel::kafka::registry::HandlerRegistry;
+//! use rdkafka::ClientConfig;
+//! use std::time::Duration;
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let registry = HandlerRegistry::builder()
+//!     .handler_fn("user.created", |event: ConsumedEvent| async move {
+//!         println!("{} at offset {}", event.event_type(), event.offset());
+//!         Ok::<_, BoxError>(())
+//!     })
+//!     .build()?;
+//! let mut client = ClientConfig::new();
+//! client.set("bootstrap.servers", "127.0.0.1:9092");
+//! let consumer = KafkaConsumer::builder(client, "users-service").start(
+//!     StartOptions::new(["user.events"]).max_retries(3).enable_dlq(true),
+//!     registry,
+//! )?;
+//! // ...
+//! consumer.shutdown(Duration::from_secs(10)).await?;
+//! # Ok(()) }
+//! ```
+
+mod attempts;
+mod error;
+pub(crate) mod event;
+mod lane;
+mod metrics;
+mod poll;
+pub mod scheduler;
+pub mod tracker;
+
+pub use crate::kafka::envelope::{DecodeError, EventEnvelope};
+pub use attempts::{CountAttempts, CountAttemptsLayer};
+pub(crate) use error::error_chain;
+pub use error::{BoxError, ConsumerError, HandlerError, HandlerErrors, UnknownEventType};
+pub use event::{ConsumedEvent, ReceivedMessage, Timestamp};
+pub use metrics::{ConsumerMetrics, ConsumerMetricsSnapshot};
+pub use scheduler::ProcessingOrder;
+pub use tracker::TopicPartition;
+
+use crate::kafka::config::KafkaConfig;
+use crate::kafka::dead_letter::{DEFAULT_SUFFIX, DeadLetterPublisher};
+use keel_layers::retry::RetryPolicy;
+use lane::{LaneContext, Stack, run_lane};
+use poll::{Command, KeelBaseConsumer, KeelConsumerContext, PollLoop, Shared};
+use rdkafka::ClientConfig;
+use rdkafka::consumer::Consumer;
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tower::Service;
+
+/// What to consume and how; the seed's `start({ topics, fromBeginning, autoCommit,
+/// maxRetries, enableDLQ })`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StartOptions {
+    /// Topics to subscribe to.
+    pub topics: Vec<String>,
+    /// Start from the earliest offset when the group has no committed offset
+    /// (`auto.offset.reset=earliest`); otherwise from the latest. Default `false`.
+    pub from_beginning: bool,
+    /// `true` (default): keel stores finished offsets and librdkafka commits them
+    /// periodically. `false`: keel commits finished offsets itself every
+    /// `commit_interval`. Both commit only finished offsets.
+    pub auto_commit: bool,
+    /// Retries per message after the first attempt. Default 3.
+    pub max_retries: u32,
+    /// Publish finally-failed and undecodable messages to `<topic>.dlq`. Default `true`.
+    pub enable_dlq: bool,
+}
+
+impl StartOptions {
+    /// Options for `topics` with the defaults.
+    pub fn new<I, T>(topics: I) -> Self
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<String>,
+    {
+        StartOptions {
+            topics: topics.into_iter().map(Into::into).collect(),
+            from_beginning: false,
+            auto_commit: true,
+            max_retries: 3,
+            enable_dlq: true,
+        }
+    }
+    /// Sets `from_beginning`.
+    pub fn from_beginning(mut self, yes: bool) -> Self {
+        self.from_beginning = yes;
+        self
+    }
+    /// Sets `auto_commit`.
+    pub fn auto_commit(mut self, yes: bool) -> Self {
+        self.auto_commit = yes;
+        self
+    }
+    /// Sets `max_retries`.
+    pub fn max_retries(mut self, retries: u32) -> Self {
+        self.max_retries = retries;
+        self
+    }
+    /// Sets `enable_dlq`.
+    pub fn enable_dlq(mut self, yes: bool) -> Self {
+        self.enable_dlq = yes;
+        self
+    }
+}
+
+/// Builds a [`KafkaConsumer`]; every setting has a documented default.
+#[derive(Clone)]
+pub struct KafkaConsumerBuilder {
+    client: ClientConfig,
+    dlq_client: Option<ClientConfig>,
+    group_id: String,
+    order: ProcessingOrder,
+    workers: usize,
+    lane_capacity: usize,
+    retry_policy: RetryPolicy,
+    dlq_suffix: String,
+    commit_interval: Duration,
+    poll_timeout: Duration,
+    backpressure_after: Duration,
+}
+
+impl fmt::Debug for KafkaConsumerBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaConsumerBuilder")
+            .field("group_id", &self.group_id)
+            .field("order", &self.order)
+            .field("workers", &self.workers)
+            .field("lane_capacity", &self.lane_capacity)
+            .field("retry_policy", &self.retry_policy)
+            .field("dlq_suffix", &self.dlq_suffix)
+            .field("commit_interval", &self.commit_interval)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KafkaConsumerBuilder {
+    /// Processing order (default [`ProcessingOrder::Partition`]).
+    pub fn order(mut self, order: ProcessingOrder) -> Self {
+        self.order = order;
+        self
+    }
+    /// Key-ordered mode on `workers` lanes.
+    pub fn key_ordered(self, workers: usize) -> Self {
+        self.order(ProcessingOrder::Key).workers(workers)
+    }
+    /// Number of lanes (default 1: strictly sequential).
+    pub fn workers(mut self, workers: usize) -> Self {
+        self.workers = workers;
+        self
+    }
+    /// Queue length of each lane (default 256).
+    pub fn lane_capacity(mut self, capacity: usize) -> Self {
+        self.lane_capacity = capacity;
+        self
+    }
+    /// Retry schedule (default [`RetryPolicy::kafka`] without budget: 1 s doubling
+    /// to 30 s, no jitter). Its attempt limit is replaced by the start options'
+    /// `max_retries`. Its backoff also paces re-publishing to an unreachable DLQ.
+    pub fn retry_policy(mut self, policy: RetryPolicy) -> Self {
+        self.retry_policy = policy;
+        self
+    }
+    /// Suffix of dead-letter topics (default `.dlq`).
+    pub fn dlq_suffix(mut self, suffix: impl Into<String>) -> Self {
+        self.dlq_suffix = suffix.into();
+        self
+    }
+    /// How often manual-commit mode commits (default 1 s; zero commits after every poll).
+    pub fn commit_interval(mut self, interval: Duration) -> Self {
+        self.commit_interval = interval;
+        self
+    }
+    /// Longest wait of one `poll` call (default 50 ms); bounds the latency of
+    /// commands and commits when no message arrives.
+    pub fn poll_timeout(mut self, timeout: Duration) -> Self {
+        self.poll_timeout = timeout;
+        self
+    }
+
+    /// How long a full lane may hold up polling before fetching is paused instead
+    /// (default 500 ms). Short bursts wait; sustained backpressure pauses, so
+    /// rebalances and `max.poll.interval.ms` are served however slow the handler.
+    pub fn backpressure_after(mut self, patience: Duration) -> Self {
+        self.backpressure_after = patience;
+        self
+    }
+
+    /// Subscribes and starts handling with `handler`. Must be called inside a tokio
+    /// runtime (lanes are tokio tasks; the poll loop is its own thread).
+    pub fn start<S>(self, options: StartOptions, handler: S) -> Result<KafkaConsumer, ConsumerError>
+    where
+        S: Service<ConsumedEvent, Response = ()> + Clone + Send + 'static,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+    {
+        if options.topics.is_empty() || options.topics.iter().any(String::is_empty) {
+            return Err(ConsumerError::Config(
+                "at least one non-empty topic is required".into(),
+            ));
+        }
+        if self.group_id.is_empty() {
+            return Err(ConsumerError::Config(
+                "the consumer group id is empty".into(),
+            ));
+        }
+        if self.workers == 0 || self.lane_capacity == 0 {
+            return Err(ConsumerError::Config(
+                "workers and lane_capacity must be at least 1".into(),
+            ));
+        }
+        let rt = tokio::runtime::Handle::try_current().map_err(|_| {
+            ConsumerError::Config(
+                "KafkaConsumer::start must be called inside a tokio runtime".into(),
+            )
+        })?;
+
+        let metrics = Arc::new(ConsumerMetrics::default());
+        let (completions_tx, completions_rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared::new(
+            completions_rx,
+            metrics.clone(),
+            !options.auto_commit,
+        ));
+
+        let mut config = self.client.clone();
+        config
+            .set("group.id", &self.group_id)
+            .set(
+                "enable.auto.commit",
+                if options.auto_commit { "true" } else { "false" },
+            )
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "false")
+            .set(
+                "auto.offset.reset",
+                if options.from_beginning {
+                    "earliest"
+                } else {
+                    "latest"
+                },
+            );
+        if config.get("queued.max.messages.kbytes").is_none() {
+            config.set("queued.max.messages.kbytes", "16384");
+        }
+        let consumer: KeelBaseConsumer = config
+            .create_with_context(KeelConsumerContext {
+                shared: shared.clone(),
+            })
+            .map_err(|e| ConsumerError::kafka("creating the consumer", e))?;
+        let topics: Vec<&str> = options.topics.iter().map(String::as_str).collect();
+        consumer
+            .subscribe(&topics)
+            .map_err(|e| ConsumerError::kafka("subscribing", e))?;
+        let consumer = Arc::new(consumer);
+
+        let dlq = if options.enable_dlq {
+            Some(
+                DeadLetterPublisher::new(
+                    self.dlq_client.as_ref().unwrap_or(&self.client),
+                    self.group_id.clone(),
+                    self.dlq_suffix.clone(),
+                )
+                .map_err(|e| ConsumerError::kafka("creating the dead-letter producer", e))?,
+            )
+        } else {
+            None
+        };
+        let ctx = Arc::new(LaneContext {
+            completions: completions_tx,
+            metrics: metrics.clone(),
+            dlq: dlq.clone(),
+            backoff: *self.retry_policy.schedule_config(),
+        });
+        let (lane_stop, lane_stop_rx) = watch::channel(false);
+        let mut lanes = Vec::with_capacity(self.workers);
+        let mut lane_tasks = Vec::with_capacity(self.workers);
+        for _ in 0..self.workers {
+            let (tx, rx) = mpsc::channel(self.lane_capacity);
+            let policy = self.retry_policy.clone().max_retries(options.max_retries);
+            let stack = Stack::new(handler.clone(), policy, dlq.clone());
+            lanes.push(tx);
+            lane_tasks.push(rt.spawn(run_lane(rx, stack, ctx.clone(), lane_stop_rx.clone())));
+        }
+
+        let (commands, commands_rx) = mpsc::unbounded_channel();
+        let poll_loop = PollLoop {
+            consumer: consumer.clone(),
+            shared: shared.clone(),
+            lanes,
+            order: self.order,
+            commands: commands_rx,
+            rt: rt.clone(),
+            poll_timeout: self.poll_timeout,
+            commit_interval: self.commit_interval,
+            topics: HashMap::new(),
+            backpressure_after: self.backpressure_after,
+            held: None,
+            held_lane: 0,
+            rewind: HashMap::new(),
+        };
+        let weak = Arc::downgrade(&consumer);
+        drop(consumer);
+        std::thread::Builder::new()
+            .name("keel-kafka-poll".into())
+            .spawn(move || poll_loop.run())
+            .map_err(|e| ConsumerError::Config(format!("cannot start the poll thread: {e}")))?;
+        tracing::info!(group_id = %self.group_id, topics = ?options.topics, workers = self.workers, order = ?self.order, "kafka consumer started");
+
+        Ok(KafkaConsumer {
+            shared,
+            consumer: weak,
+            commands,
+            lane_tasks,
+            lane_stop,
+            dlq,
+            group_id: self.group_id,
+            finished: false,
+        })
+    }
+}
+
+/// Lag of one partition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartitionLag {
+    /// The partition.
+    pub partition: TopicPartition,
+    /// The broker's high watermark (offset of the next message to be written).
+    pub high_watermark: i64,
+    /// The next offset this consumer will commit (lowest unfinished), when known.
+    pub position: Option<i64>,
+    /// `high_watermark - position`: messages not yet handled; `None` while nothing
+    /// has been fetched since the partition was assigned.
+    pub lag: Option<i64>,
+}
+
+/// A running consumer; see [the module docs](self).
+///
+/// Dropping it without [`shutdown`](KafkaConsumer::shutdown) stops polling and the
+/// workers at once and commits nothing more (like a crash, but tidy).
+pub struct KafkaConsumer {
+    shared: Arc<Shared>,
+    consumer: Weak<KeelBaseConsumer>,
+    commands: mpsc::UnboundedSender<Command>,
+    lane_tasks: Vec<JoinHandle<()>>,
+    lane_stop: watch::Sender<bool>,
+    dlq: Option<DeadLetterPublisher>,
+    group_id: String,
+    finished: bool,
+}
+
+impl fmt::Debug for KafkaConsumer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaConsumer")
+            .field("group_id", &self.group_id)
+            .field("running", &self.is_running())
+            .field("paused", &self.is_paused())
+            .finish_non_exhaustive()
+    }
+}
+
+impl KafkaConsumer {
+    /// A builder over `client` (bootstrap servers, security and any librdkafka
+    /// property) for consumer group `group_id`.
+    pub fn builder(client: ClientConfig, group_id: impl Into<String>) -> KafkaConsumerBuilder {
+        KafkaConsumerBuilder {
+            client,
+            dlq_client: None,
+            group_id: group_id.into(),
+            order: ProcessingOrder::Partition,
+            workers: 1,
+            lane_capacity: 256,
+            retry_policy: RetryPolicy::kafka().without_budget(),
+            dlq_suffix: DEFAULT_SUFFIX.to_string(),
+            commit_interval: Duration::from_secs(1),
+            poll_timeout: Duration::from_millis(50),
+            backpressure_after: Duration::from_millis(500),
+        }
+    }
+
+    /// A builder from keel's [`KafkaConfig`]: its consumer settings
+    /// (`KAFKA_BROKERS`, `KAFKA_CLIENT_ID`, `KAFKA_GROUP_ID`, timeouts, pass-through
+    /// properties) and its producer settings for the dead-letter producer. Fails with
+    /// [`ConsumerError::Disabled`] when `ENABLE_KAFKA=false`.
+    pub fn from_config(config: &KafkaConfig) -> Result<KafkaConsumerBuilder, ConsumerError> {
+        if !config.enabled() {
+            return Err(ConsumerError::Disabled);
+        }
+        let mut builder = Self::builder(config.consumer_client_config(), config.group_id());
+        builder.dlq_client = Some(config.producer_client_config());
+        Ok(builder)
+    }
+
+    /// The consumer group.
+    pub fn group_id(&self) -> &str {
+        &self.group_id
+    }
+
+    /// Whether the poll loop is running (false after shutdown or if it stopped).
+    pub fn is_running(&self) -> bool {
+        self.shared.running.load(Ordering::SeqCst)
+    }
+
+    /// Whether consumption as a whole is paused ([`pause`](Self::pause)).
+    pub fn is_paused(&self) -> bool {
+        self.shared.paused_all.load(Ordering::SeqCst)
+    }
+
+    /// Whether one partition is paused (by itself or by a global pause).
+    pub fn is_partition_paused(&self, topic: &str, partition: i32) -> bool {
+        self.is_paused()
+            || self
+                .shared
+                .paused()
+                .contains(&TopicPartition::new(topic, partition))
+    }
+
+    /// A copy of the metrics.
+    pub fn metrics(&self) -> ConsumerMetricsSnapshot {
+        self.shared.metrics.snapshot()
+    }
+
+    /// Messages handed to workers and not finished yet.
+    pub fn in_flight(&self) -> usize {
+        self.shared.current_tracker().in_flight()
+    }
+
+    /// The partitions currently assigned to this consumer.
+    pub fn assignment(&self) -> Vec<TopicPartition> {
+        let mut tps: Vec<TopicPartition> = self.shared.tracker().partitions().cloned().collect();
+        tps.sort();
+        tps
+    }
+
+    async fn command(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<(), ConsumerError>>) -> Command,
+    ) -> Result<(), ConsumerError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(make(tx))
+            .map_err(|_| ConsumerError::NotRunning)?;
+        rx.await.map_err(|_| ConsumerError::NotRunning)?
+    }
+
+    /// Stops fetching from every assigned partition (and from partitions assigned
+    /// later, until resumed). Resolves once librdkafka has paused; messages already
+    /// queued in lanes are still handled.
+    pub async fn pause(&self) -> Result<(), ConsumerError> {
+        self.command(|ack| Command::Pause(None, ack)).await
+    }
+
+    /// Resumes every partition, from one past the last message handed to a worker.
+    pub async fn resume(&self) -> Result<(), ConsumerError> {
+        self.command(|ack| Command::Resume(None, ack)).await
+    }
+
+    /// Pauses one partition.
+    pub async fn pause_partition(&self, topic: &str, partition: i32) -> Result<(), ConsumerError> {
+        let tp = TopicPartition::new(topic, partition);
+        self.command(|ack| Command::Pause(Some(tp), ack)).await
+    }
+
+    /// Resumes one partition.
+    pub async fn resume_partition(&self, topic: &str, partition: i32) -> Result<(), ConsumerError> {
+        let tp = TopicPartition::new(topic, partition);
+        self.command(|ack| Command::Resume(Some(tp), ack)).await
+    }
+
+    /// Lag per assigned partition: the broker's high watermark (one request per
+    /// partition, each bounded by `timeout`) minus this consumer's commit position.
+    pub async fn lag(&self, timeout: Duration) -> Result<Vec<PartitionLag>, ConsumerError> {
+        let positions: Vec<(TopicPartition, Option<i64>)> = {
+            let tracker = self.shared.current_tracker();
+            let mut v: Vec<_> = tracker
+                .partitions()
+                .map(|tp| (tp.clone(), tracker.commit_position(tp)))
+                .collect();
+            v.sort();
+            v
+        };
+        let consumer = self.consumer.upgrade().ok_or(ConsumerError::NotRunning)?;
+        tokio::task::spawn_blocking(move || {
+            positions
+                .into_iter()
+                .map(|(tp, position)| {
+                    let (_low, high) = consumer
+                        .fetch_watermarks(&tp.topic, tp.partition, timeout)
+                        .map_err(|e| ConsumerError::kafka("fetching watermarks", e))?;
+                    Ok(PartitionLag {
+                        lag: position.map(|p| (high - p).max(0)),
+                        partition: tp,
+                        high_watermark: high,
+                        position,
+                    })
+                })
+                .collect()
+        })
+        .await
+        .map_err(|_| ConsumerError::NotRunning)?
+    }
+
+    /// Graceful shutdown bounded by `timeout`: stop fetching, let each lane finish
+    /// the message it is on (queued ones stay uncommitted), commit, leave the group,
+    /// flush the dead-letter producer. Past the deadline the rest is abandoned
+    /// uncommitted and [`ConsumerError::ShutdownTimedOut`] is returned.
+    pub async fn shutdown(mut self, timeout: Duration) -> Result<(), ConsumerError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        self.finished = true;
+        let _ = self.commands.send(Command::Stop);
+        let _ = self.lane_stop.send(true);
+        let mut timed_out = false;
+        for mut task in std::mem::take(&mut self.lane_tasks) {
+            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+                task.abort();
+                timed_out = true;
+            }
+        }
+        let (done_tx, done_rx) = oneshot::channel();
+        let _ = self.commands.send(Command::Finish(done_tx));
+        if tokio::time::timeout_at(deadline, done_rx).await.is_err() {
+            timed_out = true;
+        }
+        if let Some(dlq) = self.dlq.take() {
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let flushed = tokio::task::spawn_blocking(move || dlq.flush(remaining)).await;
+            if !matches!(flushed, Ok(Ok(()))) {
+                timed_out = true;
+            }
+        }
+        self.shared.running.store(false, Ordering::SeqCst);
+        tracing::info!(group_id = %self.group_id, timed_out, "kafka consumer stopped");
+        if timed_out {
+            Err(ConsumerError::ShutdownTimedOut(timeout))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl Drop for KafkaConsumer {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        // No shutdown: abort. The poll thread sees the closed command channel and
+        // stops without committing; lanes stop at once.
+        self.shared.aborted.store(true, Ordering::SeqCst);
+        let _ = self.lane_stop.send(true);
+        for task in &self.lane_tasks {
+            task.abort();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn start_refuses_bad_settings_before_any_io() {
+        let handler = tower::service_fn(|_e: ConsumedEvent| async { Ok::<_, BoxError>(()) });
+        let builder = KafkaConsumer::builder(ClientConfig::new(), "g");
+        let err = builder
+            .clone()
+            .start(StartOptions::new(Vec::<String>::new()), handler)
+            .unwrap_err();
+        assert!(matches!(err, ConsumerError::Config(_)));
+        let err = builder
+            .clone()
+            .workers(0)
+            .start(StartOptions::new(["t"]), handler)
+            .unwrap_err();
+        assert!(matches!(err, ConsumerError::Config(_)));
+        let err = KafkaConsumer::builder(ClientConfig::new(), "")
+            .start(StartOptions::new(["t"]), handler)
+            .unwrap_err();
+        assert!(matches!(err, ConsumerError::Config(_)));
+    }
+
+    #[test]
+    fn disabled_kafka_gives_a_clear_error() {
+        let config = KafkaConfig::builder().enabled(false).build().unwrap();
+        assert!(matches!(
+            KafkaConsumer::from_config(&config),
+            Err(ConsumerError::Disabled)
+        ));
+    }
+
+    #[test]
+    fn start_options_default_like_the_seed() {
+        let o = StartOptions::new(["a", "b"]);
+        assert_eq!(o.topics, vec!["a", "b"]);
+        assert!(!o.from_beginning && o.auto_commit && o.enable_dlq);
+        assert_eq!(o.max_retries, 3);
+    }
+}

@@ -1,0 +1,624 @@
+//! The poll thread: the only code that fetches from librdkafka.
+//!
+//! One dedicated OS thread owns a `BaseConsumer` and calls `poll` with a short
+//! timeout in a loop. It never waits on a waker that librdkafka must fire (the cause
+//! of `StreamConsumer`'s lost wakeups, rust-rdkafka #638/#665/#848); rebalance
+//! callbacks run on it, between polls, with direct access to the offset tracker.
+//! Fetched messages are copied out and routed to the bounded lane queues. A full
+//! lane holds the thread up to `backpressure_after` (serving commands meanwhile);
+//! if it stays full, the thread holds that one message and pauses fetching
+//! (librdkafka `pause`) but keeps polling, so rebalances and `max.poll.interval.ms`
+//! are served however slow the handler; once the lane is half empty it seeks every
+//! partition back to the next undispatched offset and resumes. Completions come
+//! back on a channel and become commits: stored offsets (auto-commit mode) or
+//! explicit commits (manual mode), always only up to the lowest unfinished offset of
+//! each partition.
+
+use super::error::ConsumerError;
+use super::event::ReceivedMessage;
+use super::metrics::ConsumerMetrics;
+use super::scheduler::{ProcessingOrder, lane_for};
+use super::tracker::{Dispatch, OffsetTracker, TopicPartition};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaResult;
+use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+
+/// A message on its way to a lane.
+#[derive(Debug)]
+pub(crate) struct Work {
+    pub(crate) tp: TopicPartition,
+    pub(crate) epoch: u64,
+    pub(crate) message: ReceivedMessage,
+}
+
+/// A lane finished (handled or dead-lettered or gave up on) a message.
+#[derive(Debug)]
+pub(crate) struct Completion {
+    pub(crate) tp: TopicPartition,
+    pub(crate) epoch: u64,
+    pub(crate) offset: i64,
+}
+
+type Ack = oneshot::Sender<Result<(), ConsumerError>>;
+
+/// How often auto-commit mode hands finished offsets to librdkafka.
+const STORE_INTERVAL: Duration = Duration::from_millis(10);
+
+/// Requests from the runtime handle to the poll thread.
+#[derive(Debug)]
+pub(crate) enum Command {
+    Pause(Option<TopicPartition>, Ack),
+    Resume(Option<TopicPartition>, Ack),
+    /// Stop fetching; keep committing completions until `Finish`.
+    Stop,
+    /// Final commit, close the consumer, then answer.
+    Finish(oneshot::Sender<()>),
+}
+
+/// State shared by the handle, the poll thread and the rebalance callbacks.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) tracker: Mutex<OffsetTracker>,
+    pub(crate) completions: Mutex<mpsc::UnboundedReceiver<Completion>>,
+    pub(crate) metrics: Arc<ConsumerMetrics>,
+    pub(crate) running: AtomicBool,
+    pub(crate) paused_all: AtomicBool,
+    pub(crate) paused: Mutex<HashSet<TopicPartition>>,
+    pub(crate) aborted: AtomicBool,
+    /// Fetching is paused because a lane is full.
+    pub(crate) backpressure: AtomicBool,
+    pub(crate) manual_commit: bool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Shared {
+    pub(crate) fn new(
+        completions: mpsc::UnboundedReceiver<Completion>,
+        metrics: Arc<ConsumerMetrics>,
+        manual_commit: bool,
+    ) -> Self {
+        Shared {
+            tracker: Mutex::new(OffsetTracker::new()),
+            completions: Mutex::new(completions),
+            metrics,
+            running: AtomicBool::new(true),
+            paused_all: AtomicBool::new(false),
+            paused: Mutex::new(HashSet::new()),
+            aborted: AtomicBool::new(false),
+            backpressure: AtomicBool::new(false),
+            manual_commit,
+        }
+    }
+
+    pub(crate) fn tracker(&self) -> MutexGuard<'_, OffsetTracker> {
+        lock(&self.tracker)
+    }
+
+    /// The tracker with every completion reported so far applied.
+    pub(crate) fn current_tracker(&self) -> MutexGuard<'_, OffsetTracker> {
+        let mut tracker = self.tracker();
+        self.drain_completions(&mut tracker);
+        tracker
+    }
+
+    pub(crate) fn paused(&self) -> MutexGuard<'_, HashSet<TopicPartition>> {
+        lock(&self.paused)
+    }
+
+    /// Applies every reported completion to the tracker (caller holds the tracker).
+    fn drain_completions(&self, tracker: &mut OffsetTracker) {
+        let mut rx = lock(&self.completions);
+        while let Ok(c) = rx.try_recv() {
+            tracker.complete(&c.tp, c.epoch, c.offset);
+        }
+    }
+}
+
+fn tpl_of(positions: &[(TopicPartition, i64)]) -> TopicPartitionList {
+    let mut tpl = TopicPartitionList::with_capacity(positions.len());
+    for (tp, offset) in positions {
+        // Adding a partition to a fresh list cannot fail for a valid offset.
+        let _ = tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(*offset));
+    }
+    tpl
+}
+
+/// The consumer context: rebalance hooks that commit before partitions go away.
+#[derive(Debug)]
+pub(crate) struct KeelConsumerContext {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl ClientContext for KeelConsumerContext {}
+
+impl ConsumerContext for KeelConsumerContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(revoked) = rebalance else {
+            return;
+        };
+        let commits: Vec<(TopicPartition, i64)> = {
+            let mut tracker = self.shared.tracker();
+            self.shared.drain_completions(&mut tracker);
+            revoked
+                .elements()
+                .iter()
+                .filter_map(|e| {
+                    let tp = TopicPartition::new(e.topic(), e.partition());
+                    tracker.revoke(&tp).map(|pos| (tp, pos))
+                })
+                .collect()
+        };
+        if commits.is_empty() || self.shared.aborted.load(Ordering::SeqCst) {
+            return;
+        }
+        // Unfinished messages of revoked partitions are not committed: their new
+        // owner handles them again (at-least-once).
+        match consumer.commit(&tpl_of(&commits), CommitMode::Sync) {
+            Ok(()) => {
+                tracing::info!(partitions = ?commits, "committed offsets of revoked partitions")
+            }
+            Err(e) => tracing::warn!(error = %e, partitions = ?commits, "commit on revoke failed"),
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(assigned) => {
+                let paused_all = self.shared.paused_all.load(Ordering::SeqCst)
+                    || self.shared.backpressure.load(Ordering::SeqCst);
+                let paused = self.shared.paused();
+                let mut to_pause = TopicPartitionList::new();
+                {
+                    let mut tracker = self.shared.tracker();
+                    for e in assigned.elements() {
+                        let tp = TopicPartition::new(e.topic(), e.partition());
+                        if paused_all || paused.contains(&tp) {
+                            to_pause.add_partition(e.topic(), e.partition());
+                        }
+                        tracker.assign(tp);
+                    }
+                }
+                tracing::info!(partitions = assigned.count(), "partitions assigned");
+                if to_pause.count() > 0
+                    && let Err(e) = consumer.pause(&to_pause)
+                {
+                    tracing::warn!(error = %e, "could not keep newly assigned partitions paused");
+                }
+            }
+            Rebalance::Revoke(revoked) => {
+                tracing::info!(partitions = revoked.count(), "partitions revoked");
+            }
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "offset commit failed, will retry");
+            let mut tracker = self.shared.tracker();
+            for el in offsets.elements() {
+                tracker.forget_committed(&TopicPartition::new(el.topic(), el.partition()));
+            }
+        }
+    }
+}
+
+pub(crate) type KeelBaseConsumer = BaseConsumer<KeelConsumerContext>;
+
+/// Everything the poll thread owns.
+pub(crate) struct PollLoop {
+    pub(crate) consumer: Arc<KeelBaseConsumer>,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) lanes: Vec<mpsc::Sender<Work>>,
+    pub(crate) order: ProcessingOrder,
+    pub(crate) commands: mpsc::UnboundedReceiver<Command>,
+    pub(crate) rt: tokio::runtime::Handle,
+    pub(crate) poll_timeout: Duration,
+    pub(crate) commit_interval: Duration,
+    pub(crate) topics: HashMap<String, Arc<str>>,
+    /// How long a full lane may block polling before fetching is paused instead.
+    pub(crate) backpressure_after: Duration,
+    /// A message whose lane was full, with that lane.
+    pub(crate) held: Option<(usize, Work)>,
+    /// The lane that was full last.
+    pub(crate) held_lane: usize,
+    /// Lowest offset fetched but not dispatched, per partition, during backpressure.
+    pub(crate) rewind: HashMap<TopicPartition, i64>,
+}
+
+enum Next {
+    Continue,
+    /// Graceful stop: drain, then finish.
+    Stop,
+    /// The handle is gone without a shutdown: stop without committing.
+    Abort,
+}
+
+impl PollLoop {
+    pub(crate) fn run(mut self) {
+        let mut last_commit = Instant::now();
+        let mut next = Next::Continue;
+        while matches!(next, Next::Continue) {
+            next = self.serve_commands();
+            if !matches!(next, Next::Continue) {
+                break;
+            }
+            self.flush(false, &mut last_commit);
+            next = self.poll_once();
+        }
+        let done = match next {
+            Next::Stop => self.drain(&mut last_commit),
+            _ => None,
+        };
+        if done.is_none() {
+            self.shared.aborted.store(true, Ordering::SeqCst);
+        }
+        self.shared.running.store(false, Ordering::SeqCst);
+        // Closing the consumer leaves the group (revoke hook commits unless aborted).
+        let PollLoop {
+            consumer, lanes, ..
+        } = self;
+        drop(lanes);
+        drop(consumer);
+        if let Some(done) = done {
+            let _ = done.send(());
+        }
+    }
+
+    fn serve_commands(&mut self) -> Next {
+        loop {
+            match self.commands.try_recv() {
+                Ok(cmd) => match self.command(cmd) {
+                    Next::Continue => {}
+                    other => return other,
+                },
+                Err(mpsc::error::TryRecvError::Empty) => return Next::Continue,
+                Err(mpsc::error::TryRecvError::Disconnected) => return Next::Abort,
+            }
+        }
+    }
+
+    fn command(&mut self, cmd: Command) -> Next {
+        match cmd {
+            Command::Pause(tp, ack) => {
+                let _ = ack.send(self.pause(tp));
+                Next::Continue
+            }
+            Command::Resume(tp, ack) => {
+                let _ = ack.send(self.resume(tp));
+                Next::Continue
+            }
+            Command::Stop => Next::Stop,
+            // Finish before Stop: treat as a stop; the handle sends Finish again.
+            Command::Finish(done) => {
+                drop(done);
+                Next::Stop
+            }
+        }
+    }
+
+    fn targets(&self, tp: &Option<TopicPartition>) -> Result<TopicPartitionList, ConsumerError> {
+        match tp {
+            Some(tp) => {
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition(&tp.topic, tp.partition);
+                Ok(tpl)
+            }
+            None => self
+                .consumer
+                .assignment()
+                .map_err(|e| ConsumerError::kafka("reading the assignment", e)),
+        }
+    }
+
+    fn pause(&self, tp: Option<TopicPartition>) -> Result<(), ConsumerError> {
+        let tpl = self.targets(&tp)?;
+        match &tp {
+            None => self.shared.paused_all.store(true, Ordering::SeqCst),
+            Some(tp) => {
+                self.shared.paused().insert(tp.clone());
+            }
+        }
+        if tpl.count() > 0 {
+            self.consumer
+                .pause(&tpl)
+                .map_err(|e| ConsumerError::kafka("pausing", e))?;
+        }
+        tracing::info!(partition = ?tp, "consumption paused");
+        Ok(())
+    }
+
+    fn resume(&mut self, tp: Option<TopicPartition>) -> Result<(), ConsumerError> {
+        let tpl = self.targets(&tp)?;
+        match &tp {
+            None => {
+                self.shared.paused_all.store(false, Ordering::SeqCst);
+                self.shared.paused().clear();
+            }
+            Some(tp) => {
+                self.shared.paused().remove(tp);
+            }
+        }
+        // Under backpressure the fetch stays paused; relieving it resumes these.
+        if tpl.count() > 0 && !self.shared.backpressure.load(Ordering::SeqCst) {
+            self.seek_and_resume(&tpl);
+        }
+        tracing::info!(partition = ?tp, "consumption resumed");
+        Ok(())
+    }
+
+    /// Seeks each partition of `tpl` to one past the last message handed to a
+    /// worker (or to the first fetched-but-dropped one), then resumes it.
+    ///
+    /// librdkafka drops the messages it had prefetched for a paused partition;
+    /// seeking *before* resuming makes fetching restart exactly where handing out
+    /// stopped, so nothing is skipped (re-fetched duplicates are dropped by the
+    /// tracker).
+    fn seek_and_resume(&mut self, tpl: &TopicPartitionList) {
+        let positions: Vec<(TopicPartition, i64)> = {
+            let tracker = self.shared.tracker();
+            tpl.elements()
+                .iter()
+                .filter_map(|e| {
+                    let tp = TopicPartition::new(e.topic(), e.partition());
+                    let rewind = self.rewind.remove(&tp);
+                    let pos = tracker.resume_position(&tp).or(rewind)?;
+                    Some((tp, pos))
+                })
+                .collect()
+        };
+        for (tp, pos) in positions {
+            if let Err(e) = self.consumer.seek(
+                &tp.topic,
+                tp.partition,
+                Offset::Offset(pos),
+                Duration::from_secs(5),
+            ) {
+                tracing::warn!(%tp, offset = pos, error = %e, "seek before resume failed");
+            }
+        }
+        if let Err(e) = self.consumer.resume(tpl) {
+            tracing::warn!(error = %e, "resume failed");
+        }
+    }
+
+    /// Applies completions; stores or commits the positions that moved.
+    fn flush(&self, final_commit: bool, last_commit: &mut Instant) {
+        let commits = {
+            let mut tracker = self.shared.tracker();
+            self.shared.drain_completions(&mut tracker);
+            // Manual mode commits every `commit_interval`; auto-commit mode stores
+            // at most every 10 ms (librdkafka commits stored offsets every
+            // `auto.commit.interval.ms` anyway), not once per message.
+            let every = if self.shared.manual_commit {
+                self.commit_interval
+            } else {
+                STORE_INTERVAL
+            };
+            if !final_commit && last_commit.elapsed() < every {
+                return;
+            }
+            tracker.take_commits()
+        };
+        if commits.is_empty() {
+            return;
+        }
+        *last_commit = Instant::now();
+        let tpl = tpl_of(&commits);
+        let result = if self.shared.manual_commit || final_commit {
+            let mode = if final_commit {
+                CommitMode::Sync
+            } else {
+                CommitMode::Async
+            };
+            self.consumer.commit(&tpl, mode)
+        } else {
+            self.consumer.store_offsets(&tpl)
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "storing or committing offsets failed, will retry");
+            let mut tracker = self.shared.tracker();
+            for (tp, _) in &commits {
+                tracker.forget_committed(tp);
+            }
+        }
+    }
+
+    fn poll_once(&mut self) -> Next {
+        if let Some(next) = self.relieve_backpressure() {
+            return next;
+        }
+        let timeout = if self.held.is_some() {
+            // Check the full lane again soon; keep polling to serve rebalances.
+            self.poll_timeout.min(Duration::from_millis(10))
+        } else {
+            self.poll_timeout
+        };
+        let message = match self.consumer.poll(timeout) {
+            None => return Next::Continue,
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "kafka consumer error");
+                return Next::Continue;
+            }
+            Some(Ok(m)) => m,
+        };
+        let topic = match self.topics.get(message.topic()) {
+            Some(t) => t.clone(),
+            None => {
+                let t: Arc<str> = message.topic().into();
+                self.topics.insert(message.topic().to_string(), t.clone());
+                t
+            }
+        };
+        let tp = TopicPartition {
+            topic,
+            partition: message.partition(),
+        };
+        if self.held.is_some() || self.shared.backpressure.load(Ordering::SeqCst) {
+            // Fetched before the backpressure pause took effect: not dispatched, so
+            // fetch it again when the pause ends.
+            let offset = message.offset();
+            self.rewind
+                .entry(tp)
+                .and_modify(|o| *o = (*o).min(offset))
+                .or_insert(offset);
+            return Next::Continue;
+        }
+        let epoch = match self.shared.tracker().dispatch(&tp, message.offset()) {
+            Dispatch::Accepted { epoch } => epoch,
+            skipped => {
+                tracing::debug!(%tp, offset = message.offset(), ?skipped, "fetched message dropped");
+                return Next::Continue;
+            }
+        };
+        let received = ReceivedMessage::from_borrowed(&message);
+        drop(message);
+        let lane = lane_for(
+            self.order,
+            self.lanes.len(),
+            &tp.topic,
+            tp.partition,
+            received.key(),
+        );
+        let work = Work {
+            tp,
+            epoch,
+            message: received,
+        };
+        match self.lanes[lane].try_send(work) {
+            Ok(()) => Next::Continue,
+            Err(mpsc::error::TrySendError::Full(work)) => self.wait_for_room(lane, work),
+            Err(mpsc::error::TrySendError::Closed(_)) => Next::Abort,
+        }
+    }
+
+    /// A lane is full. Short bursts are absorbed by waiting (serving commands) up to
+    /// `backpressure_after`; a lane still full after that is sustained backpressure:
+    /// hold the message, pause fetching and go back to polling. Pausing on every
+    /// full lane would thrash (each resume seeks and re-fetches).
+    fn wait_for_room(&mut self, lane: usize, work: Work) -> Next {
+        let rt = self.rt.clone();
+        let sender = self.lanes[lane].clone();
+        let patience = self.backpressure_after;
+        let (next, unsent) = rt.block_on(async {
+            let mut reserve = std::pin::pin!(sender.reserve_owned());
+            let mut give_up = std::pin::pin!(tokio::time::sleep(patience));
+            loop {
+                tokio::select! {
+                    permit = &mut reserve => {
+                        return match permit {
+                            Ok(permit) => {
+                                permit.send(work);
+                                (Next::Continue, None)
+                            }
+                            Err(_) => (Next::Abort, None),
+                        };
+                    }
+                    () = &mut give_up => return (Next::Continue, Some(work)),
+                    cmd = self.commands.recv() => match cmd {
+                        Some(cmd) => match self.command(cmd) {
+                            Next::Continue => {}
+                            other => return (other, None),
+                        },
+                        None => return (Next::Abort, None),
+                    },
+                }
+            }
+        });
+        if let Some(work) = unsent {
+            self.held = Some((lane, work));
+            self.pause_for_backpressure();
+        }
+        next
+    }
+
+    /// A lane is full: hold its message and pause fetching everywhere, but keep
+    /// polling so rebalances and the poll interval are served.
+    fn pause_for_backpressure(&self) {
+        if self.shared.backpressure.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        match self.consumer.assignment() {
+            Ok(tpl) if tpl.count() > 0 => {
+                if let Err(e) = self.consumer.pause(&tpl) {
+                    tracing::warn!(error = %e, "backpressure pause failed");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "backpressure pause: no assignment"),
+        }
+        tracing::debug!("lane full: fetching paused");
+    }
+
+    /// Sends the held message once its lane has room, and ends the backpressure
+    /// pause when that lane is at most half full (hysteresis).
+    fn relieve_backpressure(&mut self) -> Option<Next> {
+        if let Some((lane, work)) = self.held.take() {
+            match self.lanes[lane].try_send(work) {
+                Ok(()) => self.held_lane = lane,
+                Err(mpsc::error::TrySendError::Full(work)) => {
+                    self.held = Some((lane, work));
+                    return None;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return Some(Next::Abort),
+            }
+        }
+        if !self.shared.backpressure.load(Ordering::SeqCst) {
+            return None;
+        }
+        let lane = &self.lanes[self.held_lane];
+        if lane.capacity() * 2 < lane.max_capacity() {
+            return None;
+        }
+        self.shared.backpressure.store(false, Ordering::SeqCst);
+        if self.shared.paused_all.load(Ordering::SeqCst) {
+            return None; // the user's pause stands; their resume seeks
+        }
+        let Ok(assignment) = self.consumer.assignment() else {
+            return None;
+        };
+        let user_paused = self.shared.paused().clone();
+        let mut tpl = TopicPartitionList::new();
+        for e in assignment.elements() {
+            let tp = TopicPartition::new(e.topic(), e.partition());
+            if !user_paused.contains(&tp) {
+                tpl.add_partition(e.topic(), e.partition());
+            }
+        }
+        self.seek_and_resume(&tpl);
+        tracing::debug!("lane drained: fetching resumed");
+        None
+    }
+
+    /// After Stop: keep committing what lanes finish until Finish (or the handle is
+    /// dropped). Returns the sender to answer once the consumer is closed.
+    fn drain(&mut self, last_commit: &mut Instant) -> Option<oneshot::Sender<()>> {
+        let rt = self.rt.clone();
+        loop {
+            self.flush(false, last_commit);
+            let cmd = rt.block_on(async {
+                tokio::time::timeout(Duration::from_millis(20), self.commands.recv()).await
+            });
+            match cmd {
+                Err(_elapsed) => {}
+                Ok(Some(Command::Finish(done))) => {
+                    self.flush(true, last_commit);
+                    return Some(done);
+                }
+                Ok(Some(Command::Pause(_, ack) | Command::Resume(_, ack))) => {
+                    let _ = ack.send(Err(ConsumerError::NotRunning));
+                }
+                Ok(Some(Command::Stop)) => {}
+                Ok(None) => return None,
+            }
+        }
+    }
+}

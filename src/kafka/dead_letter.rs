@@ -1,1 +1,0 @@
-//! Kafka dead_letter (being written).

@@ -1,0 +1,29 @@
+//! Names of the provenance headers a dead-lettered message carries.
+//!
+//! The original headers come first, unchanged; these are appended. Values are UTF-8
+//! text (numbers in decimal).
+
+/// Topic the message was consumed from.
+pub const ORIGINAL_TOPIC: &str = "keel-dlq-original-topic";
+/// Partition the message was consumed from.
+pub const ORIGINAL_PARTITION: &str = "keel-dlq-original-partition";
+/// Offset of the message in that partition.
+pub const ORIGINAL_OFFSET: &str = "keel-dlq-original-offset";
+/// The message's timestamp, milliseconds since the Unix epoch (absent when the
+/// message had none).
+pub const ORIGINAL_TIMESTAMP: &str = "keel-dlq-original-timestamp";
+/// `CreateTime`, `LogAppendTime` or `NotAvailable`.
+pub const ORIGINAL_TIMESTAMP_TYPE: &str = "keel-dlq-original-timestamp-type";
+/// Consumer group that gave up on the message.
+pub const CONSUMER_GROUP: &str = "keel-dlq-consumer-group";
+/// Short class of the failure: `error`, `permanent`, `decode`,
+/// `unknown_event_type`, `timeout`, or a class set by the handler.
+pub const ERROR_KIND: &str = "keel-dlq-error-kind";
+/// Rust type name of the error (Spring's "exception class").
+pub const ERROR_TYPE: &str = "keel-dlq-error-type";
+/// The error message with its chain of causes (`outer: cause: root`).
+pub const ERROR_MESSAGE: &str = "keel-dlq-error-message";
+/// How many times the handler was called (0 for an undecodable message).
+pub const ATTEMPTS: &str = "keel-dlq-attempts";
+/// When the message was dead-lettered, milliseconds since the Unix epoch.
+pub const FAILED_AT: &str = "keel-dlq-failed-at";
