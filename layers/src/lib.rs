@@ -12,9 +12,12 @@
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
 pub mod batch;
+pub mod builder;
 pub mod circuit_breaker;
 pub mod classify;
 pub mod logging;
 pub mod metrics;
 pub mod retry;
 pub mod timeout;
+
+pub use builder::ServiceBuilderExt;

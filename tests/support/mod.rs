@@ -41,6 +41,24 @@ pub fn kafka_brokers() -> String {
     brokers
 }
 
+/// Bootstrap servers of the three-node Kafka cluster that `scripts/up --cluster`
+/// starts (`KEEL_KAFKA_CLUSTER_BROKERS`, default
+/// `127.0.0.1:19092,127.0.0.1:19093,127.0.0.1:19094`), each checked to be reachable.
+/// Not started by default: tests that need it fail with the command that starts it.
+pub fn kafka_cluster_brokers() -> String {
+    let brokers = env_or(
+        "KEEL_KAFKA_CLUSTER_BROKERS",
+        "127.0.0.1:19092,127.0.0.1:19093,127.0.0.1:19094",
+    );
+    for broker in brokers.split(',') {
+        require_reachable(
+            "the three-node Kafka cluster (start it with `scripts/up --cluster`)",
+            broker,
+        );
+    }
+    brokers
+}
+
 /// One S3-compatible test server.
 #[derive(Clone, Debug)]
 pub struct S3Server {
@@ -137,4 +155,26 @@ pub fn kafka_libs() -> PathBuf {
         dir.display()
     );
     dir
+}
+
+/// `127.0.0.1:<port>` where nothing listens (a port the OS just handed out and
+/// that was released again), for tests of what happens when a server is down.
+pub fn closed_local_address() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    let port = listener.local_addr().expect("local address").port();
+    drop(listener);
+    format!("127.0.0.1:{port}")
+}
+
+/// Runs one test of the current test binary in a child process with extra
+/// environment variables (e.g. a server address where nothing listens) and returns
+/// its output; the child's exit status tells whether that test passed.
+pub fn run_this_test_binary(test: &str, env: &[(&str, String)]) -> std::process::Output {
+    let exe = std::env::current_exe().expect("path of the running test binary");
+    let mut command = std::process::Command::new(exe);
+    command.args(["--exact", test, "--test-threads", "1"]);
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    command.output().expect("run the test binary again")
 }

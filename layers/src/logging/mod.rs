@@ -146,10 +146,12 @@ where
     type Error = S::Error;
     type Future = ResponseFuture<S::Future, C>;
 
+    #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
+    #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
         if !self.config.anything_enabled() {
             return ResponseFuture {
@@ -157,18 +159,8 @@ where
                 logged: None,
             };
         }
-        let config = &*self.config;
-        let outer = span_at!(
-            config.span_level,
-            "call",
-            component = config.component,
-            operation = config.operation
-        );
-        let caller = outer.in_scope(|| self.fields.span(&req));
-        // The completion event goes into the innermost span; the subscriber's
-        // registry keeps the outer one alive as the caller span's parent.
-        let span = if caller.is_none() { outer } else { caller };
-        let start = config.clock.now_nanos();
+        let span = open_span(&self.config, &self.fields, &req);
+        let start = self.config.clock.now_nanos();
         let inner = span.in_scope(|| self.inner.call(req));
         ResponseFuture {
             inner,
@@ -180,6 +172,22 @@ where
             }),
         }
     }
+}
+
+/// Opens the call's span (and the caller's, as its child); kept out of line so that
+/// the disabled path of [`Logging::call`] stays small enough to inline.
+#[inline(never)]
+fn open_span<Req, F: RequestFields<Req>>(config: &Config, fields: &F, req: &Req) -> tracing::Span {
+    let outer = span_at!(
+        config.span_level,
+        "call",
+        component = config.component,
+        operation = config.operation
+    );
+    let caller = outer.in_scope(|| fields.span(req));
+    // The completion event goes into the innermost span; the subscriber's
+    // registry keeps the outer one alive as the caller span's parent.
+    if caller.is_none() { outer } else { caller }
 }
 
 #[cfg(test)]

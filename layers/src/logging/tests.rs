@@ -57,6 +57,33 @@ fn subscriber(
     (capture, subscriber)
 }
 
+/// One logging test at a time in this binary: each installs its own subscriber,
+/// and tracing-core recomputes callsite interest and the global max level when a
+/// dispatcher registers. Done concurrently, a stale recomputation from another
+/// thread can disable this test's spans (seen as missing span fields).
+static SUBSCRIBER_TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Holds off the other logging tests (see [`SUBSCRIBER_TESTS`]).
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SUBSCRIBER_TESTS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Sets `subscriber` as this thread's default until the guard drops, serialised
+/// with the other logging tests, and recomputes every callsite's interest.
+fn install(
+    subscriber: impl tracing::Subscriber + Send + Sync + 'static,
+) -> (
+    std::sync::MutexGuard<'static, ()>,
+    tracing::subscriber::DefaultGuard,
+) {
+    let serial = serial();
+    let guard = tracing::subscriber::set_default(subscriber);
+    tracing::callsite::rebuild_interest_cache();
+    (serial, guard)
+}
+
 struct Publish {
     topic: &'static str,
     event_id: &'static str,
@@ -112,7 +139,7 @@ fn request(takes: u64, result: Result<u16, &'static str>) -> Publish {
 #[tokio::test(start_paused = true)]
 async fn success_line_matches_the_seed_format() {
     let (capture, subscriber) = subscriber(tracing::Level::INFO);
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let _guard = install(subscriber);
     let mut svc = layer().layer(publisher());
     let req = request(45, Ok(200));
     assert_eq!(req.payload.len(), 21);
@@ -147,7 +174,7 @@ async fn success_line_matches_the_seed_format() {
 #[tokio::test(start_paused = true)]
 async fn failure_logs_at_error_with_class_and_error() {
     let (capture, subscriber) = subscriber(tracing::Level::TRACE);
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let _guard = install(subscriber);
     let mut svc = layer().layer(publisher());
     svc.ready()
         .await
@@ -186,7 +213,7 @@ async fn failure_logs_at_error_with_class_and_error() {
 #[tokio::test(start_paused = true)]
 async fn levels_follow_the_outcome_and_are_configurable() {
     let (capture, subscriber) = subscriber(tracing::Level::TRACE);
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let _guard = install(subscriber);
     let mut svc = layer()
         .on_success(tracing::Level::DEBUG)
         .on_failure(tracing::Level::WARN)
@@ -220,7 +247,7 @@ async fn levels_follow_the_outcome_and_are_configurable() {
 #[tokio::test(start_paused = true)]
 async fn filtered_levels_log_nothing_and_pass_results_through() {
     let (capture, subscriber) = subscriber(tracing::Level::WARN);
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let _guard = install(subscriber);
     let mut svc = layer().layer(publisher());
     assert_eq!(
         svc.ready()
@@ -247,8 +274,11 @@ async fn filtered_levels_log_nothing_and_pass_results_through() {
     assert_eq!(lines[0]["component"], "KafkaProducer");
 }
 
+// The serial guard is meant to span the awaits (a current-thread runtime).
+#[allow(clippy::await_holding_lock)]
 #[tokio::test]
 async fn default_layer_without_fields_and_without_subscriber() {
+    let serial = serial();
     // No subscriber at all: the call goes through untouched.
     let mut svc = Logging::new(
         service_fn(|x: u32| async move { Ok::<_, std::io::Error>(x + 1) }),
@@ -259,7 +289,8 @@ async fn default_layer_without_fields_and_without_subscriber() {
     assert_eq!((*svc.get_ref()).oneshot(1).await.unwrap(), 2);
 
     let (capture, subscriber) = subscriber(tracing::Level::INFO);
-    let _guard = tracing::subscriber::set_default(subscriber);
+    drop(serial);
+    let _guard = install(subscriber);
     svc.ready().await.unwrap().call(1).await.unwrap();
     let lines = capture.lines();
     assert_eq!(lines.len(), 1);
@@ -281,7 +312,7 @@ async fn snake_case_kept_when_asked() {
         )
         .with_writer(capture.clone())
         .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let _guard = install(subscriber);
     tracing::info!(
         duration_ms = 3u64,
         ratio = 0.5,

@@ -1,43 +1,23 @@
 //! Per-call overhead of keel's Retry and Timeout on a no-op service, one thread,
 //! beside tower's own `Timeout` and `Retry` (with a policy that never retries).
 //!
-//! Run: `cargo bench -p keel-layers --bench retry_timeout`
+//! Run: `cargo bench -p keel-benches --bench retry_timeout`
 //!
-//! Caveat: this package's dev-dependencies enable tokio's `test-util` (paused-clock
-//! tests), and Cargo unifies features, so here every `tokio::time::Instant::now()`
-//! also locks the test clock's mutex. That inflates everything that reads the
-//! clock per call (tower's `Timeout` creates a `Sleep` per call: ~150-190 ns
-//! here against ~45 ns in the shared calibration without `test-util`). keel's
-//! fast paths do not read the clock, so ratios against tower overstate keel's
-//! lead; a bench crate without `test-util` gives the production figures.
+//! Unlike the `layers` bench, every call here goes through a current-thread tokio
+//! runtime (`ready().await`, `call().await`), and a second service answers on its
+//! second poll so that the timeouts arm their timers. This package builds tokio
+//! without `test-util`, whose paused-clock support makes every clock read take a
+//! mutex (tower's `Timeout` measured ~150-190 ns per call with it, ~45 ns without).
 
 use criterion::{Criterion, criterion_group, criterion_main};
+use keel_benches::{NeverRetry, Noop};
 use keel_layers::retry::{Retry, RetryPolicy};
 use keel_layers::timeout::Timeout;
 use std::convert::Infallible;
-use std::future::{Ready, ready};
 use std::hint::black_box;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tower::{Service, ServiceExt};
-
-/// Answers at once.
-#[derive(Clone, Copy, Debug)]
-struct Noop;
-
-impl Service<u64> for Noop {
-    type Response = u64;
-    type Error = Infallible;
-    type Future = Ready<Result<u64, Infallible>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: u64) -> Self::Future {
-        ready(Ok(req))
-    }
-}
 
 /// Answers on the second poll (the first returns `Pending` after waking itself),
 /// so a timeout has to arm its timer.
@@ -71,22 +51,6 @@ impl Service<u64> for YieldOnce {
 
     fn call(&mut self, req: u64) -> Self::Future {
         YieldOnceFuture(Some(req), false)
-    }
-}
-
-/// tower's retry policy that never retries (and so never clones the request).
-#[derive(Clone, Copy, Debug)]
-struct NeverRetry;
-
-impl<E> tower::retry::Policy<u64, u64, E> for NeverRetry {
-    type Future = Ready<()>;
-
-    fn retry(&mut self, _: &mut u64, _: &mut Result<u64, E>) -> Option<Self::Future> {
-        None
-    }
-
-    fn clone_request(&mut self, _: &u64) -> Option<u64> {
-        None
     }
 }
 

@@ -1,56 +1,23 @@
 //! Per-call overhead of the metrics, batch-size and logging layers around a no-op
 //! service, on one thread.
 //!
-//! Run: `cargo bench -p keel-layers --bench observability`
+//! Run: `cargo bench -p keel-benches --bench observability`
 //!
 //! Each iteration polls the service ready, calls it and polls the response future
 //! once (the no-op completes immediately) with a no-op waker: no runtime, so the
 //! figures are the layers' own cost.
 
 use criterion::{Criterion, criterion_group, criterion_main};
+use keel_benches::{Batch, Noop, call_once};
 use keel_layers::batch::BatchSizeLayer;
 use keel_layers::logging::LoggingLayer;
 use keel_layers::metrics::MetricsLayer;
-use std::convert::Infallible;
-use std::future::{Future, Ready, ready};
 use std::hint::black_box;
-use std::pin::pin;
-use std::task::{Context, Poll, Waker};
-use tower::{Layer, Service, ServiceBuilder, service_fn};
+use tower::{Layer, Service, ServiceBuilder};
 
-type Batch = [u8; 8];
-
-fn noop()
--> impl Service<Batch, Response = usize, Error = Infallible, Future = Ready<Result<usize, Infallible>>>
-+ Clone {
-    service_fn(|req: Batch| ready(Ok::<_, Infallible>(req.len())))
-}
-
-#[inline]
-fn drive<S>(svc: &mut S, req: Batch) -> S::Response
-where
-    S: Service<Batch>,
-    S::Error: std::fmt::Debug,
-{
-    let mut cx = Context::from_waker(Waker::noop());
-    match svc.poll_ready(&mut cx) {
-        Poll::Ready(Ok(())) => {}
-        _ => unreachable!("no-op service is always ready"),
-    }
-    let fut = pin!(svc.call(req));
-    match fut.poll(&mut cx) {
-        Poll::Ready(Ok(res)) => res,
-        _ => unreachable!("no-op service completes at once"),
-    }
-}
-
-fn bench_one<S>(c: &mut Criterion, name: &str, mut svc: S)
-where
-    S: Service<Batch>,
-    S::Error: std::fmt::Debug,
-{
+fn bench_one<S: Service<Batch>>(c: &mut Criterion, name: &str, mut svc: S) {
     c.bench_function(name, |b| {
-        b.iter(|| black_box(drive(&mut svc, black_box([1; 8]))))
+        b.iter(|| assert!(call_once(&mut svc, black_box([1; 8]))))
     });
 }
 
@@ -80,13 +47,13 @@ fn calibration(c: &mut Criterion) {
 }
 
 fn layers(c: &mut Criterion) {
-    bench_one(c, "baseline/noop", noop());
-    bench_one(c, "metrics", MetricsLayer::new().layer(noop()));
-    bench_one(c, "batch_size", BatchSizeLayer::new().layer(noop()));
+    bench_one(c, "baseline/noop", Noop);
+    bench_one(c, "metrics", MetricsLayer::new().layer(Noop));
+    bench_one(c, "batch_size", BatchSizeLayer::new().layer(Noop));
     bench_one(
         c,
         "logging/no_subscriber",
-        LoggingLayer::new("Bench", "noop").layer(noop()),
+        LoggingLayer::new("Bench", "noop").layer(Noop),
     );
     bench_one(
         c,
@@ -95,7 +62,7 @@ fn layers(c: &mut Criterion) {
             .layer(LoggingLayer::new("Bench", "noop"))
             .layer(MetricsLayer::new())
             .layer(BatchSizeLayer::new())
-            .service(noop()),
+            .service(Noop),
     );
 
     // A subscriber that lets WARN and ERROR through: the success events (INFO) and
@@ -109,7 +76,7 @@ fn layers(c: &mut Criterion) {
         bench_one(
             c,
             "logging/subscriber_filters_events",
-            LoggingLayer::new("Bench", "noop").layer(noop()),
+            LoggingLayer::new("Bench", "noop").layer(Noop),
         );
         bench_one(
             c,
@@ -118,7 +85,7 @@ fn layers(c: &mut Criterion) {
                 .layer(LoggingLayer::new("Bench", "noop"))
                 .layer(MetricsLayer::new())
                 .layer(BatchSizeLayer::new())
-                .service(noop()),
+                .service(Noop),
         );
     });
 
@@ -133,7 +100,7 @@ fn layers(c: &mut Criterion) {
         bench_one(
             c,
             "logging/json_to_sink",
-            LoggingLayer::new("Bench", "noop").layer(noop()),
+            LoggingLayer::new("Bench", "noop").layer(Noop),
         );
     });
 }
