@@ -91,9 +91,9 @@ async fn main() -> Result<(), BoxError> {
     bar.finish_with_message("done");
     let secs = started.elapsed().as_secs_f64();
     println!(
-        "uploaded {} bytes in {:?} parts in {secs:.2} s ({:.1} MiB/s)",
+        "uploaded {} bytes in {} part(s) in {secs:.2} s ({:.1} MiB/s)",
         out.size,
-        out.parts,
+        out.parts.unwrap_or(1),
         mib as f64 / secs
     );
 

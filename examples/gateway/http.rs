@@ -54,6 +54,9 @@ pub struct AppState {
     pub shutting_down: Arc<AtomicBool>,
     pub presign_expiry: Duration,
     pub health_timeout: Duration,
+    /// Consumer lag per (topic, partition), sampled in the background (a
+    /// watermark request per partition is too slow for every scrape).
+    pub consumer_lag: Arc<std::sync::Mutex<Vec<(String, i32, i64)>>>,
     /// Circuit breakers by name, for `/metrics`.
     pub breakers: Vec<(&'static str, CircuitBreakerHandle)>,
 }
@@ -468,27 +471,67 @@ async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     )
 }
 
+/// Samples the consumer's lag every `every` into `state.consumer_lag`, until
+/// the consumer is taken out at shutdown.
+pub async fn sample_lag(state: AppState, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        if state.shutting_down.load(Ordering::Acquire) {
+            return;
+        }
+        let guard = state.consumer.read().await;
+        let Some(consumer) = guard.as_ref() else {
+            return;
+        };
+        // Bounded, so that shutdown (which takes the consumer) never waits long.
+        let sampled =
+            tokio::time::timeout(Duration::from_secs(3), consumer.lag(Duration::from_secs(1)))
+                .await;
+        drop(guard);
+        match sampled {
+            Ok(Ok(lags)) => {
+                *state.consumer_lag.lock().unwrap_or_else(|e| e.into_inner()) = lags
+                    .into_iter()
+                    .map(|l| {
+                        (
+                            l.partition.topic.to_string(),
+                            l.partition.partition,
+                            l.lag.unwrap_or(-1),
+                        )
+                    })
+                    .collect();
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(target: "gateway::metrics", error = %e, "consumer lag unavailable")
+            }
+            Err(_) => tracing::debug!(target: "gateway::metrics", "consumer lag timed out"),
+        }
+    }
+}
+
 async fn metrics_text(State(state): State<AppState>) -> Result<Response, Infallible> {
     let mut text = state.metrics.render();
     let mut extra = prom::PromText::default();
     if let Some(c) = state.consumer.read().await.as_ref() {
         prom::consumer(&mut extra, &c.metrics(), c.in_flight());
-        if let Ok(lags) = c.lag(Duration::from_millis(500)).await {
-            extra.family(
-                "kafka_consumer_lag",
-                "gauge",
-                "Messages not yet handled, per assigned partition (-1: unknown yet).",
-                lags.iter().map(|l| {
-                    (
-                        format!(
-                            "topic=\"{}\",partition=\"{}\"",
-                            l.partition.topic, l.partition.partition
-                        ),
-                        l.lag.unwrap_or(-1) as f64,
-                    )
-                }),
-            );
-        }
+    }
+    let lags = state
+        .consumer_lag
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    if !lags.is_empty() {
+        extra.family(
+            "kafka_consumer_lag",
+            "gauge",
+            "Messages not yet handled, per assigned partition (-1: unknown yet), sampled every 5 s.",
+            lags.into_iter().map(|(topic, partition, lag)| {
+                (
+                    format!("topic=\"{topic}\",partition=\"{partition}\""),
+                    lag as f64,
+                )
+            }),
+        );
     }
     prom::publish(&mut extra, &state.kafka.publish_metrics());
     prom::s3(&mut extra, &state.s3.metrics());

@@ -244,12 +244,14 @@ async fn run() -> Result<ExitCode, BoxError> {
         shutting_down: shutting_down.clone(),
         presign_expiry: settings.presign_expiry,
         health_timeout: Duration::from_secs(3),
+        consumer_lag: Arc::default(),
         breakers: vec![
             ("http_api", api_breaker.handle()),
             ("kafka_publish", publish_breaker),
             ("s3", s3_breaker_handle),
         ],
     };
+    tokio::spawn(http::sample_lag(state.clone(), Duration::from_secs(5)));
     let app = http::wrap(http::app(state.clone(), api_breaker)?, &metrics)?;
 
     let listener = tokio::net::TcpListener::bind(settings.addr).await?;
