@@ -756,8 +756,14 @@ async fn graceful_shutdown_under_load() {
         outcomes
     });
 
-    // Let the uploads get going, then ask the gateway to stop.
-    sleep(Duration::from_millis(700)).await;
+    // Once the three uploads are being handled, ask the gateway to stop.
+    wait_metric(
+        &gw,
+        "http_route_upload_delete_in_flight",
+        3.0,
+        Duration::from_secs(30),
+    )
+    .await;
     gw.sigterm();
 
     let mut upload_statuses = Vec::new();
