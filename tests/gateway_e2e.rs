@@ -517,7 +517,7 @@ async fn scenario(mut gw: Gateway, topic: &str, embedded: bool) {
     for series in [
         "http_calls_total",
         "http_route_publish_successes_total",
-        "http_route_upload_delete_successes_total",
+        "http_route_upload_successes_total",
         "kafka_publish_call_successes_total",
         "kafka_publish_published_total",
         "kafka_consumer_processed_total",
@@ -683,7 +683,7 @@ async fn ready_turns_503_when_s3_stops() {
     assert!(refused.headers.contains_key("retry-after"));
     let m = metrics(&gw).await;
     assert_eq!(m["circuit_breaker_state{breaker=\"http_api\"}"], 1.0);
-    assert!(m["http_route_upload_delete_failures_total{class=\"5xx\"}"] >= 5.0);
+    assert!(m["http_route_upload_failures_total{class=\"5xx\"}"] >= 5.0);
     assert_eq!(
         get(&gw.url("/health/ready")).await.status,
         StatusCode::SERVICE_UNAVAILABLE
@@ -759,7 +759,7 @@ async fn graceful_shutdown_under_load() {
     // Once the three uploads are being handled, ask the gateway to stop.
     wait_metric(
         &gw,
-        "http_route_upload_delete_in_flight",
+        "http_route_upload_in_flight",
         3.0,
         Duration::from_secs(30),
     )

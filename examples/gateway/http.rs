@@ -11,7 +11,7 @@ use axum::error_handling::HandleErrorLayer;
 use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use futures::TryStreamExt;
 use keel::kafka::client::KafkaClient;
@@ -44,15 +44,23 @@ pub type BatchStack = BoxCloneSyncService<PublishBatchRequest, BatchAck, BoxErro
 /// What every handler shares. Cloning is cheap.
 #[derive(Clone)]
 pub struct AppState {
+    /// keel's Kafka client: health, publish metrics.
     pub kafka: KafkaClient,
+    /// `POST /events/{topic}` goes through this.
     pub publish: EventStack,
+    /// `POST /events/{topic}/batch` goes through this.
     pub publish_batch: BatchStack,
+    /// keel's S3 facade over its default stack.
     pub s3: S3,
     /// The consumer, for `/metrics` and readiness; taken out at shutdown.
     pub consumer: Arc<RwLock<Option<KafkaConsumer>>>,
+    /// Every layer's metrics, rendered by `/metrics`.
     pub metrics: MetricsRegistry,
+    /// Set on SIGTERM / Ctrl-C: readiness answers 503, new API calls are refused.
     pub shutting_down: Arc<AtomicBool>,
+    /// Lifetime of the presigned URLs `GET /files/{*key}` redirects to.
     pub presign_expiry: Duration,
+    /// Bound on each dependency check of `/health/ready`.
     pub health_timeout: Duration,
     /// Consumer lag per (topic, partition), sampled in the background (a
     /// watermark request per partition is too slow for every scrape).
@@ -110,11 +118,10 @@ pub fn app(
         )
         .route(
             "/files/{*key}",
-            get(download).route_layer(route_metrics("download")?).merge(
-                axum::routing::put(upload)
-                    .delete(delete)
-                    .route_layer(route_metrics("upload_delete")?),
-            ),
+            get(download)
+                .route_layer(route_metrics("download")?)
+                .merge(put(upload).route_layer(route_metrics("upload")?))
+                .merge(axum::routing::delete(delete).route_layer(route_metrics("delete")?)),
         )
         .with_state(state.clone());
     // The API as one service behind keel's layers: layer errors become responses.
