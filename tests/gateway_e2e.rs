@@ -113,6 +113,7 @@ impl Gateway {
             cmd.env_remove(var);
         }
         cmd.env("KEEL_GATEWAY_ADDR", "127.0.0.1:0")
+            .env("KEEL_GATEWAY_RETRY_INITIAL_MS", "50")
             .env("RUST_LOG", "info")
             .env("AWS_REGION", "us-east-1")
             .env("AWS_EC2_METADATA_DISABLED", "true");
@@ -451,6 +452,37 @@ async fn scenario(mut gw: Gateway, topic: &str, embedded: bool) {
         Duration::from_secs(60),
     )
     .await;
+
+    // Retries and the dead-letter queue: a flaky event succeeds on its retry, a
+    // poison one is retried three times, then published to `<topic>.dlq`.
+    for event_type in ["demo.flaky", "demo.poison"] {
+        let answer = post_json(
+            &gw.url(&format!("/events/{topic}")),
+            json!({ "eventType": event_type, "payload": {} }),
+        )
+        .await;
+        assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.text());
+    }
+    wait_metric(
+        &gw,
+        "handler_demo_flaky_successes_total",
+        1.0,
+        Duration::from_secs(60),
+    )
+    .await;
+    wait_metric(
+        &gw,
+        "kafka_consumer_dead_lettered_total",
+        1.0,
+        Duration::from_secs(60),
+    )
+    .await;
+    let m = metrics(&gw).await;
+    assert!(
+        m["kafka_consumer_retries_total"] >= 4.0,
+        "1 flaky + 3 poison retries"
+    );
+    assert!(gw.output().contains("message dead-lettered"));
 
     // 20 MiB up, back through the presigned redirect, byte-identical.
     let data = random_bytes(20 * 1024 * 1024, 7);
