@@ -324,7 +324,8 @@ async fn run() -> Result<ExitCode, BoxError> {
     // The clients go before the embedded servers they talk to.
     drop((state, kafka, s3));
     if let Some(server) = embedded_s3 {
-        server.stop().await;
+        // Downloads through presigned URLs may still be running: bounded too.
+        let _ = tokio::time::timeout(remaining(deadline), server.stop()).await;
     }
     drop(embedded_kafka);
     tracing::info!(target: "gateway", clean, "gateway stopped");
