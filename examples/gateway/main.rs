@@ -138,6 +138,15 @@ async fn main() -> ExitCode {
 
 async fn run() -> Result<ExitCode, BoxError> {
     let settings = Settings::from_env()?;
+    // Bind first: a port in use fails at once, before anything is started.
+    let listener = tokio::net::TcpListener::bind(settings.addr)
+        .await
+        .map_err(|e| {
+            format!(
+                "cannot listen on {} (KEEL_GATEWAY_ADDR): {e}",
+                settings.addr
+            )
+        })?;
     let metrics = MetricsRegistry::new();
 
     // Kafka: the real brokers when KAFKA_BROKERS is set, else a mock cluster.
@@ -254,7 +263,6 @@ async fn run() -> Result<ExitCode, BoxError> {
     tokio::spawn(http::sample_lag(state.clone(), Duration::from_secs(5)));
     let app = http::wrap(http::app(state.clone(), api_breaker)?, &metrics)?;
 
-    let listener = tokio::net::TcpListener::bind(settings.addr).await?;
     let addr = listener.local_addr()?;
     banner(
         addr,
