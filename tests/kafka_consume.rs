@@ -851,7 +851,7 @@ async fn a_rebalance_mid_stream_loses_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_a_dlq_failures_are_counted_and_skipped() {
+async fn without_a_dlq_failures_are_counted_and_the_partition_moves_on() {
     let brokers = support::kafka_brokers();
     let topic = unique("no-dlq");
     create_topics(&brokers, &[(&topic, 1)]).await;
@@ -896,7 +896,7 @@ async fn without_a_dlq_failures_are_counted_and_skipped() {
     assert_eq!(metrics.total_failed, 1);
     assert_eq!(metrics.total_retries, 1);
     assert_eq!(metrics.total_dead_lettered, 0);
-    // The unknown type was skipped by the registry's default and counts as processed.
+    // The registry passes over the unknown type by default; it counts as processed.
     assert_eq!(metrics.total_processed, 2);
     assert!(metrics.last_processed_at.is_some());
     // The failed message waited one 10 ms backoff: it is the slowest of three.
