@@ -457,9 +457,9 @@ fn header_text(name: &'static str, value: Option<&[u8]>) -> Result<String, Decod
         })
 }
 
-fn read_headers<M: Message>(msg: &M) -> Result<KeelHeaders, DecodeError> {
+fn read_headers<H: Headers>(headers: Option<&H>) -> Result<KeelHeaders, DecodeError> {
     let mut out = KeelHeaders::default();
-    let Some(headers) = msg.headers() else {
+    let Some(headers) = headers else {
         return Ok(out);
     };
     for h in headers.iter() {
@@ -512,13 +512,23 @@ impl<T: DeserializeOwned> EventEnvelope<T> {
     /// Decodes a Kafka message (a `BorrowedMessage` from a consumer or an
     /// `OwnedMessage`) into an envelope; see the [module docs](self) for the rules.
     pub fn from_message<M: Message>(msg: &M) -> Result<Self, DecodeError> {
-        let value = msg.payload().ok_or(DecodeError::EmptyValue)?;
+        Self::from_parts(msg.payload(), msg.key(), msg.headers(), msg.timestamp())
+    }
+
+    /// [`EventEnvelope::from_message`] over the parts of a message.
+    pub(crate) fn from_parts<H: Headers>(
+        payload: Option<&[u8]>,
+        key: Option<&[u8]>,
+        headers: Option<&H>,
+        kafka_timestamp: Timestamp,
+    ) -> Result<Self, DecodeError> {
+        let value = payload.ok_or(DecodeError::EmptyValue)?;
         if value.is_empty() {
             return Err(DecodeError::EmptyValue);
         }
         let body: BodyOwned =
             serde_json::from_slice(value).map_err(|e| DecodeError::NotJson(e.to_string()))?;
-        let headers = read_headers(msg)?;
+        let headers = read_headers(headers)?;
 
         let id_text = reconcile(
             "eventId",
@@ -550,7 +560,7 @@ impl<T: DeserializeOwned> EventEnvelope<T> {
                         reason: format!("{text:?} is not RFC 3339: {e}"),
                     })?
             }
-            None => match msg.timestamp().to_millis() {
+            None => match kafka_timestamp.to_millis() {
                 Some(ms) => OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
                     .map_err(|e| DecodeError::InvalidField {
                         field: "timestamp",
@@ -568,7 +578,7 @@ impl<T: DeserializeOwned> EventEnvelope<T> {
             version,
             timestamp,
             payload,
-            key: msg.key().map(<[u8]>::to_vec),
+            key: key.map(<[u8]>::to_vec),
             headers: headers.extra,
         })
     }

@@ -19,9 +19,12 @@
 //!   short timeout: no `StreamConsumer` waker to lose (rust-rdkafka #638/#665/#848),
 //!   and rebalance callbacks run there with direct access to the offset tracker.
 //! - **Bounded memory and backpressure**: lanes are bounded queues
-//!   (`lane_capacity`). A full lane holds up the poll thread (which still serves
+//!   (`lane_capacity`), fed in batches: each poll cycle gathers what librdkafka has
+//!   ready (at most 64 messages, never waiting for more) and wakes each lane once
+//!   for its share; lanes report completions a batch at a time too. A full lane
+//!   holds up the poll thread (which still serves
 //!   pause, resume and stop) for at most `backpressure_after` (500 ms); if it is
-//!   still full, the poll thread holds that one message and pauses fetching, yet
+//!   still full, the poll thread holds the unsent batches and pauses fetching, yet
 //!   keeps polling, so rebalances and `max.poll.interval.ms` are
 //!   served however slow the handler is; when the lane is half empty it seeks back to
 //!   the next undispatched offset and resumes. librdkafka's prefetch is capped by
@@ -100,7 +103,7 @@ pub use crate::kafka::envelope::{DecodeError, EventEnvelope};
 pub use attempts::{CountAttempts, CountAttemptsLayer};
 pub(crate) use error::error_chain;
 pub use error::{BoxError, ConsumerError, HandlerError, HandlerErrors, UnknownEventType};
-pub use event::{ConsumedEvent, ReceivedMessage, Timestamp};
+pub use event::{ConsumedEvent, MessageHeaders, ReceivedMessage, Timestamp};
 pub use metrics::{ConsumerMetrics, ConsumerMetricsSnapshot};
 pub use scheduler::ProcessingOrder;
 pub use tracker::TopicPartition;
@@ -222,7 +225,9 @@ impl KafkaConsumerBuilder {
         self.workers = workers;
         self
     }
-    /// Queue length of each lane (default 256).
+    /// Most messages queued for each lane (default 256). Messages reach a lane in
+    /// batches of up to `min(lane_capacity, 64)`; the queue holds as many whole
+    /// batches as fit (at least one), plus the batch the lane is working on.
     pub fn lane_capacity(mut self, capacity: usize) -> Self {
         self.lane_capacity = capacity;
         self
@@ -348,8 +353,9 @@ impl KafkaConsumerBuilder {
         let (lane_stop, lane_stop_rx) = watch::channel(false);
         let mut lanes = Vec::with_capacity(self.workers);
         let mut lane_tasks = Vec::with_capacity(self.workers);
+        let (batch_max, lane_slots) = poll::lane_shape(self.lane_capacity);
         for _ in 0..self.workers {
-            let (tx, rx) = mpsc::channel(self.lane_capacity);
+            let (tx, rx) = mpsc::channel(lane_slots);
             let policy = self.retry_policy.clone().max_retries(options.max_retries);
             let stack = Stack::new(handler.clone(), policy, dlq.clone());
             lanes.push(tx);
@@ -361,14 +367,17 @@ impl KafkaConsumerBuilder {
             consumer: consumer.clone(),
             shared: shared.clone(),
             lanes,
+            batch_max,
+            copy_capacity: 0,
             order: self.order,
             commands: commands_rx,
             rt: rt.clone(),
             poll_timeout: self.poll_timeout,
             commit_interval: self.commit_interval,
+            last_tp: None,
             topics: HashMap::new(),
             backpressure_after: self.backpressure_after,
-            held: None,
+            held: Vec::new(),
             held_lane: 0,
             rewind: HashMap::new(),
         };

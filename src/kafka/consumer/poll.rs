@@ -4,23 +4,27 @@
 //! timeout in a loop. It never waits on a waker that librdkafka must fire (the cause
 //! of `StreamConsumer`'s lost wakeups, rust-rdkafka #638/#665/#848); rebalance
 //! callbacks run on it, between polls, with direct access to the offset tracker.
-//! Fetched messages are copied out and routed to the bounded lane queues. A full
-//! lane holds the thread up to `backpressure_after` (serving commands meanwhile);
-//! if it stays full, the thread holds that one message and pauses fetching
-//! (librdkafka `pause`) but keeps polling, so rebalances and `max.poll.interval.ms`
-//! are served however slow the handler; once the lane is half empty it seeks every
-//! partition back to the next undispatched offset and resumes. Completions come
-//! back on a channel and become commits: stored offsets (auto-commit mode) or
-//! explicit commits (manual mode), always only up to the lowest unfinished offset of
-//! each partition.
+//! Fetched messages are copied out and routed to the bounded lane queues in
+//! batches: one poll cycle gathers what librdkafka already holds (up to
+//! [`MAX_BATCH`] messages, without waiting) and hands each lane its share at once,
+//! so a lane is woken once per batch rather than once per message. A full lane
+//! holds the thread up to `backpressure_after` (serving commands meanwhile); if it
+//! stays full, the thread holds the unsent batches and pauses fetching (librdkafka
+//! `pause`) but keeps polling, so rebalances and `max.poll.interval.ms` are served
+//! however slow the handler; once the lane is half empty it seeks every partition
+//! back to the next undispatched offset and resumes. Completions come back on a
+//! channel, a batch at a time, and become commits: stored offsets (auto-commit
+//! mode) or explicit commits (manual mode), always only up to the lowest unfinished
+//! offset of each partition.
 
 use super::error::ConsumerError;
-use super::event::ReceivedMessage;
+use super::event::{CopiedSpans, CopyBuffer, ReceivedMessage};
 use super::metrics::ConsumerMetrics;
 use super::scheduler::{ProcessingOrder, lane_for};
 use super::tracker::{Dispatch, OffsetTracker, TopicPartition};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaResult;
+use rdkafka::message::BorrowedMessage;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,6 +39,26 @@ pub(crate) struct Work {
     pub(crate) epoch: u64,
     pub(crate) message: ReceivedMessage,
 }
+
+/// Messages for one lane from one poll cycle, in fetch order: the lane is woken
+/// once per batch, not once per message. At most [`PollLoop::batch_max`] long.
+pub(crate) type Batch = Vec<Work>;
+
+/// Most messages one poll cycle gathers (over all lanes) before handing them out.
+pub(crate) const MAX_BATCH: usize = 64;
+
+/// The batch length and number of queue slots of a lane of `lane_capacity`
+/// messages: batches of up to `min(lane_capacity, MAX_BATCH)` messages, and as many
+/// slots as whole batches fit in `lane_capacity` (at least one), so a lane never
+/// queues more than `lane_capacity` messages (rounded up to one batch).
+pub(crate) fn lane_shape(lane_capacity: usize) -> (usize, usize) {
+    let batch_max = lane_capacity.clamp(1, MAX_BATCH);
+    (batch_max, (lane_capacity / batch_max).max(1))
+}
+
+/// Most bytes reserved up front for copying one batch (a batch of large messages
+/// grows its buffer as needed).
+const MAX_COPY_CAPACITY: usize = 1 << 20;
 
 /// A lane finished (handled or dead-lettered or gave up on) a message.
 #[derive(Debug)]
@@ -64,7 +88,7 @@ pub(crate) enum Command {
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) tracker: Mutex<OffsetTracker>,
-    pub(crate) completions: Mutex<mpsc::UnboundedReceiver<Completion>>,
+    pub(crate) completions: Mutex<mpsc::UnboundedReceiver<Vec<Completion>>>,
     pub(crate) metrics: Arc<ConsumerMetrics>,
     pub(crate) running: AtomicBool,
     pub(crate) paused_all: AtomicBool,
@@ -81,7 +105,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Shared {
     pub(crate) fn new(
-        completions: mpsc::UnboundedReceiver<Completion>,
+        completions: mpsc::UnboundedReceiver<Vec<Completion>>,
         metrics: Arc<ConsumerMetrics>,
         manual_commit: bool,
     ) -> Self {
@@ -116,8 +140,10 @@ impl Shared {
     /// Applies every reported completion to the tracker (caller holds the tracker).
     fn drain_completions(&self, tracker: &mut OffsetTracker) {
         let mut rx = lock(&self.completions);
-        while let Ok(c) = rx.try_recv() {
-            tracker.complete(&c.tp, c.epoch, c.offset);
+        while let Ok(batch) = rx.try_recv() {
+            for c in batch {
+                tracker.complete(&c.tp, c.epoch, c.offset);
+            }
         }
     }
 }
@@ -213,21 +239,40 @@ impl ConsumerContext for KeelConsumerContext {
 
 pub(crate) type KeelBaseConsumer = BaseConsumer<KeelConsumerContext>;
 
+/// One message from librdkafka, waiting at most `timeout`; errors are logged.
+fn next_message(consumer: &KeelBaseConsumer, timeout: Duration) -> Option<BorrowedMessage<'_>> {
+    match consumer.poll(timeout)? {
+        Ok(m) => Some(m),
+        Err(e) => {
+            tracing::warn!(error = %e, "kafka consumer error");
+            None
+        }
+    }
+}
+
 /// Everything the poll thread owns.
 pub(crate) struct PollLoop {
     pub(crate) consumer: Arc<KeelBaseConsumer>,
     pub(crate) shared: Arc<Shared>,
-    pub(crate) lanes: Vec<mpsc::Sender<Work>>,
+    /// Bounded lane queues of batches (see [`lane_shape`]).
+    pub(crate) lanes: Vec<mpsc::Sender<Batch>>,
+    /// Longest batch handed to a lane, and most messages gathered per poll cycle.
+    pub(crate) batch_max: usize,
+    /// Bytes to reserve for copying the next batch (the size of the last one).
+    pub(crate) copy_capacity: usize,
     pub(crate) order: ProcessingOrder,
     pub(crate) commands: mpsc::UnboundedReceiver<Command>,
     pub(crate) rt: tokio::runtime::Handle,
     pub(crate) poll_timeout: Duration,
     pub(crate) commit_interval: Duration,
+    /// The partition of the last message, to share its topic name (`Arc<str>`)
+    /// without a lookup per message.
+    pub(crate) last_tp: Option<TopicPartition>,
     pub(crate) topics: HashMap<String, Arc<str>>,
     /// How long a full lane may block polling before fetching is paused instead.
     pub(crate) backpressure_after: Duration,
-    /// A message whose lane was full, with that lane.
-    pub(crate) held: Option<(usize, Work)>,
+    /// Batches whose lanes stayed full, with their lanes (sent once there is room).
+    pub(crate) held: Vec<(usize, Batch)>,
     /// The lane that was full last.
     pub(crate) held_lane: usize,
     /// Lowest offset fetched but not dispatched, per partition, during backpressure.
@@ -436,20 +481,63 @@ impl PollLoop {
         if let Some(next) = self.relieve_backpressure() {
             return next;
         }
-        let timeout = if self.held.is_some() {
+        let held = !self.held.is_empty() || self.shared.backpressure.load(Ordering::SeqCst);
+        let timeout = if held {
             // Check the full lane again soon; keep polling to serve rebalances.
             self.poll_timeout.min(Duration::from_millis(10))
         } else {
             self.poll_timeout
         };
-        let message = match self.consumer.poll(timeout) {
-            None => return Next::Continue,
-            Some(Err(e)) => {
-                tracing::warn!(error = %e, "kafka consumer error");
-                return Next::Continue;
-            }
-            Some(Ok(m)) => m,
+        // A handle of our own: fetched messages borrow it while `self` changes.
+        let consumer = self.consumer.clone();
+        let Some(message) = next_message(&consumer, timeout) else {
+            return Next::Continue;
         };
+        if held {
+            // Fetched before the backpressure pause took effect: not dispatched, so
+            // fetch it again when the pause ends.
+            let (tp, offset) = (self.partition_of(&message), message.offset());
+            self.rewind
+                .entry(tp)
+                .and_modify(|o| *o = (*o).min(offset))
+                .or_insert(offset);
+            return Next::Continue;
+        }
+        // Gather what librdkafka already has (up to `batch_max`), copying every
+        // message into one buffer, then wake each lane once for its whole batch.
+        let mut buffer = CopyBuffer::with_capacity(self.copy_capacity);
+        let mut routed = Vec::with_capacity(self.batch_max);
+        let mut next = Some(message);
+        while let Some(message) = next {
+            self.route(message, &mut buffer, &mut routed);
+            next = if routed.len() < self.batch_max {
+                next_message(&consumer, Duration::ZERO)
+            } else {
+                None
+            };
+        }
+        // Room for a batch like this one next time, without regrowing.
+        self.copy_capacity = buffer.len().next_power_of_two().min(MAX_COPY_CAPACITY);
+        let data = buffer.freeze();
+        let mut batches: Vec<Batch> = Vec::new();
+        for (lane, tp, epoch, spans) in routed {
+            if batches.len() <= lane {
+                batches.resize_with(lane + 1, Vec::new);
+            }
+            let message = ReceivedMessage::from_spans(&data, tp.topic.clone(), spans);
+            batches[lane].push(Work { tp, epoch, message });
+        }
+        self.hand_out(batches)
+    }
+
+    /// The partition of `message`, sharing the topic name with earlier messages.
+    fn partition_of(&mut self, message: &BorrowedMessage<'_>) -> TopicPartition {
+        if let Some(last) = &self.last_tp
+            && last.partition == message.partition()
+            && &*last.topic == message.topic()
+        {
+            return last.clone();
+        }
         let topic = match self.topics.get(message.topic()) {
             Some(t) => t.clone(),
             None => {
@@ -462,49 +550,71 @@ impl PollLoop {
             topic,
             partition: message.partition(),
         };
-        if self.held.is_some() || self.shared.backpressure.load(Ordering::SeqCst) {
-            // Fetched before the backpressure pause took effect: not dispatched, so
-            // fetch it again when the pause ends.
-            let offset = message.offset();
-            self.rewind
-                .entry(tp)
-                .and_modify(|o| *o = (*o).min(offset))
-                .or_insert(offset);
-            return Next::Continue;
-        }
+        self.last_tp = Some(tp.clone());
+        tp
+    }
+
+    /// Records `message` as dispatched, copies it into `buffer` and notes its lane
+    /// (dropping re-fetched duplicates and messages of partitions no longer
+    /// assigned).
+    fn route(
+        &mut self,
+        message: BorrowedMessage<'_>,
+        buffer: &mut CopyBuffer,
+        routed: &mut Vec<(usize, TopicPartition, u64, CopiedSpans)>,
+    ) {
+        let tp = self.partition_of(&message);
         let epoch = match self.shared.tracker().dispatch(&tp, message.offset()) {
             Dispatch::Accepted { epoch } => epoch,
             skipped => {
                 tracing::debug!(%tp, offset = message.offset(), ?skipped, "fetched message dropped");
-                return Next::Continue;
+                return;
             }
         };
-        let received = ReceivedMessage::from_borrowed(&message);
+        let spans = buffer.copy(&message);
         drop(message);
         let lane = lane_for(
             self.order,
             self.lanes.len(),
             &tp.topic,
             tp.partition,
-            received.key(),
+            buffer.key_of(&spans),
         );
-        let work = Work {
-            tp,
-            epoch,
-            message: received,
-        };
-        match self.lanes[lane].try_send(work) {
-            Ok(()) => Next::Continue,
-            Err(mpsc::error::TrySendError::Full(work)) => self.wait_for_room(lane, work),
-            Err(mpsc::error::TrySendError::Closed(_)) => Next::Abort,
+        routed.push((lane, tp, epoch, spans));
+    }
+
+    /// Sends each lane its batch. A full lane is waited for (see
+    /// [`PollLoop::wait_for_room`]); once one stays full, every batch not sent yet is
+    /// held and fetching pauses.
+    fn hand_out(&mut self, batches: Vec<Batch>) -> Next {
+        for (lane, batch) in batches.into_iter().enumerate() {
+            if batch.is_empty() {
+                continue;
+            }
+            if !self.held.is_empty() {
+                self.held.push((lane, batch));
+                continue;
+            }
+            let next = match self.lanes[lane].try_send(batch) {
+                Ok(()) => Next::Continue,
+                Err(mpsc::error::TrySendError::Full(batch)) => self.wait_for_room(lane, batch),
+                Err(mpsc::error::TrySendError::Closed(_)) => Next::Abort,
+            };
+            if !matches!(next, Next::Continue) {
+                return next;
+            }
         }
+        if !self.held.is_empty() {
+            self.pause_for_backpressure();
+        }
+        Next::Continue
     }
 
     /// A lane is full. Short bursts are absorbed by waiting (serving commands) up to
     /// `backpressure_after`; a lane still full after that is sustained backpressure:
-    /// hold the message, pause fetching and go back to polling. Pausing on every
-    /// full lane would thrash (each resume seeks and re-fetches).
-    fn wait_for_room(&mut self, lane: usize, work: Work) -> Next {
+    /// hold the batch (the caller pauses fetching and goes back to polling). Pausing
+    /// on every full lane would thrash (each resume seeks and re-fetches).
+    fn wait_for_room(&mut self, lane: usize, batch: Batch) -> Next {
         let rt = self.rt.clone();
         let sender = self.lanes[lane].clone();
         let patience = self.backpressure_after;
@@ -516,13 +626,13 @@ impl PollLoop {
                     permit = &mut reserve => {
                         return match permit {
                             Ok(permit) => {
-                                permit.send(work);
+                                permit.send(batch);
                                 (Next::Continue, None)
                             }
                             Err(_) => (Next::Abort, None),
                         };
                     }
-                    () = &mut give_up => return (Next::Continue, Some(work)),
+                    () = &mut give_up => return (Next::Continue, Some(batch)),
                     cmd = self.commands.recv() => match cmd {
                         Some(cmd) => match self.command(cmd) {
                             Next::Continue => {}
@@ -533,15 +643,14 @@ impl PollLoop {
                 }
             }
         });
-        if let Some(work) = unsent {
-            self.held = Some((lane, work));
-            self.pause_for_backpressure();
+        if let Some(batch) = unsent {
+            self.held.push((lane, batch));
         }
         next
     }
 
-    /// A lane is full: hold its message and pause fetching everywhere, but keep
-    /// polling so rebalances and the poll interval are served.
+    /// A lane is full: pause fetching everywhere, but keep polling so rebalances
+    /// and the poll interval are served.
     fn pause_for_backpressure(&self) {
         if self.shared.backpressure.swap(true, Ordering::SeqCst) {
             return;
@@ -558,20 +667,24 @@ impl PollLoop {
         tracing::debug!("lane full: fetching paused");
     }
 
-    /// Sends the held message once its lane has room, and ends the backpressure
-    /// pause when that lane is at most half full (hysteresis).
+    /// Sends the held batches once their lanes have room, and ends the
+    /// backpressure pause when the last lane that was full is at most half full
+    /// (hysteresis).
     fn relieve_backpressure(&mut self) -> Option<Next> {
-        if let Some((lane, work)) = self.held.take() {
-            match self.lanes[lane].try_send(work) {
+        let mut still_held = Vec::new();
+        for (lane, batch) in std::mem::take(&mut self.held) {
+            if !still_held.is_empty() {
+                still_held.push((lane, batch));
+                continue;
+            }
+            match self.lanes[lane].try_send(batch) {
                 Ok(()) => self.held_lane = lane,
-                Err(mpsc::error::TrySendError::Full(work)) => {
-                    self.held = Some((lane, work));
-                    return None;
-                }
+                Err(mpsc::error::TrySendError::Full(batch)) => still_held.push((lane, batch)),
                 Err(mpsc::error::TrySendError::Closed(_)) => return Some(Next::Abort),
             }
         }
-        if !self.shared.backpressure.load(Ordering::SeqCst) {
+        self.held = still_held;
+        if !self.held.is_empty() || !self.shared.backpressure.load(Ordering::SeqCst) {
             return None;
         }
         let lane = &self.lanes[self.held_lane];
