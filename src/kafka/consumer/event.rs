@@ -25,9 +25,12 @@ pub struct ReceivedMessage {
     partition: i32,
     offset: i64,
     timestamp: Timestamp,
-    key: Option<Bytes>,
-    payload: Option<Bytes>,
-    headers: Option<MessageHeaders>,
+    /// This message's part of its batch's buffer; the ranges below index it.
+    data: Bytes,
+    key: Option<Range<usize>>,
+    payload: Option<Range<usize>>,
+    /// Header count and encoded headers.
+    headers: Option<(usize, Range<usize>)>,
 }
 
 impl ReceivedMessage {
@@ -41,17 +44,17 @@ impl ReceivedMessage {
     /// The message described by `spans`, reading its bytes from `data` (the frozen
     /// [`CopyBuffer`] it was copied into).
     pub(crate) fn from_spans(data: &Bytes, topic: Arc<str>, spans: CopiedSpans) -> Self {
+        let start = spans.start;
+        let local = |r: Range<usize>| r.start - start..r.end - start;
         ReceivedMessage {
             topic,
             partition: spans.partition,
             offset: spans.offset,
             timestamp: spans.timestamp,
-            key: spans.key.map(|r| data.slice(r)),
-            payload: spans.payload.map(|r| data.slice(r)),
-            headers: spans.headers.map(|(count, r)| MessageHeaders {
-                count,
-                encoded: data.slice(r),
-            }),
+            data: data.slice(spans.start..spans.end),
+            key: spans.key.map(local),
+            payload: spans.payload.map(local),
+            headers: spans.headers.map(|(count, r)| (count, local(r))),
         }
     }
 
@@ -69,21 +72,24 @@ impl ReceivedMessage {
     }
     /// Raw key.
     pub fn key(&self) -> Option<&[u8]> {
-        self.key.as_deref()
+        Some(&self.data[self.key.clone()?])
     }
     /// Raw payload.
     pub fn payload(&self) -> Option<&[u8]> {
-        self.payload.as_deref()
+        Some(&self.data[self.payload.clone()?])
     }
     /// All headers, in their original order (rdkafka's [`Headers`] trait).
-    pub fn headers(&self) -> Option<&MessageHeaders> {
-        self.headers.as_ref()
+    pub fn headers(&self) -> Option<MessageHeaders<'_>> {
+        let (count, range) = self.headers.clone()?;
+        Some(MessageHeaders {
+            count,
+            encoded: &self.data[range],
+        })
     }
     /// The value of the last header called `name`.
     pub fn header(&self, name: &str) -> Option<&[u8]> {
-        self.headers
-            .as_ref()?
-            .iter()
+        self.headers()?
+            .entries()
             .filter(|h| h.key == name)
             .last()
             .and_then(|h| h.value)
@@ -94,15 +100,15 @@ impl ReceivedMessage {
     }
     /// A copy as an rdkafka [`OwnedMessage`] (implements [`rdkafka::Message`]).
     pub fn to_owned_message(&self) -> OwnedMessage {
-        let headers = self.headers.as_ref().map(|hs| {
+        let headers = self.headers().map(|hs| {
             hs.iter()
                 .fold(OwnedHeaders::new_with_capacity(hs.count()), |acc, h| {
                     acc.insert(h)
                 })
         });
         OwnedMessage::new(
-            self.payload.as_ref().map(|p| p.to_vec()),
-            self.key.as_ref().map(|k| k.to_vec()),
+            self.payload().map(<[u8]>::to_vec),
+            self.key().map(<[u8]>::to_vec),
             self.topic.to_string(),
             self.timestamp,
             self.partition,
@@ -114,15 +120,15 @@ impl ReceivedMessage {
 
 /// The headers of a [`ReceivedMessage`], in their original order; read them
 /// through rdkafka's [`Headers`] trait (`count`, `get`, `iter`).
-#[derive(Clone)]
-pub struct MessageHeaders {
+#[derive(Clone, Copy)]
+pub struct MessageHeaders<'a> {
     count: usize,
     /// Per header: name length (u32 LE), name, value length (u32 LE, `u32::MAX`
     /// for no value), value.
-    encoded: Bytes,
+    encoded: &'a [u8],
 }
 
-impl fmt::Debug for MessageHeaders {
+impl fmt::Debug for MessageHeaders<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_list()
             .entries(self.iter().map(|h| (h.key, h.value.map(<[u8]>::len))))
@@ -144,38 +150,42 @@ fn take_bytes<'a>(data: &'a [u8], at: &mut usize, len: usize) -> Option<&'a [u8]
     Some(bytes)
 }
 
-impl Headers for MessageHeaders {
-    fn count(&self) -> usize {
-        self.count
-    }
-
-    fn try_get(&self, idx: usize) -> Option<Header<'_, &[u8]>> {
-        if idx >= self.count {
-            return None;
-        }
-        let data = &self.encoded[..];
+impl<'a> MessageHeaders<'a> {
+    /// The headers in order, borrowing the message (not this view).
+    pub fn entries(self) -> impl Iterator<Item = Header<'a, &'a [u8]>> {
+        let data = self.encoded;
         let mut at = 0;
-        let mut index = 0;
-        loop {
+        std::iter::from_fn(move || {
             let name_len = take_u32(data, &mut at)? as usize;
             let name = take_bytes(data, &mut at, name_len)?;
             let value = match take_u32(data, &mut at)? {
                 NO_VALUE => None,
                 len => Some(take_bytes(data, &mut at, len as usize)?),
             };
-            if index == idx {
-                // Names were copied from `&str`s, so this always succeeds.
-                let key = std::str::from_utf8(name).ok()?;
-                return Some(Header { key, value });
-            }
-            index += 1;
-        }
+            // Names were copied from `&str`s, so this always succeeds.
+            let key = std::str::from_utf8(name).ok()?;
+            Some(Header { key, value })
+        })
+        .take(self.count)
+    }
+}
+
+impl Headers for MessageHeaders<'_> {
+    fn count(&self) -> usize {
+        self.count
+    }
+
+    fn try_get(&self, idx: usize) -> Option<Header<'_, &[u8]>> {
+        self.entries().nth(idx)
     }
 }
 
 /// Where one copied message lies in a [`CopyBuffer`].
 #[derive(Clone, Debug)]
 pub(crate) struct CopiedSpans {
+    /// The whole message: `start..end`.
+    start: usize,
+    end: usize,
     partition: i32,
     offset: i64,
     timestamp: Timestamp,
@@ -213,6 +223,7 @@ impl CopyBuffer {
 
     /// Copies key, payload and headers of `m`; returns where they went.
     pub(crate) fn copy<M: Message>(&mut self, m: &M) -> CopiedSpans {
+        let start = self.data.len();
         let key = m.key().map(|k| self.push(k));
         let payload = m.payload().map(|p| self.push(p));
         let headers = m.headers().map(|hs| {
@@ -235,6 +246,8 @@ impl CopyBuffer {
             (count, start..self.data.len())
         });
         CopiedSpans {
+            start,
+            end: self.data.len(),
             partition: m.partition(),
             offset: m.offset(),
             timestamp: m.timestamp(),
@@ -313,7 +326,7 @@ impl ConsumedEvent {
         self.inner.message.key()
     }
     /// Headers of the message.
-    pub fn headers(&self) -> Option<&MessageHeaders> {
+    pub fn headers(&self) -> Option<MessageHeaders<'_>> {
         self.inner.message.headers()
     }
     /// Timestamp of the message.
@@ -372,7 +385,7 @@ mod tests {
         )
     }
 
-    fn header_list(hs: &MessageHeaders) -> Vec<(String, Option<Vec<u8>>)> {
+    fn header_list(hs: &MessageHeaders<'_>) -> Vec<(String, Option<Vec<u8>>)> {
         hs.iter()
             .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
             .collect()
@@ -409,7 +422,7 @@ mod tests {
                         .iter()
                         .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
                         .collect();
-                    assert_eq!(header_list(c), expected);
+                    assert_eq!(header_list(&c), expected);
                     assert!(c.try_get(o.count()).is_none());
                 }
                 other => panic!("headers differ: {other:?}"),

@@ -206,7 +206,7 @@ where
     let envelope = match EventEnvelope::from_parts(
         message.payload(),
         message.key(),
-        message.headers(),
+        message.headers().as_ref(),
         message.timestamp(),
     ) {
         Ok(envelope) => envelope,
