@@ -457,12 +457,11 @@ fn header_text(name: &'static str, value: Option<&[u8]>) -> Result<String, Decod
         })
 }
 
-fn read_headers<H: Headers>(headers: Option<&H>) -> Result<KeelHeaders, DecodeError> {
+fn read_headers<'h>(
+    headers: impl IntoIterator<Item = Header<'h, &'h [u8]>>,
+) -> Result<KeelHeaders, DecodeError> {
     let mut out = KeelHeaders::default();
-    let Some(headers) = headers else {
-        return Ok(out);
-    };
-    for h in headers.iter() {
+    for h in headers {
         match h.key {
             HEADER_EVENT_ID => out.id = Some(header_text(HEADER_EVENT_ID, h.value)?),
             HEADER_EVENT_TYPE => out.event_type = Some(header_text(HEADER_EVENT_TYPE, h.value)?),
@@ -512,14 +511,16 @@ impl<T: DeserializeOwned> EventEnvelope<T> {
     /// Decodes a Kafka message (a `BorrowedMessage` from a consumer or an
     /// `OwnedMessage`) into an envelope; see the [module docs](self) for the rules.
     pub fn from_message<M: Message>(msg: &M) -> Result<Self, DecodeError> {
-        Self::from_parts(msg.payload(), msg.key(), msg.headers(), msg.timestamp())
+        let headers = msg.headers().into_iter().flat_map(|hs| hs.iter());
+        Self::from_parts(msg.payload(), msg.key(), headers, msg.timestamp())
     }
 
-    /// [`EventEnvelope::from_message`] over the parts of a message.
-    pub(crate) fn from_parts<H: Headers>(
+    /// [`EventEnvelope::from_message`] over the parts of a message (its headers in
+    /// order).
+    pub(crate) fn from_parts<'h>(
         payload: Option<&[u8]>,
         key: Option<&[u8]>,
-        headers: Option<&H>,
+        headers: impl IntoIterator<Item = Header<'h, &'h [u8]>>,
         kafka_timestamp: Timestamp,
     ) -> Result<Self, DecodeError> {
         let value = payload.ok_or(DecodeError::EmptyValue)?;

@@ -7,7 +7,7 @@
 use super::attempts::CountAttempts;
 use super::error::HandlerErrors;
 use super::error::{BoxError, error_chain};
-use super::event::{ConsumedEvent, ReceivedMessage};
+use super::event::{ConsumedEvent, MessageHeaders, ReceivedMessage};
 use super::metrics::{ConsumerMetrics, Ending};
 use super::poll::{Batch, Completion};
 use crate::kafka::dead_letter::{
@@ -206,7 +206,10 @@ where
     let envelope = match EventEnvelope::from_parts(
         message.payload(),
         message.key(),
-        message.headers().as_ref(),
+        message
+            .headers()
+            .into_iter()
+            .flat_map(MessageHeaders::entries),
         message.timestamp(),
     ) {
         Ok(envelope) => envelope,
