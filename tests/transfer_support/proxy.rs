@@ -296,7 +296,9 @@ async fn handle(mut downstream: TcpStream, upstream: &str, state: &State) -> std
         return Ok(());
     };
     let request = parse_request(&head);
-    let _flight = request.is_upload_part().then(|| {
+    // An UploadPart is in flight from its head's arrival until the client has its
+    // whole answer (not until the server closes the connection, which may lag).
+    let mut flight = request.is_upload_part().then(|| {
         let now = state.parts_in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         state.max_parts_in_flight.fetch_max(now, Ordering::SeqCst);
         PartFlight(state)
@@ -425,6 +427,12 @@ async fn handle(mut downstream: TcpStream, upstream: &str, state: &State) -> std
             };
             let status: Option<u16> = response_head.split(' ').nth(1).and_then(|s| s.parse().ok());
             let informational = status.is_some_and(|s| s < 200);
+            let answer_length = response_head.split("\r\n").find_map(|l| {
+                let lower = l.to_ascii_lowercase();
+                lower
+                    .strip_prefix("content-length:")
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+            });
             let rewritten = if informational {
                 response_head
             } else {
@@ -450,6 +458,12 @@ async fn handle(mut downstream: TcpStream, upstream: &str, state: &State) -> std
                 return Ok(());
             }
             down_write.write_all(&rest).await?;
+            if let Some(length) = answer_length {
+                let left = length.saturating_sub(rest.len() as u64);
+                tokio::io::copy(&mut (&mut up_read).take(left), &mut down_write).await?;
+                down_write.flush().await?;
+                drop(flight.take());
+            }
             tokio::io::copy(&mut up_read, &mut down_write).await?;
             down_write.shutdown().await?;
             return Ok(());
