@@ -768,7 +768,7 @@ impl PartTarget {
         .await;
         let failed_because = |found: String| {
             let message = format!(
-                "{} (an earlier answer to CompleteMultipartUpload was lost; {found})",
+                "{} (an earlier CompleteMultipartUpload attempt broke off without an answer; {found})",
                 failed.message().unwrap_or("the retry failed")
             );
             failed.with_message(message)
