@@ -413,3 +413,52 @@ async fn a_lost_complete_answer_is_confirmed_by_the_object() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_complete_with_no_object_behind_it_fails_and_aborts() {
+    for server in support::s3_servers() {
+        let what = server.name;
+        let proxy = FaultProxy::start(&server.endpoint).await;
+        let client = client(&server, &proxy.endpoint());
+        let bucket = fresh_bucket(&client, "brokencomplete").await;
+        // The first CompleteMultipartUpload breaks off before the server has its
+        // body (so nothing is completed), every later one is throttled.
+        proxy.cut_body(Matcher::CompleteMultipartUpload, 1, 0);
+        proxy.slow_down(Matcher::CompleteMultipartUpload, usize::MAX);
+        let error = MultipartEngine::new(
+            client.clone(),
+            TransferConfig::default().retry(fast_retry().max_retries(2)),
+        )
+        .upload(
+            &bucket,
+            "broken/obj",
+            UploadBody::stream(data_stream(17, 12 * MIB)),
+            &UploadOptions::new(),
+            &ProgressListener::none(),
+        )
+        .await
+        .expect_err("the upload was never completed");
+
+        assert_eq!(
+            error.operation(),
+            S3Operation::CompleteMultipartUpload,
+            "{what}: {error}"
+        );
+        assert!(
+            matches!(error.kind(), S3ErrorKind::Throttled { .. }),
+            "{what}: {error}"
+        );
+        let message = error.message().unwrap_or_default();
+        assert!(
+            message.contains("broke off without an answer; HeadObject failed"),
+            "{what}: {message}"
+        );
+        assert!(
+            proxy.seen().iter().any(|s| s.method == "HEAD"
+                && s.target.contains("broken/obj")
+                && s.status == Some(404)),
+            "{what}: HeadObject found no object"
+        );
+        assert_no_upload_left(&proxy, &server, &bucket).await;
+    }
+}
