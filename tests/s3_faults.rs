@@ -1,6 +1,7 @@
 //! S3 transfers through a fault-injecting proxy in front of each real test server:
-//! throttling, connections cut mid-part, failures that outlast the retries, and
-//! dropped upload futures. Start the servers with `scripts/up`.
+//! throttling, connections cut mid-part, stalled parts (the part timeout), failures
+//! that outlast the retries, dropped upload futures, and CompleteMultipartUpload
+//! answers lost after the server completed. Start the servers with `scripts/up`.
 
 mod support;
 mod transfer_support;
