@@ -1,6 +1,7 @@
 //! S3 transfers through a fault-injecting proxy in front of each real test server:
-//! throttling, connections cut mid-part, failures that outlast the retries, and
-//! dropped upload futures. Start the servers with `scripts/up`.
+//! throttling, connections cut mid-part, stalled parts (the part timeout), failures
+//! that outlast the retries, dropped upload futures, and CompleteMultipartUpload
+//! answers lost after the server completed. Start the servers with `scripts/up`.
 
 mod support;
 mod transfer_support;
@@ -283,5 +284,182 @@ async fn a_ranged_download_cut_mid_answer_retries_the_range() {
         assert_eq!(receipt.parts, 4, "{what}");
         assert_eq!(receipt.stats.retries, 2, "{what}: {:?}", receipt.stats);
         assert_same_bytes(&downloaded, &expected, what);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_part_is_given_up_at_the_part_timeout_and_retried() {
+    for server in support::s3_servers() {
+        let what = server.name;
+        let proxy = FaultProxy::start(&server.endpoint).await;
+        let client = client(&server, &proxy.endpoint());
+        let bucket = fresh_bucket(&client, "stall").await;
+        // One UploadPart is read whole and never answered.
+        proxy.stall(Matcher::UploadPart, 1);
+        let config = TransferConfig::default()
+            .retry(fast_retry())
+            .part_timeout(Duration::from_secs(3));
+        let length = 12 * MIB;
+        let receipt = MultipartEngine::new(client.clone(), config)
+            .upload(
+                &bucket,
+                "stall/obj",
+                UploadBody::stream(data_stream(15, length)),
+                &UploadOptions::new(),
+                &ProgressListener::none(),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+
+        let seen = proxy.seen();
+        assert_eq!(
+            seen.iter().filter(|s| s.fault == Some("stall")).count(),
+            1,
+            "{what}"
+        );
+        assert_eq!(receipt.parts, 3, "{what}");
+        assert_eq!(receipt.stats.retries, 1, "{what}: {:?}", receipt.stats);
+        assert_eq!(
+            seen.iter().filter(|s| s.is_upload_part()).count(),
+            4,
+            "{what}: 3 parts + the retry of the stalled one"
+        );
+        assert_same_bytes(
+            &get_bytes(&client, &bucket, "stall/obj").await,
+            &data(15, length),
+            what,
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_complete_answer_is_confirmed_by_the_object() {
+    for server in support::s3_servers() {
+        let what = server.name;
+        let proxy = FaultProxy::start(&server.endpoint).await;
+        let client = client(&server, &proxy.endpoint());
+        let bucket = fresh_bucket(&client, "lostcomplete").await;
+        // The server completes the upload; its answer never reaches the client.
+        proxy.lose_answer(Matcher::CompleteMultipartUpload, 1);
+        let length = 12 * MIB + 7;
+        let receipt = MultipartEngine::new(
+            client.clone(),
+            TransferConfig::default().retry(fast_retry()),
+        )
+        .upload(
+            &bucket,
+            "lost/obj",
+            UploadBody::stream(data_stream(16, length)),
+            &UploadOptions::new(),
+            &ProgressListener::none(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+
+        let completes: Vec<_> = proxy
+            .seen()
+            .into_iter()
+            .filter(|s| s.method == "POST" && s.target.contains("uploadId="))
+            .collect();
+        assert_eq!(completes.len(), 2, "{what}: {completes:#?}");
+        assert_eq!(completes[0].fault, Some("lose_answer"), "{what}");
+        assert_eq!(
+            completes[0].status,
+            Some(200),
+            "{what}: the server completed"
+        );
+        // S3 answers a retry for a completed upload 404 NoSuchUpload, s3s-fs 403
+        // (an upload id it no longer knows); keel then confirms with HeadObject.
+        // moto answers the retry with success, as S3 itself sometimes does.
+        let expected_retry_status = if server.name == "moto" { 200 } else { 403 };
+        assert_eq!(
+            completes[1].status,
+            Some(expected_retry_status),
+            "{what}: the retry's answer"
+        );
+        if server.name != "moto" {
+            assert!(
+                proxy
+                    .seen()
+                    .iter()
+                    .any(|s| s.method == "HEAD" && s.target.contains("lost/obj")),
+                "{what}: the object was checked with HeadObject"
+            );
+        }
+        assert!(
+            !proxy.seen().iter().any(|s| s.is_abort()),
+            "{what}: a completed upload is not aborted"
+        );
+        assert_eq!((receipt.parts, receipt.size), (3, length), "{what}");
+        let head = client
+            .head_object()
+            .bucket(&bucket)
+            .key("lost/obj")
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(receipt.e_tag.as_deref(), head.e_tag(), "{what}");
+        assert!(
+            receipt
+                .e_tag
+                .as_deref()
+                .is_some_and(|e| e.trim_matches('"').ends_with("-3")),
+            "{what}: a multipart ETag, {:?}",
+            receipt.e_tag
+        );
+        assert_same_bytes(
+            &get_bytes(&client, &bucket, "lost/obj").await,
+            &data(16, length),
+            what,
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_complete_with_no_object_behind_it_fails_and_aborts() {
+    for server in support::s3_servers() {
+        let what = server.name;
+        let proxy = FaultProxy::start(&server.endpoint).await;
+        let client = client(&server, &proxy.endpoint());
+        let bucket = fresh_bucket(&client, "brokencomplete").await;
+        // The first CompleteMultipartUpload breaks off before the server has its
+        // body (so nothing is completed), every later one is throttled.
+        proxy.cut_body(Matcher::CompleteMultipartUpload, 1, 0);
+        proxy.slow_down(Matcher::CompleteMultipartUpload, usize::MAX);
+        let error = MultipartEngine::new(
+            client.clone(),
+            TransferConfig::default().retry(fast_retry().max_retries(2)),
+        )
+        .upload(
+            &bucket,
+            "broken/obj",
+            UploadBody::stream(data_stream(17, 12 * MIB)),
+            &UploadOptions::new(),
+            &ProgressListener::none(),
+        )
+        .await
+        .expect_err("the upload was never completed");
+
+        assert_eq!(
+            error.operation(),
+            S3Operation::CompleteMultipartUpload,
+            "{what}: {error}"
+        );
+        assert!(
+            matches!(error.kind(), S3ErrorKind::Throttled { .. }),
+            "{what}: {error}"
+        );
+        let message = error.message().unwrap_or_default();
+        assert!(
+            message.contains("broke off without an answer; HeadObject failed"),
+            "{what}: {message}"
+        );
+        assert!(
+            proxy.seen().iter().any(|s| s.method == "HEAD"
+                && s.target.contains("broken/obj")
+                && s.status == Some(404)),
+            "{what}: HeadObject found no object"
+        );
+        assert_no_upload_left(&proxy, &server, &bucket).await;
     }
 }

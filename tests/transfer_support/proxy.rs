@@ -8,7 +8,11 @@
 //!
 //! - answer `503 SlowDown` with an S3 XML error body to the next N matching requests;
 //! - forward the first B bytes of the body of the next N matching requests, then cut
-//!   both connections.
+//!   both connections;
+//! - forward the next N matching requests, then cut the answer after B bytes;
+//! - forward the next N matching requests whole, let the server answer, and cut the
+//!   connection before any byte of the answer reaches the client (a lost answer);
+//! - read the next N matching requests whole and never answer (a stalled request).
 //!
 //! It logs every request (method, target, status, fault) and counts how many
 //! UploadPart requests were in flight at once.
@@ -30,6 +34,8 @@ pub enum Matcher {
     UploadPart,
     /// A GET with a `Range` header (a ranged download).
     RangedGet,
+    /// CompleteMultipartUpload: `POST ...?uploadId=..`.
+    CompleteMultipartUpload,
 }
 
 impl Matcher {
@@ -44,6 +50,9 @@ impl Matcher {
                         .iter()
                         .any(|l| l.to_ascii_lowercase().starts_with("range:"))
             }
+            Matcher::CompleteMultipartUpload => {
+                head.method == "POST" && head.target.contains("uploadId=")
+            }
         }
     }
 }
@@ -53,6 +62,8 @@ enum FaultKind {
     SlowDown,
     CutBody { after: u64 },
     CutResponse { after: u64 },
+    LoseAnswer,
+    Stall,
 }
 
 #[derive(Debug)]
@@ -71,7 +82,8 @@ pub struct Seen {
     pub target: String,
     /// Status answered (by the server or the proxy); `None` when cut.
     pub status: Option<u16>,
-    /// The fault applied, if any: "slow_down" or "cut".
+    /// The fault applied, if any: "slow_down", "cut", "cut_response",
+    /// "lose_answer" or "stall".
     pub fault: Option<&'static str>,
 }
 
@@ -162,6 +174,18 @@ impl FaultProxy {
     /// `after` bytes of its body.
     pub fn cut_response(&self, matcher: Matcher, count: usize, after: u64) {
         self.arm(FaultKind::CutResponse { after }, matcher, count);
+    }
+
+    /// Forwards the next `count` matching requests and lets the server act on
+    /// them, then cuts the connection before the client gets any of the answer.
+    pub fn lose_answer(&self, matcher: Matcher, count: usize) {
+        self.arm(FaultKind::LoseAnswer, matcher, count);
+    }
+
+    /// Reads the next `count` matching requests (head and body) and never answers;
+    /// the connection stays open until the client closes it.
+    pub fn stall(&self, matcher: Matcher, count: usize) {
+        self.arm(FaultKind::Stall, matcher, count);
     }
 
     fn arm(&self, kind: FaultKind, matcher: Matcher, remaining: usize) {
@@ -272,7 +296,9 @@ async fn handle(mut downstream: TcpStream, upstream: &str, state: &State) -> std
         return Ok(());
     };
     let request = parse_request(&head);
-    let _flight = request.is_upload_part().then(|| {
+    // An UploadPart is in flight from its head's arrival until the client has its
+    // whole answer (not until the server closes the connection, which may lag).
+    let mut flight = request.is_upload_part().then(|| {
         let now = state.parts_in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         state.max_parts_in_flight.fetch_max(now, Ordering::SeqCst);
         PartFlight(state)
@@ -297,6 +323,8 @@ async fn handle(mut downstream: TcpStream, upstream: &str, state: &State) -> std
                 Some(FaultKind::SlowDown) => Some("slow_down"),
                 Some(FaultKind::CutBody { .. }) => Some("cut"),
                 Some(FaultKind::CutResponse { .. }) => Some("cut_response"),
+                Some(FaultKind::LoseAnswer) => Some("lose_answer"),
+                Some(FaultKind::Stall) => Some("stall"),
                 None => None,
             },
         });
@@ -342,6 +370,34 @@ async fn handle(mut downstream: TcpStream, upstream: &str, state: &State) -> std
             drop(downstream);
             return Ok(());
         }
+        Some(FaultKind::Stall) => {
+            // Read everything the client sends, answer nothing, until it gives up.
+            let mut sink = [0u8; 64 * 1024];
+            while downstream.read(&mut sink).await? > 0 {}
+            return Ok(());
+        }
+        Some(FaultKind::LoseAnswer) => {
+            let mut upstream_conn = TcpStream::connect(upstream).await?;
+            write_head(&mut upstream_conn, &request).await?;
+            upstream_conn.write_all(&early_body).await?;
+            let remaining = body_length.saturating_sub(early_body.len() as u64);
+            tokio::io::copy(&mut (&mut downstream).take(remaining), &mut upstream_conn).await?;
+            // The server has the whole request; wait for its answer, then lose it.
+            let mut carry = Vec::new();
+            while let Some((response_head, rest)) = read_head(&mut upstream_conn, carry).await? {
+                let status: Option<u16> =
+                    response_head.split(' ').nth(1).and_then(|s| s.parse().ok());
+                if status.is_some_and(|s| s < 200) {
+                    carry = rest;
+                    continue;
+                }
+                state.seen.lock().unwrap()[index].status = status;
+                break;
+            }
+            drop(upstream_conn);
+            drop(downstream);
+            return Ok(());
+        }
         Some(FaultKind::CutResponse { .. }) | None => {}
     }
     let cut_answer_after = match fault {
@@ -371,6 +427,12 @@ async fn handle(mut downstream: TcpStream, upstream: &str, state: &State) -> std
             };
             let status: Option<u16> = response_head.split(' ').nth(1).and_then(|s| s.parse().ok());
             let informational = status.is_some_and(|s| s < 200);
+            let answer_length = response_head.split("\r\n").find_map(|l| {
+                let lower = l.to_ascii_lowercase();
+                lower
+                    .strip_prefix("content-length:")
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+            });
             let rewritten = if informational {
                 response_head
             } else {
@@ -396,6 +458,12 @@ async fn handle(mut downstream: TcpStream, upstream: &str, state: &State) -> std
                 return Ok(());
             }
             down_write.write_all(&rest).await?;
+            if let Some(length) = answer_length {
+                let left = length.saturating_sub(rest.len() as u64);
+                tokio::io::copy(&mut (&mut up_read).take(left), &mut down_write).await?;
+                down_write.flush().await?;
+                drop(flight.take());
+            }
             tokio::io::copy(&mut up_read, &mut down_write).await?;
             down_write.shutdown().await?;
             return Ok(());

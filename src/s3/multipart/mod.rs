@@ -8,9 +8,11 @@
 //! (aws-s3-transfer-manager, lib-storage, s3transfer) cut large objects into parts
 //! sent concurrently and retried one by one. keel does the same and adds what they
 //! leave out or get wrong: bounded memory for bodies of unknown length, progress
-//! events, throttling-aware per-part retry, and a multipart upload that is aborted
-//! on every failure *and* when the upload future is dropped (a multipart upload
-//! left behind is billed storage nobody sees).
+//! events, throttling-aware per-part retry, a per-part timeout for stalled
+//! connections, a lost CompleteMultipartUpload answer confirmed by the object
+//! rather than reported as a failure, and a multipart upload that is aborted on
+//! every failure *and* when the upload future is dropped (a multipart upload left
+//! behind is billed storage nobody sees).
 //!
 //! - [`MultipartEngine`]: one PutObject below the threshold (5 MiB), multipart
 //!   above, `parts_in_flight` parts at a time (4), part size growing to stay within
@@ -55,7 +57,7 @@ mod upload;
 pub use copy::{CopyConfig, CopyReceipt, MultipartCopier};
 pub use progress::{ProgressListener, TransferProgress};
 pub use retry::{RetryPolicy, TransferCounters, TransferStats};
-pub use upload::{MultipartEngine, TransferConfig, UploadReceipt};
+pub use upload::{DEFAULT_PART_TIMEOUT, MultipartEngine, TransferConfig, UploadReceipt};
 
 pub(crate) use retry::{sdk_error, with_retries};
 pub(crate) use upload::missing;

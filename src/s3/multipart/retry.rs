@@ -187,6 +187,21 @@ where
     move |error| S3ServiceError::from_sdk(operation, bucket, Some(key), error)
 }
 
+/// Runs one attempt, giving it up after `limit` (when set) with the error
+/// `timed_out` makes: the attempt's future is dropped, which closes its connection.
+pub(crate) async fn within<T>(
+    limit: Option<Duration>,
+    attempt: impl Future<Output = Result<T, S3ServiceError>>,
+    timed_out: impl FnOnce() -> S3ServiceError,
+) -> Result<T, S3ServiceError> {
+    match limit {
+        Some(limit) => tokio::time::timeout(limit, attempt)
+            .await
+            .unwrap_or_else(|_| Err(timed_out())),
+        None => attempt.await,
+    }
+}
+
 /// Runs `attempt` until it succeeds, fails permanently or runs out of retries,
 /// sleeping between attempts as `policy` says and counting into `counters`. The
 /// error returned is the last one, its message saying how many attempts were made.
@@ -311,6 +326,53 @@ mod tests {
         .unwrap_err();
         assert_eq!(calls, 1, "a permanent failure is not retried");
         assert_eq!(error.message(), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_attempt_times_out_and_is_retried() {
+        let policy = RetryPolicy::default().initial_backoff(Duration::from_millis(10));
+        let counters = TransferCounters::default();
+        let limit = Some(Duration::from_secs(30));
+        let started = tokio::time::Instant::now();
+        let mut attempts = 0;
+        let result = with_retries(&policy, &counters, || {
+            attempts += 1;
+            let stalls = attempts == 1;
+            within(
+                limit,
+                async move {
+                    if stalls {
+                        std::future::pending::<()>().await;
+                    }
+                    Ok(attempts)
+                },
+                || {
+                    S3ServiceError::new(
+                        crate::s3::error::S3Operation::UploadPart,
+                        S3ErrorKind::Timeout,
+                    )
+                },
+            )
+        })
+        .await;
+        assert_eq!(result.unwrap(), 2, "the second attempt answered");
+        let stats = counters.snapshot();
+        assert_eq!((stats.requests, stats.retries), (2, 1));
+        // The stalled attempt was given up at the limit, then the 10 ms backoff.
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_secs(30) + Duration::from_millis(10)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_limit_an_attempt_runs_to_its_end() {
+        let slow = async {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            Ok::<_, S3ServiceError>(5)
+        };
+        let result = within(None, slow, || unreachable!("no limit, no timeout")).await;
+        assert_eq!(result.unwrap(), 5);
     }
 
     #[test]
