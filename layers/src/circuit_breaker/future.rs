@@ -10,43 +10,74 @@ use pin_project_lite::pin_project;
 
 use super::breaker::{Breaker, Permit};
 use super::error::{CircuitBreakerError, Rejection};
+use super::slot::Slot;
 use crate::classify::{Classify, Outcome};
+
+/// Where an admitted call's outcome goes.
+enum Recorder {
+    /// Only the state word: a closed-state call of a breaker with no sliding
+    /// window (or an uncounted call). No `Arc`, so no shared counter touched.
+    Slot { slot: &'static Slot, threshold: u32 },
+    /// The whole breaker: probes, and calls that feed a sliding window.
+    Breaker(Arc<Breaker>),
+}
 
 /// Settles an admitted call's permit: with its outcome on completion, or as
 /// cancelled (a half-open probe slot is freed) when the future is dropped first.
 pub(crate) struct Tracker<C> {
-    breaker: Arc<Breaker>,
+    recorder: Recorder,
     permit: Permit,
     classifier: C,
 }
 
 impl<C> Tracker<C> {
-    pub(crate) fn new(breaker: Arc<Breaker>, permit: Permit, classifier: C) -> Self {
+    #[inline]
+    pub(crate) fn new(breaker: &Arc<Breaker>, permit: Permit, classifier: C) -> Self {
+        let recorder = match permit {
+            Permit::Untracked => Recorder::Slot {
+                slot: breaker.slot(),
+                threshold: 0,
+            },
+            Permit::Counted { .. } if breaker.records_in_slot() => Recorder::Slot {
+                slot: breaker.slot(),
+                threshold: breaker.streak_threshold(),
+            },
+            _ => Recorder::Breaker(breaker.clone()),
+        };
         Tracker {
-            breaker,
+            recorder,
             permit,
             classifier,
         }
     }
 
+    #[inline]
     fn finish<T, E>(&mut self, result: Result<&T, &E>)
     where
         C: Classify<T, E>,
     {
-        let outcome = match self.permit {
-            Permit::Untracked => return,
-            _ => self.classifier.classify(result).outcome,
-        };
+        if let Permit::Untracked = self.permit {
+            return;
+        }
+        let outcome = self.classifier.classify(result).outcome;
         let permit = std::mem::replace(&mut self.permit, Permit::Untracked);
-        self.breaker.record(permit, outcome);
+        match (&self.recorder, permit) {
+            (Recorder::Slot { slot, threshold }, Permit::Counted { generation, .. }) => {
+                if outcome != Outcome::Ignored {
+                    slot.record(generation, outcome == Outcome::Failure, *threshold);
+                }
+            }
+            (Recorder::Breaker(breaker), permit) => breaker.record(permit, outcome),
+            (Recorder::Slot { .. }, _) => {}
+        }
     }
 }
 
 impl<C> Drop for Tracker<C> {
     fn drop(&mut self) {
-        if let Permit::Probe { .. } = self.permit {
+        if let (Permit::Probe { .. }, Recorder::Breaker(breaker)) = (&self.permit, &self.recorder) {
             let permit = std::mem::replace(&mut self.permit, Permit::Untracked);
-            self.breaker.record(permit, Outcome::Ignored);
+            breaker.record(permit, Outcome::Ignored);
         }
     }
 }

@@ -106,6 +106,7 @@ mod future;
 mod handle;
 mod keyed;
 mod layer;
+mod slot;
 mod window;
 
 #[cfg(test)]
@@ -215,7 +216,7 @@ where
         match self.breaker.admit() {
             Ok(permit) => ResponseFuture::called(
                 self.inner.call(req),
-                future::Tracker::new(self.breaker.clone(), permit, self.classifier.clone()),
+                future::Tracker::new(&self.breaker, permit, self.classifier.clone()),
             ),
             Err(rejection) => ResponseFuture::rejected(rejection),
         }
