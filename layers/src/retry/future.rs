@@ -7,6 +7,7 @@ use pin_project_lite::pin_project;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 use tokio::time::{Instant, Sleep};
@@ -31,7 +32,10 @@ pin_project! {
         // return it while waiting for readiness. (Retry-path state is boxed to keep
         // the future small for calls that never retry.)
         last: Option<Box<Result<S::Response, S::Error>>>,
-        policy: RetryPolicy,
+        // The policy, shared with the service; `None` when the call can neither be
+        // retried nor credit the budget (so no reference is taken).
+        policy: Option<Arc<RetryPolicy>>,
+        max_attempts: u32,
         classifier: C,
         // The attempt in flight, 1-based.
         attempt: u32,
@@ -87,7 +91,8 @@ where
     pub(crate) fn new(
         future: S::Future,
         retry_with: Option<(S, Req)>,
-        policy: RetryPolicy,
+        policy: Option<Arc<RetryPolicy>>,
+        max_attempts: u32,
         classifier: C,
     ) -> Self {
         let (service, spare) = match retry_with {
@@ -100,6 +105,7 @@ where
             spare,
             last: None,
             policy,
+            max_attempts,
             classifier,
             attempt: 1,
             deadline: None,
@@ -122,12 +128,20 @@ where
             match this.state.as_mut().project() {
                 StateProj::Calling { future } => {
                     let Poll::Ready(result) = future.poll(cx) else {
-                        start_deadline(this.deadline, this.policy);
+                        if let Some(policy) = this.policy.as_deref() {
+                            start_deadline(this.deadline, policy);
+                        }
                         return Poll::Pending;
                     };
                     let verdict = this.classifier.classify(result.as_ref());
+                    let Some(policy) = this.policy.as_deref() else {
+                        if verdict.should_retry() {
+                            log_no_retry(&verdict, *this.attempt, *this.max_attempts);
+                        }
+                        return Poll::Ready(result);
+                    };
                     if verdict.is_success()
-                        && let Some(budget) = &this.policy.budget
+                        && let Some(budget) = &policy.budget
                         && budget.deposit_on() == DepositOn::Success
                     {
                         budget.deposit();
@@ -135,11 +149,11 @@ where
                     if !verdict.should_retry() {
                         return Poll::Ready(result);
                     }
-                    start_deadline(this.deadline, this.policy);
+                    start_deadline(this.deadline, policy);
                     let Some(delay) = plan_retry(
                         &verdict,
                         *this.attempt,
-                        this.policy,
+                        policy,
                         this.spare.is_some(),
                         *this.deadline,
                         this.jitter,
@@ -206,7 +220,11 @@ where
                         unreachable!("checked above");
                     };
                     *this.attempt += 1;
-                    if this.policy.retry_possible(*this.attempt) {
+                    if this
+                        .policy
+                        .as_deref()
+                        .is_some_and(|policy| policy.retry_possible(*this.attempt))
+                    {
                         *this.spare = Some(request.clone());
                     }
                     let future = service.call(request);
@@ -228,6 +246,25 @@ fn start_deadline(deadline: &mut Option<Instant>, policy: &RetryPolicy) {
     }
 }
 
+/// Logs why attempt `attempt`, which failed with a retryable `verdict`, is not
+/// retried when no copy of the request was kept for it.
+fn log_no_retry(verdict: &Classification, attempt: u32, max_attempts: u32) {
+    if attempt >= max_attempts {
+        tracing::debug!(
+            attempt,
+            class = verdict.class,
+            "not retrying: attempts exhausted"
+        );
+    } else {
+        // No copy was kept because the budget was empty when this attempt started.
+        tracing::debug!(
+            attempt,
+            class = verdict.class,
+            "not retrying: retry budget was empty"
+        );
+    }
+}
+
 /// Decides whether attempt `attempt`, which failed with `verdict`, is retried, and
 /// after what wait. Takes a budget token when it says yes.
 fn plan_retry(
@@ -238,21 +275,8 @@ fn plan_retry(
     deadline: Option<Instant>,
     jitter: &mut Option<Box<JitterState>>,
 ) -> Option<Duration> {
-    if attempt >= policy.max_attempts {
-        tracing::debug!(
-            attempt,
-            class = verdict.class,
-            "not retrying: attempts exhausted"
-        );
-        return None;
-    }
-    if !have_request {
-        // No copy was kept because the budget was empty when this attempt started.
-        tracing::debug!(
-            attempt,
-            class = verdict.class,
-            "not retrying: retry budget was empty"
-        );
+    if attempt >= policy.max_attempts || !have_request {
+        log_no_retry(verdict, attempt, policy.max_attempts);
         return None;
     }
     let jitter = jitter.get_or_insert_with(|| {
