@@ -265,7 +265,7 @@ where
                 self.inner.call(req),
                 Tracker::new(&breaker, permit, self.classifier.clone()),
             ),
-            Err(rejection) => ResponseFuture::rejected(rejection),
+            Err(rejection) => ResponseFuture::rejected(rejection, self.classifier.clone()),
         }
     }
 }

@@ -218,7 +218,7 @@ where
                 self.inner.call(req),
                 future::Tracker::new(&self.breaker, permit, self.classifier.clone()),
             ),
-            Err(rejection) => ResponseFuture::rejected(rejection),
+            Err(rejection) => ResponseFuture::rejected(rejection, self.classifier.clone()),
         }
     }
 }
