@@ -23,27 +23,33 @@ pin_project! {
     {
         #[pin]
         state: State<S::Future>,
-        // A clone of the service, for the retries; `None` when no retry is possible.
-        service: Option<S>,
-        // The copy of the request for the next attempt; `None` when no further
-        // attempt is possible.
-        spare: Option<Req>,
-        // The last outcome, kept across the backoff only when a deadline may have to
-        // return it while waiting for readiness. (Retry-path state is boxed to keep
-        // the future small for calls that never retry.)
-        last: Option<Box<Result<S::Response, S::Error>>>,
-        // The policy, shared with the service; `None` when the call can neither be
-        // retried nor credit the budget (so no reference is taken).
-        policy: Option<Arc<RetryPolicy>>,
-        max_attempts: u32,
+        // Everything only a retry (or a deposit on success) needs; `None` when the
+        // call can neither be retried nor credit the budget, so that such a call
+        // builds, moves and drops a future barely larger than the inner one.
+        retry: Option<Retrying<S, Req, Result<S::Response, S::Error>>>,
         classifier: C,
         // The attempt in flight, 1-based.
         attempt: u32,
-        // The overall deadline, fixed on the first Pending poll or the first outcome,
-        // whichever comes first (see `RetryPolicy::deadline`).
-        deadline: Option<Instant>,
-        jitter: Option<Box<JitterState>>,
+        max_attempts: u32,
     }
+}
+
+/// The retry-path part of a [`ResponseFuture`].
+struct Retrying<S, Req, Out> {
+    // The policy, shared with the service.
+    policy: Arc<RetryPolicy>,
+    // A clone of the service, for the retries; `None` when no retry is possible.
+    service: Option<S>,
+    // The copy of the request for the next attempt; `None` when no further
+    // attempt is possible.
+    spare: Option<Req>,
+    // The last outcome, kept across the backoff only when a deadline may have to
+    // return it while waiting for readiness.
+    last: Option<Box<Out>>,
+    // The overall deadline, fixed on the first Pending poll or the first outcome,
+    // whichever comes first (see `RetryPolicy::deadline`).
+    deadline: Option<Instant>,
+    jitter: Option<Box<JitterState>>,
 }
 
 /// The jitter generator and the previous wait, created at the first retry.
@@ -78,8 +84,11 @@ where
         f.debug_struct("ResponseFuture")
             .field("state", &state)
             .field("attempt", &self.attempt)
-            .field("may_retry", &self.spare.is_some())
-            .field("deadline", &self.deadline)
+            .field(
+                "may_retry",
+                &self.retry.as_ref().is_some_and(|r| r.spare.is_some()),
+            )
+            .field("deadline", &self.retry.as_ref().and_then(|r| r.deadline))
             .finish_non_exhaustive()
     }
 }
@@ -88,6 +97,9 @@ impl<S, Req, C> ResponseFuture<S, Req, C>
 where
     S: Service<Req>,
 {
+    /// `retry_with` (a service clone and a request copy) when a retry is
+    /// possible; `policy` when a retry is possible or a success credits the budget.
+    #[inline]
     pub(crate) fn new(
         future: S::Future,
         retry_with: Option<(S, Req)>,
@@ -95,21 +107,26 @@ where
         max_attempts: u32,
         classifier: C,
     ) -> Self {
-        let (service, spare) = match retry_with {
-            Some((service, request)) => (Some(service), Some(request)),
-            None => (None, None),
-        };
+        let retry = policy.map(|policy| {
+            let (service, spare) = match retry_with {
+                Some((service, request)) => (Some(service), Some(request)),
+                None => (None, None),
+            };
+            Retrying {
+                policy,
+                service,
+                spare,
+                last: None,
+                deadline: None,
+                jitter: None,
+            }
+        });
         ResponseFuture {
             state: State::Calling { future },
-            service,
-            spare,
-            last: None,
-            policy,
-            max_attempts,
+            retry,
             classifier,
             attempt: 1,
-            deadline: None,
-            jitter: None,
+            max_attempts,
         }
     }
 }
@@ -129,20 +146,20 @@ where
             match this.state.as_mut().project() {
                 StateProj::Calling { future } => {
                     let Poll::Ready(result) = future.poll(cx) else {
-                        if let Some(policy) = this.policy.as_deref() {
-                            start_deadline(this.deadline, policy);
+                        if let Some(retry) = this.retry.as_mut() {
+                            start_deadline(&mut retry.deadline, &retry.policy);
                         }
                         return Poll::Pending;
                     };
                     let verdict = this.classifier.classify(result.as_ref());
-                    let Some(policy) = this.policy.as_deref() else {
+                    let Some(retry) = this.retry.as_mut() else {
                         if verdict.should_retry() {
                             log_no_retry(&verdict, *this.attempt, *this.max_attempts);
                         }
                         return Poll::Ready(result);
                     };
                     if verdict.is_success()
-                        && let Some(budget) = &policy.budget
+                        && let Some(budget) = &retry.policy.budget
                         && budget.deposit_on() == DepositOn::Success
                     {
                         budget.deposit();
@@ -150,22 +167,22 @@ where
                     if !verdict.should_retry() {
                         return Poll::Ready(result);
                     }
-                    start_deadline(this.deadline, policy);
+                    start_deadline(&mut retry.deadline, &retry.policy);
                     let Some(delay) = plan_retry(
                         &verdict,
                         *this.attempt,
-                        policy,
-                        this.spare.is_some(),
-                        *this.deadline,
-                        this.jitter,
+                        &retry.policy,
+                        retry.spare.is_some(),
+                        retry.deadline,
+                        &mut retry.jitter,
                     ) else {
                         return Poll::Ready(result);
                     };
-                    if this.deadline.is_some() {
-                        *this.last = Some(Box::new(result));
+                    if retry.deadline.is_some() {
+                        retry.last = Some(Box::new(result));
                     }
                     if delay.is_zero() {
-                        let deadline = this
+                        let deadline = retry
                             .deadline
                             .map(|at| Box::pin(tokio::time::sleep_until(at)));
                         this.state.set(State::CheckReady { deadline });
@@ -178,12 +195,21 @@ where
                 StateProj::Backoff { sleep } => {
                     ready!(sleep.as_mut().poll(cx));
                     let deadline = this
-                        .deadline
+                        .retry
+                        .as_ref()
+                        .and_then(|retry| retry.deadline)
                         .map(|at| Box::pin(tokio::time::sleep_until(at)));
                     this.state.set(State::CheckReady { deadline });
                 }
                 StateProj::CheckReady { deadline } => {
-                    let (Some(service), true) = (this.service.as_mut(), this.spare.is_some())
+                    let Some(Retrying {
+                        policy,
+                        service: Some(service),
+                        spare: spare @ Some(_),
+                        last,
+                        deadline: overall,
+                        ..
+                    }) = this.retry.as_mut()
                     else {
                         unreachable!(
                             "a retry is planned only with a service clone and a spare request"
@@ -195,7 +221,7 @@ where
                         Poll::Pending => {
                             if let Some(deadline) = deadline
                                 && deadline.as_mut().poll(cx).is_ready()
-                                && let Some(last) = this.last.take()
+                                && let Some(last) = last.take()
                             {
                                 tracing::debug!(
                                     attempt = *this.attempt + 1,
@@ -206,9 +232,9 @@ where
                             return Poll::Pending;
                         }
                     }
-                    if let Some(at) = *this.deadline
+                    if let Some(at) = *overall
                         && Instant::now() >= at
-                        && let Some(last) = this.last.take()
+                        && let Some(last) = last.take()
                     {
                         tracing::debug!(
                             attempt = *this.attempt + 1,
@@ -216,17 +242,13 @@ where
                         );
                         return Poll::Ready(*last);
                     }
-                    *this.last = None;
-                    let Some(request) = this.spare.take() else {
-                        unreachable!("checked above");
+                    *last = None;
+                    let Some(request) = spare.take() else {
+                        unreachable!("matched above");
                     };
                     *this.attempt += 1;
-                    if this
-                        .policy
-                        .as_deref()
-                        .is_some_and(|policy| policy.retry_possible(*this.attempt))
-                    {
-                        *this.spare = Some(request.clone());
+                    if policy.retry_possible(*this.attempt) {
+                        *spare = Some(request.clone());
                     }
                     let future = service.call(request);
                     this.state.set(State::Calling { future });
