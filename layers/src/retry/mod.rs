@@ -54,6 +54,17 @@
 //! At most `max_attempts − 1` clones per call. The service is cloned once per
 //! call, when the request is.
 //!
+//! # Cost per call
+//!
+//! The policy is built once and shared through an `Arc` by the layer, its
+//! services and their clones. A call that can be retried takes one reference to
+//! it (an atomic increment) along with the request and service copies. A call
+//! that cannot (`max_attempts` 1, or an empty budget) takes nothing: its response
+//! future is the inner future plus the classifier and two counters, unless the
+//! budget earns on successes ([`DepositOn::Success`]), which needs the policy to
+//! credit it. Crediting a budget per request is one atomic load while the bucket
+//! is full.
+//!
 //! # Example
 //!
 //! ```
