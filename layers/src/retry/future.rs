@@ -31,6 +31,11 @@ pin_project! {
         // The attempt in flight, 1-based.
         attempt: u32,
         max_attempts: u32,
+        // The overall deadline, fixed on the first Pending poll or the first outcome,
+        // whichever comes first (see `RetryPolicy::deadline`). Kept out of `retry`
+        // so that `Option<Retrying>` is told apart by its own fields, not by a
+        // niche inside the `Instant`.
+        deadline: Option<Instant>,
     }
 }
 
@@ -46,9 +51,6 @@ struct Retrying<S, Req, Out> {
     // The last outcome, kept across the backoff only when a deadline may have to
     // return it while waiting for readiness.
     last: Option<Box<Out>>,
-    // The overall deadline, fixed on the first Pending poll or the first outcome,
-    // whichever comes first (see `RetryPolicy::deadline`).
-    deadline: Option<Instant>,
     jitter: Option<Box<JitterState>>,
 }
 
@@ -88,7 +90,7 @@ where
                 "may_retry",
                 &self.retry.as_ref().is_some_and(|r| r.spare.is_some()),
             )
-            .field("deadline", &self.retry.as_ref().and_then(|r| r.deadline))
+            .field("deadline", &self.deadline)
             .finish_non_exhaustive()
     }
 }
@@ -117,7 +119,6 @@ where
                 service,
                 spare,
                 last: None,
-                deadline: None,
                 jitter: None,
             }
         });
@@ -127,6 +128,7 @@ where
             classifier,
             attempt: 1,
             max_attempts,
+            deadline: None,
         }
     }
 }
@@ -146,8 +148,8 @@ where
             match this.state.as_mut().project() {
                 StateProj::Calling { future } => {
                     let Poll::Ready(result) = future.poll(cx) else {
-                        if let Some(retry) = this.retry.as_mut() {
-                            start_deadline(&mut retry.deadline, &retry.policy);
+                        if let Some(retry) = this.retry.as_ref() {
+                            start_deadline(this.deadline, &retry.policy);
                         }
                         return Poll::Pending;
                     };
@@ -167,22 +169,22 @@ where
                     if !verdict.should_retry() {
                         return Poll::Ready(result);
                     }
-                    start_deadline(&mut retry.deadline, &retry.policy);
+                    start_deadline(this.deadline, &retry.policy);
                     let Some(delay) = plan_retry(
                         &verdict,
                         *this.attempt,
                         &retry.policy,
                         retry.spare.is_some(),
-                        retry.deadline,
+                        *this.deadline,
                         &mut retry.jitter,
                     ) else {
                         return Poll::Ready(result);
                     };
-                    if retry.deadline.is_some() {
+                    if this.deadline.is_some() {
                         retry.last = Some(Box::new(result));
                     }
                     if delay.is_zero() {
-                        let deadline = retry
+                        let deadline = this
                             .deadline
                             .map(|at| Box::pin(tokio::time::sleep_until(at)));
                         this.state.set(State::CheckReady { deadline });
@@ -195,9 +197,7 @@ where
                 StateProj::Backoff { sleep } => {
                     ready!(sleep.as_mut().poll(cx));
                     let deadline = this
-                        .retry
-                        .as_ref()
-                        .and_then(|retry| retry.deadline)
+                        .deadline
                         .map(|at| Box::pin(tokio::time::sleep_until(at)));
                     this.state.set(State::CheckReady { deadline });
                 }
@@ -207,7 +207,6 @@ where
                         service: Some(service),
                         spare: spare @ Some(_),
                         last,
-                        deadline: overall,
                         ..
                     }) = this.retry.as_mut()
                     else {
@@ -232,7 +231,7 @@ where
                             return Poll::Pending;
                         }
                     }
-                    if let Some(at) = *overall
+                    if let Some(at) = *this.deadline
                         && Instant::now() >= at
                         && let Some(last) = last.take()
                     {
