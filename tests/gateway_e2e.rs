@@ -410,6 +410,11 @@ async fn scenario(mut gw: Gateway, topic: &str, embedded: bool) {
     assert_eq!(ready["ready"], true, "{ready}");
     assert_eq!(ready["kafka"]["isHealthy"], true, "{ready}");
     assert_eq!(ready["s3"]["healthy"], true, "{ready}");
+    // Same conventions as the Kafka report: camelCase keys, latency in ms.
+    assert!(ready["s3"]["latencyMs"].is_u64(), "{ready}");
+    assert_eq!(ready["s3"]["shuttingDown"], false, "{ready}");
+    assert!(ready["s3"]["inFlight"].is_u64(), "{ready}");
+    assert!(ready["s3"].get("latency").is_none(), "{ready}");
     assert_eq!(get(&gw.url("/health/live")).await.status, StatusCode::OK);
 
     // A published event is handled by the in-process consumer.
@@ -682,6 +687,7 @@ async fn ready_turns_503_when_s3_stops() {
     let body = not_ready.json();
     assert_eq!(body["ready"], false, "{body}");
     assert_eq!(body["s3"]["healthy"], false, "{body}");
+    assert!(body["s3"]["lastError"].is_string(), "{body}");
     assert_eq!(body["kafka"]["isHealthy"], true, "{body}");
     // Liveness does not depend on the dependencies.
     assert_eq!(get(&gw.url("/health/live")).await.status, StatusCode::OK);

@@ -451,7 +451,7 @@ async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
         Ok(h) => (h.healthy, serde_json::to_value(&h).unwrap_or(Value::Null)),
         Err(_) => (
             false,
-            json!({ "healthy": false, "error": "health check timed out" }),
+            json!({ "healthy": false, "lastError": "health check timed out" }),
         ),
     };
     let consumer = match state.consumer.read().await.as_ref() {

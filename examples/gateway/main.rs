@@ -260,7 +260,8 @@ async fn run() -> Result<ExitCode, BoxError> {
             ("s3", s3_breaker_handle),
         ],
     };
-    tokio::spawn(http::sample_lag(state.clone(), Duration::from_secs(5)));
+    // Holds a clone of the state (so of the Kafka clients) until it is stopped.
+    let lag_sampler = tokio::spawn(http::sample_lag(state.clone(), Duration::from_secs(5)));
     let app = http::wrap(http::app(state.clone(), api_breaker)?, &metrics)?;
 
     let addr = listener.local_addr()?;
@@ -329,7 +330,11 @@ async fn run() -> Result<ExitCode, BoxError> {
         clean = false;
         tracing::warn!(target: "gateway", still_in_flight = report.still_in_flight, "S3 operations still in flight");
     }
-    // The clients go before the embedded servers they talk to.
+    // The clients go before the embedded servers they talk to: every holder of a
+    // Kafka client (the lag sampler's state too) is gone before the mock cluster
+    // stops, or librdkafka logs the brokers going down.
+    lag_sampler.abort();
+    let _ = lag_sampler.await;
     drop((state, kafka, s3));
     if let Some(server) = embedded_s3 {
         // Downloads through presigned URLs may still be running: bounded too.

@@ -282,7 +282,12 @@ impl Drop for InFlight {
 }
 
 /// A health report; see [`S3Client::health`].
+///
+/// Serializes to JSON in camelCase, like the Kafka health report, with the
+/// latency in whole milliseconds: `{"healthy", "bucket", "endpoint",
+/// "latencyMs", "inFlight", "shuttingDown", "lastError"}`.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct S3Health {
     /// Whether `HeadBucket` succeeded.
     pub healthy: bool,
@@ -290,7 +295,8 @@ pub struct S3Health {
     pub bucket: String,
     /// The custom endpoint, if any.
     pub endpoint: Option<String>,
-    /// How long the check took.
+    /// How long the check took (serialized as `latencyMs`).
+    #[serde(rename = "latencyMs", serialize_with = "serialize_millis")]
     pub latency: Duration,
     /// Operations in flight when the check ended.
     pub in_flight: usize,
@@ -298,6 +304,11 @@ pub struct S3Health {
     pub shutting_down: bool,
     /// Why the check failed.
     pub last_error: Option<String>,
+}
+
+/// A duration as whole milliseconds (saturating), the unit of every `...Ms` field.
+fn serialize_millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// What [`S3Client::shutdown`] found.
@@ -350,6 +361,31 @@ mod tests {
             Some(&ResponseChecksumValidation::WhenRequired)
         );
         assert_eq!(conf.region().map(|r| r.as_ref()), Some("us-east-1"));
+    }
+
+    #[test]
+    fn health_serializes_in_camel_case_with_milliseconds() {
+        let health = S3Health {
+            healthy: false,
+            bucket: "b".into(),
+            endpoint: Some("http://127.0.0.1:9".into()),
+            latency: Duration::from_micros(1_500_700),
+            in_flight: 2,
+            shutting_down: true,
+            last_error: Some("down".into()),
+        };
+        assert_eq!(
+            serde_json::to_value(&health).unwrap(),
+            serde_json::json!({
+                "healthy": false,
+                "bucket": "b",
+                "endpoint": "http://127.0.0.1:9",
+                "latencyMs": 1500,
+                "inFlight": 2,
+                "shuttingDown": true,
+                "lastError": "down",
+            })
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,8 +1,8 @@
 //! The shared state machine behind one breaker.
 //!
 //! Everything a call touches while the breaker is closed is an atomic: the state
-//! word (state, generation and half-open probe counters packed in one `AtomicU64`),
-//! the consecutive-failure counter and the sliding window. The mutex `transitions`
+//! word (state, generation, and the failure streak or the half-open probe counters,
+//! packed in one `AtomicU64` kept in a [`Slot`]) and the sliding window. The mutex `transitions`
 //! is taken only to change state, so transitions are serialized and observed in
 //! order, while the hot path stays lock-free.
 //!
@@ -11,7 +11,7 @@
 //! completes after the breaker opened) is not counted against the new state.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::*};
+use std::sync::atomic::{AtomicU64, Ordering::*};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -20,6 +20,10 @@ use tokio::time::Instant;
 
 use super::error::Rejection;
 use super::handle::{CircuitState, CircuitStats, StateChange, TransitionReason};
+use super::slot::{
+    ADMITTED_SHIFT, SUCCESS_SHIFT, Slot, admitted_of, gen_of, is_counting, next_word, state_of,
+    streak_of, successes_of,
+};
 use super::window::{CountWindow, TimeWindow, WindowCounts};
 use crate::classify::Outcome;
 
@@ -98,39 +102,6 @@ enum Window {
     Time(TimeWindow),
 }
 
-// State word: state (8 bits) | probes admitted (16) | probe successes (16) | generation (24).
-const ADMITTED_SHIFT: u32 = 8;
-const SUCCESS_SHIFT: u32 = 24;
-const GEN_SHIFT: u32 = 40;
-const FIELD_MASK: u64 = 0xffff;
-const GEN_MASK: u64 = (1 << (64 - GEN_SHIFT)) - 1;
-
-fn state_of(word: u64) -> CircuitState {
-    CircuitState::ALL
-        .get((word & 0xff) as usize)
-        .copied()
-        .unwrap_or(CircuitState::Closed)
-}
-
-fn state_code(state: CircuitState) -> u64 {
-    CircuitState::ALL
-        .iter()
-        .position(|s| *s == state)
-        .unwrap_or(0) as u64
-}
-
-fn gen_of(word: u64) -> u32 {
-    (word >> GEN_SHIFT) as u32
-}
-
-fn admitted_of(word: u64) -> u64 {
-    (word >> ADMITTED_SHIFT) & FIELD_MASK
-}
-
-fn successes_of(word: u64) -> u64 {
-    (word >> SUCCESS_SHIFT) & FIELD_MASK
-}
-
 /// What an admitted call carries until it completes.
 #[derive(Debug)]
 pub(crate) enum Permit {
@@ -150,17 +121,10 @@ struct Transitions {
     reopens: u32,
 }
 
-/// Hot atomics, kept off the cache line of the `Arc` reference counts.
-#[repr(align(128))]
-#[derive(Debug)]
-struct Hot {
-    word: AtomicU64,
-    consecutive: AtomicU32,
-}
-
 /// One breaker's shared state.
 pub(crate) struct Breaker {
-    hot: Hot,
+    /// The state word, in a slot response futures can reach without an `Arc`.
+    slot: &'static Slot,
     config: Arc<Config>,
     window: Option<Window>,
     minimum_calls: u32,
@@ -185,7 +149,8 @@ impl fmt::Debug for Breaker {
 }
 
 impl Breaker {
-    pub(crate) fn new(config: Arc<Config>, key: Option<Arc<str>>) -> Self {
+    /// A closed breaker (in a slot of its own until it is dropped).
+    pub(crate) fn new(config: Arc<Config>, key: Option<Arc<str>>) -> Arc<Self> {
         let (window, minimum_calls) = match config.window {
             None => (None, u32::MAX),
             Some(WindowKind::Count(len)) => (
@@ -204,11 +169,8 @@ impl Breaker {
                 )
             }
         };
-        Breaker {
-            hot: Hot {
-                word: AtomicU64::new(state_code(CircuitState::Closed)),
-                consecutive: AtomicU32::new(0),
-            },
+        Arc::new_cyclic(|owner| Breaker {
+            slot: Slot::acquire(owner.clone()),
             times_calls: config.slow_call.is_some(),
             window,
             minimum_calls: minimum_calls.max(1),
@@ -218,7 +180,25 @@ impl Breaker {
             transitions: Mutex::new(Transitions::default()),
             watch: watch::Sender::new(CircuitState::Closed),
             key,
-        }
+        })
+    }
+
+    /// The slot of the state word, for a response future to record into.
+    pub(crate) fn slot(&self) -> &'static Slot {
+        self.slot
+    }
+
+    /// Whether a closed-state outcome is recorded in the state word alone (no
+    /// sliding window to feed), so a response future needs only the slot.
+    #[inline]
+    pub(crate) fn records_in_slot(&self) -> bool {
+        self.window.is_none()
+    }
+
+    /// The consecutive-failure threshold (0: rule off).
+    #[inline]
+    pub(crate) fn streak_threshold(&self) -> u32 {
+        self.config.consecutive_failures
     }
 
     fn now_nanos(&self) -> u64 {
@@ -231,7 +211,7 @@ impl Breaker {
     }
 
     pub(crate) fn state(&self) -> CircuitState {
-        state_of(self.hot.word.load(Acquire))
+        state_of(self.slot.word.load(Acquire))
     }
 
     pub(crate) fn subscribe(&self) -> watch::Receiver<CircuitState> {
@@ -244,9 +224,15 @@ impl Breaker {
             Some(Window::Count(w)) => w.counts(),
             Some(Window::Time(w)) => w.counts(self.now_nanos()),
         };
+        let word = self.slot.word.load(Acquire);
+        let state = state_of(word);
         CircuitStats {
-            state: self.state(),
-            consecutive_failures: self.hot.consecutive.load(Relaxed),
+            state,
+            consecutive_failures: if is_counting(state) || state == CircuitState::Open {
+                streak_of(word)
+            } else {
+                0
+            },
             window_calls: counts.calls,
             window_failures: counts.failures,
             window_slow_calls: counts.slow,
@@ -267,7 +253,7 @@ impl Breaker {
     /// Admits a call or says why not. Closed: one atomic load.
     #[inline]
     pub(crate) fn admit(&self) -> Result<Permit, Rejection> {
-        let mut word = self.hot.word.load(Acquire);
+        let mut word = self.slot.word.load(Acquire);
         loop {
             match state_of(word) {
                 CircuitState::Closed | CircuitState::MetricsOnly => {
@@ -291,7 +277,7 @@ impl Breaker {
                         CircuitState::HalfOpen,
                         TransitionReason::WaitElapsed,
                     );
-                    word = self.hot.word.load(Acquire);
+                    word = self.slot.word.load(Acquire);
                 }
                 CircuitState::HalfOpen => {
                     let permitted = self.config.half_open_probes;
@@ -302,7 +288,7 @@ impl Breaker {
                     }
                     let next = word + (1 << ADMITTED_SHIFT);
                     match self
-                        .hot
+                        .slot
                         .word
                         .compare_exchange_weak(word, next, AcqRel, Acquire)
                     {
@@ -355,25 +341,15 @@ impl Breaker {
 
     #[inline]
     fn record_counted(&self, generation: u32, started: u64, failed: bool) {
-        let word = self.hot.word.load(Acquire);
+        let word = self.slot.word.load(Acquire);
         let state = state_of(word);
-        if gen_of(word) != generation
-            || !matches!(state, CircuitState::Closed | CircuitState::MetricsOnly)
-        {
+        if gen_of(word) != generation || !is_counting(state) {
             return; // admitted under an earlier state: not this state's business
         }
-        let mut trip = None;
-        let threshold = self.config.consecutive_failures;
-        if threshold > 0 {
-            if failed {
-                let count = self.hot.consecutive.fetch_add(1, Relaxed) + 1;
-                if count >= threshold {
-                    trip = Some(TransitionReason::ConsecutiveFailures { count });
-                }
-            } else if self.hot.consecutive.load(Relaxed) != 0 {
-                self.hot.consecutive.store(0, Relaxed);
-            }
-        }
+        let mut trip = self
+            .slot
+            .record_streak(generation, failed, self.config.consecutive_failures)
+            .map(|count| TransitionReason::ConsecutiveFailures { count });
         if let Some(window) = &self.window {
             let slow = self.is_slow(started);
             let counts = match window {
@@ -387,12 +363,17 @@ impl Breaker {
         if let Some(reason) = trip
             && state == CircuitState::Closed
         {
-            self.transition(
-                Some((generation, CircuitState::Closed)),
-                CircuitState::Open,
-                reason,
-            );
+            self.open_from_closed(generation, reason);
         }
+    }
+
+    /// Opens the breaker if it is still closed in `generation`.
+    pub(crate) fn open_from_closed(&self, generation: u32, reason: TransitionReason) {
+        self.transition(
+            Some((generation, CircuitState::Closed)),
+            CircuitState::Open,
+            reason,
+        );
     }
 
     fn rate_trip(&self, counts: WindowCounts) -> Option<TransitionReason> {
@@ -412,7 +393,7 @@ impl Breaker {
 
     /// Applies `change` to the state word if it is still half-open in `generation`.
     fn update_probe_word(&self, generation: u32, change: impl Fn(u64) -> u64) -> Option<u64> {
-        self.hot
+        self.slot
             .word
             .fetch_update(AcqRel, Acquire, |word| {
                 (gen_of(word) == generation && state_of(word) == CircuitState::HalfOpen)
@@ -464,7 +445,7 @@ impl Breaker {
             .transitions
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let word = self.hot.word.load(Acquire);
+        let word = self.slot.word.load(Acquire);
         let from = state_of(word);
         if let Some((generation, state)) = expect
             && (gen_of(word) != generation || from != state)
@@ -487,7 +468,6 @@ impl Breaker {
                 if to == CircuitState::Closed {
                     transitions.reopens = 0;
                 }
-                self.hot.consecutive.store(0, Relaxed);
                 match &self.window {
                     Some(Window::Count(w)) => w.clear(),
                     Some(Window::Time(w)) => w.clear(),
@@ -496,10 +476,13 @@ impl Breaker {
             }
             _ => {}
         }
-        let generation = (u64::from(gen_of(word)) + 1) & GEN_MASK;
-        self.hot
-            .word
-            .store((generation << GEN_SHIFT) | state_code(to), Release);
+        // The streak that opened the breaker stays readable while it is open.
+        let streak = if from == CircuitState::Closed && to == CircuitState::Open {
+            streak_of(word)
+        } else {
+            0
+        };
+        self.slot.word.store(next_word(word, to, streak), Release);
 
         let key = self.key.as_deref().unwrap_or("");
         if to == CircuitState::Open || to == CircuitState::ForcedOpen {
@@ -518,5 +501,11 @@ impl Breaker {
         }
         drop(transitions);
         true
+    }
+}
+
+impl Drop for Breaker {
+    fn drop(&mut self) {
+        self.slot.release();
     }
 }

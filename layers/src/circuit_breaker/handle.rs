@@ -128,7 +128,8 @@ pub struct StateChange {
 pub struct CircuitStats {
     /// The current state.
     pub state: CircuitState,
-    /// Consecutive failures seen since the last success.
+    /// Consecutive failures seen since the last success, while the breaker counts
+    /// (closed, metrics-only); while open, the streak that opened it; otherwise 0.
     pub consecutive_failures: u32,
     /// Calls in the sliding window (0 when no window is configured).
     pub window_calls: u32,

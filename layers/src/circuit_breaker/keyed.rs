@@ -54,7 +54,7 @@ impl<K: Hash + Eq + Clone + fmt::Debug> KeyedBreakers<K> {
             }
         }
         let label: Arc<str> = format!("{key:?}").into();
-        let breaker = Arc::new(Breaker::new(self.config.clone(), Some(label)));
+        let breaker = Breaker::new(self.config.clone(), Some(label));
         map.entries.insert(
             key.clone(),
             Entry {
@@ -263,9 +263,9 @@ where
         match breaker.admit() {
             Ok(permit) => ResponseFuture::called(
                 self.inner.call(req),
-                Tracker::new(breaker, permit, self.classifier.clone()),
+                Tracker::new(&breaker, permit, self.classifier.clone()),
             ),
-            Err(rejection) => ResponseFuture::rejected(rejection),
+            Err(rejection) => ResponseFuture::rejected(rejection, self.classifier.clone()),
         }
     }
 }

@@ -193,7 +193,7 @@ impl<C> CircuitBreakerBuilder<C> {
     /// Builds the layer (one breaker).
     pub fn build(self) -> CircuitBreakerLayer<C> {
         CircuitBreakerLayer {
-            breaker: Arc::new(Breaker::new(Arc::new(self.config), None)),
+            breaker: Breaker::new(Arc::new(self.config), None),
             classifier: self.classifier,
         }
     }

@@ -54,8 +54,14 @@
 //! # Cost
 //!
 //! The closed-state path takes no lock: admitting a call is one atomic load, and
-//! recording a success with the default rules is a load (plus a store only when
-//! the failure streak must be reset). A count window adds one `fetch_add` per call
+//! recording a success with the default rules is a load (plus a compare-and-swap
+//! only when a failure streak must be reset; a failure is one compare-and-swap).
+//! Without a sliding window the response future holds no `Arc` of the breaker: it
+//! records into the breaker's state word through a `&'static` reference (the word
+//! lives in a slot that is allocated once and recycled when the breaker is
+//! dropped, so slots never outnumber the breakers alive at once), and no shared
+//! reference count is touched per call. Probes and calls that feed a sliding
+//! window hold an `Arc`. A count window adds one `fetch_add` per call
 //! and recounts its bits only on failures. The clock is read only when a time
 //! window or the slow-call rule is configured, and to time the open wait. State
 //! changes take a mutex. Per-key breakers ([`CircuitBreakerBuilder::per_key`]) add
@@ -106,6 +112,7 @@ mod future;
 mod handle;
 mod keyed;
 mod layer;
+mod slot;
 mod window;
 
 #[cfg(test)]
@@ -215,9 +222,9 @@ where
         match self.breaker.admit() {
             Ok(permit) => ResponseFuture::called(
                 self.inner.call(req),
-                future::Tracker::new(self.breaker.clone(), permit, self.classifier.clone()),
+                future::Tracker::new(&self.breaker, permit, self.classifier.clone()),
             ),
-            Err(rejection) => ResponseFuture::rejected(rejection),
+            Err(rejection) => ResponseFuture::rejected(rejection, self.classifier.clone()),
         }
     }
 }

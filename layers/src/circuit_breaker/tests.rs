@@ -731,3 +731,46 @@ fn open_wait_backoff_grows_and_saturates() {
     assert_eq!(config.open_wait_after(3), Duration::from_secs(300));
     assert_eq!(config.open_wait_after(u32::MAX), Duration::from_secs(300));
 }
+
+#[tokio::test(start_paused = true)]
+async fn late_outcome_of_a_dropped_breaker_does_not_reach_the_next_one() {
+    // The response future records into the breaker's `'static` slot, which a
+    // dropped breaker hands to the next one (usually the very next, when no other
+    // test takes it first): the late failure must not count there.
+    let (inner, _) = counting();
+    let layer = builder().consecutive_failures(1).build();
+    let mut svc = layer.layer(inner.clone());
+    svc.ready().await.unwrap();
+    let stale = svc.call(Req::SlowFail(Duration::from_secs(10)));
+    drop((svc, layer));
+
+    let next = builder().consecutive_failures(1).build();
+    let handle = next.handle();
+    assert!(matches!(
+        stale.await,
+        Err(CircuitBreakerError::Inner(TestError("slow fail")))
+    ));
+    assert_eq!(handle.state(), CircuitState::Closed);
+    assert_eq!(handle.stats().consecutive_failures, 0);
+
+    let mut svc = next.layer(inner);
+    let _ = send(&mut svc, Req::Fail).await;
+    assert_eq!(
+        handle.state(),
+        CircuitState::Open,
+        "the next breaker still works"
+    );
+}
+
+#[test]
+fn a_released_slot_ignores_its_old_generation() {
+    let breaker = breaker::Breaker::new(Arc::new(breaker::Config::default()), None);
+    let slot = breaker.slot();
+    let generation = slot::gen_of(slot.word.load(Ordering::Acquire));
+    assert_eq!(slot.record_streak(generation, true, 5), None);
+    assert_eq!(breaker.stats().consecutive_failures, 1);
+    drop(breaker);
+    // Whoever holds the slot now (nobody, or a breaker of another test) is in a
+    // later generation: the old one's outcomes are not counted.
+    assert_eq!(slot.record_streak(generation, true, 1), None);
+}

@@ -122,6 +122,7 @@ impl RetryBudget {
     /// Credits the budget for one request or success (`ratio` tokens), up to the
     /// capacity. The retry layer calls it; call it yourself only for a budget you
     /// share with your own code.
+    #[inline]
     pub fn deposit(&self) {
         self.add(self.bucket.deposit);
     }
@@ -155,6 +156,7 @@ impl RetryBudget {
 
     /// `true` when at least one token is available (after crediting the time-based
     /// refill when the balance looks empty). Takes nothing.
+    #[inline]
     pub fn has_token(&self) -> bool {
         if self.bucket.balance.load(Ordering::Relaxed) >= TOKEN {
             return true;
@@ -169,10 +171,12 @@ impl RetryBudget {
     }
 
     /// When this budget earns tokens.
+    #[inline]
     pub fn deposit_on(&self) -> DepositOn {
         self.bucket.deposit_on
     }
 
+    #[inline]
     fn add(&self, amount: u64) {
         if amount == 0 {
             return;

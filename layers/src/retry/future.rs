@@ -7,6 +7,7 @@ use pin_project_lite::pin_project;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 use tokio::time::{Instant, Sleep};
@@ -22,24 +23,35 @@ pin_project! {
     {
         #[pin]
         state: State<S::Future>,
-        // A clone of the service, for the retries; `None` when no retry is possible.
-        service: Option<S>,
-        // The copy of the request for the next attempt; `None` when no further
-        // attempt is possible.
-        spare: Option<Req>,
-        // The last outcome, kept across the backoff only when a deadline may have to
-        // return it while waiting for readiness. (Retry-path state is boxed to keep
-        // the future small for calls that never retry.)
-        last: Option<Box<Result<S::Response, S::Error>>>,
-        policy: RetryPolicy,
+        // Everything only a retry (or a deposit on success) needs; `None` when the
+        // call can neither be retried nor credit the budget, so that such a call
+        // builds, moves and drops a future barely larger than the inner one.
+        retry: Option<Retrying<S, Req, Result<S::Response, S::Error>>>,
         classifier: C,
         // The attempt in flight, 1-based.
         attempt: u32,
+        max_attempts: u32,
         // The overall deadline, fixed on the first Pending poll or the first outcome,
-        // whichever comes first (see `RetryPolicy::deadline`).
+        // whichever comes first (see `RetryPolicy::deadline`). Kept out of `retry`
+        // so that `Option<Retrying>` is told apart by its own fields, not by a
+        // niche inside the `Instant`.
         deadline: Option<Instant>,
-        jitter: Option<Box<JitterState>>,
     }
+}
+
+/// The retry-path part of a [`ResponseFuture`].
+struct Retrying<S, Req, Out> {
+    // The policy, shared with the service.
+    policy: Arc<RetryPolicy>,
+    // A clone of the service, for the retries; `None` when no retry is possible.
+    service: Option<S>,
+    // The copy of the request for the next attempt; `None` when no further
+    // attempt is possible.
+    spare: Option<Req>,
+    // The last outcome, kept across the backoff only when a deadline may have to
+    // return it while waiting for readiness.
+    last: Option<Box<Out>>,
+    jitter: Option<Box<JitterState>>,
 }
 
 /// The jitter generator and the previous wait, created at the first retry.
@@ -74,7 +86,10 @@ where
         f.debug_struct("ResponseFuture")
             .field("state", &state)
             .field("attempt", &self.attempt)
-            .field("may_retry", &self.spare.is_some())
+            .field(
+                "may_retry",
+                &self.retry.as_ref().is_some_and(|r| r.spare.is_some()),
+            )
             .field("deadline", &self.deadline)
             .finish_non_exhaustive()
     }
@@ -84,26 +99,36 @@ impl<S, Req, C> ResponseFuture<S, Req, C>
 where
     S: Service<Req>,
 {
+    /// `retry_with` (a service clone and a request copy) when a retry is
+    /// possible; `policy` when a retry is possible or a success credits the budget.
+    #[inline]
     pub(crate) fn new(
         future: S::Future,
         retry_with: Option<(S, Req)>,
-        policy: RetryPolicy,
+        policy: Option<Arc<RetryPolicy>>,
+        max_attempts: u32,
         classifier: C,
     ) -> Self {
-        let (service, spare) = match retry_with {
-            Some((service, request)) => (Some(service), Some(request)),
-            None => (None, None),
-        };
+        let retry = policy.map(|policy| {
+            let (service, spare) = match retry_with {
+                Some((service, request)) => (Some(service), Some(request)),
+                None => (None, None),
+            };
+            Retrying {
+                policy,
+                service,
+                spare,
+                last: None,
+                jitter: None,
+            }
+        });
         ResponseFuture {
             state: State::Calling { future },
-            service,
-            spare,
-            last: None,
-            policy,
+            retry,
             classifier,
             attempt: 1,
+            max_attempts,
             deadline: None,
-            jitter: None,
         }
     }
 }
@@ -116,18 +141,27 @@ where
 {
     type Output = Result<S::Response, S::Error>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         loop {
             match this.state.as_mut().project() {
                 StateProj::Calling { future } => {
                     let Poll::Ready(result) = future.poll(cx) else {
-                        start_deadline(this.deadline, this.policy);
+                        if let Some(retry) = this.retry.as_ref() {
+                            start_deadline(this.deadline, &retry.policy);
+                        }
                         return Poll::Pending;
                     };
                     let verdict = this.classifier.classify(result.as_ref());
+                    let Some(retry) = this.retry.as_mut() else {
+                        if verdict.should_retry() {
+                            log_no_retry(&verdict, *this.attempt, *this.max_attempts);
+                        }
+                        return Poll::Ready(result);
+                    };
                     if verdict.is_success()
-                        && let Some(budget) = &this.policy.budget
+                        && let Some(budget) = &retry.policy.budget
                         && budget.deposit_on() == DepositOn::Success
                     {
                         budget.deposit();
@@ -135,19 +169,19 @@ where
                     if !verdict.should_retry() {
                         return Poll::Ready(result);
                     }
-                    start_deadline(this.deadline, this.policy);
+                    start_deadline(this.deadline, &retry.policy);
                     let Some(delay) = plan_retry(
                         &verdict,
                         *this.attempt,
-                        this.policy,
-                        this.spare.is_some(),
+                        &retry.policy,
+                        retry.spare.is_some(),
                         *this.deadline,
-                        this.jitter,
+                        &mut retry.jitter,
                     ) else {
                         return Poll::Ready(result);
                     };
                     if this.deadline.is_some() {
-                        *this.last = Some(Box::new(result));
+                        retry.last = Some(Box::new(result));
                     }
                     if delay.is_zero() {
                         let deadline = this
@@ -168,7 +202,13 @@ where
                     this.state.set(State::CheckReady { deadline });
                 }
                 StateProj::CheckReady { deadline } => {
-                    let (Some(service), true) = (this.service.as_mut(), this.spare.is_some())
+                    let Some(Retrying {
+                        policy,
+                        service: Some(service),
+                        spare: spare @ Some(_),
+                        last,
+                        ..
+                    }) = this.retry.as_mut()
                     else {
                         unreachable!(
                             "a retry is planned only with a service clone and a spare request"
@@ -180,7 +220,7 @@ where
                         Poll::Pending => {
                             if let Some(deadline) = deadline
                                 && deadline.as_mut().poll(cx).is_ready()
-                                && let Some(last) = this.last.take()
+                                && let Some(last) = last.take()
                             {
                                 tracing::debug!(
                                     attempt = *this.attempt + 1,
@@ -193,7 +233,7 @@ where
                     }
                     if let Some(at) = *this.deadline
                         && Instant::now() >= at
-                        && let Some(last) = this.last.take()
+                        && let Some(last) = last.take()
                     {
                         tracing::debug!(
                             attempt = *this.attempt + 1,
@@ -201,13 +241,13 @@ where
                         );
                         return Poll::Ready(*last);
                     }
-                    *this.last = None;
-                    let Some(request) = this.spare.take() else {
-                        unreachable!("checked above");
+                    *last = None;
+                    let Some(request) = spare.take() else {
+                        unreachable!("matched above");
                     };
                     *this.attempt += 1;
-                    if this.policy.retry_possible(*this.attempt) {
-                        *this.spare = Some(request.clone());
+                    if policy.retry_possible(*this.attempt) {
+                        *spare = Some(request.clone());
                     }
                     let future = service.call(request);
                     this.state.set(State::Calling { future });
@@ -228,6 +268,25 @@ fn start_deadline(deadline: &mut Option<Instant>, policy: &RetryPolicy) {
     }
 }
 
+/// Logs why attempt `attempt`, which failed with a retryable `verdict`, is not
+/// retried when no copy of the request was kept for it.
+fn log_no_retry(verdict: &Classification, attempt: u32, max_attempts: u32) {
+    if attempt >= max_attempts {
+        tracing::debug!(
+            attempt,
+            class = verdict.class,
+            "not retrying: attempts exhausted"
+        );
+    } else {
+        // No copy was kept because the budget was empty when this attempt started.
+        tracing::debug!(
+            attempt,
+            class = verdict.class,
+            "not retrying: retry budget was empty"
+        );
+    }
+}
+
 /// Decides whether attempt `attempt`, which failed with `verdict`, is retried, and
 /// after what wait. Takes a budget token when it says yes.
 fn plan_retry(
@@ -238,21 +297,8 @@ fn plan_retry(
     deadline: Option<Instant>,
     jitter: &mut Option<Box<JitterState>>,
 ) -> Option<Duration> {
-    if attempt >= policy.max_attempts {
-        tracing::debug!(
-            attempt,
-            class = verdict.class,
-            "not retrying: attempts exhausted"
-        );
-        return None;
-    }
-    if !have_request {
-        // No copy was kept because the budget was empty when this attempt started.
-        tracing::debug!(
-            attempt,
-            class = verdict.class,
-            "not retrying: retry budget was empty"
-        );
+    if attempt >= policy.max_attempts || !have_request {
+        log_no_retry(verdict, attempt, policy.max_attempts);
         return None;
     }
     let jitter = jitter.get_or_insert_with(|| {

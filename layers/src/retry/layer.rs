@@ -3,13 +3,14 @@
 use super::Retry;
 use super::policy::RetryPolicy;
 use crate::classify::ErrorsAsFailures;
+use std::sync::Arc;
 use tower::Layer;
 
 /// Wraps services in [`Retry`].
 ///
 /// Built from a [`RetryPolicy`] (default: see there) and a classifier (default
 /// [`ErrorsAsFailures`]: every `Err` is retryable). Cheap to clone; clones, and all
-/// the services they build, **share the policy's retry budget**.
+/// the services they build, **share the policy** (one `Arc`) **and its retry budget**.
 ///
 /// ```
 /// use keel_layers::classify::ByError;
@@ -20,7 +21,7 @@ use tower::Layer;
 /// ```
 #[derive(Clone, Debug)]
 pub struct RetryLayer<C = ErrorsAsFailures> {
-    policy: RetryPolicy,
+    policy: Arc<RetryPolicy>,
     classifier: C,
 }
 
@@ -34,7 +35,7 @@ impl RetryLayer {
     /// A layer retrying every `Err` under `policy`.
     pub fn new(policy: RetryPolicy) -> Self {
         RetryLayer {
-            policy,
+            policy: Arc::new(policy),
             classifier: ErrorsAsFailures,
         }
     }
@@ -52,7 +53,7 @@ impl<C> RetryLayer<C> {
 
     /// Replaces the policy.
     pub fn policy(mut self, policy: RetryPolicy) -> Self {
-        self.policy = policy;
+        self.policy = Arc::new(policy);
         self
     }
 
@@ -66,6 +67,6 @@ impl<S, C: Clone> Layer<S> for RetryLayer<C> {
     type Service = Retry<S, C>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Retry::with_classifier(inner, self.policy.clone(), self.classifier.clone())
+        Retry::from_shared(inner, self.policy.clone(), self.classifier.clone())
     }
 }

@@ -54,6 +54,17 @@
 //! At most `max_attempts − 1` clones per call. The service is cloned once per
 //! call, when the request is.
 //!
+//! # Cost per call
+//!
+//! The policy is built once and shared through an `Arc` by the layer, its
+//! services and their clones. A call that can be retried takes one reference to
+//! it (an atomic increment) along with the request and service copies. A call
+//! that cannot (`max_attempts` 1, or an empty budget) takes nothing: its response
+//! future is the inner future plus the classifier and two counters, unless the
+//! budget earns on successes ([`DepositOn::Success`]), which needs the policy to
+//! credit it. Crediting a budget per request is one atomic load while the bucket
+//! is full.
+//!
 //! # Example
 //!
 //! ```
@@ -100,18 +111,19 @@ pub use self::policy::RetryPolicy;
 
 use self::future::ResponseFuture;
 use crate::classify::{Classify, ErrorsAsFailures};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use tower::Service;
 
 /// Retries failed calls of the inner service under a [`RetryPolicy`]; see the
 /// [module docs](self).
 ///
-/// **Cloning** clones the inner service and the classifier, copies the policy and
-/// shares its budget.
+/// **Cloning** clones the inner service and the classifier, and shares the policy
+/// (held in an `Arc`) and so its budget.
 #[derive(Clone, Debug)]
 pub struct Retry<S, C = ErrorsAsFailures> {
     inner: S,
-    policy: RetryPolicy,
+    policy: Arc<RetryPolicy>,
     classifier: C,
 }
 
@@ -125,6 +137,10 @@ impl<S> Retry<S> {
 impl<S, C> Retry<S, C> {
     /// Wraps `inner`, retrying what `classifier` says is retryable.
     pub fn with_classifier(inner: S, policy: RetryPolicy, classifier: C) -> Self {
+        Retry::from_shared(inner, Arc::new(policy), classifier)
+    }
+
+    pub(crate) fn from_shared(inner: S, policy: Arc<RetryPolicy>, classifier: C) -> Self {
         Retry {
             inner,
             policy,
@@ -167,23 +183,33 @@ where
         self.inner.poll_ready(cx)
     }
 
+    #[inline]
     fn call(&mut self, request: Req) -> Self::Future {
-        if let Some(budget) = &self.policy.budget
-            && budget.deposit_on() == DepositOn::Request
-        {
-            budget.deposit();
+        let policy = &*self.policy;
+        let mut deposit_on_success = false;
+        if let Some(budget) = &policy.budget {
+            match budget.deposit_on() {
+                DepositOn::Request => budget.deposit(),
+                DepositOn::Success => deposit_on_success = true,
+            }
         }
-        let retry_with = self
-            .policy
+        let retry_with = policy
             .retry_possible(1)
             .then(|| (self.inner.clone(), request.clone()));
+        // The future needs the policy only to plan a retry or to credit the budget
+        // for a success; otherwise (max_attempts 1, or an empty budget with
+        // deposits per request) it carries no reference to it at all.
+        let shared_policy =
+            (retry_with.is_some() || deposit_on_success).then(|| self.policy.clone());
+        let max_attempts = policy.max_attempts;
         // The service that was polled ready takes this call; the clone (not yet
         // polled) serves the retries, each after its own poll_ready.
         let future = self.inner.call(request);
         ResponseFuture::new(
             future,
             retry_with,
-            self.policy.clone(),
+            shared_policy,
+            max_attempts,
             self.classifier.clone(),
         )
     }

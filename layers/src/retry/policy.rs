@@ -211,6 +211,7 @@ impl RetryPolicy {
     /// `true` when a request starting now could be retried at all (the attempt
     /// limit allows it and the budget holds a token). Decides whether the request
     /// is cloned.
+    #[inline]
     pub(crate) fn retry_possible(&self, attempt: u32) -> bool {
         attempt < self.max_attempts && self.budget.as_ref().is_none_or(RetryBudget::has_token)
     }

@@ -540,3 +540,41 @@ async fn layer_builds_a_working_retry() {
     assert_eq!(inner.calls(), 2);
     assert_eq!(svc.policy().attempts(), 3);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_call_that_cannot_retry_still_credits_a_budget_on_success() {
+    // With max_attempts 1 the response future takes the policy only to credit a
+    // deposit-on-success budget; a per-request budget is credited in `call`.
+    let on_success = RetryBudget::builder()
+        .ratio(1.0)
+        .min_per_sec(0)
+        .initial(0)
+        .deposit_on(DepositOn::Success)
+        .build();
+    let inner = Scripted::new([Ok(1), Err(Fail::transient(1))]);
+    let policy = no_jitter().max_attempts(1).budget(on_success.clone());
+    let mut svc = Retry::new(inner.clone(), policy);
+    assert_eq!(run(&mut svc).await, Ok(1));
+    assert_eq!(on_success.balance(), 1.0);
+    assert_eq!(run(&mut svc).await, Err(Fail::transient(1)));
+    assert_eq!(
+        on_success.balance(),
+        1.0,
+        "a failure earned or spent a token"
+    );
+    assert_eq!(inner.calls(), 2);
+
+    let per_request = RetryBudget::builder()
+        .ratio(0.5)
+        .min_per_sec(0)
+        .initial(0)
+        .build();
+    let inner = Scripted::new([Err(Fail::transient(1)), Ok(2)]);
+    let mut svc = Retry::new(
+        inner,
+        no_jitter().max_attempts(1).budget(per_request.clone()),
+    );
+    assert_eq!(run(&mut svc).await, Err(Fail::transient(1)));
+    assert_eq!(run(&mut svc).await, Ok(2));
+    assert_eq!(per_request.balance(), 1.0);
+}
