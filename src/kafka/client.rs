@@ -398,7 +398,10 @@ pub type CloseFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send + 
 
 /// A consumer that [`KafkaClient::disconnect`] closes and the health check counts.
 ///
-/// The consumer runtime implements it and registers itself with
+/// keel's consumer runtime registers itself when built with
+/// [`KafkaConsumer::from_client`](crate::kafka::consumer::KafkaConsumer::from_client)
+/// or [`register_with`](crate::kafka::consumer::KafkaConsumerBuilder::register_with);
+/// implement it for other consumers and pass them to
 /// [`KafkaClient::register_consumer`].
 pub trait ManagedConsumer: Send + Sync + 'static {
     /// A name for logs and errors (group and topics, say).

@@ -42,7 +42,9 @@
 //!   provenance headers, acknowledged before its offset may be committed. Messages
 //!   that are not a valid envelope go there too (error kind `decode`) and the
 //!   partition moves on. With the DLQ disabled, a failed message is logged, counted
-//!   and skipped.
+//!   and skipped. [`KafkaConsumerBuilder::ensure_dlq_topics`] creates missing
+//!   dead-letter topics before start instead of relying on the broker's
+//!   auto-creation.
 //! - **At-least-once**: an offset is committed only once its message and every
 //!   earlier one of its partition is handled or dead-lettered
 //!   ([`tracker::OffsetTracker`]); on partition revocation the finished part is
@@ -60,6 +62,11 @@
 //!   uncommitted (delivered again later) and the call returns
 //!   [`ConsumerError::ShutdownTimedOut`]; it never hangs. Dropping the handle without
 //!   shutdown stops everything without committing anything more.
+//! - **Health**: built with [`KafkaConsumer::from_client`] (or
+//!   [`register_with`](KafkaConsumerBuilder::register_with)), the consumer is
+//!   registered with the [`KafkaClient`]: its health check counts it
+//!   (`consumerCount`, `consumersConnected`) and its
+//!   [`disconnect`](KafkaClient::disconnect) shuts it down gracefully.
 //!
 //! # Example
 //!

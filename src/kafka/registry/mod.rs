@@ -8,6 +8,12 @@
 //! after start is impossible by construction, and registering one type twice is an
 //! error at build time rather than a silent override.
 //!
+//! Like tower's own services, the registry answers through a named future,
+//! [`ResponseFuture`] (the routed handler's call, or an immediate answer for an
+//! unknown type), and its build error, [`RegistryError`], lives in its own module.
+//! Handlers themselves are type-erased (`BoxCloneSyncService`) so that handlers of
+//! different types fit in one map.
+//!
 //! An event whose type has no handler is, by [`UnknownEventTypes`] option, skipped
 //! with a warning (the default, as the seed does) or failed with a permanent
 //! [`HandlerError::unknown_event_type`] that the dead-letter layer publishes to the
