@@ -8,7 +8,7 @@
 //! that drift on a shared machine hits all of them alike. Reported: the median
 //! msg/s over `KEEL_BENCH_ROUNDS` (default 5) rounds and the ratio to raw
 //! rdkafka, and the CPU time of the whole process (librdkafka threads included)
-//! per message, which a shared machine disturbs far less than wall-clock rates.
+//! per message, which a shared machine disturbs less than wall-clock rates.
 //! Every message is acknowledged by the broker (`acks=all`,
 //! idempotent) before it counts.
 //!
