@@ -7,7 +7,9 @@
 //! acknowledgements outstanding, and the rounds alternate between variants so
 //! that drift on a shared machine hits all of them alike. Reported: the median
 //! msg/s over `KEEL_BENCH_ROUNDS` (default 5) rounds and the ratio to raw
-//! rdkafka. Every message is acknowledged by the broker (`acks=all`,
+//! rdkafka, and the CPU time of the whole process (librdkafka threads included)
+//! per message, which a shared machine disturbs less than wall-clock rates.
+//! Every message is acknowledged by the broker (`acks=all`,
 //! idempotent) before it counts.
 //!
 //! Run: `scripts/bench-kafka-publish` (also runs Apache Kafka's
@@ -126,16 +128,51 @@ fn raw_send(
         .expect("enqueue")
 }
 
+/// CPU time this process has used so far, in nanoseconds: the sum of every
+/// thread's run time in `/proc/self/task/*/schedstat` (librdkafka's threads
+/// included). `None` where that file does not exist.
+///
+/// Unlike wall-clock throughput, CPU time per message hardly depends on what
+/// else the shared machine runs, so it shows a layer's cost more steadily.
+fn process_cpu_ns() -> Option<u64> {
+    let mut total = 0u64;
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let path = task.ok()?.path().join("schedstat");
+        // A thread may have exited since the directory was read.
+        if let Ok(text) = std::fs::read_to_string(path) {
+            total += text.split_whitespace().next()?.parse::<u64>().ok()?;
+        }
+    }
+    Some(total)
+}
+
 struct Variant {
     name: &'static str,
     rates: Vec<f64>,
+    /// CPU microseconds per message, per round.
+    cpu_us: Vec<f64>,
+}
+
+fn median(values: &[f64]) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
 }
 
 impl Variant {
+    fn new(name: &'static str) -> Self {
+        Variant {
+            name,
+            rates: vec![],
+            cpu_us: vec![],
+        }
+    }
+
     fn median(&self) -> f64 {
-        let mut r = self.rates.clone();
-        r.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        r[r.len() / 2]
+        median(&self.rates)
     }
 }
 
@@ -156,27 +193,16 @@ async fn run_size(
     let batch_stack = stack.batch_service();
 
     let mut variants = vec![
-        Variant {
-            name: "raw rdkafka FutureProducer::send_result",
-            rates: vec![],
-        },
-        Variant {
-            name: "keel PublishEvent (bare service)",
-            rates: vec![],
-        },
-        Variant {
-            name: "keel PublishEvent through the default stack",
-            rates: vec![],
-        },
-        Variant {
-            name: "keel PublishBatch x1000 through the default stack",
-            rates: vec![],
-        },
+        Variant::new("raw rdkafka FutureProducer::send_result"),
+        Variant::new("keel PublishEvent (bare service)"),
+        Variant::new("keel PublishEvent through the default stack"),
+        Variant::new("keel PublishBatch x1000 through the default stack"),
     ];
     for round in 0..rounds {
         // Rotate the order every round so no variant always runs first or last.
         for k in 0..4 {
             let v = (k + round) % 4;
+            let cpu_before = process_cpu_ns();
             let rate = match v {
                 0 => {
                     let d = drive(n, window, |i| {
@@ -220,6 +246,11 @@ async fn run_size(
                 }
             };
             variants[v].rates.push(rate);
+            if let (Some(before), Some(after)) = (cpu_before, process_cpu_ns()) {
+                variants[v]
+                    .cpu_us
+                    .push(after.saturating_sub(before) as f64 / 1e3 / n as f64);
+            }
         }
     }
     let raw_median = variants[0].median();
@@ -233,34 +264,45 @@ async fn run_size(
             v.median(),
             rounds.join(" ")
         );
+        let cpu: Vec<String> = v.cpu_us.iter().map(|c| format!("{c:.2}")).collect();
+        println!(
+            "CPU {tag} {size} {:.2} us/msg rounds: {}",
+            median(&v.cpu_us),
+            cpu.join(" ")
+        );
     }
     println!(
         "\n## {size} B events (JSON value {value_len} B + key + 3 headers), {n} messages x {rounds} rounds, window {window}"
     );
     println!(
-        "| variant | median msg/s | MB/s (value) | ratio of medians | median of per-round ratios |"
+        "| variant | median msg/s | MB/s (value) | ratio of medians | median of per-round ratios | CPU µs/msg (median) | CPU ratio (median per round) |"
     );
-    println!("|---|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
     for v in &variants {
         let m = v.median();
         // Each round runs every variant back to back: the ratio within a round
         // is less exposed to slow drift of a shared machine than the medians.
-        let paired = Variant {
-            name: v.name,
-            rates: v
-                .rates
-                .iter()
-                .zip(&variants[0].rates)
-                .map(|(a, b)| a / b)
-                .collect(),
-        };
+        let paired: Vec<f64> = v
+            .rates
+            .iter()
+            .zip(&variants[0].rates)
+            .map(|(a, b)| a / b)
+            .collect();
+        let cpu_paired: Vec<f64> = v
+            .cpu_us
+            .iter()
+            .zip(&variants[0].cpu_us)
+            .map(|(a, b)| a / b)
+            .collect();
         println!(
-            "| {} | {:.0} | {:.1} | {:.3} | {:.3} |",
+            "| {} | {:.0} | {:.1} | {:.3} | {:.3} | {:.2} | {:.3} |",
             v.name,
             m,
             m * value_len as f64 / 1e6,
             m / raw_median,
-            paired.median()
+            median(&paired),
+            median(&v.cpu_us),
+            median(&cpu_paired)
         );
     }
 }

@@ -18,6 +18,7 @@ use std::time::Duration;
 use keel::kafka::client::KafkaClient;
 use keel::kafka::config::{KafkaConfig, KafkaConfigBuilder, KafkaLogLevel};
 use keel::kafka::consumer::{BoxError, ConsumedEvent, HandlerError, KafkaConsumer, StartOptions};
+use keel::kafka::dead_letter::DeadLetterTopics;
 use keel::kafka::envelope::EventEnvelope;
 use keel::kafka::producer::PublishRequest;
 use keel::kafka::registry::HandlerRegistry;
@@ -38,7 +39,8 @@ async fn main() -> Result<(), BoxError> {
         Err(_) => {
             let cluster = embedded::EmbeddedKafka::start()?;
             cluster.create_topic(&topic, 2);
-            cluster.create_topic(&format!("{topic}.dlq"), 1);
+            // The mock cluster answers no CreateTopics requests: made here.
+            cluster.create_topic(&format!("{topic}.dlq"), 2);
             let config = KafkaConfigBuilder::from_vars(std::env::vars())?
                 .brokers(cluster.bootstrap_servers().split(',').map(str::to_string))
                 .log_level(KafkaLogLevel::Warn)
@@ -71,19 +73,25 @@ async fn main() -> Result<(), BoxError> {
             )))
         })
         .build()?;
-    let consumer = KafkaConsumer::from_config(&config)?
-        .retry_policy(
-            RetryPolicy::kafka()
-                .without_budget()
-                .base(Duration::from_millis(100))
-                .cap(Duration::from_secs(1)),
-        )
-        .start(
-            StartOptions::new([topic.clone()])
-                .from_beginning(true)
-                .max_retries(2),
-            registry,
-        )?;
+    // Registered with the client: its health check counts the consumer and its
+    // disconnect would shut it down.
+    let options = StartOptions::new([topic.clone()])
+        .from_beginning(true)
+        .max_retries(2);
+    let mut builder = KafkaConsumer::from_client(&client)?.retry_policy(
+        RetryPolicy::kafka()
+            .without_budget()
+            .base(Duration::from_millis(100))
+            .cap(Duration::from_secs(1)),
+    );
+    if mock.is_none() {
+        // On real brokers keel creates the dead-letter topic `<topic>.dlq` before
+        // start (as many partitions as the topic) unless it exists.
+        builder = builder
+            .ensure_dlq_topics(&options, DeadLetterTopics::new())
+            .await?;
+    }
+    let consumer = builder.start(options, registry)?;
 
     let publisher = client.publisher();
     for i in 0..10 {
@@ -120,6 +128,11 @@ async fn main() -> Result<(), BoxError> {
     println!(
         "processed {}, retries {}, dead-lettered {} (to {topic}.dlq)",
         m.total_processed, m.total_retries, m.total_dead_lettered
+    );
+    let health = client.health_check(Duration::from_secs(5)).await?;
+    println!(
+        "health: {}, consumers {}",
+        health.state, health.metrics.consumer_count
     );
     consumer.shutdown(Duration::from_secs(10)).await?;
     client.disconnect(Duration::from_secs(10)).await?;

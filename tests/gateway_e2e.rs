@@ -409,6 +409,8 @@ async fn scenario(mut gw: Gateway, topic: &str, embedded: bool) {
     let ready = ready.json();
     assert_eq!(ready["ready"], true, "{ready}");
     assert_eq!(ready["kafka"]["isHealthy"], true, "{ready}");
+    // The in-process consumer is registered with the Kafka client.
+    assert_eq!(ready["kafka"]["metrics"]["consumerCount"], 1, "{ready}");
     assert_eq!(ready["s3"]["healthy"], true, "{ready}");
     // Same conventions as the Kafka report: camelCase keys, latency in ms.
     assert!(ready["s3"]["latencyMs"].is_u64(), "{ready}");

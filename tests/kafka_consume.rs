@@ -7,12 +7,16 @@
 
 mod support;
 
+use keel::kafka::client::KafkaClient;
+use keel::kafka::config::{KafkaConfig, KafkaLogLevel};
 use keel::kafka::consumer::{
-    BoxError, ConsumedEvent, HandlerError, KafkaConsumer, KafkaConsumerBuilder, StartOptions,
+    BoxError, ConsumedEvent, ConsumerError, HandlerError, KafkaConsumer, KafkaConsumerBuilder,
+    StartOptions,
 };
 use keel::kafka::dead_letter::headers as dlq;
+use keel::kafka::dead_letter::{DeadLetterTopicError, DeadLetterTopics, EnsuredTopic};
 use keel::kafka::envelope::EventEnvelope;
-use keel::kafka::registry::HandlerRegistry;
+use keel::kafka::registry::{HandlerRegistry, UnknownEventTypes};
 use keel::layers::retry::RetryPolicy;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -905,4 +909,354 @@ async fn without_a_dlq_failures_are_counted_and_the_partition_moves_on() {
         "{metrics:?}"
     );
     assert!(metrics.average_processing_time > Duration::ZERO);
+}
+
+/// Partition count of `topic` from a metadata request that cannot auto-create it
+/// (a consumer's `allow.auto.create.topics` is false); `None` when it does not exist.
+async fn topic_partitions(brokers: &str, topic: &str) -> Option<usize> {
+    let probe: BaseConsumer = client(brokers).create().unwrap();
+    let name = topic.to_string();
+    let metadata = tokio::task::spawn_blocking(move || {
+        probe.fetch_metadata(Some(&name), Duration::from_secs(10))
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let t = metadata.topics().iter().find(|t| t.name() == topic)?;
+    (t.error().is_none()).then(|| t.partitions().len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_event_type_goes_to_the_dlq_when_asked_and_the_partition_moves_on() {
+    let brokers = support::kafka_brokers();
+    let topic = unique("unknown-dlq");
+    let dlq_topic = format!("{topic}.dlq");
+    create_topics(&brokers, &[(&topic, 1), (&dlq_topic, 1)]).await;
+    let group = unique("unknown-dlq");
+    let unknown = EventEnvelope::new("order.shipped", json!({"order": 7}))
+        .with_key("k-unknown")
+        .with_header("trace-id", "t-unknown");
+    let good = EventEnvelope::new("order.created", json!({"order": 8}));
+    let at = produce(
+        &producer(&brokers),
+        &topic,
+        &[unknown.clone(), good.clone()],
+    )
+    .await;
+
+    let log: Log = Arc::default();
+    let registry = {
+        let log = log.clone();
+        HandlerRegistry::builder()
+            .handler_fn("order.created", move |event: ConsumedEvent| {
+                let log = log.clone();
+                async move {
+                    log.lock().unwrap().push(seen(&event));
+                    Ok::<_, BoxError>(())
+                }
+            })
+            .on_unknown(UnknownEventTypes::DeadLetter)
+            .build()
+            .unwrap()
+    };
+    let consumer = KafkaConsumer::builder(client(&brokers), group.clone())
+        .retry_policy(fast_retries())
+        .start(
+            StartOptions::new([topic.as_str()])
+                .from_beginning(true)
+                .max_retries(3)
+                .enable_dlq(true),
+            registry,
+        )
+        .unwrap();
+    wait_until(
+        "the event after the unknown one",
+        Duration::from_secs(60),
+        || log.lock().unwrap().len() == 1,
+    )
+    .await;
+    let metrics = consumer.metrics();
+    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(log.lock().unwrap()[0].event_id, good.event_id().to_string());
+    assert_eq!(metrics.total_dead_lettered, 1);
+    assert_eq!(metrics.total_retries, 0, "an unknown type is not retried");
+    assert_eq!(metrics.total_processed, 1);
+    // The partition moved on: both offsets are committed.
+    let committed = committed_offsets(&brokers, &group, &topic, 1).await;
+    assert_eq!(committed[&0], 2, "{committed:?}");
+
+    let records = kcat_read(&brokers, &dlq_topic, 1);
+    assert_eq!(records.len(), 1, "{records:?}");
+    let r = &records[0];
+    let encoded = unknown.encode().unwrap();
+    assert_eq!(r["key"], json!("k-unknown"));
+    assert_eq!(
+        r["payload"].as_str().unwrap().as_bytes(),
+        &encoded.value[..]
+    );
+    let h = kcat_headers(r);
+    for (name, value) in &encoded.headers {
+        assert_eq!(
+            h.get(name).map(String::as_bytes),
+            Some(&value[..]),
+            "original header {name}"
+        );
+    }
+    assert_eq!(h["trace-id"], "t-unknown");
+    assert_eq!(h[dlq::ORIGINAL_TOPIC], topic);
+    assert_eq!(h[dlq::ORIGINAL_PARTITION], at[0].0.to_string());
+    assert_eq!(h[dlq::ORIGINAL_OFFSET], at[0].1.to_string());
+    assert_eq!(h[dlq::ORIGINAL_TIMESTAMP], encoded.timestamp_ms.to_string());
+    assert_eq!(h[dlq::ORIGINAL_TIMESTAMP_TYPE], "CreateTime");
+    assert_eq!(h[dlq::CONSUMER_GROUP], group);
+    assert_eq!(h[dlq::ERROR_KIND], "unknown_event_type");
+    assert!(
+        h[dlq::ERROR_TYPE].contains("UnknownEventType"),
+        "{}",
+        h[dlq::ERROR_TYPE]
+    );
+    assert!(
+        h[dlq::ERROR_MESSAGE].contains("order.shipped"),
+        "{}",
+        h[dlq::ERROR_MESSAGE]
+    );
+    assert_eq!(h[dlq::ATTEMPTS], "1");
+    assert!(h[dlq::FAILED_AT].parse::<u64>().unwrap() > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_event_type_is_skipped_by_default_and_committed_past() {
+    let brokers = support::kafka_brokers();
+    let topic = unique("unknown-skip");
+    create_topics(&brokers, &[(&topic, 1)]).await;
+    let group = unique("unknown-skip");
+    let unknown = EventEnvelope::new("order.shipped", json!({"order": 9}));
+    let good = EventEnvelope::new("order.created", json!({"order": 10}));
+    produce(&producer(&brokers), &topic, &[unknown, good.clone()]).await;
+
+    let log: Log = Arc::default();
+    // The DLQ is on, yet the default for unknown types is to skip them.
+    let consumer = KafkaConsumer::builder(client(&brokers), group.clone())
+        .retry_policy(fast_retries())
+        .start(
+            StartOptions::new([topic.as_str()])
+                .from_beginning(true)
+                .enable_dlq(true),
+            recording_registry(log.clone()),
+        )
+        .unwrap();
+    wait_until(
+        "the event after the unknown one",
+        Duration::from_secs(60),
+        || log.lock().unwrap().len() == 1,
+    )
+    .await;
+    let metrics = consumer.metrics();
+    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(log.lock().unwrap()[0].event_id, good.event_id().to_string());
+    assert_eq!(
+        metrics.total_processed, 2,
+        "the skipped event counts as processed"
+    );
+    assert_eq!(metrics.total_dead_lettered, 0);
+    assert_eq!(metrics.total_failed, 0);
+    let committed = committed_offsets(&brokers, &group, &topic, 1).await;
+    assert_eq!(
+        committed[&0], 2,
+        "committed past the skipped event: {committed:?}"
+    );
+    assert_eq!(
+        topic_partitions(&brokers, &format!("{topic}.dlq")).await,
+        None,
+        "nothing was published to a dead-letter topic"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keel_creates_missing_dlq_topics_at_start() {
+    let brokers = support::kafka_brokers();
+    let topic = unique("ensure-dlq");
+    let dlq_topic = format!("{topic}.dlq");
+    // The broker would auto-create the DLQ with num.partitions=1; keel gives it as
+    // many partitions as its source.
+    create_topics(&brokers, &[(&topic, 3)]).await;
+    assert_eq!(topic_partitions(&brokers, &dlq_topic).await, None);
+    let options = StartOptions::new([topic.as_str()])
+        .from_beginning(true)
+        .max_retries(0);
+    let registry = HandlerRegistry::builder()
+        .handler_fn("order.created", |_e: ConsumedEvent| async {
+            Err::<(), _>(HandlerError::permanent("always fails"))
+        })
+        .build()
+        .unwrap();
+    let consumer = KafkaConsumer::builder(client(&brokers), unique("ensure-dlq"))
+        .ensure_dlq_topics(&options, DeadLetterTopics::new())
+        .await
+        .unwrap()
+        .start(options.clone(), registry)
+        .unwrap();
+    assert_eq!(topic_partitions(&brokers, &dlq_topic).await, Some(3));
+
+    // Ensuring again leaves the topic as it is.
+    let again = DeadLetterTopics::new()
+        .partitions(5)
+        .ensure(&client(&brokers), std::slice::from_ref(&topic), ".dlq")
+        .await
+        .unwrap();
+    assert_eq!(
+        again,
+        vec![EnsuredTopic {
+            topic: dlq_topic.clone(),
+            partitions: 3,
+            created: false
+        }]
+    );
+
+    // The consumer dead-letters into it.
+    let event = EventEnvelope::new("order.created", json!({})).with_key("k");
+    produce(&producer(&brokers), &topic, std::slice::from_ref(&event)).await;
+    wait_until(
+        "the event to be dead-lettered",
+        Duration::from_secs(60),
+        || consumer.metrics().total_dead_lettered == 1,
+    )
+    .await;
+    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
+    let records = kcat_read(&brokers, &dlq_topic, 1);
+    assert_eq!(kcat_headers(&records[0])[dlq::ORIGINAL_TOPIC], topic);
+
+    // An explicit partition count for a new topic.
+    let other = unique("ensure-dlq-explicit");
+    create_topics(&brokers, &[(&other, 1)]).await;
+    let made = DeadLetterTopics::new()
+        .partitions(2)
+        .replication(1)
+        .ensure(&client(&brokers), std::slice::from_ref(&other), "-dead")
+        .await
+        .unwrap();
+    assert_eq!(made[0].topic, format!("{other}-dead"));
+    assert!(made[0].created);
+    assert_eq!(made[0].partitions, 2);
+    assert_eq!(
+        topic_partitions(&brokers, &format!("{other}-dead")).await,
+        Some(2)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dlq_topic_keel_cannot_create_is_a_typed_error() {
+    let brokers = support::kafka_brokers();
+    let topic = unique("ensure-dlq-refused");
+    create_topics(&brokers, &[(&topic, 1)]).await;
+    let options = StartOptions::new([topic.as_str()]);
+    // One broker cannot hold three replicas.
+    let err = KafkaConsumer::builder(client(&brokers), unique("ensure-dlq-refused"))
+        .ensure_dlq_topics(&options, DeadLetterTopics::new().replication(3))
+        .await
+        .unwrap_err();
+    match err {
+        ConsumerError::DeadLetterTopic(DeadLetterTopicError::Refused { topic: t, code }) => {
+            assert_eq!(t, format!("{topic}.dlq"));
+            assert_eq!(code, RDKafkaErrorCode::InvalidReplicationFactor);
+        }
+        other => panic!("expected a refused DLQ topic, got {other:?}"),
+    }
+    // Without partitions, a source topic that does not exist cannot be mirrored.
+    let missing = unique("ensure-dlq-missing");
+    let err = DeadLetterTopics::new()
+        .ensure(&client(&brokers), std::slice::from_ref(&missing), ".dlq")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, DeadLetterTopicError::SourceTopic { topic, .. } if *topic == missing),
+        "{err:?}"
+    );
+    assert_eq!(
+        topic_partitions(&brokers, &missing).await,
+        None,
+        "not auto-created"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_started_from_the_client_is_counted_and_closed_by_disconnect() {
+    let brokers = support::kafka_brokers();
+    let topic = unique("managed");
+    create_topics(&brokers, &[(&topic, 2)]).await;
+    let group = unique("managed");
+    let config = KafkaConfig::builder()
+        .brokers(brokers.split(',').map(str::to_string))
+        .group_id(group.clone())
+        .log_level(KafkaLogLevel::Warn)
+        .build()
+        .unwrap();
+    let kafka = KafkaClient::connect(config).unwrap();
+    let health = kafka.health_check(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(health.metrics.consumer_count, 0);
+
+    let log: Log = Arc::default();
+    let consumer = KafkaConsumer::from_client(&kafka)
+        .unwrap()
+        .start(
+            StartOptions::new([topic.as_str()]).from_beginning(true),
+            recording_registry(log.clone()),
+        )
+        .unwrap();
+    assert!(consumer.is_registered());
+    let sent = keyed_events(100, 10);
+    produce(&producer(&brokers), &topic, &sent).await;
+    wait_until("100 events handled", Duration::from_secs(60), || {
+        log.lock().unwrap().len() == 100
+    })
+    .await;
+    let health = kafka.health_check(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(health.metrics.consumer_count, 1, "{health:?}");
+    assert_eq!(health.metrics.consumers_connected, 1, "{health:?}");
+    let json = serde_json::to_value(&health).unwrap();
+    assert_eq!(json["metrics"]["consumerCount"], 1);
+
+    // disconnect shuts the consumer down gracefully: it stops and commits.
+    kafka
+        .disconnect(KafkaClient::DEFAULT_DISCONNECT_TIMEOUT)
+        .await
+        .unwrap();
+    assert!(!consumer.is_running());
+    let committed = committed_offsets(&brokers, &group, &topic, 2).await;
+    assert_eq!(committed.values().sum::<i64>(), 100, "{committed:?}");
+    // Shutting the handle down afterwards reports the shutdown that ran.
+    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(
+        kafka.consumer_count(),
+        0,
+        "deregistered once the handle is gone"
+    );
+    check_exactly_once_in_key_order(&sent, &log.lock().unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_registered_consumer_is_no_longer_counted() {
+    let brokers = support::kafka_brokers();
+    let topic = unique("managed-drop");
+    create_topics(&brokers, &[(&topic, 1)]).await;
+    let config = KafkaConfig::builder()
+        .brokers(brokers.split(',').map(str::to_string))
+        .group_id(unique("managed-drop"))
+        .log_level(KafkaLogLevel::Warn)
+        .build()
+        .unwrap();
+    let kafka = KafkaClient::connect(config).unwrap();
+    let consumer = KafkaConsumer::from_client(&kafka)
+        .unwrap()
+        .start(
+            StartOptions::new([topic.as_str()]),
+            recording_registry(Log::default()),
+        )
+        .unwrap();
+    assert_eq!(kafka.consumer_count(), 1);
+    drop(consumer);
+    assert_eq!(kafka.consumer_count(), 0);
+    let health = kafka.health_check(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(health.metrics.consumer_count, 0);
+    kafka.disconnect(Duration::from_secs(10)).await.unwrap();
 }

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use keel::kafka::config::KafkaConfig;
+use keel::kafka::client::KafkaClient;
 use keel::kafka::consumer::{BoxError, ConsumedEvent, HandlerError, KafkaConsumer, StartOptions};
 use keel::kafka::registry::HandlerRegistry;
 use keel::layers::metrics::{MetricsLayer, MetricsRegistry};
@@ -67,15 +67,17 @@ async fn handle(event_type: &'static str, event: ConsumedEvent) -> Result<(), Ha
     Ok(())
 }
 
-/// Starts the consumer on `topics`.
+/// Starts the consumer on `topics`, registered with `kafka`: its health check
+/// counts the consumer (`consumerCount`, `consumersConnected` in `/ready`) and its
+/// `disconnect` would shut the consumer down if `main` had not already.
 pub fn start(
-    config: &KafkaConfig,
+    kafka: &KafkaClient,
     topics: &[String],
     max_retries: u32,
     retry_initial: Duration,
     registry: HandlerRegistry,
 ) -> Result<KafkaConsumer, BoxError> {
-    let consumer = KafkaConsumer::from_config(config)?
+    let consumer = KafkaConsumer::from_client(kafka)?
         .retry_policy(
             RetryPolicy::kafka()
                 .without_budget()

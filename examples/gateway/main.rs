@@ -166,7 +166,7 @@ async fn run() -> Result<ExitCode, BoxError> {
         embedded_kafka = Some(mock);
         config
     };
-    let kafka = KafkaClient::connect(kafka_config.clone())?;
+    let kafka = KafkaClient::connect(kafka_config)?;
     if embedded_kafka.is_none() {
         for topic in &settings.topics {
             for name in [topic.clone(), format!("{topic}.dlq")] {
@@ -234,7 +234,7 @@ async fn run() -> Result<ExitCode, BoxError> {
     let (publish, publish_batch, publish_breaker) =
         http::publish_stacks(&kafka, &metrics, settings.publish_timeout)?;
     let consumer = consume::start(
-        &kafka_config,
+        &kafka,
         &settings.topics,
         settings.max_retries,
         settings.retry_initial,

@@ -353,12 +353,55 @@ impl ClientContext for KeelClientContext {
 
 impl ConsumerContext for KeelClientContext {}
 
+/// Polls `fetch` (a blocking metadata request, run off the async workers) every
+/// 50 ms until `topic` shows `partitions` partitions (at least one when `None`),
+/// each with a leader. Returns the partition count, or `None` after `timeout`.
+pub(crate) async fn partition_leaders<F>(
+    fetch: F,
+    topic: &str,
+    partitions: Option<i32>,
+    timeout: Duration,
+) -> Option<usize>
+where
+    F: Fn() -> Option<rdkafka::metadata::Metadata> + Clone + Send + 'static,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        let metadata = tokio::task::spawn_blocking(fetch.clone())
+            .await
+            .ok()
+            .flatten();
+        let ready = metadata.and_then(|m| {
+            m.topics()
+                .iter()
+                .find(|t| t.name() == topic && t.error().is_none())
+                .map(|t| t.partitions())
+                .filter(|ps| match partitions {
+                    Some(n) => ps.len() == n as usize,
+                    None => !ps.is_empty(),
+                })
+                .filter(|ps| ps.iter().all(|p| p.leader() >= 0 && p.error().is_none()))
+                .map(|ps| ps.len())
+        });
+        if ready.is_some() {
+            return ready;
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The future a [`ManagedConsumer`] returns from `close`.
 pub type CloseFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'static>>;
 
 /// A consumer that [`KafkaClient::disconnect`] closes and the health check counts.
 ///
-/// The consumer runtime implements it and registers itself with
+/// keel's consumer runtime registers itself when built with
+/// [`KafkaConsumer::from_client`](crate::kafka::consumer::KafkaConsumer::from_client)
+/// or [`register_with`](crate::kafka::consumer::KafkaConsumerBuilder::register_with);
+/// implement it for other consumers and pass them to
 /// [`KafkaClient::register_consumer`].
 pub trait ManagedConsumer: Send + Sync + 'static {
     /// A name for logs and errors (group and topics, say).
@@ -651,44 +694,22 @@ impl KafkaClient {
         partitions: i32,
         timeout: Duration,
     ) -> Result<(), KafkaClientError> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let client = self.clone();
-            let name = topic.to_string();
-            // librdkafka's metadata call blocks: keep it off the async workers.
-            let metadata = tokio::task::spawn_blocking(move || {
-                client
-                    .admin()
-                    .ok()?
-                    .inner()
-                    .fetch_metadata(Some(&name), Duration::from_secs(1))
-                    .ok()
-            })
-            .await
-            .ok()
-            .flatten();
-            let ready = metadata
-                .map(|m| {
-                    m.topics().iter().any(|t| {
-                        t.name() == topic
-                            && t.error().is_none()
-                            && t.partitions().len() == partitions as usize
-                            && t.partitions()
-                                .iter()
-                                .all(|p| p.leader() >= 0 && p.error().is_none())
-                    })
-                })
-                .unwrap_or(false);
-            if ready {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                return Err(KafkaClientError::Admin {
-                    target: topic.to_string(),
-                    message: format!("partitions have no leader after {timeout:?}"),
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        let client = self.clone();
+        let name = topic.to_string();
+        let fetch = move || {
+            client
+                .admin()
+                .ok()?
+                .inner()
+                .fetch_metadata(Some(&name), Duration::from_secs(1))
+                .ok()
+        };
+        match partition_leaders(fetch, topic, Some(partitions), timeout).await {
+            Some(_) => Ok(()),
+            None => Err(KafkaClientError::Admin {
+                target: topic.to_string(),
+                message: format!("partitions have no leader after {timeout:?}"),
+            }),
         }
     }
 

@@ -168,6 +168,10 @@ pub enum ConsumerError {
     /// (its offsets are not committed, so it will be delivered again).
     #[error("consumer shutdown did not finish within {0:?}")]
     ShutdownTimedOut(Duration),
+    /// The dead-letter topics could not be created or checked before start
+    /// ([`KafkaConsumerBuilder::ensure_dlq_topics`](super::KafkaConsumerBuilder::ensure_dlq_topics)).
+    #[error(transparent)]
+    DeadLetterTopic(#[from] crate::kafka::dead_letter::DeadLetterTopicError),
 }
 
 impl ConsumerError {

@@ -45,7 +45,9 @@
 //!   provenance headers, acknowledged before its offset may be committed. Messages
 //!   that are not a valid envelope go there too (error kind `decode`) and the
 //!   partition moves on. With the DLQ disabled, a failed message is logged, counted
-//!   and skipped.
+//!   and skipped. [`KafkaConsumerBuilder::ensure_dlq_topics`] creates missing
+//!   dead-letter topics before start instead of relying on the broker's
+//!   auto-creation.
 //! - **At-least-once**: an offset is committed only once its message and every
 //!   earlier one of its partition is handled or dead-lettered
 //!   ([`tracker::OffsetTracker`]); on partition revocation the finished part is
@@ -63,6 +65,11 @@
 //!   uncommitted (delivered again later) and the call returns
 //!   [`ConsumerError::ShutdownTimedOut`]; it never hangs. Dropping the handle without
 //!   shutdown stops everything without committing anything more.
+//! - **Health**: built with [`KafkaConsumer::from_client`] (or
+//!   [`register_with`](KafkaConsumerBuilder::register_with)), the consumer is
+//!   registered with the [`KafkaClient`]: its health check counts it
+//!   (`consumerCount`, `consumersConnected`) and its
+//!   [`disconnect`](KafkaClient::disconnect) shuts it down gracefully.
 //!
 //! # Example
 //!
@@ -91,6 +98,7 @@
 //! ```
 
 mod attempts;
+mod control;
 mod error;
 pub(crate) mod event;
 mod lane;
@@ -108,8 +116,10 @@ pub use metrics::{ConsumerMetrics, ConsumerMetricsSnapshot};
 pub use scheduler::ProcessingOrder;
 pub use tracker::TopicPartition;
 
-use crate::kafka::config::KafkaConfig;
-use crate::kafka::dead_letter::{DEFAULT_SUFFIX, DeadLetterPublisher};
+use crate::kafka::client::{ConnectionTracker, ConsumerRegistration, KafkaClient};
+use crate::kafka::config::{KafkaConfig, KafkaLogLevel};
+use crate::kafka::dead_letter::{DEFAULT_SUFFIX, DeadLetterPublisher, DeadLetterTopics};
+use control::{ConsumerControl, RegisteredConsumer};
 use keel_layers::retry::RetryPolicy;
 use lane::{LaneContext, Stack, run_lane};
 use poll::{Command, KeelBaseConsumer, KeelConsumerContext, PollLoop, Shared};
@@ -118,10 +128,9 @@ use rdkafka::consumer::Consumer;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio::task::JoinHandle;
 use tower::Service;
 
 /// What to consume and how; the seed's `start({ topics, fromBeginning, autoCommit,
@@ -194,6 +203,8 @@ pub struct KafkaConsumerBuilder {
     commit_interval: Duration,
     poll_timeout: Duration,
     backpressure_after: Duration,
+    kafka_client: Option<KafkaClient>,
+    log_level: KafkaLogLevel,
 }
 
 impl fmt::Debug for KafkaConsumerBuilder {
@@ -206,6 +217,7 @@ impl fmt::Debug for KafkaConsumerBuilder {
             .field("retry_policy", &self.retry_policy)
             .field("dlq_suffix", &self.dlq_suffix)
             .field("commit_interval", &self.commit_interval)
+            .field("registered", &self.kafka_client.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -261,6 +273,39 @@ impl KafkaConsumerBuilder {
     /// rebalances and `max.poll.interval.ms` are served however slow the handler.
     pub fn backpressure_after(mut self, patience: Duration) -> Self {
         self.backpressure_after = patience;
+        self
+    }
+
+    /// Makes sure the dead-letter topic of every topic in `options` exists before
+    /// the consumer starts: creates the missing ones as `topics` says (partitions as
+    /// the source topic and the broker's replication factor by default), leaves
+    /// existing ones alone, waits until each partition has a leader. Fails with
+    /// [`ConsumerError::DeadLetterTopic`] if it cannot. Does nothing when the start
+    /// options disable the DLQ. Uses the dead-letter producer's connection settings.
+    ///
+    /// Without this step a dead-letter topic must exist already or be created by the
+    /// broker on demand (`auto.create.topics.enable`).
+    pub async fn ensure_dlq_topics(
+        self,
+        options: &StartOptions,
+        topics: DeadLetterTopics,
+    ) -> Result<Self, ConsumerError> {
+        if options.enable_dlq {
+            let client = self.dlq_client.as_ref().unwrap_or(&self.client);
+            topics
+                .ensure(client, &options.topics, &self.dlq_suffix)
+                .await?;
+        }
+        Ok(self)
+    }
+
+    /// Registers the consumer with `client` when it starts: the client's
+    /// [`health_check`](KafkaClient::health_check) counts it (`consumerCount`,
+    /// `consumersConnected`) and [`disconnect`](KafkaClient::disconnect) shuts it
+    /// down gracefully. It stays registered until it is shut down or dropped.
+    /// [`KafkaConsumer::from_client`] sets this. Default: not registered.
+    pub fn register_with(mut self, client: &KafkaClient) -> Self {
+        self.kafka_client = Some(client.clone());
         self
     }
 
@@ -321,9 +366,11 @@ impl KafkaConsumerBuilder {
         if config.get("queued.max.messages.kbytes").is_none() {
             config.set("queued.max.messages.kbytes", "16384");
         }
+        let connection = ConnectionTracker::new("consumer", self.log_level);
         let consumer: KeelBaseConsumer = config
             .create_with_context(KeelConsumerContext {
                 shared: shared.clone(),
+                connection: connection.clone(),
             })
             .map_err(|e| ConsumerError::kafka("creating the consumer", e))?;
         let topics: Vec<&str> = options.topics.iter().map(String::as_str).collect();
@@ -389,15 +436,25 @@ impl KafkaConsumerBuilder {
             .map_err(|e| ConsumerError::Config(format!("cannot start the poll thread: {e}")))?;
         tracing::info!(group_id = %self.group_id, topics = ?options.topics, workers = self.workers, order = ?self.order, "kafka consumer started");
 
-        Ok(KafkaConsumer {
+        let control = Arc::new(ConsumerControl {
             shared,
-            consumer: weak,
-            commands,
-            lane_tasks,
+            commands: Mutex::new(Some(commands)),
+            lane_tasks: Mutex::new(lane_tasks),
             lane_stop,
-            dlq,
+            dlq: Mutex::new(dlq),
             group_id: self.group_id,
-            finished: false,
+            topics: options.topics,
+            connection,
+            finished: Default::default(),
+            closed: Default::default(),
+        });
+        let registration = self
+            .kafka_client
+            .map(|client| client.register_consumer(Arc::new(RegisteredConsumer(control.clone()))));
+        Ok(KafkaConsumer {
+            control,
+            consumer: weak,
+            registration,
         })
     }
 }
@@ -421,20 +478,16 @@ pub struct PartitionLag {
 /// Dropping it without [`shutdown`](KafkaConsumer::shutdown) stops polling and the
 /// workers at once and commits nothing more (like a crash, but tidy).
 pub struct KafkaConsumer {
-    shared: Arc<Shared>,
+    control: Arc<ConsumerControl>,
     consumer: Weak<KeelBaseConsumer>,
-    commands: mpsc::UnboundedSender<Command>,
-    lane_tasks: Vec<JoinHandle<()>>,
-    lane_stop: watch::Sender<bool>,
-    dlq: Option<DeadLetterPublisher>,
-    group_id: String,
-    finished: bool,
+    /// Keeps the consumer counted by the client it is registered with.
+    registration: Option<ConsumerRegistration>,
 }
 
 impl fmt::Debug for KafkaConsumer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KafkaConsumer")
-            .field("group_id", &self.group_id)
+            .field("group_id", &self.control.group_id)
             .field("running", &self.is_running())
             .field("paused", &self.is_paused())
             .finish_non_exhaustive()
@@ -457,6 +510,8 @@ impl KafkaConsumer {
             commit_interval: Duration::from_secs(1),
             poll_timeout: Duration::from_millis(50),
             backpressure_after: Duration::from_millis(500),
+            kafka_client: None,
+            log_level: KafkaLogLevel::default(),
         }
     }
 
@@ -470,28 +525,55 @@ impl KafkaConsumer {
         }
         let mut builder = Self::builder(config.consumer_client_config(), config.group_id());
         builder.dlq_client = Some(config.producer_client_config());
+        builder.log_level = config.log_level();
         Ok(builder)
+    }
+
+    /// A builder from a [`KafkaClient`]'s config, as [`from_config`](Self::from_config),
+    /// registered with that client ([`register_with`](KafkaConsumerBuilder::register_with)):
+    /// its health check counts the consumer and its `disconnect` shuts it down.
+    pub fn from_client(client: &KafkaClient) -> Result<KafkaConsumerBuilder, ConsumerError> {
+        Ok(Self::from_config(client.config())?.register_with(client))
     }
 
     /// The consumer group.
     pub fn group_id(&self) -> &str {
-        &self.group_id
+        &self.control.group_id
+    }
+
+    /// The subscribed topics.
+    pub fn topics(&self) -> &[String] {
+        &self.control.topics
+    }
+
+    /// Whether the consumer is registered with a [`KafkaClient`].
+    pub fn is_registered(&self) -> bool {
+        self.registration.is_some()
+    }
+
+    /// The consumer's connection state, driven by librdkafka's error events and
+    /// statistics (when `statistics.interval.ms` is set, as
+    /// [`from_config`](Self::from_config) does) and confirmed by partition
+    /// assignments and successful commits.
+    pub fn connection_state(&self) -> crate::kafka::client::ConnectionState {
+        self.control.connection.state()
     }
 
     /// Whether the poll loop is running (false after shutdown or if it stopped).
     pub fn is_running(&self) -> bool {
-        self.shared.running.load(Ordering::SeqCst)
+        self.control.shared.running.load(Ordering::SeqCst)
     }
 
     /// Whether consumption as a whole is paused ([`pause`](Self::pause)).
     pub fn is_paused(&self) -> bool {
-        self.shared.paused_all.load(Ordering::SeqCst)
+        self.control.shared.paused_all.load(Ordering::SeqCst)
     }
 
     /// Whether one partition is paused (by itself or by a global pause).
     pub fn is_partition_paused(&self, topic: &str, partition: i32) -> bool {
         self.is_paused()
             || self
+                .control
                 .shared
                 .paused()
                 .contains(&TopicPartition::new(topic, partition))
@@ -499,17 +581,23 @@ impl KafkaConsumer {
 
     /// A copy of the metrics.
     pub fn metrics(&self) -> ConsumerMetricsSnapshot {
-        self.shared.metrics.snapshot()
+        self.control.shared.metrics.snapshot()
     }
 
     /// Messages handed to workers and not finished yet.
     pub fn in_flight(&self) -> usize {
-        self.shared.current_tracker().in_flight()
+        self.control.shared.current_tracker().in_flight()
     }
 
     /// The partitions currently assigned to this consumer.
     pub fn assignment(&self) -> Vec<TopicPartition> {
-        let mut tps: Vec<TopicPartition> = self.shared.tracker().partitions().cloned().collect();
+        let mut tps: Vec<TopicPartition> = self
+            .control
+            .shared
+            .tracker()
+            .partitions()
+            .cloned()
+            .collect();
         tps.sort();
         tps
     }
@@ -519,9 +607,7 @@ impl KafkaConsumer {
         make: impl FnOnce(oneshot::Sender<Result<(), ConsumerError>>) -> Command,
     ) -> Result<(), ConsumerError> {
         let (tx, rx) = oneshot::channel();
-        self.commands
-            .send(make(tx))
-            .map_err(|_| ConsumerError::NotRunning)?;
+        self.control.send(make(tx))?;
         rx.await.map_err(|_| ConsumerError::NotRunning)?
     }
 
@@ -553,7 +639,7 @@ impl KafkaConsumer {
     /// partition, each bounded by `timeout`) minus this consumer's commit position.
     pub async fn lag(&self, timeout: Duration) -> Result<Vec<PartitionLag>, ConsumerError> {
         let positions: Vec<(TopicPartition, Option<i64>)> = {
-            let tracker = self.shared.current_tracker();
+            let tracker = self.control.shared.current_tracker();
             let mut v: Vec<_> = tracker
                 .partitions()
                 .map(|tp| (tp.clone(), tracker.commit_position(tp)))
@@ -586,52 +672,19 @@ impl KafkaConsumer {
     /// the message it is on (queued ones stay uncommitted), commit, leave the group,
     /// flush the dead-letter producer. Past the deadline the rest is abandoned
     /// uncommitted and [`ConsumerError::ShutdownTimedOut`] is returned.
-    pub async fn shutdown(mut self, timeout: Duration) -> Result<(), ConsumerError> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        self.finished = true;
-        let _ = self.commands.send(Command::Stop);
-        let _ = self.lane_stop.send(true);
-        let mut timed_out = false;
-        for mut task in std::mem::take(&mut self.lane_tasks) {
-            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
-                task.abort();
-                timed_out = true;
-            }
-        }
-        let (done_tx, done_rx) = oneshot::channel();
-        let _ = self.commands.send(Command::Finish(done_tx));
-        if tokio::time::timeout_at(deadline, done_rx).await.is_err() {
-            timed_out = true;
-        }
-        if let Some(dlq) = self.dlq.take() {
-            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let flushed = tokio::task::spawn_blocking(move || dlq.flush(remaining)).await;
-            if !matches!(flushed, Ok(Ok(()))) {
-                timed_out = true;
-            }
-        }
-        self.shared.running.store(false, Ordering::SeqCst);
-        tracing::info!(group_id = %self.group_id, timed_out, "kafka consumer stopped");
-        if timed_out {
-            Err(ConsumerError::ShutdownTimedOut(timeout))
-        } else {
-            Ok(())
-        }
+    ///
+    /// A consumer registered with a [`KafkaClient`] is shut down the same way by
+    /// the client's `disconnect`; whichever comes second waits for the first and
+    /// reports its outcome.
+    pub async fn shutdown(self, timeout: Duration) -> Result<(), ConsumerError> {
+        self.control.shutdown(timeout).await
     }
 }
 
 impl Drop for KafkaConsumer {
     fn drop(&mut self) {
-        if self.finished {
-            return;
-        }
-        // No shutdown: abort. The poll thread sees the closed command channel and
-        // stops without committing; lanes stop at once.
-        self.shared.aborted.store(true, Ordering::SeqCst);
-        let _ = self.lane_stop.send(true);
-        for task in &self.lane_tasks {
-            task.abort();
-        }
+        // Without a shutdown: abort (a no-op once a shutdown has started).
+        self.control.abort();
     }
 }
 

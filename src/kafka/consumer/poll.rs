@@ -22,8 +22,9 @@ use super::event::{CopiedSpans, CopyBuffer, ReceivedMessage};
 use super::metrics::ConsumerMetrics;
 use super::scheduler::{ProcessingOrder, lane_for};
 use super::tracker::{Dispatch, OffsetTracker, TopicPartition};
+use crate::kafka::client::ConnectionTracker;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::KafkaResult;
+use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::BorrowedMessage;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use std::collections::{HashMap, HashSet};
@@ -157,13 +158,23 @@ fn tpl_of(positions: &[(TopicPartition, i64)]) -> TopicPartitionList {
     tpl
 }
 
-/// The consumer context: rebalance hooks that commit before partitions go away.
+/// The consumer context: rebalance hooks that commit before partitions go away,
+/// and the connection state fed by librdkafka's events.
 #[derive(Debug)]
 pub(crate) struct KeelConsumerContext {
     pub(crate) shared: Arc<Shared>,
+    pub(crate) connection: Arc<ConnectionTracker>,
 }
 
-impl ClientContext for KeelConsumerContext {}
+impl ClientContext for KeelConsumerContext {
+    fn stats_raw(&self, statistics: &[u8]) {
+        self.connection.on_stats_raw(statistics);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.connection.on_error(&error, reason);
+    }
+}
 
 impl ConsumerContext for KeelConsumerContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -198,6 +209,8 @@ impl ConsumerContext for KeelConsumerContext {
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(assigned) => {
+                // The group coordinator answered: connected.
+                self.connection.confirm_connected();
                 let paused_all = self.shared.paused_all.load(Ordering::SeqCst)
                     || self.shared.backpressure.load(Ordering::SeqCst);
                 let paused = self.shared.paused();
@@ -227,6 +240,9 @@ impl ConsumerContext for KeelConsumerContext {
     }
 
     fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        if result.is_ok() {
+            self.connection.confirm_connected();
+        }
         if let Err(e) = result {
             tracing::warn!(error = %e, "offset commit failed, will retry");
             let mut tracker = self.shared.tracker();

@@ -16,7 +16,14 @@
 //! the publish fails the service fails with [`DeadLetterError`] and the offset is not
 //! committed.
 //!
-//! The dead-letter topic must exist, or the broker must create topics on demand.
+//! The service answers through [`ResponseFuture`] (the handler's future, then
+//! [`DeadLetterPublishFuture`] while the message is published), named futures with
+//! no boxing, like tower's own layers.
+//!
+//! The dead-letter topic must exist, or the broker must create topics on demand
+//! (with its default partition count), unless you let keel create it before the
+//! consumer starts: [`DeadLetterTopics`] with
+//! [`KafkaConsumerBuilder::ensure_dlq_topics`](crate::kafka::consumer::KafkaConsumerBuilder::ensure_dlq_topics).
 //!
 //! # Example
 //!
@@ -44,16 +51,19 @@
 //! ```
 
 mod error;
+mod future;
 pub mod headers;
 mod layer;
 mod publisher;
+mod topics;
 
-pub use error::DeadLetterError;
+pub use error::{DeadLetterError, DeadLetterTopicError};
+pub use future::{DeadLetterPublishFuture, ResponseFuture};
 pub use layer::DeadLetterLayer;
 pub use publisher::{DEFAULT_SUFFIX, DeadLetterPublisher, DeadLetterReason, DeadLettered};
+pub use topics::{DeadLetterTopics, EnsuredTopic};
 
 use crate::kafka::consumer::{BoxError, ConsumedEvent, HandlerError, HandlerErrors};
-use futures::future::BoxFuture;
 use std::task::{Context, Poll};
 use tower::Service;
 
@@ -115,11 +125,10 @@ impl<S> Service<ConsumedEvent> for DeadLetter<S>
 where
     S: Service<ConsumedEvent, Response = ()>,
     S::Error: Into<BoxError>,
-    S::Future: Send + 'static,
 {
     type Response = Disposition;
     type Error = DeadLetterError;
-    type Future = BoxFuture<'static, Result<Disposition, DeadLetterError>>;
+    type Future = ResponseFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner
@@ -128,28 +137,110 @@ where
     }
 
     fn call(&mut self, event: ConsumedEvent) -> Self::Future {
-        let fut = self.inner.call(event.clone());
-        let publisher = self.publisher.clone();
-        Box::pin(async move {
-            let error = match fut.await {
-                Ok(()) => return Ok(Disposition::Handled),
-                Err(e) => e,
-            };
-            let reason = reason_for(error, event.attempts_made().max(1));
-            let landed = publisher.publish(event.message(), &reason).await?;
-            tracing::error!(
-                topic = event.topic(),
-                partition = event.partition(),
-                offset = event.offset(),
-                event_type = event.event_type(),
-                attempts = reason.attempts,
-                error_kind = %reason.kind,
-                error = %reason.message,
-                dlq_topic = %landed.topic,
-                dlq_offset = landed.offset,
-                "handler failed, message dead-lettered"
-            );
-            Ok(Disposition::DeadLettered(landed))
+        let handler = self.inner.call(event.clone());
+        ResponseFuture::new(handler, event, self.publisher.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kafka::consumer::event::test_event;
+    use rdkafka::ClientConfig;
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::producer::DefaultProducerContext;
+    use tower::{Layer, ServiceExt};
+
+    /// A one-broker mock cluster with the dead-letter topic of `test_event` ("t").
+    fn cluster() -> MockCluster<'static, DefaultProducerContext> {
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        cluster.create_topic("t.dlq", 1, 1).expect("mock topic");
+        cluster
+    }
+
+    fn publisher(cluster: &MockCluster<'static, DefaultProducerContext>) -> DeadLetterPublisher {
+        let mut base = ClientConfig::new();
+        base.set("bootstrap.servers", cluster.bootstrap_servers())
+            .set("group.id", "dropped-for-the-producer")
+            // One message at a time in librdkafka's queue.
+            .set("queue.buffering.max.messages", "1")
+            .set("linger.ms", "0");
+        DeadLetterPublisher::new(&base, "g", DEFAULT_SUFFIX).expect("producer")
+    }
+
+    fn handler(fail: bool) -> impl Service<ConsumedEvent, Response = (), Error = BoxError> + Clone {
+        tower::service_fn(move |_event: ConsumedEvent| async move {
+            if fail {
+                Err::<(), BoxError>("handler gave up".into())
+            } else {
+                Ok(())
+            }
         })
+    }
+
+    #[tokio::test]
+    async fn a_handled_message_is_not_published() {
+        let cluster = cluster();
+        let service = DeadLetterLayer::new(publisher(&cluster)).layer(handler(false));
+        let answer = service.oneshot(test_event("a")).await.unwrap();
+        assert_eq!(answer, Disposition::Handled);
+    }
+
+    #[tokio::test]
+    async fn a_failed_message_is_acknowledged_in_the_dead_letter_topic() {
+        let cluster = cluster();
+        let service = DeadLetterLayer::new(publisher(&cluster)).layer(handler(true));
+        let answer = service.oneshot(test_event("a")).await.unwrap();
+        assert_eq!(
+            answer,
+            Disposition::DeadLettered(DeadLettered {
+                topic: "t.dlq".into(),
+                partition: 0,
+                offset: 0,
+            })
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_local_queue_is_waited_out() {
+        let cluster = cluster();
+        let publisher = publisher(&cluster);
+        let reason = reason_for("boom", 1);
+        // The broker is down: the first message stays in librdkafka's one-message
+        // queue, so the second finds it full and waits.
+        cluster.broker_down(1).unwrap();
+        let first = publisher.publish(test_event("a").message(), &reason);
+        let second = publisher.publish(test_event("b").message(), &reason);
+        assert!(format!("{second:?}").contains("queue_full"), "{second:?}");
+        cluster.broker_up(1).unwrap();
+        let (first, second) = futures::join!(first, second);
+        let (first, second) = (first.unwrap(), second.unwrap());
+        assert_eq!((first.offset, second.offset), (0, 1));
+        assert_eq!(second.topic, "t.dlq");
+    }
+
+    #[tokio::test]
+    async fn a_refused_publish_is_a_typed_error() {
+        let cluster = cluster();
+        let publisher = publisher(&cluster);
+        // Larger than `message.max.bytes`: refused before it is queued.
+        let big = rdkafka::message::OwnedMessage::new(
+            Some(vec![0u8; 2_000_000]),
+            None,
+            "t".into(),
+            rdkafka::Timestamp::NotAvailable,
+            0,
+            1,
+            None,
+        );
+        let message = crate::kafka::consumer::ReceivedMessage::new(big);
+        let err = publisher
+            .publish(&message, &reason_for("boom", 1))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, DeadLetterError::Publish { topic, .. } if topic == "t.dlq"),
+            "{err}"
+        );
     }
 }

@@ -1,12 +1,12 @@
 //! Publishing a failed message, unchanged, to its dead-letter topic.
 
-use super::error::DeadLetterError;
+use super::future::DeadLetterPublishFuture;
 use super::headers;
 use crate::kafka::consumer::ReceivedMessage;
 use rdkafka::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, OwnedHeaders, Timestamp};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -25,6 +25,16 @@ pub struct DeadLetterReason {
     pub message: String,
     /// Handler calls made ([`headers::ATTEMPTS`]).
     pub attempts: u32,
+}
+
+/// The outcome of one attempt to enqueue a dead letter.
+pub(crate) enum Enqueue {
+    /// In librdkafka's queue; the broker's answer is coming.
+    Delivering(DeliveryFuture),
+    /// librdkafka's local queue is full: try again shortly.
+    QueueFull,
+    /// Refused for good.
+    Failed(KafkaError),
 }
 
 /// Where a dead-lettered message landed.
@@ -107,16 +117,25 @@ impl DeadLetterPublisher {
     }
 
     /// Publishes `message` unchanged (key, payload, original headers) with the
-    /// provenance headers of [`headers`], and waits for the acknowledgement.
-    pub async fn publish(
+    /// provenance headers of [`headers`]; the future resolves on the broker's
+    /// acknowledgement. The message is enqueued at once (not when first polled).
+    pub fn publish(
         &self,
         message: &ReceivedMessage,
         reason: &DeadLetterReason,
-    ) -> Result<DeadLettered, DeadLetterError> {
-        let topic = self.dlq_topic(message.topic());
-        let record_headers = self.headers(message, reason);
+    ) -> DeadLetterPublishFuture {
+        DeadLetterPublishFuture::new(self.clone(), message, reason)
+    }
+
+    /// Tries once to put `message` into librdkafka's queue for `topic`.
+    pub(crate) fn enqueue(
+        &self,
+        topic: &str,
+        message: &ReceivedMessage,
+        reason: &DeadLetterReason,
+    ) -> Enqueue {
         let mut record: FutureRecord<'_, [u8], [u8]> =
-            FutureRecord::to(&topic).headers(record_headers);
+            FutureRecord::to(topic).headers(self.headers(message, reason));
         if let Some(key) = message.key() {
             record = record.key(key);
         }
@@ -126,30 +145,12 @@ impl DeadLetterPublisher {
         if let Some(ms) = message.timestamp().to_millis() {
             record = record.timestamp(ms);
         }
-        let fail = |source| DeadLetterError::Publish {
-            topic: topic.clone(),
-            source,
-        };
-        // Enqueue now (a `send` future would only enqueue when first polled), waiting
-        // briefly while librdkafka's local queue is full.
-        let delivery = loop {
-            match self.inner.producer.send_result(record) {
-                Ok(delivery) => break delivery,
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    record = back;
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                Err((e, _)) => return Err(fail(e)),
+        match self.inner.producer.send_result(record) {
+            Ok(delivery) => Enqueue::Delivering(delivery),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                Enqueue::QueueFull
             }
-        };
-        match delivery.await {
-            Ok(Ok(d)) => Ok(DeadLettered {
-                topic: topic.clone(),
-                partition: d.partition,
-                offset: d.offset,
-            }),
-            Ok(Err((e, _))) => Err(fail(e)),
-            Err(_canceled) => Err(fail(KafkaError::Canceled)),
+            Err((e, _)) => Enqueue::Failed(e),
         }
     }
 
@@ -201,7 +202,7 @@ impl DeadLetterPublisher {
     }
 }
 
-fn is_consumer_only(key: &str) -> bool {
+pub(super) fn is_consumer_only(key: &str) -> bool {
     key == "group.id"
         || key == "group.instance.id"
         || key.starts_with("enable.auto.")

@@ -8,6 +8,12 @@
 //! after start is impossible by construction, and registering one type twice is an
 //! error at build time rather than a silent override.
 //!
+//! Like tower's own services, the registry answers through a named future,
+//! [`ResponseFuture`] (the routed handler's call, or an immediate answer for an
+//! unknown type), and its build error, [`RegistryError`], lives in its own module.
+//! Handlers themselves are type-erased (`BoxCloneSyncService`) so that handlers of
+//! different types fit in one map.
+//!
 //! An event whose type has no handler is, by [`UnknownEventTypes`] option, skipped
 //! with a warning (the default, as the seed does) or failed with a permanent
 //! [`HandlerError::unknown_event_type`] that the dead-letter layer publishes to the
@@ -30,8 +36,13 @@
 //! assert!(registry.handles("user.created"));
 //! ```
 
+mod error;
+mod future;
+
+pub use error::RegistryError;
+pub use future::ResponseFuture;
+
 use crate::kafka::consumer::{BoxError, ConsumedEvent, HandlerError};
-use futures::future::BoxFuture;
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
@@ -40,7 +51,8 @@ use std::task::{Context, Poll};
 use tower::util::BoxCloneSyncService;
 use tower::{Service, ServiceExt};
 
-type Handler = BoxCloneSyncService<ConsumedEvent, (), HandlerError>;
+/// A registered handler, type-erased.
+pub(crate) type Handler = BoxCloneSyncService<ConsumedEvent, (), HandlerError>;
 
 /// What the registry does with an event type that has no handler.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -51,15 +63,6 @@ pub enum UnknownEventTypes {
     /// Fail with a permanent [`HandlerError::unknown_event_type`], so the
     /// dead-letter layer publishes it to the DLQ.
     DeadLetter,
-}
-
-/// A registry of handlers could not be built.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum RegistryError {
-    /// Two handlers for one event type.
-    #[error("more than one handler registered for event type {0:?}")]
-    DuplicateHandler(String),
 }
 
 /// Collects handlers before start; see [the module docs](self).
@@ -172,38 +175,30 @@ impl HandlerRegistry {
 impl Service<ConsumedEvent> for HandlerRegistry {
     type Response = ();
     type Error = HandlerError;
-    type Future = BoxFuture<'static, Result<(), HandlerError>>;
+    type Future = ResponseFuture;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), HandlerError>> {
         // Readiness depends on the event type; each call waits for its handler.
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, event: ConsumedEvent) -> Self::Future {
-        match self.routes.get(event.event_type()) {
-            Some(handler) => {
-                let handler = handler.clone();
-                Box::pin(handler.oneshot(event))
+    fn call(&mut self, event: ConsumedEvent) -> ResponseFuture {
+        if let Some(handler) = self.routes.get(event.event_type()) {
+            return ResponseFuture::routed(handler.clone(), event);
+        }
+        match self.unknown {
+            UnknownEventTypes::Skip => {
+                tracing::warn!(
+                    topic = event.topic(),
+                    partition = event.partition(),
+                    offset = event.offset(),
+                    event_type = event.event_type(),
+                    "no handler for event type, skipped"
+                );
+                ResponseFuture::unrouted(Ok(()))
             }
-            None => {
-                let unknown = self.unknown;
-                Box::pin(async move {
-                    match unknown {
-                        UnknownEventTypes::Skip => {
-                            tracing::warn!(
-                                topic = event.topic(),
-                                partition = event.partition(),
-                                offset = event.offset(),
-                                event_type = event.event_type(),
-                                "no handler for event type, skipped"
-                            );
-                            Ok(())
-                        }
-                        UnknownEventTypes::DeadLetter => {
-                            Err(HandlerError::unknown_event_type(event.event_type()))
-                        }
-                    }
-                })
+            UnknownEventTypes::DeadLetter => {
+                ResponseFuture::unrouted(Err(HandlerError::unknown_event_type(event.event_type())))
             }
         }
     }

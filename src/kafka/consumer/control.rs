@@ -1,0 +1,135 @@
+//! The consumer's lifecycle (graceful shutdown, abort), shared by its
+//! [`KafkaConsumer`](super::KafkaConsumer) handle and by the
+//! [`KafkaClient`](crate::kafka::client::KafkaClient) it is registered with, whose
+//! health check counts it and whose `disconnect` closes it.
+
+use super::error::ConsumerError;
+use super::poll::{Command, Shared};
+use crate::kafka::client::{CloseFuture, ConnectionState, ConnectionTracker, ManagedConsumer};
+use crate::kafka::dead_letter::DeadLetterPublisher;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+/// Stops a running consumer, once, from whichever side asks first.
+#[derive(Debug)]
+pub(crate) struct ConsumerControl {
+    pub(crate) shared: Arc<Shared>,
+    /// Requests to the poll thread; taken (closed) on abort, which stops the thread.
+    pub(crate) commands: Mutex<Option<mpsc::UnboundedSender<Command>>>,
+    pub(crate) lane_tasks: Mutex<Vec<JoinHandle<()>>>,
+    pub(crate) lane_stop: watch::Sender<bool>,
+    pub(crate) dlq: Mutex<Option<DeadLetterPublisher>>,
+    pub(crate) group_id: String,
+    pub(crate) topics: Vec<String>,
+    /// Fed by the consumer's librdkafka events (errors, statistics, assignments).
+    pub(crate) connection: Arc<ConnectionTracker>,
+    /// Set when a graceful shutdown starts: from then on dropping the handle aborts
+    /// nothing.
+    pub(crate) finished: AtomicBool,
+    /// The outcome of the shutdown that ran (`Some(timed_out)`), so a second
+    /// caller waits for the first and gets its answer.
+    pub(crate) closed: tokio::sync::Mutex<Option<bool>>,
+}
+
+impl ConsumerControl {
+    /// Sends `command` to the poll thread; `Err` when it is gone.
+    pub(crate) fn send(&self, command: Command) -> Result<(), ConsumerError> {
+        match lock(&self.commands).as_ref() {
+            Some(commands) => commands
+                .send(command)
+                .map_err(|_| ConsumerError::NotRunning),
+            None => Err(ConsumerError::NotRunning),
+        }
+    }
+
+    /// Graceful shutdown bounded by `timeout`; see
+    /// [`KafkaConsumer::shutdown`](super::KafkaConsumer::shutdown). Runs once;
+    /// later calls wait for it and report its outcome.
+    pub(crate) async fn shutdown(&self, timeout: Duration) -> Result<(), ConsumerError> {
+        let mut closed = self.closed.lock().await;
+        if let Some(timed_out) = *closed {
+            return if timed_out {
+                Err(ConsumerError::ShutdownTimedOut(timeout))
+            } else {
+                Ok(())
+            };
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        self.finished.store(true, Ordering::SeqCst);
+        let _ = self.send(Command::Stop);
+        let _ = self.lane_stop.send(true);
+        let mut timed_out = false;
+        let tasks = std::mem::take(&mut *lock(&self.lane_tasks));
+        for mut task in tasks {
+            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+                task.abort();
+                timed_out = true;
+            }
+        }
+        let (done_tx, done_rx) = oneshot::channel();
+        let _ = self.send(Command::Finish(done_tx));
+        if tokio::time::timeout_at(deadline, done_rx).await.is_err() {
+            timed_out = true;
+        }
+        let dlq = lock(&self.dlq).take();
+        if let Some(dlq) = dlq {
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let flushed = tokio::task::spawn_blocking(move || dlq.flush(remaining)).await;
+            if !matches!(flushed, Ok(Ok(()))) {
+                timed_out = true;
+            }
+        }
+        self.shared.running.store(false, Ordering::SeqCst);
+        *closed = Some(timed_out);
+        tracing::info!(group_id = %self.group_id, timed_out, "kafka consumer stopped");
+        if timed_out {
+            Err(ConsumerError::ShutdownTimedOut(timeout))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Stops everything at once without committing more (the handle was dropped
+    /// without shutdown). Does nothing once a graceful shutdown has started.
+    pub(crate) fn abort(&self) {
+        if self.finished.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        // The poll thread sees the closed command channel and stops without
+        // committing; lanes stop at once.
+        self.shared.aborted.store(true, Ordering::SeqCst);
+        drop(lock(&self.commands).take());
+        let _ = self.lane_stop.send(true);
+        for task in lock(&self.lane_tasks).iter() {
+            task.abort();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// What a [`KafkaClient`](crate::kafka::client::KafkaClient) holds of a registered
+/// consumer.
+#[derive(Debug)]
+pub(crate) struct RegisteredConsumer(pub(crate) Arc<ConsumerControl>);
+
+impl ManagedConsumer for RegisteredConsumer {
+    fn name(&self) -> String {
+        format!("group {} on {}", self.0.group_id, self.0.topics.join(","))
+    }
+
+    fn is_connected(&self) -> bool {
+        self.0.shared.running.load(Ordering::SeqCst)
+            && self.0.connection.state() == ConnectionState::Connected
+    }
+
+    fn close(&self, timeout: Duration) -> CloseFuture {
+        let control = self.0.clone();
+        Box::pin(async move { control.shutdown(timeout).await.map_err(|e| e.to_string()) })
+    }
+}
