@@ -745,11 +745,13 @@ impl PartTarget {
     }
 
     /// After a lost CompleteMultipartUpload answer and a failed retry: reports the
-    /// upload as completed when HeadObject shows an object of `size` bytes whose
-    /// ETag is the multipart ETag of these parts (`"<MD5 of the part MD5s>-<parts>"`),
-    /// or, when the part ETags are not MD5s (SSE-KMS, some servers), ends in
-    /// `-<parts>`. Anything else returns `failed`, the retry's error, saying what
-    /// was found.
+    /// upload as completed only when HeadObject shows an object of `size` bytes
+    /// whose ETag is the multipart ETag of these parts (`"<MD5 of the part
+    /// MD5s>-<parts>"`), which only these bytes can give. When the part ETags are
+    /// not MD5s (SSE-KMS, some servers) nothing proves the object is this upload's
+    /// rather than an older one of the same size, so the upload is reported as
+    /// failed (a retry overwrites; a false success would lose data). Anything else
+    /// returns `failed`, the retry's error, saying what was found.
     async fn confirm_completed(
         &self,
         count: u32,
@@ -758,6 +760,19 @@ impl PartTarget {
         failed: S3ServiceError,
     ) -> Result<Completed, S3ServiceError> {
         let (bucket, key) = (self.bucket.as_str(), self.key.as_str());
+        let failed_because = |found: String| {
+            let message = format!(
+                "{} (an earlier CompleteMultipartUpload attempt broke off without an answer; {found})",
+                failed.message().unwrap_or("the retry failed")
+            );
+            failed.with_message(message)
+        };
+        let Some(expected_e_tag) = expected_e_tag else {
+            return Err(failed_because(
+                "the part ETags are not MD5s, so the stored object cannot be confirmed as this upload's"
+                    .to_string(),
+            ));
+        };
         let head = with_retries(&self.retry, &self.counters, || {
             let sent = self.client.head_object().bucket(bucket).key(key).send();
             async move {
@@ -766,33 +781,18 @@ impl PartTarget {
             }
         })
         .await;
-        let failed_because = |found: String| {
-            let message = format!(
-                "{} (an earlier CompleteMultipartUpload attempt broke off without an answer; {found})",
-                failed.message().unwrap_or("the retry failed")
-            );
-            failed.with_message(message)
-        };
         let head = match head {
             Ok(head) => head,
             Err(error) => return Err(failed_because(format!("HeadObject failed: {error}"))),
         };
         let stored_size = head.content_length().and_then(|n| u64::try_from(n).ok());
         let stored_e_tag = head.e_tag().unwrap_or_default();
-        let e_tag_matches = match &expected_e_tag {
-            Some(expected) => stored_e_tag
-                .trim_matches('"')
-                .eq_ignore_ascii_case(expected),
-            None => stored_e_tag
-                .trim_matches('"')
-                .ends_with(&format!("-{count}")),
-        };
+        let e_tag_matches = stored_e_tag
+            .trim_matches('"')
+            .eq_ignore_ascii_case(&expected_e_tag);
         if stored_size != Some(size) || !e_tag_matches {
             return Err(failed_because(format!(
-                "the object there ({stored_size:?} bytes, ETag {stored_e_tag}) is not this upload's ({size} bytes, ETag {})",
-                expected_e_tag
-                    .as_deref()
-                    .unwrap_or("ending in the part count")
+                "the object there ({stored_size:?} bytes, ETag {stored_e_tag}) is not this upload's ({size} bytes, ETag {expected_e_tag})"
             )));
         }
         tracing::info!(
@@ -923,6 +923,40 @@ mod tests {
             multipart_e_tag(&[part(1, "zz41402abc4b2a76b9719d911017c592")]),
             None
         );
+    }
+
+    #[tokio::test]
+    async fn a_lost_complete_with_non_md5_part_e_tags_stays_an_error_without_asking() {
+        use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
+        // Nothing listens on port 1: had the check sent HeadObject, the message
+        // would say that HeadObject failed.
+        let config = aws_sdk_s3::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new("us-east-1"))
+            .endpoint_url("http://127.0.0.1:1")
+            .credentials_provider(Credentials::new("key", "secret", None, None, "test"))
+            .force_path_style(true)
+            .build();
+        let target = PartTarget {
+            client: Client::from_conf(config),
+            bucket: "bucket".into(),
+            key: "key".into(),
+            upload_id: "upload".into(),
+            retry: RetryPolicy::default().max_retries(0),
+            part_timeout: None,
+            sign_payload: true,
+            counters: TransferCounters::default(),
+        };
+        let failed =
+            S3ServiceError::new(S3Operation::CompleteMultipartUpload, S3ErrorKind::Transport)
+                .with_message("connection reset");
+        let Err(error) = target.confirm_completed(2, 10, None, failed).await else {
+            panic!("an upload that cannot be confirmed must not be reported as stored");
+        };
+        assert_eq!(*error.kind(), S3ErrorKind::Transport);
+        let message = error.message().unwrap_or_default();
+        assert!(message.contains("cannot be confirmed"), "{message}");
+        assert!(!message.contains("HeadObject failed"), "{message}");
     }
 
     #[test]
