@@ -356,6 +356,42 @@ fn kcat_read(brokers: &str, topic: &str, count: usize) -> Vec<Value> {
         .collect()
 }
 
+/// Checks a DLQ record read by kcat -J: the original key, payload and headers
+/// unchanged, and the provenance headers naming where it came from. Returns the
+/// headers for the caller's own checks (error kind, message, attempts).
+fn assert_dead_lettered_unchanged<T: serde::Serialize>(
+    record: &Value,
+    original: &EventEnvelope<T>,
+    topic: &str,
+    (partition, offset): (i32, i64),
+    group: &str,
+) -> BTreeMap<String, String> {
+    let encoded = original.encode().unwrap();
+    assert_eq!(
+        record["key"].as_str().map(str::as_bytes),
+        encoded.key.as_deref()
+    );
+    assert_eq!(
+        record["payload"].as_str().unwrap().as_bytes(),
+        &encoded.value[..]
+    );
+    let h = kcat_headers(record);
+    for (name, value) in &encoded.headers {
+        assert_eq!(
+            h.get(name).map(String::as_bytes),
+            Some(&value[..]),
+            "original header {name}"
+        );
+    }
+    assert_eq!(h[dlq::ORIGINAL_TOPIC], topic);
+    assert_eq!(h[dlq::ORIGINAL_PARTITION], partition.to_string());
+    assert_eq!(h[dlq::ORIGINAL_OFFSET], offset.to_string());
+    assert_eq!(h[dlq::ORIGINAL_TIMESTAMP], encoded.timestamp_ms.to_string());
+    assert_eq!(h[dlq::ORIGINAL_TIMESTAMP_TYPE], "CreateTime");
+    assert_eq!(h[dlq::CONSUMER_GROUP], group);
+    h
+}
+
 fn kcat_headers(record: &Value) -> BTreeMap<String, String> {
     let list = record["headers"]
         .as_array()
@@ -443,28 +479,8 @@ async fn a_poison_message_lands_in_the_dlq_with_provenance_and_the_partition_mov
     assert_eq!(records.len(), 2, "two messages in the DLQ: {records:?}");
 
     // The poison event: unchanged key, payload and headers, plus provenance.
-    let p = &records[0];
-    let encoded = poison.encode().unwrap();
-    assert_eq!(p["key"], json!("k-poison"));
-    assert_eq!(
-        p["payload"].as_str().unwrap().as_bytes(),
-        &encoded.value[..]
-    );
-    let h = kcat_headers(p);
-    for (name, value) in &encoded.headers {
-        assert_eq!(
-            h.get(name).map(String::as_bytes),
-            Some(&value[..]),
-            "original header {name}"
-        );
-    }
+    let h = assert_dead_lettered_unchanged(&records[0], &poison, &topic, poison_at, &group);
     assert_eq!(h["trace-id"], "t-123");
-    assert_eq!(h[dlq::ORIGINAL_TOPIC], topic);
-    assert_eq!(h[dlq::ORIGINAL_PARTITION], poison_at.0.to_string());
-    assert_eq!(h[dlq::ORIGINAL_OFFSET], poison_at.1.to_string());
-    assert_eq!(h[dlq::ORIGINAL_TIMESTAMP], encoded.timestamp_ms.to_string());
-    assert_eq!(h[dlq::ORIGINAL_TIMESTAMP_TYPE], "CreateTime");
-    assert_eq!(h[dlq::CONSUMER_GROUP], group);
     assert_eq!(h[dlq::ERROR_KIND], "error");
     assert!(!h[dlq::ERROR_TYPE].is_empty());
     assert!(
@@ -987,28 +1003,8 @@ async fn an_unknown_event_type_goes_to_the_dlq_when_asked_and_the_partition_move
 
     let records = kcat_read(&brokers, &dlq_topic, 1);
     assert_eq!(records.len(), 1, "{records:?}");
-    let r = &records[0];
-    let encoded = unknown.encode().unwrap();
-    assert_eq!(r["key"], json!("k-unknown"));
-    assert_eq!(
-        r["payload"].as_str().unwrap().as_bytes(),
-        &encoded.value[..]
-    );
-    let h = kcat_headers(r);
-    for (name, value) in &encoded.headers {
-        assert_eq!(
-            h.get(name).map(String::as_bytes),
-            Some(&value[..]),
-            "original header {name}"
-        );
-    }
+    let h = assert_dead_lettered_unchanged(&records[0], &unknown, &topic, at[0], &group);
     assert_eq!(h["trace-id"], "t-unknown");
-    assert_eq!(h[dlq::ORIGINAL_TOPIC], topic);
-    assert_eq!(h[dlq::ORIGINAL_PARTITION], at[0].0.to_string());
-    assert_eq!(h[dlq::ORIGINAL_OFFSET], at[0].1.to_string());
-    assert_eq!(h[dlq::ORIGINAL_TIMESTAMP], encoded.timestamp_ms.to_string());
-    assert_eq!(h[dlq::ORIGINAL_TIMESTAMP_TYPE], "CreateTime");
-    assert_eq!(h[dlq::CONSUMER_GROUP], group);
     assert_eq!(h[dlq::ERROR_KIND], "unknown_event_type");
     assert!(
         h[dlq::ERROR_TYPE].contains("UnknownEventType"),

@@ -9,9 +9,9 @@ mod transfer_support;
 use std::time::Duration;
 
 use keel::s3::download::RangedDownloader;
-use keel::s3::error::{S3ErrorKind, S3Operation, THROTTLE_DELAY_FLOOR};
+use keel::s3::error::{S3ErrorKind, S3Operation, S3ServiceError, THROTTLE_DELAY_FLOOR};
 use keel::s3::multipart::{
-    MultipartEngine, ProgressListener, RetryPolicy, TransferConfig, TransferProgress,
+    MultipartEngine, ProgressListener, RetryPolicy, TransferConfig, TransferProgress, UploadReceipt,
 };
 use keel::s3::upload::{UploadBody, UploadOptions};
 use transfer_support::proxy::{FaultProxy, Matcher};
@@ -21,6 +21,26 @@ use transfer_support::{
 };
 
 const MIB: u64 = 1024 * 1024;
+
+/// Uploads `len` bytes of `data(seed, ..)` as a stream of unknown length, with
+/// default options and no progress listener.
+async fn upload_stream(
+    engine: &MultipartEngine,
+    bucket: &str,
+    key: &str,
+    seed: u64,
+    len: u64,
+) -> Result<UploadReceipt, S3ServiceError> {
+    engine
+        .upload(
+            bucket,
+            key,
+            UploadBody::stream(data_stream(seed, len)),
+            &UploadOptions::new(),
+            &ProgressListener::none(),
+        )
+        .await
+}
 
 /// Short backoff so the suite stays quick; throttling answers still wait the
 /// 1 s floor, which is what the SlowDown test looks for.
@@ -72,14 +92,7 @@ async fn slow_down_answers_are_backed_off_and_the_upload_completes() {
             TransferConfig::default().retry(fast_retry()),
         );
         let length = 16 * MIB;
-        let receipt = uploader
-            .upload(
-                &bucket,
-                "slow/obj",
-                UploadBody::stream(data_stream(10, length)),
-                &UploadOptions::new(),
-                &ProgressListener::none(),
-            )
+        let receipt = upload_stream(&uploader, &bucket, "slow/obj", 10, length)
             .await
             .unwrap_or_else(|e| panic!("{what}: {e}"));
 
@@ -121,14 +134,7 @@ async fn a_connection_cut_during_a_part_is_retried_and_the_object_is_intact() {
             TransferConfig::default().retry(fast_retry()),
         );
         let length = 24 * MIB + 123;
-        let receipt = uploader
-            .upload(
-                &bucket,
-                "cut/obj",
-                UploadBody::stream(data_stream(11, length)),
-                &UploadOptions::new(),
-                &ProgressListener::none(),
-            )
+        let receipt = upload_stream(&uploader, &bucket, "cut/obj", 11, length)
             .await
             .unwrap_or_else(|e| panic!("{what}: {e}"));
 
@@ -166,14 +172,7 @@ async fn a_failure_that_outlasts_the_retries_aborts_the_upload() {
             client.clone(),
             TransferConfig::default().retry(fast_retry().max_retries(2)),
         );
-        let error = uploader
-            .upload(
-                &bucket,
-                "fail/obj",
-                UploadBody::stream(data_stream(12, 12 * MIB)),
-                &UploadOptions::new(),
-                &ProgressListener::none(),
-            )
+        let error = upload_stream(&uploader, &bucket, "fail/obj", 12, 12 * MIB)
             .await
             .expect_err("every part is throttled");
         assert_eq!(
@@ -300,16 +299,15 @@ async fn a_stalled_part_is_given_up_at_the_part_timeout_and_retried() {
             .retry(fast_retry())
             .part_timeout(Duration::from_secs(3));
         let length = 12 * MIB;
-        let receipt = MultipartEngine::new(client.clone(), config)
-            .upload(
-                &bucket,
-                "stall/obj",
-                UploadBody::stream(data_stream(15, length)),
-                &UploadOptions::new(),
-                &ProgressListener::none(),
-            )
-            .await
-            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        let receipt = upload_stream(
+            &MultipartEngine::new(client.clone(), config),
+            &bucket,
+            "stall/obj",
+            15,
+            length,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
 
         let seen = proxy.seen();
         assert_eq!(
@@ -342,16 +340,15 @@ async fn a_lost_complete_answer_is_confirmed_by_the_object() {
         // The server completes the upload; its answer never reaches the client.
         proxy.lose_answer(Matcher::CompleteMultipartUpload, 1);
         let length = 12 * MIB + 7;
-        let receipt = MultipartEngine::new(
-            client.clone(),
-            TransferConfig::default().retry(fast_retry()),
-        )
-        .upload(
+        let receipt = upload_stream(
+            &MultipartEngine::new(
+                client.clone(),
+                TransferConfig::default().retry(fast_retry()),
+            ),
             &bucket,
             "lost/obj",
-            UploadBody::stream(data_stream(16, length)),
-            &UploadOptions::new(),
-            &ProgressListener::none(),
+            16,
+            length,
         )
         .await
         .unwrap_or_else(|e| panic!("{what}: {e}"));
@@ -426,16 +423,15 @@ async fn a_broken_complete_with_no_object_behind_it_fails_and_aborts() {
         // body (so nothing is completed), every later one is throttled.
         proxy.cut_body(Matcher::CompleteMultipartUpload, 1, 0);
         proxy.slow_down(Matcher::CompleteMultipartUpload, usize::MAX);
-        let error = MultipartEngine::new(
-            client.clone(),
-            TransferConfig::default().retry(fast_retry().max_retries(2)),
-        )
-        .upload(
+        let error = upload_stream(
+            &MultipartEngine::new(
+                client.clone(),
+                TransferConfig::default().retry(fast_retry().max_retries(2)),
+            ),
             &bucket,
             "broken/obj",
-            UploadBody::stream(data_stream(17, 12 * MIB)),
-            &UploadOptions::new(),
-            &ProgressListener::none(),
+            17,
+            12 * MIB,
         )
         .await
         .expect_err("the upload was never completed");
