@@ -48,6 +48,7 @@
 //! assert_eq!(decoded.key(), Some(&b"123"[..]));
 //! ```
 
+use std::borrow::Cow;
 use std::fmt;
 
 use rdkafka::Message;
@@ -74,8 +75,10 @@ pub const DEFAULT_VERSION: &str = "1.0";
 #[derive(Clone, Debug, PartialEq)]
 pub struct EventEnvelope<T = serde_json::Value> {
     event_id: Uuid,
-    event_type: String,
-    version: String,
+    // Cow: event types and versions are nearly always literals; borrowing them
+    // saves two allocations per event.
+    event_type: Cow<'static, str>,
+    version: Cow<'static, str>,
     timestamp: OffsetDateTime,
     payload: T,
     key: Option<Vec<u8>>,
@@ -108,11 +111,11 @@ struct BodyOwned {
 impl<T> EventEnvelope<T> {
     /// A new event of `event_type` with a fresh UUID v4 id, version
     /// [`DEFAULT_VERSION`], the current time, no key and no extra headers.
-    pub fn new(event_type: impl Into<String>, payload: T) -> Self {
+    pub fn new(event_type: impl Into<Cow<'static, str>>, payload: T) -> Self {
         EventEnvelope {
             event_id: Uuid::new_v4(),
             event_type: event_type.into(),
-            version: DEFAULT_VERSION.to_string(),
+            version: Cow::Borrowed(DEFAULT_VERSION),
             timestamp: OffsetDateTime::now_utc(),
             payload,
             key: None,
@@ -127,7 +130,7 @@ impl<T> EventEnvelope<T> {
     }
 
     /// Sets the version.
-    pub fn with_version(mut self, version: impl Into<String>) -> Self {
+    pub fn with_version(mut self, version: impl Into<Cow<'static, str>>) -> Self {
         self.version = version.into();
         self
     }
@@ -291,13 +294,24 @@ impl<T: Serialize> EventEnvelope<T> {
 
     /// The JSON value alone.
     pub fn encode_value(&self) -> Result<Vec<u8>, serde_json::Error> {
-        serde_json::to_vec(&BodyRef {
-            event_id: &self.event_id,
-            event_type: &self.event_type,
-            version: &self.version,
-            timestamp: self.timestamp,
-            payload: &self.payload,
-        })
+        let mut value = Vec::with_capacity(128);
+        self.encode_value_into(&mut value)?;
+        Ok(value)
+    }
+
+    /// Appends the JSON value to `buf` (for callers that reuse one buffer). On
+    /// error `buf` may hold part of the value.
+    pub fn encode_value_into(&self, buf: &mut Vec<u8>) -> Result<(), serde_json::Error> {
+        serde_json::to_writer(
+            buf,
+            &BodyRef {
+                event_id: &self.event_id,
+                event_type: &self.event_type,
+                version: &self.version,
+                timestamp: self.timestamp,
+                payload: &self.payload,
+            },
+        )
     }
     /// Turns the payload into raw JSON.
     pub fn into_json(self) -> Result<EventEnvelope<serde_json::Value>, serde_json::Error> {
@@ -575,8 +589,8 @@ impl<T: DeserializeOwned> EventEnvelope<T> {
             .map_err(|e| DecodeError::Payload(e.to_string()))?;
         Ok(EventEnvelope {
             event_id,
-            event_type,
-            version,
+            event_type: Cow::Owned(event_type),
+            version: Cow::Owned(version),
             timestamp,
             payload,
             key: key.map(<[u8]>::to_vec),

@@ -221,12 +221,29 @@ impl fmt::Display for ProducerErrorKind {
 ///
 /// The `Display` text reads `publish to <topic> failed: <kind>: <cause>`. The cause
 /// is available through [`std::error::Error::source`].
-#[derive(Debug)]
 pub struct KafkaProducerError {
+    // Boxed: one pointer wide, so every `Result` and response future that can
+    // hold the error stays small (they are moved on every publish).
+    inner: Box<ProducerErrorInner>,
+}
+
+#[derive(Debug)]
+struct ProducerErrorInner {
     topic: String,
     kind: ProducerErrorKind,
     source: Option<BoxError>,
     batch: Option<BatchOutcome>,
+}
+
+impl fmt::Debug for KafkaProducerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaProducerError")
+            .field("topic", &self.inner.topic)
+            .field("kind", &self.inner.kind)
+            .field("source", &self.inner.source)
+            .field("batch", &self.inner.batch)
+            .finish()
+    }
 }
 
 /// How far a failed batch got: events in it, acknowledged, failed.
@@ -247,10 +264,12 @@ impl KafkaProducerError {
     /// An error of `kind` on `topic` without a further cause.
     pub fn new(topic: impl Into<String>, kind: ProducerErrorKind) -> Self {
         KafkaProducerError {
-            topic: topic.into(),
-            kind,
-            source: None,
-            batch: None,
+            inner: Box::new(ProducerErrorInner {
+                topic: topic.into(),
+                kind,
+                source: None,
+                batch: None,
+            }),
         }
     }
 
@@ -261,10 +280,12 @@ impl KafkaProducerError {
         source: impl Into<BoxError>,
     ) -> Self {
         KafkaProducerError {
-            topic: topic.into(),
-            kind,
-            source: Some(source.into()),
-            batch: None,
+            inner: Box::new(ProducerErrorInner {
+                topic: topic.into(),
+                kind,
+                source: Some(source.into()),
+                batch: None,
+            }),
         }
     }
 
@@ -281,47 +302,51 @@ impl KafkaProducerError {
 
     /// The topic the publish was for.
     pub fn topic(&self) -> &str {
-        &self.topic
+        &self.inner.topic
     }
 
     /// What kind of failure it was.
     pub fn kind(&self) -> ProducerErrorKind {
-        self.kind
+        self.inner.kind
     }
 
     /// The rdkafka error behind it, when there is one.
     pub fn kafka_error(&self) -> Option<&KafkaError> {
-        self.source.as_ref()?.downcast_ref::<KafkaError>()
+        self.inner.source.as_ref()?.downcast_ref::<KafkaError>()
     }
 
     /// Attaches how far a batch got.
     pub fn with_batch(mut self, outcome: BatchOutcome) -> Self {
-        self.batch = Some(outcome);
+        self.inner.batch = Some(outcome);
         self
     }
 
     /// How far the batch got, for batch publishes.
     pub fn batch(&self) -> Option<BatchOutcome> {
-        self.batch
+        self.inner.batch
     }
 
     /// Whether a retry may succeed.
     pub fn is_retryable(&self) -> bool {
-        self.kind.classification().retryable
+        self.inner.kind.classification().retryable
     }
 }
 
 impl fmt::Display for KafkaProducerError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "publish to {} failed: {}", self.topic, self.kind)?;
-        if let Some(b) = &self.batch {
+        write!(
+            f,
+            "publish to {} failed: {}",
+            self.inner.topic, self.inner.kind
+        )?;
+        if let Some(b) = &self.inner.batch {
             write!(
                 f,
                 " ({} of {} events delivered, {} failed)",
                 b.delivered, b.total, b.failed
             )?;
         }
-        if let Some(source) = &self.source {
+        if let Some(source) = &self.inner.source {
             write!(f, ": {source}")?;
         }
         Ok(())
@@ -330,7 +355,8 @@ impl fmt::Display for KafkaProducerError {
 
 impl StdError for KafkaProducerError {
     fn source(&self) -> Option<&(dyn StdError + 'static)> {
-        self.source
+        self.inner
+            .source
             .as_deref()
             .map(|e| e as &(dyn StdError + 'static))
     }
@@ -338,7 +364,7 @@ impl StdError for KafkaProducerError {
 
 impl ClassifiedError for KafkaProducerError {
     fn classification(&self) -> Classification {
-        self.kind.classification()
+        self.inner.kind.classification()
     }
 }
 

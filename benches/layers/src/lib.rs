@@ -104,3 +104,34 @@ where
     });
     start.elapsed()
 }
+
+/// Calls and rounds of a scripted load run: `KEEL_BENCH_MESSAGES` (default
+/// `default_calls`) and `KEEL_BENCH_ROUNDS` (default 5) under `cargo bench`
+/// (which passes `--bench`); under `cargo test --benches`, a smoke run of
+/// `smoke_calls` calls and one round.
+pub fn load_run_size(default_calls: usize, smoke_calls: usize) -> (usize, usize) {
+    if std::env::args().any(|a| a == "--bench") {
+        (
+            env_usize("KEEL_BENCH_MESSAGES", default_calls),
+            env_usize("KEEL_BENCH_ROUNDS", 5),
+        )
+    } else {
+        (smoke_calls, 1)
+    }
+}
+
+/// The variable `name` as a number, or `default` when unset or not a number.
+pub fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The runtime of the scripted load runs: one thread (the caller's), timers on.
+pub fn current_thread_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a current-thread tokio runtime")
+}

@@ -1,9 +1,11 @@
 //! The response future of [`Timeout`](super::Timeout).
 
 use super::error::TimeoutError;
+use super::queue::{DeadlineQueue, QueueEntry};
 use pin_project_lite::pin_project;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::time::{Instant, Sleep};
@@ -36,10 +38,7 @@ pin_project! {
         Running {
             #[pin]
             future: F,
-            // Boxed: a timer exists only on the slow path, and inline it would
-            // triple the size (and the moving cost) of every response future.
-            sleep: Option<Pin<Box<Sleep>>>,
-            deadline: Deadline,
+            timer: Timer,
             timeout: Duration,
         },
         // The readiness wait used up the deadline: fail without calling the service.
@@ -47,13 +46,31 @@ pin_project! {
     }
 }
 
+/// The timer of one call, armed at the first `Pending`.
+#[derive(Debug)]
+enum Timer {
+    Unarmed {
+        deadline: Deadline,
+        queue: Option<Arc<DeadlineQueue>>,
+    },
+    /// A place in the service's shared queue.
+    Queued(QueueEntry),
+    // Boxed: inline it would triple the size (and the moving cost) of every
+    // response future.
+    Sleep(Pin<Box<Sleep>>),
+}
+
 impl<F> ResponseFuture<F> {
-    pub(crate) fn new(future: F, timeout: Duration, deadline: Deadline) -> Self {
+    pub(crate) fn new(
+        future: F,
+        timeout: Duration,
+        deadline: Deadline,
+        queue: Option<Arc<DeadlineQueue>>,
+    ) -> Self {
         ResponseFuture {
             kind: Kind::Running {
                 future,
-                sleep: None,
-                deadline,
+                timer: Timer::Unarmed { deadline, queue },
                 timeout,
             },
         }
@@ -79,25 +96,38 @@ where
             }
             KindProj::Running {
                 future,
-                sleep,
-                deadline,
+                timer,
                 timeout,
             } => {
                 if let Poll::Ready(result) = future.poll(cx) {
                     return Poll::Ready(result.map_err(TimeoutError::Inner));
                 }
-                if sleep.is_none() {
-                    // First Pending: start the clock now (tokio saturates far deadlines).
-                    *sleep = Some(Box::pin(match *deadline {
-                        Deadline::AfterFirstPending => tokio::time::sleep(*timeout),
-                        Deadline::At(at) => tokio::time::sleep_until(at),
-                    }));
+                if let Timer::Unarmed { deadline, queue } = timer {
+                    // First Pending: start the clock now.
+                    let entry = match (*deadline, queue.take()) {
+                        (Deadline::AfterFirstPending, Some(q)) if !timeout.is_zero() => {
+                            q.enter(cx.waker())
+                        }
+                        _ => None,
+                    };
+                    *timer = match entry {
+                        Some(entry) => Timer::Queued(entry),
+                        // tokio saturates far deadlines.
+                        None => Timer::Sleep(Box::pin(match *deadline {
+                            Deadline::AfterFirstPending => tokio::time::sleep(*timeout),
+                            Deadline::At(at) => tokio::time::sleep_until(at),
+                        })),
+                    };
                 }
-                match sleep.as_mut().map(|s| s.as_mut().poll(cx)) {
-                    Some(Poll::Ready(())) => {
-                        Poll::Ready(Err(TimeoutError::Elapsed { after: *timeout }))
-                    }
-                    _ => Poll::Pending,
+                let elapsed = match timer {
+                    Timer::Queued(entry) => entry.poll_elapsed(cx.waker()),
+                    Timer::Sleep(sleep) => sleep.as_mut().poll(cx).is_ready(),
+                    Timer::Unarmed { .. } => false,
+                };
+                if elapsed {
+                    Poll::Ready(Err(TimeoutError::Elapsed { after: *timeout }))
+                } else {
+                    Poll::Pending
                 }
             }
         }

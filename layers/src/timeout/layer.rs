@@ -8,7 +8,9 @@ use tower::Layer;
 ///
 /// Defaults: the deadline covers the call only (like tower's); turn on
 /// [`covering_readiness`](TimeoutLayer::covering_readiness) to let it cover the
-/// wait for readiness too. Cheap to clone (two words); clones share nothing.
+/// wait for readiness too; turn on [`shared_timer`](TimeoutLayer::shared_timer)
+/// for services whose calls nearly always wait. Cheap to clone (three words);
+/// clones share nothing (each service the layer wraps gets its own timer).
 ///
 /// ```
 /// use keel_layers::timeout::TimeoutLayer;
@@ -21,6 +23,7 @@ use tower::Layer;
 pub struct TimeoutLayer {
     timeout: Duration,
     cover_readiness: bool,
+    shared_timer: bool,
 }
 
 impl TimeoutLayer {
@@ -29,6 +32,7 @@ impl TimeoutLayer {
         TimeoutLayer {
             timeout,
             cover_readiness: false,
+            shared_timer: false,
         }
     }
 
@@ -38,12 +42,22 @@ impl TimeoutLayer {
         self.cover_readiness = cover;
         self
     }
+
+    /// Whether the pending calls of each wrapped service share one timer instead
+    /// of a tokio timer each (default `false`). See
+    /// [shared timer](super#a-shared-timer-for-services-that-always-wait).
+    pub const fn shared_timer(mut self, shared: bool) -> Self {
+        self.shared_timer = shared;
+        self
+    }
 }
 
 impl<S> Layer<S> for TimeoutLayer {
     type Service = Timeout<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Timeout::new(inner, self.timeout).covering_readiness(self.cover_readiness)
+        Timeout::new(inner, self.timeout)
+            .covering_readiness(self.cover_readiness)
+            .shared_timer(self.shared_timer)
     }
 }

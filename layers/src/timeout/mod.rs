@@ -21,6 +21,22 @@
 //! inside the very first poll is not counted (a timer cannot interrupt it anyway).
 //! The timeout fires at exactly the deadline, not before.
 //!
+//! # A shared timer for services that always wait
+//!
+//! When nearly every call is pending on I/O (a Kafka publish waits for the
+//! broker's acknowledgement), a tokio timer per call is most of the layer's cost:
+//! a boxed `Sleep`, then an insertion into and a removal from tokio's timer wheel,
+//! each under the time driver's lock. With
+//! [`shared_timer(true)`](Timeout::shared_timer) the pending calls of one service
+//! (and its clones) share one timer instead: all have the same timeout, so their
+//! deadlines come in order; a call enters a FIFO with its waker and leaves it when
+//! it completes (one short lock each), and one background task sleeps until the
+//! earliest deadline and wakes the calls whose time is up. Deadlines are exact, as
+//! with a timer per call. The background task is spawned on the first pending
+//! call and ends when no call waits. Readiness deadlines (below) and calls polled
+//! outside a tokio runtime still use their own timer. Measured in BENCHMARKS.md
+//! ("Kafka publish").
+//!
 //! # Covering readiness (tower #648)
 //!
 //! tower's `Timeout` starts its clock in `call`, so a service that stays not ready
@@ -67,6 +83,7 @@
 pub mod error;
 pub mod future;
 mod layer;
+mod queue;
 #[cfg(test)]
 mod tests;
 
@@ -74,9 +91,11 @@ pub use self::error::TimeoutError;
 pub use self::layer::TimeoutLayer;
 
 use self::future::{Deadline, ResponseFuture};
+use self::queue::DeadlineQueue;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::time::{Instant, Sleep};
@@ -93,6 +112,8 @@ pub struct Timeout<S> {
     readiness: Readiness,
     // The timer of readiness waits, created on the first wait and reused.
     timer: Option<Pin<Box<Sleep>>>,
+    // The timer the calls share, with `shared_timer(true)`; shared by clones.
+    queue: Option<Arc<DeadlineQueue>>,
 }
 
 /// Where the readiness clock stands (only used when covering readiness).
@@ -131,6 +152,7 @@ impl<S: Clone> Clone for Timeout<S> {
             cover_readiness: self.cover_readiness,
             readiness: Readiness::Idle,
             timer: None,
+            queue: self.queue.clone(),
         }
     }
 }
@@ -144,6 +166,7 @@ impl<S> Timeout<S> {
             cover_readiness: false,
             readiness: Readiness::Idle,
             timer: None,
+            queue: None,
         }
     }
 
@@ -151,6 +174,19 @@ impl<S> Timeout<S> {
     pub fn covering_readiness(mut self, cover: bool) -> Self {
         self.cover_readiness = cover;
         self
+    }
+
+    /// Whether pending calls share one timer (default `false`: a tokio timer per
+    /// pending call). See [shared timer](self#a-shared-timer-for-services-that-always-wait).
+    /// Clones made afterwards share it too.
+    pub fn shared_timer(mut self, shared: bool) -> Self {
+        self.queue = shared.then(|| Arc::new(DeadlineQueue::new(self.timeout)));
+        self
+    }
+
+    /// Whether pending calls share one timer.
+    pub fn is_shared_timer(&self) -> bool {
+        self.queue.is_some()
     }
 
     /// The timeout.
@@ -232,11 +268,13 @@ where
                 self.inner.call(request),
                 self.timeout,
                 Deadline::AfterFirstPending,
+                self.queue.clone(),
             ),
             Readiness::Waiting { deadline, .. } => ResponseFuture::new(
                 self.inner.call(request),
                 self.timeout,
                 Deadline::At(deadline),
+                None,
             ),
             Readiness::Expired => ResponseFuture::elapsed(self.timeout),
         }
@@ -244,6 +282,6 @@ where
 }
 
 /// About 30 years from now, as tokio does for deadlines that overflow.
-fn far_future() -> Instant {
+pub(crate) fn far_future() -> Instant {
     Instant::now() + Duration::from_secs(86400 * 365 * 30)
 }

@@ -258,3 +258,138 @@ async fn timeout_outside_retry_bounds_the_whole_call() {
     assert!(err.is_elapsed());
     assert_eq!(Instant::now() - start, 5 * SEC);
 }
+
+// --- shared timer (`shared_timer(true)`) ---
+
+fn shared(inner: Slow, timeout: Duration) -> Timeout<Slow> {
+    Timeout::new(inner, timeout).shared_timer(true)
+}
+
+#[tokio::test(start_paused = true)]
+async fn shared_timer_fires_exactly_at_the_deadline_not_before() {
+    let mut svc = shared(Slow::new(None), SEC);
+    assert!(svc.is_shared_timer());
+    let mut fut = Box::pin(svc.ready().await.unwrap().call(1));
+    assert!(poll_once(&mut fut).is_pending());
+    tokio::time::advance(SEC - MS).await;
+    assert!(poll_once(&mut fut).is_pending(), "not before the deadline");
+    tokio::time::advance(MS).await;
+    tokio::task::yield_now().await;
+    match poll_once(&mut fut) {
+        Poll::Ready(Err(TimeoutError::Elapsed { after })) => assert_eq!(after, SEC),
+        other => panic!("expected Elapsed, got {other:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn shared_timer_wakes_the_waiting_task() {
+    // Awaited (not polled by hand): the timer must wake the task itself.
+    let svc = shared(Slow::new(None), 2 * SEC);
+    let start = Instant::now();
+    let err = svc.oneshot(1).await.unwrap_err();
+    assert!(err.is_elapsed());
+    assert_eq!(Instant::now() - start, 2 * SEC);
+}
+
+#[tokio::test(start_paused = true)]
+async fn shared_timer_times_out_only_the_slow_calls_among_many() {
+    let fast = shared(Slow::new(Some(SEC)), 3 * SEC);
+    let slow = {
+        // Same shared timer as `fast`: a clone with a slower inner service.
+        let mut s = fast.clone();
+        s.get_mut().latency = Some(10 * SEC);
+        s
+    };
+    let start = Instant::now();
+    let mut calls = Vec::new();
+    for i in 0..100u32 {
+        let svc = if i % 10 == 3 {
+            slow.clone()
+        } else {
+            fast.clone()
+        };
+        calls.push(tokio::spawn(svc.oneshot(i)));
+        tokio::time::advance(10 * MS).await;
+    }
+    let mut elapsed = 0;
+    for (i, call) in calls.into_iter().enumerate() {
+        match call.await.unwrap() {
+            Ok(v) => assert_eq!(v as usize, i),
+            Err(e) => {
+                assert!(e.is_elapsed());
+                assert_eq!(i % 10, 3, "only the slow calls time out");
+                elapsed += 1;
+            }
+        }
+    }
+    assert_eq!(elapsed, 10);
+    // The last slow call started at ~0.93 s and timed out 3 s later.
+    assert!(Instant::now() - start < 4 * SEC + 100 * MS);
+}
+
+#[tokio::test(start_paused = true)]
+async fn shared_timer_follows_a_new_waker() {
+    let mut svc = shared(Slow::new(None), SEC);
+    let mut fut = Box::pin(svc.ready().await.unwrap().call(1));
+    assert!(poll_once(&mut fut).is_pending());
+    // Polled again from another task: that task must be the one woken.
+    let handle = tokio::spawn(fut);
+    let result = handle.await.unwrap();
+    assert!(result.unwrap_err().is_elapsed());
+}
+
+#[tokio::test(start_paused = true)]
+async fn shared_timer_memory_stays_bounded_and_the_driver_stops_when_idle() {
+    let svc = shared(Slow::new(Some(MS)), 30 * SEC);
+    // 10,000 calls that each wait 1 ms: none is near its deadline.
+    for i in 0..10_000u32 {
+        assert_eq!(svc.clone().oneshot(i).await.unwrap(), i);
+    }
+    let queue = svc.queue.as_ref().unwrap();
+    let (slots, queued, live, running) = queue.stats();
+    assert_eq!(live, 0);
+    assert!(slots <= 1, "slots are reused, got {slots}");
+    assert!(
+        queued <= 65,
+        "finished calls leave the queue, {queued} queued"
+    );
+    assert!(running, "the driver sleeps until the first deadline");
+    // After the first deadline passes, nothing waits: the driver stops.
+    tokio::time::advance(31 * SEC).await;
+    tokio::task::yield_now().await;
+    let (_, queued, _, running) = queue.stats();
+    assert_eq!(queued, 0);
+    assert!(!running, "no task left behind by an idle service");
+    // And a new call starts it again.
+    let mut never = svc.clone();
+    never.get_mut().latency = None;
+    assert!(never.oneshot(1).await.unwrap_err().is_elapsed());
+}
+
+#[test]
+fn shared_timer_survives_its_runtime() {
+    let svc = shared(Slow::new(None), SEC);
+    for _ in 0..2 {
+        // Each runtime drops the driver task when it shuts down; the next
+        // runtime's first call must start a new one.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        let err = rt.block_on(svc.clone().oneshot(1)).unwrap_err();
+        assert!(err.is_elapsed());
+        let pending = rt.block_on(async {
+            let mut s = svc.clone();
+            let mut fut = Box::pin(s.ready().await.unwrap().call(2));
+            assert!(poll_once(&mut fut).is_pending());
+            // Kept (not awaited) past the runtime's end.
+            Some(fut)
+        });
+        drop(rt);
+        drop(pending);
+    }
+    let (_, _, live, running) = svc.queue.as_ref().unwrap().stats();
+    assert_eq!(live, 0);
+    assert!(!running);
+}

@@ -349,7 +349,7 @@ impl ConsumedEvent {
 /// An event of type `event_type` at `t/0@7`, for unit tests.
 #[cfg(test)]
 pub(crate) fn test_event(event_type: &str) -> ConsumedEvent {
-    let envelope = EventEnvelope::new(event_type, serde_json::json!({"n": 1}));
+    let envelope = EventEnvelope::new(event_type.to_string(), serde_json::json!({"n": 1}));
     let message = OwnedMessage::new(None, None, "t".into(), Timestamp::NotAvailable, 0, 7, None);
     ConsumedEvent::new(envelope, ReceivedMessage::new(message))
 }

@@ -129,7 +129,7 @@ impl PublishBatch {
     }
 
     fn publish<T: Serialize>(&self, req: PublishBatchRequest<T>) -> PublishBatchFuture {
-        let started = Instant::now();
+        let started = quanta::Instant::now();
         let topic = req.topic;
         let total = req.events.len();
         let metrics = &self.core.shared.metrics;
@@ -202,7 +202,8 @@ impl PublishBatch {
                             &topic,
                             pending,
                             &mut deliveries,
-                            started + delivery_timeout,
+                            std::time::Instant::now()
+                                + delivery_timeout.saturating_sub(started.elapsed()),
                         )
                         .await
                         {

@@ -1,9 +1,9 @@
 //! The response future of [`PublishEvent`](super::PublishEvent).
 
+use quanta::Instant;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Instant;
 
 use pin_project_lite::pin_project;
 use rdkafka::producer::DeliveryFuture;

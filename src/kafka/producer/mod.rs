@@ -88,10 +88,11 @@ pub use stack::{
 };
 pub use transactional::{Transaction, TransactionalPublisher};
 
+use quanta::Instant;
+use std::cell::RefCell;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
-use std::time::Instant;
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::OwnedHeaders;
@@ -334,27 +335,75 @@ impl PublishEvent {
             Ok(p) => p,
             Err(e) => return PublishFuture::failed(e, self.core.clone(), started),
         };
-        let prepared = match Prepared::from_event(req.event, req.partition) {
-            Ok(p) => p,
-            Err(e) => {
-                return PublishFuture::failed(
-                    KafkaProducerError::with_source(topic, ProducerErrorKind::Serialization, e),
-                    self.core.clone(),
-                    started,
-                );
-            }
-        };
-        match prepared.send(producer, &topic) {
+        match send_encoded(producer, &topic, &req.event, req.partition) {
             Ok(delivery) => {
                 PublishFuture::waiting(delivery, topic, event_id, self.core.clone(), started)
             }
-            Err((e, _)) => PublishFuture::failed(
+            Err(SendError::Encode(e)) => PublishFuture::failed(
+                KafkaProducerError::with_source(topic, ProducerErrorKind::Serialization, e),
+                self.core.clone(),
+                started,
+            ),
+            Err(SendError::Enqueue(e)) => PublishFuture::failed(
                 KafkaProducerError::from_kafka(topic, e),
                 self.core.clone(),
                 started,
             ),
         }
     }
+}
+
+/// Why [`send_encoded`] failed.
+enum SendError {
+    Encode(serde_json::Error),
+    Enqueue(KafkaError),
+}
+
+/// Largest encoding buffer a thread keeps between publishes.
+const MAX_KEPT_BUFFER: usize = 64 * 1024;
+
+thread_local! {
+    // librdkafka copies the value when it enqueues, so one buffer per thread
+    // serves every single-event publish: no allocation for the value.
+    static ENCODE_BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Encodes `event` into this thread's buffer and enqueues it.
+fn send_encoded<T: Serialize>(
+    producer: &KeelProducer,
+    topic: &str,
+    event: &EventEnvelope<T>,
+    partition: Option<i32>,
+) -> Result<DeliveryFuture, SendError> {
+    ENCODE_BUFFER.with(|cell| {
+        // A payload whose `Serialize` publishes again finds the buffer taken.
+        let mut kept = cell.try_borrow_mut().ok();
+        let mut own = Vec::new();
+        let buf: &mut Vec<u8> = kept.as_deref_mut().unwrap_or(&mut own);
+        buf.clear();
+        let result = match event.encode_value_into(buf) {
+            Err(e) => Err(SendError::Encode(e)),
+            Ok(()) => {
+                let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic)
+                    .payload(&buf[..])
+                    .timestamp(event.timestamp_ms())
+                    .headers(event.kafka_headers());
+                if let Some(key) = event.key() {
+                    record = record.key(key);
+                }
+                if let Some(p) = partition {
+                    record = record.partition(p);
+                }
+                producer
+                    .send_result(record)
+                    .map_err(|(e, _)| SendError::Enqueue(e))
+            }
+        };
+        if buf.capacity() > MAX_KEPT_BUFFER {
+            *buf = Vec::new();
+        }
+        result
+    })
 }
 
 impl<T: Serialize> tower::Service<PublishRequest<T>> for PublishEvent {

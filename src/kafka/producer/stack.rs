@@ -7,7 +7,7 @@
 //!   ProducerErrors     every error below becomes a KafkaProducerError with the topic
 //!   BatchSize          (batches only) more than 1,000 events: refused, no I/O
 //!   CircuitBreaker     opens after 5 consecutive Kafka failures, probes after 60 s
-//!   Timeout            bound on one call: the delivery timeout + 5 s
+//!   Timeout            bound on one call: the delivery timeout + 5 s (one timer shared by all calls)
 //!   PublishEvent / PublishBatch
 //! ```
 //!
@@ -197,15 +197,34 @@ impl<T> batch::BatchLen for PublishBatchRequest<T> {
 
 /// Turns the errors of the layers below into [`KafkaProducerError`]s carrying the
 /// request's topic. See [`IntoProducerError`].
-#[derive(Clone, Debug)]
+///
+/// Each response future keeps the topic (the layers below can fail before the
+/// publish service sees the request); a service remembers the last topic as an
+/// `Arc<str>`, so calls to the same topic share it instead of copying it.
+#[derive(Debug)]
 pub struct ProducerErrors<S> {
     inner: S,
+    last_topic: Option<Arc<str>>,
+}
+
+impl<S: Clone> Clone for ProducerErrors<S> {
+    fn clone(&self) -> Self {
+        // A clone starts without a topic of its own, so clones running on other
+        // threads do not share one reference count.
+        ProducerErrors {
+            inner: self.inner.clone(),
+            last_topic: None,
+        }
+    }
 }
 
 impl<S> ProducerErrors<S> {
     /// Wraps `inner`.
     pub fn new(inner: S) -> Self {
-        ProducerErrors { inner }
+        ProducerErrors {
+            inner,
+            last_topic: None,
+        }
     }
 
     /// The inner service.
@@ -253,7 +272,10 @@ where
     }
 
     fn call(&mut self, req: R) -> Self::Future {
-        let topic = req.topic().to_string();
+        let topic = match &self.last_topic {
+            Some(t) if **t == *req.topic() => t.clone(),
+            _ => self.last_topic.insert(Arc::from(req.topic())).clone(),
+        };
         ProducerErrorsFuture {
             inner: self.inner.call(req),
             topic,
@@ -267,7 +289,7 @@ pin_project! {
     pub struct ProducerErrorsFuture<F> {
         #[pin]
         inner: F,
-        topic: String,
+        topic: Arc<str>,
     }
 }
 
@@ -381,7 +403,9 @@ impl PublishStack {
     /// The stack around any single-event publish service (a decorated
     /// [`PublishEvent`], a test double).
     pub fn wrap_event_service<S>(&self, inner: S) -> PublishEventStack<S> {
-        let timed = TimeoutLayer::new(self.timeout).layer(inner);
+        let timed = TimeoutLayer::new(self.timeout)
+            .shared_timer(true)
+            .layer(inner);
         let guarded = self.breaker.layer(timed);
         let typed = ProducerErrors::new(guarded);
         let measured = self.event_metrics.layer(typed);

@@ -1,9 +1,10 @@
 //! All-or-nothing publishing with Kafka transactions.
 
+use quanta::Instant;
 use std::fmt;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rdkafka::producer::{DeliveryFuture, Producer};
 use serde::Serialize;

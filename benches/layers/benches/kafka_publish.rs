@@ -14,7 +14,7 @@
 //!
 //! Run: `scripts/bench-kafka-publish` (also runs Apache Kafka's
 //! ProducerPerformance beside it), or
-//! `cargo bench --no-default-features --features kafka --bench kafka_publish`.
+//! `cargo bench -p keel-benches --bench kafka_publish`.
 //! Needs the broker of `scripts/up` (`KEEL_KAFKA_BROKERS`, default
 //! 127.0.0.1:9092).
 
@@ -26,16 +26,10 @@ use keel::kafka::client::KafkaClient;
 use keel::kafka::config::{KafkaConfig, KafkaLogLevel};
 use keel::kafka::envelope::EventEnvelope;
 use keel::kafka::producer::{PublishBatchRequest, PublishRequest, PublishStack};
+use keel_benches::{current_thread_runtime, env_usize, load_run_size};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use tower::Service;
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// A payload of exactly `size` bytes of JSON body once wrapped in the envelope:
 /// the envelope adds ~150 bytes, so small sizes carry a short string.
@@ -146,6 +140,17 @@ fn process_cpu_ns() -> Option<u64> {
     Some(total)
 }
 
+/// `KEEL_BENCH_ONLY` (comma-separated tags: raw, keel_bare, keel_stack,
+/// keel_stack_batch) limits the run to those variants, e.g. for a profiler.
+fn wanted(v: usize) -> bool {
+    match std::env::var("KEEL_BENCH_ONLY") {
+        Ok(only) => only.split(',').any(|t| t.trim() == TAGS[v]),
+        Err(_) => true,
+    }
+}
+
+const TAGS: [&str; 4] = ["raw", "keel_bare", "keel_stack", "keel_stack_batch"];
+
 struct Variant {
     name: &'static str,
     rates: Vec<f64>,
@@ -202,6 +207,9 @@ async fn run_size(
         // Rotate the order every round so no variant always runs first or last.
         for k in 0..4 {
             let v = (k + round) % 4;
+            if !wanted(v) {
+                continue;
+            }
             let cpu_before = process_cpu_ns();
             let rate = match v {
                 0 => {
@@ -254,10 +262,7 @@ async fn run_size(
         }
     }
     let raw_median = variants[0].median();
-    for (tag, v) in ["raw", "keel_bare", "keel_stack", "keel_stack_batch"]
-        .iter()
-        .zip(&variants)
-    {
+    for (tag, v) in TAGS.iter().zip(&variants) {
         let rounds: Vec<String> = v.rates.iter().map(|r| format!("{r:.0}")).collect();
         println!(
             "RESULT {tag} {size} {:.0} rounds: {}",
@@ -308,28 +313,12 @@ async fn run_size(
 }
 
 fn main() {
-    // `cargo bench` passes `--bench`; `cargo test --benches` passes nothing
-    // extra: run a tiny smoke version then.
-    let benching = std::env::args().any(|a| a == "--bench");
     let brokers = std::env::var("KEEL_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
-    let n = if benching {
-        env_usize("KEEL_BENCH_MESSAGES", 200_000)
-    } else {
-        2_000
-    };
-    let rounds = if benching {
-        env_usize("KEEL_BENCH_ROUNDS", 5)
-    } else {
-        1
-    };
+    let (n, rounds) = load_run_size(200_000, 2_000);
     let window = env_usize("KEEL_BENCH_WINDOW", 10_000);
     let n = n.div_ceil(1000) * 1000;
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    current_thread_runtime().block_on(async {
         let config = KafkaConfig::builder()
             .brokers(brokers.split(',').map(str::to_string))
             .client_id("keel-bench")
@@ -346,7 +335,11 @@ fn main() {
             .expect("create the bench topic (is the broker up? scripts/up)");
         println!("# Kafka publish throughput, broker {brokers}, topic {topic} (1 partition)");
         println!("librdkafka config (keel's and raw's): acks=all, enable.idempotence=true, librdkafka defaults otherwise");
-        for size in [100, 1024] {
+        let sizes: Vec<usize> = std::env::var("KEEL_BENCH_SIZES")
+            .ok()
+            .map(|s| s.split(',').filter_map(|v| v.trim().parse().ok()).collect())
+            .unwrap_or_else(|| vec![100, 1024]);
+        for size in sizes {
             run_size(&client, &raw, &topic, size, n, window, rounds).await;
         }
         raw.flush(Duration::from_secs(10)).unwrap();

@@ -8,7 +8,7 @@
 //! alone, and prints the nanoseconds per call each adds to the bare stand-in.
 //! On a shared machine read the figures as ranges over the rounds.
 //!
-//! Run: `cargo bench --no-default-features --features kafka --bench kafka_publish_stack`
+//! Run: `cargo bench -p keel-benches --bench kafka_publish_stack`
 //! (`KEEL_BENCH_MESSAGES` calls per variant and round, default 300,000;
 //! `KEEL_BENCH_ROUNDS`, default 5).
 
@@ -25,6 +25,7 @@ use keel::kafka::error::KafkaProducerError;
 use keel::kafka::producer::{
     KafkaOutage, ProducerErrors, PublishAck, PublishRequest, PublishStack,
 };
+use keel_benches::{current_thread_runtime, load_run_size};
 use keel_layers::circuit_breaker::CircuitBreakerLayer;
 use keel_layers::classify::ByError;
 use keel_layers::metrics::MetricsLayer;
@@ -93,31 +94,9 @@ where
     began.elapsed().as_nanos() as f64 / n as f64
 }
 
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn main() {
-    // `cargo test --benches` runs a tiny smoke version.
-    let benching = std::env::args().any(|a| a == "--bench");
-    let n = if benching {
-        env_usize("KEEL_BENCH_MESSAGES", 300_000)
-    } else {
-        1_000
-    };
-    let rounds = if benching {
-        env_usize("KEEL_BENCH_ROUNDS", 5)
-    } else {
-        1
-    };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    let (n, rounds) = load_run_size(300_000, 1_000);
+    current_thread_runtime().block_on(async {
         // The stack needs a client for its breaker registration; nothing is sent.
         let config = KafkaConfig::builder()
             .brokers(["127.0.0.1:9".to_string()])
@@ -128,12 +107,20 @@ fn main() {
         let stack = PublishStack::new(&client);
         let payload = serde_json::json!({ "d": "x" });
         println!("# ns per call added to the bare stand-in ({n} calls per variant)");
-        println!("| round | bare ns/call | full stack | timeout | circuit breaker | metrics | producer errors |");
-        println!("|---|---:|---:|---:|---:|---:|---:|");
+        println!("| round | bare ns/call | full stack | timeout (shared timer, the stack's) | timeout (timer per call) | circuit breaker | metrics | producer errors |");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|");
         for round in 0..rounds {
             let bare = per_call(StandIn, n, &payload).await;
             let full = per_call(stack.wrap_event_service(StandIn), n, &payload).await;
             let timeout = per_call(
+                TimeoutLayer::new(stack.timeout())
+                    .shared_timer(true)
+                    .layer(StandIn),
+                n,
+                &payload,
+            )
+            .await;
+            let timeout_per_call = per_call(
                 TimeoutLayer::new(stack.timeout()).layer(StandIn),
                 n,
                 &payload,
@@ -151,9 +138,10 @@ fn main() {
             let metrics = per_call(MetricsLayer::new().classify(ByError).layer(StandIn), n, &payload).await;
             let errors = per_call(ProducerErrors::new(StandIn), n, &payload).await;
             println!(
-                "| {round} | {bare:.0} | +{:.0} | +{:.0} | +{:.0} | +{:.0} | +{:.0} |",
+                "| {round} | {bare:.0} | +{:.0} | +{:.0} | +{:.0} | +{:.0} | +{:.0} | +{:.0} |",
                 full - bare,
                 timeout - bare,
+                timeout_per_call - bare,
                 breaker - bare,
                 metrics - bare,
                 errors - bare
