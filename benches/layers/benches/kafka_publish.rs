@@ -6,7 +6,8 @@
 //! messages (default 200,000) with at most `KEEL_BENCH_WINDOW` (default 10,000)
 //! acknowledgements outstanding, and the rounds alternate between variants so
 //! that drift on a shared machine hits all of them alike. Reported: the median
-//! msg/s over `KEEL_BENCH_ROUNDS` (default 5) rounds and the ratio to raw
+//! msg/s over `KEEL_BENCH_ROUNDS` (default 5) rounds, after `KEEL_BENCH_WARMUP` (default 1)
+//! uncounted rounds, and the ratio to raw
 //! rdkafka, and the CPU time of the whole process (librdkafka threads included)
 //! per message, which a shared machine disturbs less than wall-clock rates.
 //! Every message is acknowledged by the broker (`acks=all`,
@@ -27,6 +28,7 @@ use keel::kafka::config::{KafkaConfig, KafkaLogLevel};
 use keel::kafka::envelope::EventEnvelope;
 use keel::kafka::producer::{PublishBatchRequest, PublishRequest, PublishStack};
 use keel_benches::{current_thread_runtime, env_usize, load_run_size};
+use rdkafka::admin::AdminOptions;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use tower::Service;
@@ -122,6 +124,28 @@ fn raw_send(
         .expect("enqueue")
 }
 
+/// msg/s of `n` single-event publishes through `svc`.
+async fn single_events<S>(
+    mut svc: S,
+    topic: &str,
+    payload: &serde_json::Value,
+    n: usize,
+    window: usize,
+) -> f64
+where
+    for<'a> S: Service<PublishRequest<&'a serde_json::Value>>,
+    for<'a> <S as Service<PublishRequest<&'a serde_json::Value>>>::Error: std::fmt::Debug,
+{
+    let d = drive(n, window, |i| {
+        let fut = svc.call(PublishRequest::new(topic, event(payload, i)));
+        async move {
+            fut.await.expect("ack");
+        }
+    })
+    .await;
+    n as f64 / d.as_secs_f64()
+}
+
 /// CPU time this process has used so far, in nanoseconds: the sum of every
 /// thread's run time in `/proc/self/task/*/schedstat` (librdkafka's threads
 /// included). `None` where that file does not exist.
@@ -140,6 +164,13 @@ fn process_cpu_ns() -> Option<u64> {
     Some(total)
 }
 
+/// CPU time of the calling thread (the one running the publishing loop and
+/// every keel layer; librdkafka works on its own threads), in nanoseconds.
+fn caller_thread_cpu_ns() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    text.split_whitespace().next()?.parse().ok()
+}
+
 /// `KEEL_BENCH_ONLY` (comma-separated tags: raw, keel_bare, keel_stack,
 /// keel_stack_batch) limits the run to those variants, e.g. for a profiler.
 fn wanted(v: usize) -> bool {
@@ -156,6 +187,8 @@ struct Variant {
     rates: Vec<f64>,
     /// CPU microseconds per message, per round.
     cpu_us: Vec<f64>,
+    /// CPU microseconds per message of the publishing thread alone, per round.
+    caller_us: Vec<f64>,
 }
 
 fn median(values: &[f64]) -> f64 {
@@ -173,6 +206,7 @@ impl Variant {
             name,
             rates: vec![],
             cpu_us: vec![],
+            caller_us: vec![],
         }
     }
 
@@ -203,7 +237,10 @@ async fn run_size(
         Variant::new("keel PublishEvent through the default stack"),
         Variant::new("keel PublishBatch x1000 through the default stack"),
     ];
-    for round in 0..rounds {
+    // Warm-up rounds first (not counted): the broker's JVM compiles its hot
+    // paths during the first seconds, which otherwise favours later variants.
+    let warmup = env_usize("KEEL_BENCH_WARMUP", 1);
+    for round in 0..warmup + rounds {
         // Rotate the order every round so no variant always runs first or last.
         for k in 0..4 {
             let v = (k + round) % 4;
@@ -211,6 +248,7 @@ async fn run_size(
                 continue;
             }
             let cpu_before = process_cpu_ns();
+            let caller_before = caller_thread_cpu_ns();
             let rate = match v {
                 0 => {
                     let d = drive(n, window, |i| {
@@ -222,23 +260,8 @@ async fn run_size(
                     .await;
                     n as f64 / d.as_secs_f64()
                 }
-                1 | 2 => {
-                    let mut bare = client.publisher();
-                    let mut stacked = single_stack.clone();
-                    let d = drive(n, window, |i| {
-                        let req = PublishRequest::new(topic, event(&payload, i));
-                        let fut = if v == 1 {
-                            futures::future::Either::Left(bare.call(req))
-                        } else {
-                            futures::future::Either::Right(stacked.call(req))
-                        };
-                        async move {
-                            fut.await.expect("ack");
-                        }
-                    })
-                    .await;
-                    n as f64 / d.as_secs_f64()
-                }
+                1 => single_events(client.publisher(), topic, &payload, n, window).await,
+                2 => single_events(single_stack.clone(), topic, &payload, n, window).await,
                 _ => {
                     let mut svc = batch_stack.clone();
                     let batches = n / 1000;
@@ -253,10 +276,18 @@ async fn run_size(
                     (batches * 1000) as f64 / d.as_secs_f64()
                 }
             };
+            if round < warmup {
+                continue;
+            }
             variants[v].rates.push(rate);
             if let (Some(before), Some(after)) = (cpu_before, process_cpu_ns()) {
                 variants[v]
                     .cpu_us
+                    .push(after.saturating_sub(before) as f64 / 1e3 / n as f64);
+            }
+            if let (Some(before), Some(after)) = (caller_before, caller_thread_cpu_ns()) {
+                variants[v]
+                    .caller_us
                     .push(after.saturating_sub(before) as f64 / 1e3 / n as f64);
             }
         }
@@ -275,14 +306,20 @@ async fn run_size(
             median(&v.cpu_us),
             cpu.join(" ")
         );
+        let caller: Vec<String> = v.caller_us.iter().map(|c| format!("{c:.2}")).collect();
+        println!(
+            "CALLER_CPU {tag} {size} {:.2} us/msg rounds: {}",
+            median(&v.caller_us),
+            caller.join(" ")
+        );
     }
     println!(
         "\n## {size} B events (JSON value {value_len} B + key + 3 headers), {n} messages x {rounds} rounds, window {window}"
     );
     println!(
-        "| variant | median msg/s | MB/s (value) | ratio of medians | median of per-round ratios | CPU µs/msg (median) | CPU ratio (median per round) |"
+        "| variant | median msg/s | MB/s (value) | ratio of medians | median of per-round ratios | CPU µs/msg (median) | CPU ratio (median per round) | publishing thread CPU µs/msg (median) |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for v in &variants {
         let m = v.median();
         // Each round runs every variant back to back: the ratio within a round
@@ -300,14 +337,15 @@ async fn run_size(
             .map(|(a, b)| a / b)
             .collect();
         println!(
-            "| {} | {:.0} | {:.1} | {:.3} | {:.3} | {:.2} | {:.3} |",
+            "| {} | {:.0} | {:.1} | {:.3} | {:.3} | {:.2} | {:.3} | {:.2} |",
             v.name,
             m,
             m * value_len as f64 / 1e6,
             m / raw_median,
             median(&paired),
             median(&v.cpu_us),
-            median(&cpu_paired)
+            median(&cpu_paired),
+            median(&v.caller_us)
         );
     }
 }
@@ -343,6 +381,15 @@ fn main() {
             run_size(&client, &raw, &topic, size, n, window, rounds).await;
         }
         raw.flush(Duration::from_secs(10)).unwrap();
+        // A run writes gigabytes: give the broker's disk back.
+        let deleted = client
+            .admin()
+            .unwrap()
+            .delete_topics(&[&topic], &AdminOptions::new())
+            .await;
+        if let Err(e) = deleted {
+            eprintln!("could not delete the bench topic {topic}: {e}");
+        }
         client.disconnect(Duration::from_secs(10)).await.unwrap();
     });
 }

@@ -40,7 +40,10 @@ pin_project! {
         #[pin]
         pub(super) inner: F,
         // `None` when logging was disabled at call time, or after completion.
-        pub(super) logged: Option<Logged<C>>,
+        // Boxed: only calls that log pay for it (next to a span, a small
+        // allocation), and a call that does not keeps a one-word field in a
+        // future that is moved on every call.
+        pub(super) logged: Option<Box<Logged<C>>>,
     }
 }
 

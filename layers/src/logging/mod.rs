@@ -164,12 +164,12 @@ where
         let inner = span.in_scope(|| self.inner.call(req));
         ResponseFuture {
             inner,
-            logged: Some(future::Logged {
+            logged: Some(Box::new(future::Logged {
                 span,
                 start,
                 config: self.config.clone(),
                 classifier: self.classifier.clone(),
-            }),
+            })),
         }
     }
 }

@@ -19,23 +19,29 @@
 //! allocation: the timer is boxed so that the response future stays small. The difference with "from `call`": a future that is created and
 //! only polled later does not count the time in between, and synchronous work done
 //! inside the very first poll is not counted (a timer cannot interrupt it anyway).
-//! The timeout fires at exactly the deadline, not before.
+//! The timeout fires at exactly the deadline, not before (with the shared timer
+//! below: not before, and up to one tick later).
 //!
 //! # A shared timer for services that always wait
 //!
 //! When nearly every call is pending on I/O (a Kafka publish waits for the
 //! broker's acknowledgement), a tokio timer per call is most of the layer's cost:
-//! a boxed `Sleep`, then an insertion into and a removal from tokio's timer wheel,
-//! each under the time driver's lock. With
+//! a boxed `Sleep`, a clock read, then an insertion into and a removal from
+//! tokio's timer wheel, each under the time driver's lock. With
 //! [`shared_timer(true)`](Timeout::shared_timer) the pending calls of one service
-//! (and its clones) share one timer instead: all have the same timeout, so their
-//! deadlines come in order; a call enters a FIFO with its waker and leaves it when
-//! it completes (one short lock each), and one background task sleeps until the
-//! earliest deadline and wakes the calls whose time is up. Deadlines are exact, as
-//! with a timer per call. The background task is spawned on the first pending
-//! call and ends when no call waits. Readiness deadlines (below) and calls polled
-//! outside a tokio runtime still use their own timer. Measured in BENCHMARKS.md
-//! ("Kafka publish").
+//! (and its clones) share one timer instead. A call enters a FIFO with its waker
+//! and leaves it when it completes — one short lock each, no clock read, no
+//! allocation. One background task ticks every `timeout / 32` (at least 1 ms)
+//! while calls wait: each tick closes the *epoch* of the calls that entered since
+//! the previous one and wakes the calls whose epoch closed `timeout` ago.
+//!
+//! The price is precision: a call still never fails before `timeout` has passed
+//! since its first `Pending`, but may fail up to one tick (plus the background
+//! task's scheduling delay) later — fine for a backstop like the publish stack's
+//! (the delivery timeout + 5 s), not for a tight deadline. The background task is
+//! spawned on the first pending call and ends when no call waits. Readiness
+//! deadlines (below) and calls polled outside a tokio runtime use their own timer.
+//! Measured in BENCHMARKS.md ("Kafka publish").
 //!
 //! # Covering readiness (tower #648)
 //!

@@ -4,9 +4,13 @@
 //! under the driver's lock, plus a boxed `Sleep`; measured here at ~0.55 µs per
 //! call with 10,000 calls outstanding (`examples` in the PR notes, BENCHMARKS.md).
 //! Every call of one service has the same timeout, so deadlines arrive in order:
-//! a FIFO of `(deadline, slot)` and a slab of wakers replace the wheel, and one
-//! driver task sleeps until the earliest deadline. A call costs one short lock
-//! to enter and one to leave.
+//! a FIFO of `(epoch, slot)` and a slab of wakers replace the wheel, and one
+//! driver task wakes the calls whose time is up. A call costs one short lock to
+//! enter and one to leave, and no clock read: a call joins the open *epoch*; the
+//! driver closes it at its next tick (every `timeout / 32`, at least 1 ms) and
+//! reads the clock then, so the calls of an epoch time out `timeout` after it
+//! closed — never before `timeout` has passed since they entered, and at most one
+//! tick (plus the driver's scheduling delay) later.
 //!
 //! Memory stays bounded: leaving frees the slot at once; queue entries of calls
 //! that left are dropped when they reach the front, and the queue is compacted
@@ -23,6 +27,7 @@ use tokio::time::Instant;
 #[derive(Debug)]
 pub(crate) struct DeadlineQueue {
     timeout: Duration,
+    tick: Duration,
     state: Mutex<State>,
 }
 
@@ -30,8 +35,12 @@ pub(crate) struct DeadlineQueue {
 struct State {
     slots: Vec<Slot>,
     free: Vec<u32>,
-    /// Deadlines in order (each is `now + timeout` taken under the lock).
+    /// Calls in the order they entered (so in epoch order).
     order: VecDeque<Queued>,
+    /// Closed epochs still referenced by `order`, with when they closed.
+    closed: VecDeque<(u64, Instant)>,
+    /// The open epoch: calls entering now join it.
+    epoch: u64,
     live: usize,
     driver_running: bool,
 }
@@ -52,7 +61,7 @@ enum SlotState {
 
 #[derive(Debug, Clone, Copy)]
 struct Queued {
-    deadline: Instant,
+    epoch: u64,
     index: u32,
     generation: u32,
 }
@@ -69,6 +78,7 @@ impl DeadlineQueue {
     pub(crate) fn new(timeout: Duration) -> Self {
         DeadlineQueue {
             timeout,
+            tick: (timeout / 32).max(Duration::from_millis(1)),
             state: Mutex::new(State::default()),
         }
     }
@@ -78,8 +88,8 @@ impl DeadlineQueue {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Enters the queue with `waker`, the deadline `timeout` from now. Returns
-    /// `None` outside a tokio runtime (the caller falls back to its own timer).
+    /// Enters the queue with `waker`, in the open epoch. Returns `None` outside a
+    /// tokio runtime (the caller falls back to its own timer).
     pub(crate) fn enter(self: &Arc<Self>, waker: &Waker) -> Option<QueueEntry> {
         let mut state = self.lock();
         // The driver's runtime, looked up only when a driver must be started.
@@ -88,9 +98,6 @@ impl DeadlineQueue {
         } else {
             Some(tokio::runtime::Handle::try_current().ok()?)
         };
-        let deadline = Instant::now()
-            .checked_add(self.timeout)
-            .unwrap_or_else(super::far_future);
         let index = match state.free.pop() {
             Some(i) => i,
             None => {
@@ -103,8 +110,9 @@ impl DeadlineQueue {
         let slot = &mut state.slots[index as usize];
         slot.state = SlotState::Waiting(waker.clone());
         let generation = slot.generation;
+        let epoch = state.epoch;
         state.order.push_back(Queued {
-            deadline,
+            epoch,
             index,
             generation,
         });
@@ -136,22 +144,39 @@ impl DeadlineQueue {
         })
     }
 
-    /// Wakes the calls whose deadline has passed (into `wake`) and returns the
-    /// next deadline; `None`, with the driver marked stopped, when none is queued
-    /// (calls already fired need no timer).
+    /// Closes the open epoch at `now`, wakes the calls whose time is up (into
+    /// `wake`) and returns when to look again; `None`, with the driver marked
+    /// stopped, when no call is queued (calls already fired need no timer).
     fn expire(&self, now: Instant, wake: &mut Vec<Waker>) -> Option<Instant> {
         let mut state = self.lock();
         let State {
             order,
             slots,
+            closed,
+            epoch,
             driver_running,
             ..
         } = &mut *state;
+        if order.back().is_some_and(|q| q.epoch == *epoch) {
+            closed.push_back((*epoch, now));
+            *epoch += 1;
+        }
         while let Some(front) = order.front().copied() {
             let slot = &mut slots[front.index as usize];
             if slot.generation == front.generation {
-                if front.deadline > now {
-                    return Some(front.deadline);
+                while closed.front().is_some_and(|(e, _)| *e < front.epoch) {
+                    closed.pop_front();
+                }
+                // Every queued epoch was closed above.
+                let Some(&(_, closed_at)) = closed.front() else {
+                    break;
+                };
+                let deadline = closed_at
+                    .checked_add(self.timeout)
+                    .unwrap_or_else(super::far_future);
+                if deadline > now {
+                    // Tick meanwhile: calls entering now need their epoch closed.
+                    return Some(deadline.min(self.next_tick(now)));
                 }
                 if let SlotState::Waiting(w) = std::mem::replace(&mut slot.state, SlotState::Fired)
                 {
@@ -160,8 +185,17 @@ impl DeadlineQueue {
             }
             order.pop_front();
         }
-        *driver_running = false;
-        None
+        if order.is_empty() {
+            closed.clear();
+            *driver_running = false;
+            None
+        } else {
+            Some(self.next_tick(now))
+        }
+    }
+
+    fn next_tick(&self, now: Instant) -> Instant {
+        now.checked_add(self.tick).unwrap_or_else(super::far_future)
     }
 
     /// Slots, queued entries, live calls, whether the driver runs.
