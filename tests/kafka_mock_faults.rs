@@ -84,7 +84,7 @@ async fn broker_down_fails_with_a_typed_error_in_bounded_time() {
         Duration::from_secs(15),
         publisher
             .clone()
-            .oneshot(PublishRequest::new(topic.as_str(), event(1))),
+            .oneshot(PublishRequest::new(topic.clone(), event(1))),
     )
     .await
     .expect("the publish resolves within the delivery timeout")
@@ -114,7 +114,7 @@ async fn broker_down_fails_with_a_typed_error_in_bounded_time() {
     cluster.broker_up(1).unwrap();
     publisher
         .clone()
-        .oneshot(PublishRequest::new(topic.as_str(), event(2)))
+        .oneshot(PublishRequest::new(topic.clone(), event(2)))
         .await
         .expect("publish after the broker is back");
     eventually("CONNECTED again", || {
@@ -133,7 +133,7 @@ async fn warm_up(client: &KafkaClient, topic: &str) {
     for _ in 0..10 {
         let r = client
             .publisher()
-            .oneshot(PublishRequest::new(topic, event(0)))
+            .oneshot(PublishRequest::new(topic.to_string(), event(0)))
             .await;
         if r.is_ok() {
             return;
@@ -146,7 +146,7 @@ async fn publisher_batch_fails(client: &KafkaClient, topic: &str) -> KafkaProduc
     tokio::time::timeout(
         Duration::from_secs(15),
         client.batch_publisher().oneshot(PublishBatchRequest::new(
-            topic,
+            topic.to_string(),
             vec![event(10), event(11), event(12)],
         )),
     )
@@ -197,7 +197,7 @@ async fn injected_retriable_errors_lose_nothing_and_duplicate_nothing() {
         sent.extend(events.iter().cloned());
         let ack = batches
             .clone()
-            .oneshot(PublishBatchRequest::new(topic.as_str(), events))
+            .oneshot(PublishBatchRequest::new(topic.clone(), events))
             .await
             .expect("retriable errors are absorbed by librdkafka");
         assert_eq!(ack.acks.len(), 100);
@@ -377,7 +377,7 @@ async fn health_check_and_disconnect_on_the_mock_cluster() {
         let ready = ServiceExt::<PublishRequest>::ready(&mut publisher)
             .await
             .unwrap();
-        pending.push(ready.call(PublishRequest::new(topic.as_str(), event(i))));
+        pending.push(ready.call(PublishRequest::new(topic.clone(), event(i))));
     }
     let pending = tokio::spawn(futures::future::join_all(pending));
     client
@@ -393,7 +393,7 @@ async fn health_check_and_disconnect_on_the_mock_cluster() {
     }
     let err = client
         .publisher()
-        .oneshot(PublishRequest::new(topic.as_str(), event(99)))
+        .oneshot(PublishRequest::new(topic.clone(), event(99)))
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ProducerErrorKind::ShuttingDown);
@@ -420,7 +420,7 @@ async fn breaker_opens_after_5_failures_fails_fast_then_a_probe_closes_it() {
     for i in 0..5 {
         let err = publish
             .clone()
-            .oneshot(PublishRequest::new(topic.as_str(), event(i)))
+            .oneshot(PublishRequest::new(topic.clone(), event(i)))
             .await
             .expect_err("the broker is down");
         assert!(
@@ -443,7 +443,7 @@ async fn breaker_opens_after_5_failures_fails_fast_then_a_probe_closes_it() {
     for i in 0..20 {
         let err = publish
             .clone()
-            .oneshot(PublishRequest::new(topic.as_str(), event(100 + i)))
+            .oneshot(PublishRequest::new(topic.clone(), event(100 + i)))
             .await
             .unwrap_err();
         assert_eq!(err.kind(), ProducerErrorKind::CircuitOpen);
@@ -470,7 +470,7 @@ async fn breaker_opens_after_5_failures_fails_fast_then_a_probe_closes_it() {
     let ack = loop {
         match publish
             .clone()
-            .oneshot(PublishRequest::new(topic.as_str(), event(200)))
+            .oneshot(PublishRequest::new(topic.clone(), event(200)))
             .await
         {
             Ok(ack) => break ack,
@@ -491,7 +491,7 @@ async fn breaker_opens_after_5_failures_fails_fast_then_a_probe_closes_it() {
     assert_eq!(client.circuit_breaker_state().as_deref(), Some("CLOSED"));
     publish
         .clone()
-        .oneshot(PublishRequest::new(topic.as_str(), event(201)))
+        .oneshot(PublishRequest::new(topic.clone(), event(201)))
         .await
         .expect("closed again");
     assert_eq!(calls.load(Ordering::SeqCst), 7);
@@ -514,7 +514,7 @@ async fn permanent_errors_do_not_open_the_breaker() {
     for _ in 0..10 {
         let err = publish
             .clone()
-            .oneshot(PublishRequest::new(topic.as_str(), huge.clone()))
+            .oneshot(PublishRequest::new(topic.clone(), huge.clone()))
             .await
             .unwrap_err();
         assert_eq!(err.kind(), ProducerErrorKind::MessageTooLarge, "{err}");
@@ -541,7 +541,7 @@ async fn injected_round_trip_time_makes_the_timeout_layer_fire() {
         .unwrap();
     let err = publish
         .clone()
-        .oneshot(PublishRequest::new(topic.as_str(), event(1)))
+        .oneshot(PublishRequest::new(topic.clone(), event(1)))
         .await
         .expect_err("3 s round trips against a 300 ms timeout");
     assert_eq!(err.kind(), ProducerErrorKind::Timeout);
@@ -561,7 +561,7 @@ async fn injected_round_trip_time_makes_the_timeout_layer_fire() {
         .build()
         .event_service();
     publish_patiently
-        .oneshot(PublishRequest::new(topic.as_str(), event(2)))
+        .oneshot(PublishRequest::new(topic.clone(), event(2)))
         .await
         .expect("publish after the slowdown");
 }
@@ -581,7 +581,7 @@ async fn the_default_batch_stack_refuses_1001_before_the_breaker_and_the_broker(
         let err = batches
             .clone()
             .oneshot(PublishBatchRequest::new(
-                topic.as_str(),
+                topic.clone(),
                 (0..1001).map(event).collect(),
             ))
             .await
@@ -610,7 +610,7 @@ async fn the_default_batch_stack_refuses_1001_before_the_breaker_and_the_broker(
     );
     let ack = batches
         .oneshot(PublishBatchRequest::new(
-            topic.as_str(),
+            topic.clone(),
             (0..1000).map(event).collect(),
         ))
         .await
@@ -642,7 +642,7 @@ async fn a_full_local_queue_is_a_typed_error_for_events_and_waited_out_by_batche
         let ready = ServiceExt::<PublishRequest>::ready(&mut publisher)
             .await
             .unwrap();
-        pending.push(ready.call(PublishRequest::new(topic.as_str(), event(i))));
+        pending.push(ready.call(PublishRequest::new(topic.clone(), event(i))));
     }
     for (i, f) in pending.into_iter().enumerate() {
         match f.await {
@@ -658,7 +658,7 @@ async fn a_full_local_queue_is_a_typed_error_for_events_and_waited_out_by_batche
     let ack = client
         .batch_publisher()
         .oneshot(PublishBatchRequest::new(
-            topic.as_str(),
+            topic.clone(),
             (0..100).map(event).collect(),
         ))
         .await

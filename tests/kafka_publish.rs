@@ -69,7 +69,7 @@ async fn publishes_one_and_a_batch_and_reads_them_back() {
     let single = order(0);
     let ack = client
         .publisher()
-        .oneshot(PublishRequest::new(topic.as_str(), single.clone()))
+        .oneshot(PublishRequest::new(topic.clone(), single.clone()))
         .await
         .expect("publish one");
     assert_eq!(ack.event_id, single.event_id());
@@ -78,7 +78,7 @@ async fn publishes_one_and_a_batch_and_reads_them_back() {
     let batch: Vec<_> = (1..=200).map(order).collect();
     let acks = client
         .batch_publisher()
-        .oneshot(PublishBatchRequest::new(topic.as_str(), batch.clone()))
+        .oneshot(PublishBatchRequest::new(topic.clone(), batch.clone()))
         .await
         .expect("publish a batch");
     assert_eq!(acks.acks.len(), 200);
@@ -170,14 +170,14 @@ async fn a_batch_of_1001_is_refused_before_any_io() {
     };
     let err = stack
         .batch_service()
-        .oneshot(PublishBatchRequest::new(topic.as_str(), batch.clone()))
+        .oneshot(PublishBatchRequest::new(topic.clone(), batch.clone()))
         .await
         .expect_err("1,001 events is over the limit");
     assert_eq!(err.kind(), too_large);
     assert_eq!(stack.batch_metrics().snapshot().failures, 1);
     let err = client
         .batch_publisher()
-        .oneshot(PublishBatchRequest::new(topic.as_str(), batch))
+        .oneshot(PublishBatchRequest::new(topic.clone(), batch))
         .await
         .expect_err("1,001 events is over the limit");
     assert_eq!(err.kind(), too_large);
@@ -202,7 +202,7 @@ async fn a_batch_of_1001_is_refused_before_any_io() {
     let batch: Vec<_> = (0..1000).map(order).collect();
     let ack = stack
         .batch_service()
-        .oneshot(PublishBatchRequest::new(topic.as_str(), batch))
+        .oneshot(PublishBatchRequest::new(topic.clone(), batch))
         .await
         .expect("1,000 events is the limit");
     assert_eq!(ack.acks.len(), 1000);

@@ -127,7 +127,7 @@ fn raw_send(
 /// msg/s of `n` single-event publishes through `svc`.
 async fn single_events<S>(
     mut svc: S,
-    topic: &str,
+    topic: &'static str,
     payload: &serde_json::Value,
     n: usize,
     window: usize,
@@ -218,7 +218,7 @@ impl Variant {
 async fn run_size(
     client: &KafkaClient,
     raw: &FutureProducer,
-    topic: &str,
+    topic: &'static str,
     size: usize,
     n: usize,
     window: usize,
@@ -366,9 +366,13 @@ fn main() {
         let client = KafkaClient::connect(config.clone()).unwrap();
         // Raw rdkafka with exactly keel's producer config.
         let raw: FutureProducer = config.producer_client_config().create().unwrap();
-        let topic = format!("keel-bench-publish-{}", uuid::Uuid::new_v4());
+        // Known up front, as a real topic name is (a `const`, or read once from
+        // the config): a `&'static str`, which keel's requests share without a
+        // copy (`Cow::Borrowed`), just as raw rdkafka borrows it.
+        let topic: &'static str =
+            format!("keel-bench-publish-{}", uuid::Uuid::new_v4()).leak();
         client
-            .create_topic(&topic, 1, 1, Duration::from_secs(30))
+            .create_topic(topic, 1, 1, Duration::from_secs(30))
             .await
             .expect("create the bench topic (is the broker up? scripts/up)");
         println!("# Kafka publish throughput, broker {brokers}, topic {topic} (1 partition)");
@@ -378,14 +382,14 @@ fn main() {
             .map(|s| s.split(',').filter_map(|v| v.trim().parse().ok()).collect())
             .unwrap_or_else(|| vec![100, 1024]);
         for size in sizes {
-            run_size(&client, &raw, &topic, size, n, window, rounds).await;
+            run_size(&client, &raw, topic, size, n, window, rounds).await;
         }
         raw.flush(Duration::from_secs(10)).unwrap();
         // A run writes gigabytes: give the broker's disk back.
         let deleted = client
             .admin()
             .unwrap()
-            .delete_topics(&[&topic], &AdminOptions::new())
+            .delete_topics(&[topic], &AdminOptions::new())
             .await;
         if let Err(e) = deleted {
             eprintln!("could not delete the bench topic {topic}: {e}");

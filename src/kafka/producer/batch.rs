@@ -1,5 +1,6 @@
 //! [`PublishBatch`]: many events to one topic, enqueued at once, acknowledged together.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -16,17 +17,20 @@ use crate::kafka::envelope::EventEnvelope;
 use crate::kafka::error::{BatchOutcome, KafkaProducerError, ProducerErrorKind};
 
 /// Events for one topic, published together.
+///
+/// The topic is a `Cow<'static, str>`, as in
+/// [`PublishRequest`](super::PublishRequest).
 #[derive(Clone, Debug, PartialEq)]
 pub struct PublishBatchRequest<T = serde_json::Value> {
     /// The topic.
-    pub topic: String,
+    pub topic: Cow<'static, str>,
     /// The events, published in this order (per-key order is kept).
     pub events: Vec<EventEnvelope<T>>,
 }
 
 impl<T> PublishBatchRequest<T> {
     /// `events` for `topic`.
-    pub fn new(topic: impl Into<String>, events: Vec<EventEnvelope<T>>) -> Self {
+    pub fn new(topic: impl Into<Cow<'static, str>>, events: Vec<EventEnvelope<T>>) -> Self {
         PublishBatchRequest {
             topic: topic.into(),
             events,
@@ -49,7 +53,7 @@ impl<T> PublishBatchRequest<T> {
 #[serde(rename_all = "camelCase")]
 pub struct BatchAck {
     /// The topic.
-    pub topic: String,
+    pub topic: Cow<'static, str>,
     /// One acknowledgement per event, in order.
     pub acks: Vec<PublishAck>,
 }
@@ -210,7 +214,7 @@ impl PublishBatch {
                             failure = Some(e);
                         }
                     } else {
-                        failure = Some(KafkaProducerError::from_kafka(topic.as_str(), err));
+                        failure = Some(KafkaProducerError::from_kafka(&*topic, err));
                         drop(rest);
                     }
                 }

@@ -1,6 +1,7 @@
 //! The response future of [`PublishEvent`](super::PublishEvent).
 
 use quanta::Instant;
+use std::borrow::Cow;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -21,7 +22,7 @@ pin_project! {
         #[pin]
         delivery: Option<DeliveryFuture>,
         error: Option<KafkaProducerError>,
-        topic: String,
+        topic: Cow<'static, str>,
         event_id: Uuid,
         core: ProducerCore,
         started: Instant,
@@ -41,7 +42,7 @@ impl std::fmt::Debug for PublishFuture {
 impl PublishFuture {
     pub(crate) fn waiting(
         delivery: DeliveryFuture,
-        topic: String,
+        topic: Cow<'static, str>,
         event_id: Uuid,
         core: ProducerCore,
         started: Instant,
@@ -59,7 +60,7 @@ impl PublishFuture {
     pub(crate) fn failed(error: KafkaProducerError, core: ProducerCore, started: Instant) -> Self {
         PublishFuture {
             delivery: None,
-            topic: error.topic().to_string(),
+            topic: Cow::Owned(error.topic().to_string()),
             error: Some(error),
             event_id: Uuid::nil(),
             core,
@@ -75,7 +76,7 @@ impl Future for PublishFuture {
         let this = self.project();
         let result = match this.delivery.as_pin_mut() {
             None => Err(this.error.take().unwrap_or_else(|| {
-                KafkaProducerError::new(this.topic.as_str(), ProducerErrorKind::Other)
+                KafkaProducerError::new(&**this.topic, ProducerErrorKind::Other)
             })),
             Some(delivery) => match delivery.poll(cx) {
                 Poll::Pending => return Poll::Pending,
@@ -85,10 +86,10 @@ impl Future for PublishFuture {
                     offset: d.offset,
                 }),
                 Poll::Ready(Ok(Err((e, _message)))) => {
-                    Err(KafkaProducerError::from_kafka(this.topic.as_str(), e))
+                    Err(KafkaProducerError::from_kafka(&**this.topic, e))
                 }
                 Poll::Ready(Err(_canceled)) => Err(KafkaProducerError::new(
-                    this.topic.as_str(),
+                    &**this.topic,
                     ProducerErrorKind::Canceled,
                 )),
             },

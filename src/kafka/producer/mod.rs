@@ -89,6 +89,7 @@ pub use stack::{
 pub use transactional::{Transaction, TransactionalPublisher};
 
 use quanta::Instant;
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -105,10 +106,13 @@ use crate::kafka::envelope::EventEnvelope;
 use crate::kafka::error::{KafkaProducerError, ProducerErrorKind};
 
 /// One event for one topic, optionally pinned to a partition.
+///
+/// The topic is a `Cow<'static, str>`: a literal (or a name leaked once at
+/// start-up) costs nothing per call; a `String` is moved in.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PublishRequest<T = serde_json::Value> {
     /// The topic.
-    pub topic: String,
+    pub topic: Cow<'static, str>,
     /// The event.
     pub event: EventEnvelope<T>,
     /// A fixed partition; `None` lets the partitioner choose (by key).
@@ -117,7 +121,7 @@ pub struct PublishRequest<T = serde_json::Value> {
 
 impl<T> PublishRequest<T> {
     /// `event` for `topic`, partitioned by its key.
-    pub fn new(topic: impl Into<String>, event: EventEnvelope<T>) -> Self {
+    pub fn new(topic: impl Into<Cow<'static, str>>, event: EventEnvelope<T>) -> Self {
         PublishRequest {
             topic: topic.into(),
             event,
@@ -132,7 +136,7 @@ impl<T> PublishRequest<T> {
     }
 }
 
-impl<T, S: Into<String>> From<(S, EventEnvelope<T>)> for PublishRequest<T> {
+impl<T, S: Into<Cow<'static, str>>> From<(S, EventEnvelope<T>)> for PublishRequest<T> {
     fn from((topic, event): (S, EventEnvelope<T>)) -> Self {
         PublishRequest::new(topic, event)
     }

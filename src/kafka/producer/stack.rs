@@ -68,6 +68,7 @@
 //! # Ok(()) }
 //! ```
 
+use std::borrow::Cow;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -175,17 +176,36 @@ impl<E: IntoProducerError> IntoProducerError for batch::Error<E> {
 pub trait TopicRequest {
     /// The topic.
     fn topic(&self) -> &str;
+
+    /// The topic, when it is a `&'static str` (then it is shared, not copied).
+    fn static_topic(&self) -> Option<&'static str> {
+        None
+    }
 }
 
 impl<T> TopicRequest for PublishRequest<T> {
     fn topic(&self) -> &str {
         &self.topic
     }
+
+    fn static_topic(&self) -> Option<&'static str> {
+        match self.topic {
+            Cow::Borrowed(t) => Some(t),
+            Cow::Owned(_) => None,
+        }
+    }
 }
 
 impl<T> TopicRequest for PublishBatchRequest<T> {
     fn topic(&self) -> &str {
         &self.topic
+    }
+
+    fn static_topic(&self) -> Option<&'static str> {
+        match self.topic {
+            Cow::Borrowed(t) => Some(t),
+            Cow::Owned(_) => None,
+        }
     }
 }
 
@@ -199,8 +219,9 @@ impl<T> batch::BatchLen for PublishBatchRequest<T> {
 /// request's topic. See [`IntoProducerError`].
 ///
 /// Each response future keeps the topic (the layers below can fail before the
-/// publish service sees the request); a service remembers the last topic as an
-/// `Arc<str>`, so calls to the same topic share it instead of copying it.
+/// publish service sees the request): a `&'static str` as it is; otherwise a
+/// service remembers the last topic as an `Arc<str>`, so calls to the same topic
+/// share it instead of copying it.
 #[derive(Debug)]
 pub struct ProducerErrors<S> {
     inner: S,
@@ -272,9 +293,10 @@ where
     }
 
     fn call(&mut self, req: R) -> Self::Future {
-        let topic = match &self.last_topic {
-            Some(t) if **t == *req.topic() => t.clone(),
-            _ => self.last_topic.insert(Arc::from(req.topic())).clone(),
+        let topic = match (req.static_topic(), &self.last_topic) {
+            (Some(t), _) => TopicName::Static(t),
+            (None, Some(t)) if **t == *req.topic() => TopicName::Shared(t.clone()),
+            (None, _) => TopicName::Shared(self.last_topic.insert(Arc::from(req.topic())).clone()),
         };
         ProducerErrorsFuture {
             inner: self.inner.call(req),
@@ -289,7 +311,23 @@ pin_project! {
     pub struct ProducerErrorsFuture<F> {
         #[pin]
         inner: F,
-        topic: Arc<str>,
+        topic: TopicName,
+    }
+}
+
+/// The topic a [`ProducerErrorsFuture`] names in its errors.
+#[derive(Debug)]
+enum TopicName {
+    Static(&'static str),
+    Shared(Arc<str>),
+}
+
+impl TopicName {
+    fn as_str(&self) -> &str {
+        match self {
+            TopicName::Static(t) => t,
+            TopicName::Shared(t) => t,
+        }
     }
 }
 
@@ -304,7 +342,9 @@ where
         let this = self.project();
         match this.inner.poll(cx) {
             Poll::Pending => Poll::Pending,
-            Poll::Ready(r) => Poll::Ready(r.map_err(|e| e.into_producer_error(this.topic))),
+            Poll::Ready(r) => {
+                Poll::Ready(r.map_err(|e| e.into_producer_error(this.topic.as_str())))
+            }
         }
     }
 }

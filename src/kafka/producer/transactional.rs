@@ -1,6 +1,7 @@
 //! All-or-nothing publishing with Kafka transactions.
 
 use quanta::Instant;
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -155,7 +156,7 @@ impl TransactionalPublisher {
         }
         let acks = tx.commit().await?;
         Ok(BatchAck {
-            topic: topic.to_string(),
+            topic: Cow::Owned(topic.to_string()),
             acks,
         })
     }
