@@ -104,20 +104,23 @@ where
                 }
                 if let Timer::Unarmed { deadline, queue } = timer {
                     // First Pending: start the clock now.
-                    let entry = match (*deadline, queue.take()) {
+                    let deadline = *deadline;
+                    let entry = match (deadline, queue.take()) {
                         (Deadline::AfterFirstPending, Some(q)) if !timeout.is_zero() => {
                             q.enter(cx.waker())
                         }
                         _ => None,
                     };
-                    *timer = match entry {
-                        Some(entry) => Timer::Queued(entry),
-                        // tokio saturates far deadlines.
-                        None => Timer::Sleep(Box::pin(match *deadline {
-                            Deadline::AfterFirstPending => tokio::time::sleep(*timeout),
-                            Deadline::At(at) => tokio::time::sleep_until(at),
-                        })),
-                    };
+                    if let Some(entry) = entry {
+                        // Just entered: its epoch is open, it cannot have fired.
+                        *timer = Timer::Queued(entry);
+                        return Poll::Pending;
+                    }
+                    // tokio saturates far deadlines.
+                    *timer = Timer::Sleep(Box::pin(match deadline {
+                        Deadline::AfterFirstPending => tokio::time::sleep(*timeout),
+                        Deadline::At(at) => tokio::time::sleep_until(at),
+                    }));
                 }
                 let elapsed = match timer {
                     Timer::Queued(entry) => entry.poll_elapsed(cx.waker()),
