@@ -160,9 +160,15 @@ impl PublishBatch {
         }
         metrics.record_batch(total);
         let mut prepared = Vec::with_capacity(total);
+        // Events of one batch are usually alike in size: size each buffer like
+        // the previous event (capped, so one huge event does not inflate the rest).
+        let mut capacity = 128;
         for event in req.events {
-            match Prepared::from_event(event, None) {
-                Ok(p) => prepared.push(p),
+            match Prepared::from_event(event, None, capacity) {
+                Ok(p) => {
+                    capacity = p.encoded_len().clamp(128, 64 * 1024);
+                    prepared.push(p);
+                }
                 Err(e) => {
                     metrics.record_refused(total as u64);
                     return ready(Err(KafkaProducerError::with_source(
