@@ -102,6 +102,9 @@ fn benches(c: &mut Criterion) {
     bench_service(c, &rt, "timeout/keel pending-once", || {
         Timeout::new(YieldOnce, timeout)
     });
+    bench_service(c, &rt, "timeout/keel shared timer pending-once", || {
+        Timeout::new(YieldOnce, timeout).shared_timer(true)
+    });
 
     bench_service(c, &rt, "retry/tower never-retry policy", || {
         tower::retry::Retry::new(NeverRetry, Noop)

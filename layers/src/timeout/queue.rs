@@ -90,7 +90,8 @@ impl DeadlineQueue {
 
     /// Enters the queue with `waker`, in the open epoch. Returns `None` outside a
     /// tokio runtime (the caller falls back to its own timer).
-    pub(crate) fn enter(self: &Arc<Self>, waker: &Waker) -> Option<QueueEntry> {
+    /// Takes the caller's reference, so entering costs no reference count.
+    pub(crate) fn enter(self: Arc<Self>, waker: &Waker) -> Option<QueueEntry> {
         let mut state = self.lock();
         // The driver's runtime, looked up only when a driver must be started.
         let runtime = if state.driver_running {
@@ -138,7 +139,7 @@ impl DeadlineQueue {
             }));
         }
         Some(QueueEntry {
-            queue: self.clone(),
+            queue: self,
             index,
             generation,
         })
