@@ -460,3 +460,86 @@ impl KafkaClient {
         TransactionalPublisher::new(self, transactional_id).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kafka::config::KafkaConfig;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+    use std::sync::Mutex;
+    use std::sync::atomic::AtomicBool;
+    use std::time::Duration;
+    use tower::ServiceExt;
+
+    /// A payload whose first serialization publishes another event on the same
+    /// thread, while this thread's encoding buffer is in use.
+    struct Reentrant {
+        publisher: PublishEvent,
+        armed: AtomicBool,
+        inner: Mutex<Option<PublishFuture>>,
+    }
+
+    impl Serialize for Reentrant {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            if self.armed.swap(false, Ordering::Relaxed) {
+                let inner = tower::Service::call(
+                    &mut self.publisher.clone(),
+                    PublishRequest::new("t", EventEnvelope::new("inner", serde_json::json!(1))),
+                );
+                *self.inner.lock().unwrap() = Some(inner);
+            }
+            s.serialize_str("outer")
+        }
+    }
+
+    #[tokio::test]
+    async fn a_payload_that_publishes_while_being_encoded_gets_its_own_buffer() {
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        cluster.create_topic("t", 1, 1).expect("mock topic");
+        let config = KafkaConfig::builder()
+            .brokers([cluster.bootstrap_servers()])
+            .build()
+            .unwrap();
+        let client = KafkaClient::connect(config).unwrap();
+        let payload = Reentrant {
+            publisher: client.publisher(),
+            armed: AtomicBool::new(true),
+            inner: Mutex::new(None),
+        };
+        let outer = EventEnvelope::new("outer", &payload);
+        let copy = outer.clone();
+        let ack = client
+            .publisher()
+            .oneshot(PublishRequest::new("t", outer))
+            .await
+            .expect("outer event acknowledged");
+        let inner = payload.inner.lock().unwrap().take().expect("inner publish");
+        let inner_ack = inner.await.expect("inner event acknowledged");
+        // The inner event was enqueued first, while the outer one was encoding.
+        assert_eq!((inner_ack.offset, ack.offset), (0, 1));
+
+        // Neither value was written over by the other.
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", cluster.bootstrap_servers())
+            .set("group.id", "reader")
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset("t", 0, Offset::Beginning).unwrap();
+        consumer.assign(&tpl).unwrap();
+        let mut values = Vec::new();
+        while values.len() < 2 {
+            match consumer.poll(Duration::from_secs(10)) {
+                Some(Ok(m)) => values.push(m.payload().unwrap_or_default().to_vec()),
+                Some(Err(e)) => panic!("reading the mock topic: {e}"),
+                None => panic!("the mock topic holds {} of 2 events", values.len()),
+            }
+        }
+        let inner_value: serde_json::Value = serde_json::from_slice(&values[0]).unwrap();
+        assert_eq!(inner_value["eventType"], "inner");
+        assert_eq!(inner_value["payload"], 1);
+        assert_eq!(values[1], copy.encode_value().unwrap());
+    }
+}
