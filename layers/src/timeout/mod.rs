@@ -39,7 +39,9 @@
 //! since its first `Pending`, but may fail up to one tick (plus the background
 //! task's scheduling delay) later — fine for a backstop like the publish stack's
 //! (the delivery timeout + 5 s), not for a tight deadline. The background task is
-//! spawned on the first pending call and ends when no call waits. Readiness
+//! spawned on the first pending call and ends when no call waits. The queue has
+//! one lock, shared by the service's clones: on many threads at once it is a
+//! point of contention (measured here on one thread only). Readiness
 //! deadlines (below) and calls polled outside a tokio runtime use their own timer.
 //! Measured in BENCHMARKS.md ("Kafka publish").
 //!
