@@ -10,8 +10,8 @@ mod support;
 use keel::kafka::client::KafkaClient;
 use keel::kafka::config::{KafkaConfig, KafkaLogLevel};
 use keel::kafka::consumer::{
-    BoxError, ConsumedEvent, ConsumerError, HandlerError, KafkaConsumer, KafkaConsumerBuilder,
-    StartOptions,
+    BoxError, ConsumedEvent, ConsumerError, ConsumerMetricsSnapshot, HandlerError, KafkaConsumer,
+    KafkaConsumerBuilder, StartOptions,
 };
 use keel::kafka::dead_letter::headers as dlq;
 use keel::kafka::dead_letter::{DeadLetterTopicError, DeadLetterTopics, EnsuredTopic};
@@ -172,6 +172,32 @@ fn recording_registry(log: Log) -> HandlerRegistry {
         .unwrap()
 }
 
+/// A consumer of `group` on `brokers` with [`fast_retries`], started.
+fn start_with_fast_retries(
+    brokers: &str,
+    group: String,
+    options: StartOptions,
+    registry: HandlerRegistry,
+) -> KafkaConsumer {
+    KafkaConsumer::builder(client(brokers), group)
+        .retry_policy(fast_retries())
+        .start(options, registry)
+        .unwrap()
+}
+
+/// Waits (up to 60 s) until `done(&consumer)`, then stops `consumer` and returns
+/// its metrics as they were before the stop.
+async fn stop_after(
+    consumer: KafkaConsumer,
+    what: &str,
+    mut done: impl FnMut(&KafkaConsumer) -> bool,
+) -> ConsumerMetricsSnapshot {
+    wait_until(what, Duration::from_secs(60), || done(&consumer)).await;
+    let metrics = consumer.metrics();
+    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
+    metrics
+}
+
 async fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     let start = Instant::now();
     while !done() {
@@ -304,21 +330,18 @@ async fn a_handler_failing_twice_is_retried_and_handled_once() {
             .build()
             .unwrap()
     };
-    let consumer = KafkaConsumer::builder(client(&brokers), unique("retry"))
-        .retry_policy(fast_retries())
-        .start(
-            StartOptions::new([topic.as_str()])
-                .from_beginning(true)
-                .max_retries(3),
-            registry,
-        )
-        .unwrap();
-    wait_until("the event to be processed", Duration::from_secs(60), || {
-        consumer.metrics().total_processed == 1
+    let consumer = start_with_fast_retries(
+        &brokers,
+        unique("retry"),
+        StartOptions::new([topic.as_str()])
+            .from_beginning(true)
+            .max_retries(3),
+        registry,
+    );
+    let metrics = stop_after(consumer, "the event to be processed", |c| {
+        c.metrics().total_processed == 1
     })
     .await;
-    let metrics = consumer.metrics();
-    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
     assert_eq!(handled.load(Ordering::SeqCst), 1);
     assert_eq!(calls.load(Ordering::SeqCst), 3);
     assert_eq!(metrics.total_retries, 2);
@@ -453,24 +476,19 @@ async fn a_poison_message_lands_in_the_dlq_with_provenance_and_the_partition_mov
             .build()
             .unwrap()
     };
-    let consumer = KafkaConsumer::builder(client(&brokers), group.clone())
-        .retry_policy(fast_retries())
-        .start(
-            StartOptions::new([topic.as_str()])
-                .from_beginning(true)
-                .max_retries(2)
-                .enable_dlq(true),
-            registry,
-        )
-        .unwrap();
-    wait_until(
-        "the good event after the poison",
-        Duration::from_secs(60),
-        || handled_good.load(Ordering::SeqCst) == 1,
-    )
+    let consumer = start_with_fast_retries(
+        &brokers,
+        group.clone(),
+        StartOptions::new([topic.as_str()])
+            .from_beginning(true)
+            .max_retries(2)
+            .enable_dlq(true),
+        registry,
+    );
+    let metrics = stop_after(consumer, "the good event after the poison", |_| {
+        handled_good.load(Ordering::SeqCst) == 1
+    })
     .await;
-    let metrics = consumer.metrics();
-    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
     assert_eq!(metrics.total_dead_lettered, 2);
     assert_eq!(metrics.total_decode_errors, 1);
     assert_eq!(metrics.total_retries, 2);
@@ -896,22 +914,19 @@ async fn without_a_dlq_failures_are_counted_and_the_partition_moves_on() {
             .build()
             .unwrap()
     };
-    let consumer = KafkaConsumer::builder(client(&brokers), unique("no-dlq"))
-        .retry_policy(fast_retries())
-        .start(
-            StartOptions::new([topic.as_str()])
-                .from_beginning(true)
-                .max_retries(1)
-                .enable_dlq(false),
-            registry,
-        )
-        .unwrap();
-    wait_until("the good event", Duration::from_secs(60), || {
+    let consumer = start_with_fast_retries(
+        &brokers,
+        unique("no-dlq"),
+        StartOptions::new([topic.as_str()])
+            .from_beginning(true)
+            .max_retries(1)
+            .enable_dlq(false),
+        registry,
+    );
+    let metrics = stop_after(consumer, "the good event", |_| {
         log.lock().unwrap().len() == 1
     })
     .await;
-    let metrics = consumer.metrics();
-    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
     assert_eq!(log.lock().unwrap()[0].event_id, good.event_id().to_string());
     assert_eq!(metrics.total_failed, 1);
     assert_eq!(metrics.total_retries, 1);
@@ -975,24 +990,19 @@ async fn an_unknown_event_type_goes_to_the_dlq_when_asked_and_the_partition_move
             .build()
             .unwrap()
     };
-    let consumer = KafkaConsumer::builder(client(&brokers), group.clone())
-        .retry_policy(fast_retries())
-        .start(
-            StartOptions::new([topic.as_str()])
-                .from_beginning(true)
-                .max_retries(3)
-                .enable_dlq(true),
-            registry,
-        )
-        .unwrap();
-    wait_until(
-        "the event after the unknown one",
-        Duration::from_secs(60),
-        || log.lock().unwrap().len() == 1,
-    )
+    let consumer = start_with_fast_retries(
+        &brokers,
+        group.clone(),
+        StartOptions::new([topic.as_str()])
+            .from_beginning(true)
+            .max_retries(3)
+            .enable_dlq(true),
+        registry,
+    );
+    let metrics = stop_after(consumer, "the event after the unknown one", |_| {
+        log.lock().unwrap().len() == 1
+    })
     .await;
-    let metrics = consumer.metrics();
-    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
     assert_eq!(log.lock().unwrap()[0].event_id, good.event_id().to_string());
     assert_eq!(metrics.total_dead_lettered, 1);
     assert_eq!(metrics.total_retries, 0, "an unknown type is not retried");
@@ -1032,23 +1042,18 @@ async fn an_unknown_event_type_is_skipped_by_default_and_committed_past() {
 
     let log: Log = Arc::default();
     // The DLQ is on, yet the default for unknown types is to skip them.
-    let consumer = KafkaConsumer::builder(client(&brokers), group.clone())
-        .retry_policy(fast_retries())
-        .start(
-            StartOptions::new([topic.as_str()])
-                .from_beginning(true)
-                .enable_dlq(true),
-            recording_registry(log.clone()),
-        )
-        .unwrap();
-    wait_until(
-        "the event after the unknown one",
-        Duration::from_secs(60),
-        || log.lock().unwrap().len() == 1,
-    )
+    let consumer = start_with_fast_retries(
+        &brokers,
+        group.clone(),
+        StartOptions::new([topic.as_str()])
+            .from_beginning(true)
+            .enable_dlq(true),
+        recording_registry(log.clone()),
+    );
+    let metrics = stop_after(consumer, "the event after the unknown one", |_| {
+        log.lock().unwrap().len() == 1
+    })
     .await;
-    let metrics = consumer.metrics();
-    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
     assert_eq!(log.lock().unwrap()[0].event_id, good.event_id().to_string());
     assert_eq!(
         metrics.total_processed, 2,

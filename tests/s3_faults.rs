@@ -8,6 +8,7 @@ mod transfer_support;
 
 use std::time::Duration;
 
+use aws_sdk_s3::Client;
 use keel::s3::download::RangedDownloader;
 use keel::s3::error::{S3ErrorKind, S3Operation, S3ServiceError, THROTTLE_DELAY_FLOOR};
 use keel::s3::multipart::{
@@ -40,6 +41,71 @@ async fn upload_stream(
             &ProgressListener::none(),
         )
         .await
+}
+
+/// A fault proxy in front of `server`, a client that goes through it, and a fresh
+/// bucket named after `label`.
+async fn behind_proxy(server: &support::S3Server, label: &str) -> (FaultProxy, Client, String) {
+    let proxy = FaultProxy::start(&server.endpoint).await;
+    let client = client(server, &proxy.endpoint());
+    let bucket = fresh_bucket(&client, label).await;
+    (proxy, client, bucket)
+}
+
+/// The object at `key` reads back as `data(seed, length)`, byte for byte.
+async fn assert_object(
+    client: &Client,
+    bucket: &str,
+    key: &str,
+    seed: u64,
+    length: u64,
+    what: &str,
+) {
+    assert_same_bytes(
+        &get_bytes(client, bucket, key).await,
+        &data(seed, length),
+        what,
+    );
+}
+
+/// An upload that recovered from `faults` injected part faults of kind `fault`:
+/// each cost one retry and one more UploadPart request, and nothing else.
+fn assert_parts_retried(
+    proxy: &FaultProxy,
+    receipt: &UploadReceipt,
+    fault: &str,
+    faults: usize,
+    parts: u32,
+    what: &str,
+) {
+    let seen = proxy.seen();
+    assert_eq!(
+        seen.iter().filter(|s| s.fault == Some(fault)).count(),
+        faults,
+        "{what}"
+    );
+    assert_eq!(receipt.parts, parts, "{what}");
+    assert_eq!(
+        receipt.stats.retries, faults as u64,
+        "{what}: {:?}",
+        receipt.stats
+    );
+    assert_eq!(
+        seen.iter().filter(|s| s.is_upload_part()).count(),
+        parts as usize + faults,
+        "{what}: {parts} parts + {faults} retries"
+    );
+}
+
+/// `error` is the throttling of `operation` (the proxy's 503s outlasted the
+/// retries); returns its message.
+fn assert_throttled_in(error: &S3ServiceError, operation: S3Operation, what: &str) -> String {
+    assert_eq!(error.operation(), operation, "{what}: {error}");
+    assert!(
+        matches!(error.kind(), S3ErrorKind::Throttled { .. }),
+        "{what}: {error}"
+    );
+    error.message().unwrap_or_default().to_string()
 }
 
 /// Short backoff so the suite stays quick; throttling answers still wait the
@@ -81,9 +147,7 @@ async fn assert_no_upload_left(proxy: &FaultProxy, server: &support::S3Server, b
 async fn slow_down_answers_are_backed_off_and_the_upload_completes() {
     for server in support::s3_servers() {
         let what = server.name;
-        let proxy = FaultProxy::start(&server.endpoint).await;
-        let client = client(&server, &proxy.endpoint());
-        let bucket = fresh_bucket(&client, "slow").await;
+        let (proxy, client, bucket) = behind_proxy(&server, "slow").await;
         // The next three requests, whatever they are (CreateMultipartUpload first,
         // then parts), are answered 503 SlowDown.
         proxy.slow_down(Matcher::Any, 3);
@@ -112,11 +176,7 @@ async fn slow_down_answers_are_backed_off_and_the_upload_completes() {
             receipt.stats
         );
         assert_eq!(receipt.parts, 4, "{what}");
-        assert_same_bytes(
-            &get_bytes(&client, &bucket, "slow/obj").await,
-            &data(10, length),
-            what,
-        );
+        assert_object(&client, &bucket, "slow/obj", 10, length, what).await;
     }
 }
 
@@ -124,9 +184,7 @@ async fn slow_down_answers_are_backed_off_and_the_upload_completes() {
 async fn a_connection_cut_during_a_part_is_retried_and_the_object_is_intact() {
     for server in support::s3_servers() {
         let what = server.name;
-        let proxy = FaultProxy::start(&server.endpoint).await;
-        let client = client(&server, &proxy.endpoint());
-        let bucket = fresh_bucket(&client, "cut").await;
+        let (proxy, client, bucket) = behind_proxy(&server, "cut").await;
         // Two UploadParts lose their connection after 1 MiB of their 5 MiB body.
         proxy.cut_body(Matcher::UploadPart, 2, MIB);
         let uploader = MultipartEngine::new(
@@ -138,25 +196,9 @@ async fn a_connection_cut_during_a_part_is_retried_and_the_object_is_intact() {
             .await
             .unwrap_or_else(|e| panic!("{what}: {e}"));
 
-        let seen = proxy.seen();
-        assert_eq!(
-            seen.iter().filter(|s| s.fault == Some("cut")).count(),
-            2,
-            "{what}"
-        );
-        assert_eq!(receipt.stats.retries, 2, "{what}: {:?}", receipt.stats);
+        assert_parts_retried(&proxy, &receipt, "cut", 2, 5, what);
         assert_eq!(receipt.stats.throttled, 0, "{what}");
-        assert_eq!(receipt.parts, 5, "{what}");
-        assert_eq!(
-            seen.iter().filter(|s| s.is_upload_part()).count(),
-            7,
-            "{what}: 5 parts + 2 retries"
-        );
-        assert_same_bytes(
-            &get_bytes(&client, &bucket, "cut/obj").await,
-            &data(11, length),
-            what,
-        );
+        assert_object(&client, &bucket, "cut/obj", 11, length, what).await;
     }
 }
 
@@ -164,9 +206,7 @@ async fn a_connection_cut_during_a_part_is_retried_and_the_object_is_intact() {
 async fn a_failure_that_outlasts_the_retries_aborts_the_upload() {
     for server in support::s3_servers() {
         let what = server.name;
-        let proxy = FaultProxy::start(&server.endpoint).await;
-        let client = client(&server, &proxy.endpoint());
-        let bucket = fresh_bucket(&client, "fail").await;
+        let (proxy, client, bucket) = behind_proxy(&server, "fail").await;
         proxy.slow_down(Matcher::UploadPart, usize::MAX);
         let uploader = MultipartEngine::new(
             client.clone(),
@@ -175,16 +215,7 @@ async fn a_failure_that_outlasts_the_retries_aborts_the_upload() {
         let error = upload_stream(&uploader, &bucket, "fail/obj", 12, 12 * MIB)
             .await
             .expect_err("every part is throttled");
-        assert_eq!(
-            error.operation(),
-            S3Operation::UploadPart,
-            "{what}: {error}"
-        );
-        assert!(
-            matches!(error.kind(), S3ErrorKind::Throttled { .. }),
-            "{what}: {error}"
-        );
-        let message = error.message().unwrap_or_default();
+        let message = assert_throttled_in(&error, S3Operation::UploadPart, what);
         assert!(
             message.ends_with("(gave up after 3 attempts)"),
             "{what}: {message}"
@@ -204,9 +235,7 @@ async fn a_failure_that_outlasts_the_retries_aborts_the_upload() {
 async fn a_dropped_upload_future_aborts_the_upload() {
     for server in support::s3_servers() {
         let what = server.name;
-        let proxy = FaultProxy::start(&server.endpoint).await;
-        let client = client(&server, &proxy.endpoint());
-        let bucket = fresh_bucket(&client, "drop").await;
+        let (proxy, client, bucket) = behind_proxy(&server, "drop").await;
         let uploader = MultipartEngine::new(client.clone(), TransferConfig::default());
         // 12 MiB, then a body that never ends: the upload cannot finish by itself.
         let body = futures::StreamExt::chain(data_stream(13, 12 * MIB), futures::stream::pending());
@@ -244,9 +273,7 @@ async fn a_dropped_upload_future_aborts_the_upload() {
 async fn a_ranged_download_cut_mid_answer_retries_the_range() {
     for server in support::s3_servers() {
         let what = server.name;
-        let proxy = FaultProxy::start(&server.endpoint).await;
-        let client = client(&server, &proxy.endpoint());
-        let bucket = fresh_bucket(&client, "dlcut").await;
+        let (proxy, client, bucket) = behind_proxy(&server, "dlcut").await;
         let length = 17 * MIB + 9;
         let expected = data(14, length);
         let config = TransferConfig::default().retry(fast_retry());
@@ -290,9 +317,7 @@ async fn a_ranged_download_cut_mid_answer_retries_the_range() {
 async fn a_stalled_part_is_given_up_at_the_part_timeout_and_retried() {
     for server in support::s3_servers() {
         let what = server.name;
-        let proxy = FaultProxy::start(&server.endpoint).await;
-        let client = client(&server, &proxy.endpoint());
-        let bucket = fresh_bucket(&client, "stall").await;
+        let (proxy, client, bucket) = behind_proxy(&server, "stall").await;
         // One UploadPart is read whole and never answered.
         proxy.stall(Matcher::UploadPart, 1);
         let config = TransferConfig::default()
@@ -309,24 +334,8 @@ async fn a_stalled_part_is_given_up_at_the_part_timeout_and_retried() {
         .await
         .unwrap_or_else(|e| panic!("{what}: {e}"));
 
-        let seen = proxy.seen();
-        assert_eq!(
-            seen.iter().filter(|s| s.fault == Some("stall")).count(),
-            1,
-            "{what}"
-        );
-        assert_eq!(receipt.parts, 3, "{what}");
-        assert_eq!(receipt.stats.retries, 1, "{what}: {:?}", receipt.stats);
-        assert_eq!(
-            seen.iter().filter(|s| s.is_upload_part()).count(),
-            4,
-            "{what}: 3 parts + the retry of the stalled one"
-        );
-        assert_same_bytes(
-            &get_bytes(&client, &bucket, "stall/obj").await,
-            &data(15, length),
-            what,
-        );
+        assert_parts_retried(&proxy, &receipt, "stall", 1, 3, what);
+        assert_object(&client, &bucket, "stall/obj", 15, length, what).await;
     }
 }
 
@@ -334,9 +343,7 @@ async fn a_stalled_part_is_given_up_at_the_part_timeout_and_retried() {
 async fn a_lost_complete_answer_is_confirmed_by_the_object() {
     for server in support::s3_servers() {
         let what = server.name;
-        let proxy = FaultProxy::start(&server.endpoint).await;
-        let client = client(&server, &proxy.endpoint());
-        let bucket = fresh_bucket(&client, "lostcomplete").await;
+        let (proxy, client, bucket) = behind_proxy(&server, "lostcomplete").await;
         // The server completes the upload; its answer never reaches the client.
         proxy.lose_answer(Matcher::CompleteMultipartUpload, 1);
         let length = 12 * MIB + 7;
@@ -404,11 +411,7 @@ async fn a_lost_complete_answer_is_confirmed_by_the_object() {
             "{what}: a multipart ETag, {:?}",
             receipt.e_tag
         );
-        assert_same_bytes(
-            &get_bytes(&client, &bucket, "lost/obj").await,
-            &data(16, length),
-            what,
-        );
+        assert_object(&client, &bucket, "lost/obj", 16, length, what).await;
     }
 }
 
@@ -416,9 +419,7 @@ async fn a_lost_complete_answer_is_confirmed_by_the_object() {
 async fn a_broken_complete_with_no_object_behind_it_fails_and_aborts() {
     for server in support::s3_servers() {
         let what = server.name;
-        let proxy = FaultProxy::start(&server.endpoint).await;
-        let client = client(&server, &proxy.endpoint());
-        let bucket = fresh_bucket(&client, "brokencomplete").await;
+        let (proxy, client, bucket) = behind_proxy(&server, "brokencomplete").await;
         // The first CompleteMultipartUpload breaks off before the server has its
         // body (so nothing is completed), every later one is throttled.
         proxy.cut_body(Matcher::CompleteMultipartUpload, 1, 0);
@@ -436,16 +437,7 @@ async fn a_broken_complete_with_no_object_behind_it_fails_and_aborts() {
         .await
         .expect_err("the upload was never completed");
 
-        assert_eq!(
-            error.operation(),
-            S3Operation::CompleteMultipartUpload,
-            "{what}: {error}"
-        );
-        assert!(
-            matches!(error.kind(), S3ErrorKind::Throttled { .. }),
-            "{what}: {error}"
-        );
-        let message = error.message().unwrap_or_default();
+        let message = assert_throttled_in(&error, S3Operation::CompleteMultipartUpload, what);
         assert!(
             message.contains("broke off without an answer; HeadObject failed"),
             "{what}: {message}"

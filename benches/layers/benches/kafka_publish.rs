@@ -191,6 +191,17 @@ struct Variant {
     caller_us: Vec<f64>,
 }
 
+/// One machine-readable line: `<label> <tag> <size> <median><unit> rounds: ...`
+/// (`scripts/bench-kafka-publish` reads the RESULT lines).
+fn print_rounds(label: &str, tag: &str, size: usize, values: &[f64], decimals: usize, unit: &str) {
+    let rounds: Vec<String> = values.iter().map(|v| format!("{v:.decimals$}")).collect();
+    println!(
+        "{label} {tag} {size} {:.decimals$}{unit} rounds: {}",
+        median(values),
+        rounds.join(" ")
+    );
+}
+
 fn median(values: &[f64]) -> f64 {
     if values.is_empty() {
         return f64::NAN;
@@ -294,24 +305,9 @@ async fn run_size(
     }
     let raw_median = variants[0].median();
     for (tag, v) in TAGS.iter().zip(&variants) {
-        let rounds: Vec<String> = v.rates.iter().map(|r| format!("{r:.0}")).collect();
-        println!(
-            "RESULT {tag} {size} {:.0} rounds: {}",
-            v.median(),
-            rounds.join(" ")
-        );
-        let cpu: Vec<String> = v.cpu_us.iter().map(|c| format!("{c:.2}")).collect();
-        println!(
-            "CPU {tag} {size} {:.2} us/msg rounds: {}",
-            median(&v.cpu_us),
-            cpu.join(" ")
-        );
-        let caller: Vec<String> = v.caller_us.iter().map(|c| format!("{c:.2}")).collect();
-        println!(
-            "CALLER_CPU {tag} {size} {:.2} us/msg rounds: {}",
-            median(&v.caller_us),
-            caller.join(" ")
-        );
+        print_rounds("RESULT", tag, size, &v.rates, 0, "");
+        print_rounds("CPU", tag, size, &v.cpu_us, 2, " us/msg");
+        print_rounds("CALLER_CPU", tag, size, &v.caller_us, 2, " us/msg");
     }
     println!(
         "\n## {size} B events (JSON value {value_len} B + key + 3 headers), {n} messages x {rounds} rounds, window {window}"

@@ -377,12 +377,7 @@ async fn budget_earns_from_requests_and_successes() {
     assert_eq!(run(&mut svc).await, Ok(0));
     assert_eq!(budget.balance(), 1.0);
 
-    let on_success = RetryBudget::builder()
-        .ratio(1.0)
-        .min_per_sec(0)
-        .initial(0)
-        .deposit_on(DepositOn::Success)
-        .build();
+    let on_success = deposit_on_success_budget();
     let inner = Scripted::new([Ok(1), Err(Fail::transient(1)), Err(Fail::transient(2))]);
     let policy = no_jitter()
         .base(MS)
@@ -545,12 +540,7 @@ async fn layer_builds_a_working_retry() {
 async fn a_call_that_cannot_retry_still_credits_a_budget_on_success() {
     // With max_attempts 1 the response future takes the policy only to credit a
     // deposit-on-success budget; a per-request budget is credited in `call`.
-    let on_success = RetryBudget::builder()
-        .ratio(1.0)
-        .min_per_sec(0)
-        .initial(0)
-        .deposit_on(DepositOn::Success)
-        .build();
+    let on_success = deposit_on_success_budget();
     let inner = Scripted::new([Ok(1), Err(Fail::transient(1))]);
     let policy = no_jitter().max_attempts(1).budget(on_success.clone());
     let mut svc = Retry::new(inner.clone(), policy);
@@ -577,4 +567,14 @@ async fn a_call_that_cannot_retry_still_credits_a_budget_on_success() {
     assert_eq!(run(&mut svc).await, Err(Fail::transient(1)));
     assert_eq!(run(&mut svc).await, Ok(2));
     assert_eq!(per_request.balance(), 1.0);
+}
+
+/// An empty budget credited one token per successful call.
+fn deposit_on_success_budget() -> RetryBudget {
+    RetryBudget::builder()
+        .ratio(1.0)
+        .min_per_sec(0)
+        .initial(0)
+        .deposit_on(DepositOn::Success)
+        .build()
 }

@@ -22,15 +22,9 @@ pub use rdkafka::message::Timestamp;
 #[derive(Clone, Debug)]
 pub struct ReceivedMessage {
     topic: Arc<str>,
-    partition: i32,
-    offset: i64,
-    timestamp: Timestamp,
-    /// This message's part of its batch's buffer; the ranges below index it.
+    /// This message's part of its batch's buffer; `spans` index it.
     data: Bytes,
-    key: Option<Range<usize>>,
-    payload: Option<Range<usize>>,
-    /// Header count and encoded headers.
-    headers: Option<(usize, Range<usize>)>,
+    spans: MessageSpans,
 }
 
 impl ReceivedMessage {
@@ -43,18 +37,11 @@ impl ReceivedMessage {
 
     /// The message described by `spans`, reading its bytes from `data` (the frozen
     /// [`CopyBuffer`] it was copied into).
-    pub(crate) fn from_spans(data: &Bytes, topic: Arc<str>, spans: CopiedSpans) -> Self {
-        let start = spans.start;
-        let local = |r: Range<usize>| r.start - start..r.end - start;
+    pub(crate) fn from_spans(data: &Bytes, topic: Arc<str>, copied: CopiedSpans) -> Self {
         ReceivedMessage {
             topic,
-            partition: spans.partition,
-            offset: spans.offset,
-            timestamp: spans.timestamp,
-            data: data.slice(spans.start..spans.end),
-            key: spans.key.map(local),
-            payload: spans.payload.map(local),
-            headers: spans.headers.map(|(count, r)| (count, local(r))),
+            data: data.slice(copied.within),
+            spans: copied.spans,
         }
     }
 
@@ -64,23 +51,23 @@ impl ReceivedMessage {
     }
     /// Partition the message was fetched from.
     pub fn partition(&self) -> i32 {
-        self.partition
+        self.spans.partition
     }
     /// Offset of the message in its partition.
     pub fn offset(&self) -> i64 {
-        self.offset
+        self.spans.offset
     }
     /// Raw key.
     pub fn key(&self) -> Option<&[u8]> {
-        Some(&self.data[self.key.clone()?])
+        Some(&self.data[self.spans.key.clone()?])
     }
     /// Raw payload.
     pub fn payload(&self) -> Option<&[u8]> {
-        Some(&self.data[self.payload.clone()?])
+        Some(&self.data[self.spans.payload.clone()?])
     }
     /// All headers, in their original order (rdkafka's [`Headers`] trait).
     pub fn headers(&self) -> Option<MessageHeaders<'_>> {
-        let (count, range) = self.headers.clone()?;
+        let (count, range) = self.spans.headers.clone()?;
         Some(MessageHeaders {
             count,
             encoded: &self.data[range],
@@ -96,7 +83,7 @@ impl ReceivedMessage {
     }
     /// Broker or producer timestamp.
     pub fn timestamp(&self) -> Timestamp {
-        self.timestamp
+        self.spans.timestamp
     }
     /// A copy as an rdkafka [`OwnedMessage`] (implements [`rdkafka::Message`]).
     pub fn to_owned_message(&self) -> OwnedMessage {
@@ -110,9 +97,9 @@ impl ReceivedMessage {
             self.payload().map(<[u8]>::to_vec),
             self.key().map(<[u8]>::to_vec),
             self.topic.to_string(),
-            self.timestamp,
-            self.partition,
-            self.offset,
+            self.spans.timestamp,
+            self.spans.partition,
+            self.spans.offset,
             headers,
         )
     }
@@ -180,19 +167,25 @@ impl Headers for MessageHeaders<'_> {
     }
 }
 
-/// Where one copied message lies in a [`CopyBuffer`].
+/// A message's metadata and where its parts lie in its bytes.
 #[derive(Clone, Debug)]
-pub(crate) struct CopiedSpans {
-    /// The whole message: `start..end`.
-    start: usize,
-    end: usize,
+struct MessageSpans {
     partition: i32,
     offset: i64,
     timestamp: Timestamp,
+    /// Ranges from the start of the message's bytes.
     key: Option<Range<usize>>,
     payload: Option<Range<usize>>,
     /// Header count and encoded headers.
     headers: Option<(usize, Range<usize>)>,
+}
+
+/// Where one copied message lies in a [`CopyBuffer`].
+#[derive(Clone, Debug)]
+pub(crate) struct CopiedSpans {
+    /// The message's bytes in the buffer.
+    within: Range<usize>,
+    spans: MessageSpans,
 }
 
 /// One buffer the messages of a poll cycle are copied into: a single allocation
@@ -215,19 +208,20 @@ impl CopyBuffer {
         self.data.len()
     }
 
-    fn push(&mut self, bytes: &[u8]) -> Range<usize> {
+    /// Appends `bytes`; their range from `base`.
+    fn push(&mut self, base: usize, bytes: &[u8]) -> Range<usize> {
         let start = self.data.len();
         self.data.extend_from_slice(bytes);
-        start..self.data.len()
+        start - base..self.data.len() - base
     }
 
     /// Copies key, payload and headers of `m`; returns where they went.
     pub(crate) fn copy<M: Message>(&mut self, m: &M) -> CopiedSpans {
-        let start = self.data.len();
-        let key = m.key().map(|k| self.push(k));
-        let payload = m.payload().map(|p| self.push(p));
+        let base = self.data.len();
+        let key = m.key().map(|k| self.push(base, k));
+        let payload = m.payload().map(|p| self.push(base, p));
         let headers = m.headers().map(|hs| {
-            let start = self.data.len();
+            let start = self.data.len() - base;
             let mut count = 0;
             for h in hs.iter() {
                 // Kafka lengths are i32, so they fit a u32 below `NO_VALUE`.
@@ -243,23 +237,25 @@ impl CopyBuffer {
                 }
                 count += 1;
             }
-            (count, start..self.data.len())
+            (count, start..self.data.len() - base)
         });
         CopiedSpans {
-            start,
-            end: self.data.len(),
-            partition: m.partition(),
-            offset: m.offset(),
-            timestamp: m.timestamp(),
-            key,
-            payload,
-            headers,
+            within: base..self.data.len(),
+            spans: MessageSpans {
+                partition: m.partition(),
+                offset: m.offset(),
+                timestamp: m.timestamp(),
+                key,
+                payload,
+                headers,
+            },
         }
     }
 
     /// The key of a message copied here (before [`CopyBuffer::freeze`]).
-    pub(crate) fn key_of(&self, spans: &CopiedSpans) -> Option<&[u8]> {
-        spans.key.clone().map(|r| &self.data[r])
+    pub(crate) fn key_of(&self, copied: &CopiedSpans) -> Option<&[u8]> {
+        let message = &self.data[copied.within.clone()];
+        copied.spans.key.clone().map(|r| &message[r])
     }
 
     /// The shared, immutable buffer the copied messages are read from.

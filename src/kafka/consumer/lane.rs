@@ -339,6 +339,35 @@ mod tests {
         (Arc::new(ctx), rx)
     }
 
+    /// A lane running `handler` with the Kafka retry schedule.
+    struct TestLane {
+        queue: mpsc::Sender<Batch>,
+        stop: watch::Sender<bool>,
+        task: tokio::task::JoinHandle<()>,
+        ctx: Arc<LaneContext>,
+        reports: mpsc::UnboundedReceiver<Vec<Completion>>,
+    }
+
+    fn start_lane<S>(handler: S) -> TestLane
+    where
+        S: Service<ConsumedEvent, Response = ()> + Clone + Send + 'static,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+    {
+        let (ctx, reports) = context();
+        let stack = Stack::new(handler, RetryPolicy::kafka().without_budget(), None);
+        let (queue, rx) = mpsc::channel(1);
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(run_lane(rx, stack, ctx.clone(), stop_rx));
+        TestLane {
+            queue,
+            stop,
+            task,
+            ctx,
+            reports,
+        }
+    }
+
     fn offsets(batch: &[Completion]) -> Vec<i64> {
         batch.iter().map(|c| c.offset).collect()
     }
@@ -368,11 +397,13 @@ mod tests {
                 }
             })
         };
-        let (ctx, mut reports) = context();
-        let stack = Stack::new(handler, RetryPolicy::kafka().without_budget(), None);
-        let (queue, rx) = mpsc::channel(1);
-        let (_stop, stop_rx) = watch::channel(false);
-        let lane = tokio::spawn(run_lane(rx, stack, ctx.clone(), stop_rx));
+        let TestLane {
+            queue,
+            stop: _stop,
+            task: lane,
+            ctx,
+            mut reports,
+        } = start_lane(handler);
         queue
             .send((0..5).map(|o| work(&tp, o)).collect())
             .await
@@ -411,11 +442,15 @@ mod tests {
                 }
             })
         };
-        let (ctx, mut reports) = context();
-        let stack = Stack::new(handler, RetryPolicy::kafka().without_budget(), None);
-        let (queue, rx) = mpsc::channel(1);
-        let (stop, stop_rx) = watch::channel(false);
-        let lane = tokio::spawn(run_lane(rx, stack, ctx, stop_rx));
+        let TestLane {
+            queue,
+            stop,
+            task: lane,
+            ctx,
+            mut reports,
+        } = start_lane(handler);
+        // Only the lane reports: when it ends, the reports end.
+        drop(ctx);
         queue
             .send((0..4).map(|o| work(&tp, o)).collect())
             .await

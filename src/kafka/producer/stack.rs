@@ -183,16 +183,22 @@ pub trait TopicRequest {
     }
 }
 
+/// The `&'static str` inside `topic`, if it holds one.
+#[allow(clippy::ptr_arg)] // the variant is what matters, not the text
+fn borrowed(topic: &Cow<'static, str>) -> Option<&'static str> {
+    match topic {
+        Cow::Borrowed(t) => Some(t),
+        Cow::Owned(_) => None,
+    }
+}
+
 impl<T> TopicRequest for PublishRequest<T> {
     fn topic(&self) -> &str {
         &self.topic
     }
 
     fn static_topic(&self) -> Option<&'static str> {
-        match self.topic {
-            Cow::Borrowed(t) => Some(t),
-            Cow::Owned(_) => None,
-        }
+        borrowed(&self.topic)
     }
 }
 
@@ -202,10 +208,7 @@ impl<T> TopicRequest for PublishBatchRequest<T> {
     }
 
     fn static_topic(&self) -> Option<&'static str> {
-        match self.topic {
-            Cow::Borrowed(t) => Some(t),
-            Cow::Owned(_) => None,
-        }
+        borrowed(&self.topic)
     }
 }
 
