@@ -18,7 +18,7 @@
 //! | `KAFKA_REQUEST_TIMEOUT` | `30000` | ms; producer `request.timeout.ms` and the default metadata / health-check timeout |
 //! | `KAFKA_RETRY_ATTEMPTS` | `5` | librdkafka `retries` (retries of a failed produce request, done by librdkafka itself) |
 //! | `KAFKA_RETRY_BACKOFF_MS` | `300` | ms; librdkafka `retry.backoff.ms` |
-//! | `KAFKA_DELIVERY_TIMEOUT` | `30000` | ms; librdkafka `message.timeout.ms`: the bound on waiting for a broker acknowledgement, retries included |
+//! | `KAFKA_DELIVERY_TIMEOUT` | `30000` | ms; librdkafka `message.timeout.ms`: the bound on waiting for a broker acknowledgement, retries included (`KAFKA_RDKAFKA_MESSAGE_TIMEOUT_MS`, when set, wins) |
 //! | `KAFKA_LOG_LEVEL` | `info` | `nothing`, `error`, `warn`, `info` or `debug`: librdkafka's `log_level` and the level keel forwards to `tracing` |
 //! | `ENABLE_KAFKA` | `true` | `false` makes every keel Kafka service answer a "Kafka disabled" error |
 //! | `KAFKA_MAX_BATCH_SIZE` | `1000` | the largest batch a publish accepts |
@@ -42,7 +42,20 @@
 //! passes through with [`KafkaConfigBuilder::rdkafka_property`] or
 //! `KAFKA_RDKAFKA_*`; pass-through properties are applied last, so they override
 //! keel's own mapping. [`KafkaConfigBuilder::build`] hands each one to librdkafka
-//! once, so an unknown property or an invalid value fails at build time.
+//! once, so an unknown property or an invalid value fails at build time. A
+//! `message.timeout.ms` (or `delivery.timeout.ms`) passed through becomes the
+//! [`delivery_timeout`](KafkaConfig::delivery_timeout), so the publish stack's
+//! timeout follows it.
+//!
+//! # Secrets
+//!
+//! Pass-through properties may hold secrets (`sasl.password`, SSL keys, OAuth
+//! client secrets). keel prints their names, never their values: `Debug` of the
+//! config lists property names only, a rejected property that may be a secret
+//! ([`is_secret_property`], judged by name so that a misspelled
+//! `KAFKA_RDKAFKA_SASL_PASWORD` counts) shows [`REDACTED`] as its value, also in
+//! librdkafka's reason, and [`RedactedClientConfig`] prints an rdkafka
+//! `ClientConfig` the same way.
 //!
 //! # Example
 //!
@@ -125,6 +138,10 @@ pub mod env {
 }
 
 /// A configuration value that does not pass validation.
+///
+/// The value of a property that may hold a secret ([`is_secret_property`]) is
+/// never kept: errors name it and show `[redacted]` in its place, also inside
+/// librdkafka's reason.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConfigError {
@@ -145,7 +162,7 @@ pub enum ConfigError {
         variable: String,
         /// The librdkafka property name.
         property: String,
-        /// The value as given.
+        /// The value as given, or [`REDACTED`] when the property may hold a secret.
         value: String,
         /// librdkafka's message.
         reason: String,
@@ -161,7 +178,7 @@ impl ConfigError {
         }
     }
 
-    /// The bad value as given.
+    /// The bad value as given ([`REDACTED`] for a property that may hold a secret).
     pub fn value(&self) -> &str {
         match self {
             ConfigError::InvalidValue { value, .. }
@@ -175,6 +192,69 @@ impl ConfigError {
             value: value.into(),
             reason: reason.into(),
         }
+    }
+}
+
+/// What errors and `Debug` output show instead of a value that may be a secret.
+pub const REDACTED: &str = "[redacted]";
+
+/// Whether a librdkafka property may hold a secret, judged by its name so that
+/// misspelled names (`sasl.pasword`) count too: every `sasl.*` property, and any
+/// name mentioning a password, secret, token, key, credential, JAAS or AWS.
+/// keel never prints such a value: not in a [`ConfigError`], not in `Debug`.
+///
+/// ```
+/// use keel::kafka::config::is_secret_property;
+/// assert!(is_secret_property("sasl.password"));
+/// assert!(is_secret_property("sasl.pasword"));
+/// assert!(is_secret_property("ssl.key.pem"));
+/// assert!(is_secret_property("sasl.oauthbearer.client.secret"));
+/// assert!(!is_secret_property("compression.type"));
+/// ```
+pub fn is_secret_property(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    name.starts_with("sasl.")
+        || [
+            "pass",
+            "secret",
+            "token",
+            "key",
+            "credential",
+            "jaas",
+            "aws",
+            "auth",
+        ]
+        .iter()
+        .any(|word| name.contains(word))
+}
+
+/// `Debug` of an rdkafka [`ClientConfig`] that names every property and shows
+/// the values of those that cannot be secrets ([`is_secret_property`]).
+/// rdkafka's own `Debug` hides five well-known names only, so a misspelled or a
+/// less common secret property would be printed.
+///
+/// ```
+/// use keel::kafka::config::RedactedClientConfig;
+/// let mut c = rdkafka::ClientConfig::new();
+/// c.set("sasl.pasword", "hunter2").set("linger.ms", "5");
+/// let shown = format!("{:?}", RedactedClientConfig(&c));
+/// assert!(shown.contains("sasl.pasword") && shown.contains("linger.ms"));
+/// assert!(!shown.contains("hunter2"));
+/// ```
+#[derive(Clone, Copy)]
+pub struct RedactedClientConfig<'a>(pub &'a ClientConfig);
+
+impl fmt::Debug for RedactedClientConfig<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let shown: BTreeMap<&str, &str> = self
+            .0
+            .config_map()
+            .into_iter()
+            .map(|(k, v)| (k, if is_secret_property(k) { REDACTED } else { v }))
+            .collect();
+        f.debug_struct("ClientConfig")
+            .field("conf_map", &shown)
+            .finish_non_exhaustive()
     }
 }
 
@@ -386,7 +466,9 @@ impl KafkaConfig {
         self.inner.retry_backoff
     }
 
-    /// The bound on waiting for a delivery acknowledgement (`message.timeout.ms`).
+    /// The bound on waiting for a delivery acknowledgement (`message.timeout.ms`):
+    /// `KAFKA_DELIVERY_TIMEOUT`, or the `message.timeout.ms` passed through
+    /// (`KAFKA_RDKAFKA_MESSAGE_TIMEOUT_MS`), which wins like every pass-through.
     pub fn delivery_timeout(&self) -> Duration {
         self.inner.delivery_timeout
     }
@@ -483,6 +565,17 @@ impl KafkaConfig {
         let mut c = self.base_client_config();
         self.apply_properties(&mut c);
         c
+    }
+
+    /// `text` with the value of every property that may be a secret replaced by
+    /// [`REDACTED`] (librdkafka quotes invalid values in its messages).
+    fn scrub(&self, mut text: String) -> String {
+        for (name, (value, _)) in &self.inner.properties {
+            if !value.is_empty() && is_secret_property(name) && text.contains(value.as_str()) {
+                text = text.replace(value.as_str(), REDACTED);
+            }
+        }
+        text
     }
 
     /// Writes the pass-through properties into `c`.
@@ -729,7 +822,8 @@ impl KafkaConfigBuilder {
     }
 
     /// Validates every value and freezes the config.
-    pub fn build(self) -> Result<KafkaConfig, ConfigError> {
+    pub fn build(mut self) -> Result<KafkaConfig, ConfigError> {
+        self.adopt_passed_through_delivery_timeout()?;
         if self.inner.brokers.is_empty() {
             return Err(ConfigError::invalid(
                 env::BROKERS,
@@ -826,6 +920,33 @@ impl KafkaConfigBuilder {
     }
 }
 
+impl KafkaConfigBuilder {
+    /// A `message.timeout.ms` (or its alias `delivery.timeout.ms`) passed
+    /// through becomes the delivery timeout, so that every bound keel derives
+    /// from it (the publish stack's timeout, a batch's bound) follows the value
+    /// librdkafka really uses. librdkafka's `0` (no limit) is refused: keel bounds
+    /// every publish.
+    fn adopt_passed_through_delivery_timeout(&mut self) -> Result<(), ConfigError> {
+        for name in ["message.timeout.ms", "delivery.timeout.ms"] {
+            let Some((value, origin)) = self.inner.properties.get(name) else {
+                continue;
+            };
+            let ms = value.trim().parse::<u64>().map_err(|_| {
+                ConfigError::invalid(origin, value.as_str(), "expected whole milliseconds")
+            })?;
+            if ms == 0 || ms > 2_147_483_647 {
+                return Err(ConfigError::invalid(
+                    origin,
+                    value.as_str(),
+                    "expected between 1 and 2147483647 ms (keel bounds every publish; 0, no limit, is refused)",
+                ));
+            }
+            self.inner.delivery_timeout = Duration::from_millis(ms);
+        }
+        Ok(())
+    }
+}
+
 fn split_brokers(value: &str) -> Vec<String> {
     value
         .split(',')
@@ -888,14 +1009,23 @@ fn check_with_librdkafka(config: &KafkaConfig) -> Result<(), ConfigError> {
                     .get(&property)
                     .map(|(_, origin)| origin.clone())
                     .unwrap_or_else(|| property.clone());
+                let value = if is_secret_property(&property) {
+                    REDACTED.to_string()
+                } else {
+                    value
+                };
                 Err(ConfigError::RdkafkaProperty {
                     variable,
                     property,
                     value,
-                    reason,
+                    reason: config.scrub(reason),
                 })
             }
-            Err(other) => Err(ConfigError::invalid("rdkafka", "", other.to_string())),
+            Err(other) => Err(ConfigError::invalid(
+                "rdkafka",
+                "",
+                config.scrub(other.to_string()),
+            )),
         }
     };
     check(config.producer_client_config())?;
@@ -1055,5 +1185,71 @@ mod tests {
         let shown = format!("{c:?}");
         assert!(shown.contains("sasl.password"));
         assert!(!shown.contains("hunter2"));
+    }
+
+    #[test]
+    fn a_passed_through_message_timeout_is_the_delivery_timeout() {
+        let c = KafkaConfig::from_vars([("KAFKA_RDKAFKA_MESSAGE_TIMEOUT_MS", "2000")]).unwrap();
+        assert_eq!(c.delivery_timeout(), Duration::from_secs(2));
+        assert_eq!(
+            c.producer_client_config().get("message.timeout.ms"),
+            Some("2000")
+        );
+        // It wins over KAFKA_DELIVERY_TIMEOUT, like every pass-through; the alias too.
+        let c = KafkaConfig::from_vars([
+            ("KAFKA_DELIVERY_TIMEOUT", "9000"),
+            ("KAFKA_RDKAFKA_DELIVERY_TIMEOUT_MS", "4000"),
+        ])
+        .unwrap();
+        assert_eq!(c.delivery_timeout(), Duration::from_secs(4));
+        // librdkafka's 0 (no limit) and garbage are refused, naming the variable.
+        for bad in ["0", "soon"] {
+            let err =
+                KafkaConfig::from_vars([("KAFKA_RDKAFKA_MESSAGE_TIMEOUT_MS", bad)]).unwrap_err();
+            assert_eq!(err.variable(), "KAFKA_RDKAFKA_MESSAGE_TIMEOUT_MS", "{err}");
+        }
+    }
+
+    #[test]
+    fn a_misspelled_secret_property_is_refused_without_its_value() {
+        let secret = "s3cr3t-hunter2-value";
+        let err = KafkaConfig::from_vars([("KAFKA_RDKAFKA_SASL_PASWORD", secret)]).unwrap_err();
+        assert_eq!(err.variable(), "KAFKA_RDKAFKA_SASL_PASWORD");
+        assert_eq!(err.value(), REDACTED);
+        for shown in [err.to_string(), format!("{err:?}")] {
+            assert!(shown.contains("sasl.pasword"), "{shown}");
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        // An invalid value of a secret property: librdkafka quotes it in its reason.
+        let err = KafkaConfig::builder()
+            .rdkafka_property("ssl.key.password", secret)
+            .rdkafka_property("sasl.oauthbearer.method", secret)
+            .build()
+            .unwrap_err();
+        for shown in [err.to_string(), format!("{err:?}")] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        // Values that cannot be secrets are still shown, to help fix them.
+        let err = KafkaConfig::from_vars([("KAFKA_RDKAFKA_COMPRESSION_TYPE", "zzz")]).unwrap_err();
+        assert_eq!(err.value(), "zzz");
+    }
+
+    #[test]
+    fn redacted_client_config_hides_every_secret_value() {
+        let c = KafkaConfig::builder()
+            .rdkafka_property("sasl.username", "user-1")
+            .rdkafka_property("sasl.password", "pw-1")
+            .rdkafka_property("ssl.key.pem", "pem-1")
+            .rdkafka_property("ssl.keystore.password", "cs-1")
+            .build()
+            .unwrap();
+        let shown = format!("{:?}", RedactedClientConfig(&c.producer_client_config()));
+        for secret in ["user-1", "pw-1", "pem-1", "cs-1"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        assert!(
+            shown.contains("ssl.key.pem") && shown.contains("acks"),
+            "{shown}"
+        );
     }
 }

@@ -131,7 +131,7 @@ impl fmt::Debug for S3Config {
             .field("environment", &self.environment)
             .field("region", &self.region)
             .field("bucket", &self.bucket)
-            .field("endpoint", &self.endpoint)
+            .field("endpoint", &self.endpoint.as_deref().map(redact_user_info))
             .field("force_path_style", &self.force_path_style)
             .field("checksums_when_required", &self.checksums_when_required)
             .field("connect_timeout", &self.connect_timeout)
@@ -317,7 +317,7 @@ fn check_bucket(bucket: &str) -> Result<(), S3ConfigError> {
 }
 
 /// Builds an [`S3Config`]; every setting has the default documented on its method.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct S3ConfigBuilder {
     environment: Environment,
     region: Option<String>,
@@ -330,6 +330,45 @@ pub struct S3ConfigBuilder {
     pool_max_idle_per_host: usize,
     pool_idle_timeout: Duration,
     credentials: Option<Credentials>,
+}
+
+// By hand: the derived `Debug` would print the access key id (the SDK's
+// `Credentials` hides only the secret), and an endpoint's user info.
+impl fmt::Debug for S3ConfigBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("S3ConfigBuilder")
+            .field("environment", &self.environment)
+            .field("region", &self.region)
+            .field("bucket", &self.bucket)
+            .field("endpoint", &self.endpoint.as_deref().map(redact_user_info))
+            .field("force_path_style", &self.force_path_style)
+            .field("checksums_when_required", &self.checksums_when_required)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("request_timeout", &self.request_timeout)
+            .field("pool_max_idle_per_host", &self.pool_max_idle_per_host)
+            .field("pool_idle_timeout", &self.pool_idle_timeout)
+            .field(
+                "credentials",
+                &self.credentials.as_ref().map(|_| "static (redacted)"),
+            )
+            .finish()
+    }
+}
+
+/// `scheme://user:pass@host` shown as `scheme://[redacted]@host`.
+fn redact_user_info(endpoint: &str) -> std::borrow::Cow<'_, str> {
+    let authority_start = endpoint.find("://").map_or(0, |i| i + 3);
+    let authority_end = endpoint[authority_start..]
+        .find('/')
+        .map_or(endpoint.len(), |i| authority_start + i);
+    match endpoint[authority_start..authority_end].rfind('@') {
+        Some(at) => std::borrow::Cow::Owned(format!(
+            "{}[redacted]{}",
+            &endpoint[..authority_start],
+            &endpoint[authority_start + at..]
+        )),
+        None => std::borrow::Cow::Borrowed(endpoint),
+    }
 }
 
 impl Default for S3ConfigBuilder {
@@ -597,6 +636,19 @@ mod tests {
         assert_eq!(copy.request_timeout(), Duration::from_secs(5));
         assert!(copy.credentials().is_some());
         assert!(!format!("{config:?}").contains("very-secret"));
+        let builder = config
+            .to_builder()
+            .endpoint("http://user:pw@127.0.0.1:9000/x");
+        let shown = format!("{builder:?}");
+        assert!(
+            !shown.contains("very-secret") && !shown.contains("AKID"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("http://[redacted]@127.0.0.1:9000/x"),
+            "{shown}"
+        );
+        assert!(!shown.contains("pw"), "{shown}");
         assert!(
             S3Config::builder()
                 .request_timeout(Duration::ZERO)

@@ -1,8 +1,10 @@
 //! Presigned GET and PUT URLs: time-limited links a plain HTTP client can use
 //! without credentials.
 //!
-//! The expiry is checked before signing: more than zero and at most
-//! [`MAX_PRESIGN_EXPIRY`] (7 days, SigV4's limit). The client always has a region
+//! The expiry is checked before signing: at least [`MIN_PRESIGN_EXPIRY`] (one
+//! second: SigV4's `X-Amz-Expires` counts whole seconds, so a shorter expiry
+//! signs a URL that is dead on arrival) and at most [`MAX_PRESIGN_EXPIRY`]
+//! (7 days, SigV4's limit). The client always has a region
 //! (see [`S3Config`](super::config::S3Config)), so the URL is signed for the right
 //! scope — presigning without one silently gives a URL no server accepts
 //! (aws-sdk-rust #861). With a custom endpoint the client signs "when required"
@@ -14,6 +16,7 @@
 //!
 //! assert!(check_expiry(Duration::from_secs(3600)).is_ok());
 //! assert!(check_expiry(Duration::ZERO).is_err());
+//! assert!(check_expiry(Duration::from_millis(999)).is_err());
 //! assert!(check_expiry(Duration::from_secs(8 * 24 * 3600)).is_err());
 //! ```
 
@@ -25,6 +28,9 @@ use super::client::S3Client;
 use super::error::{S3ErrorKind, S3Operation, S3ServiceError};
 use super::key::ObjectKey;
 
+/// The shortest expiry accepted: 1 second.
+pub const MIN_PRESIGN_EXPIRY: Duration = Duration::from_secs(1);
+
 /// The longest expiry SigV4 allows: 7 days.
 pub const MAX_PRESIGN_EXPIRY: Duration = Duration::from_secs(7 * 24 * 60 * 60);
 
@@ -34,15 +40,20 @@ pub enum InvalidExpiry {
     /// Zero.
     #[error("a presigned URL expiry must be more than zero")]
     Zero,
+    /// More than zero but under [`MIN_PRESIGN_EXPIRY`].
+    #[error("a presigned URL expiry must be at least 1 second, got {0:?}")]
+    TooShort(Duration),
     /// Over [`MAX_PRESIGN_EXPIRY`].
     #[error("a presigned URL expiry must be at most 7 days, got {0:?}")]
     TooLong(Duration),
 }
 
-/// Checks an expiry: more than zero, at most 7 days.
+/// Checks an expiry: at least 1 second, at most 7 days.
 pub fn check_expiry(expiry: Duration) -> Result<(), InvalidExpiry> {
     if expiry.is_zero() {
         Err(InvalidExpiry::Zero)
+    } else if expiry < MIN_PRESIGN_EXPIRY {
+        Err(InvalidExpiry::TooShort(expiry))
     } else if expiry > MAX_PRESIGN_EXPIRY {
         Err(InvalidExpiry::TooLong(expiry))
     } else {
@@ -155,7 +166,15 @@ mod tests {
     #[test]
     fn expiry_bounds() {
         assert_eq!(check_expiry(Duration::ZERO), Err(InvalidExpiry::Zero));
-        assert!(check_expiry(Duration::from_nanos(1)).is_ok());
+        assert_eq!(
+            check_expiry(Duration::from_nanos(1)),
+            Err(InvalidExpiry::TooShort(Duration::from_nanos(1)))
+        );
+        assert_eq!(
+            check_expiry(Duration::from_millis(999)),
+            Err(InvalidExpiry::TooShort(Duration::from_millis(999)))
+        );
+        assert!(check_expiry(MIN_PRESIGN_EXPIRY).is_ok());
         assert!(check_expiry(MAX_PRESIGN_EXPIRY).is_ok());
         let over = MAX_PRESIGN_EXPIRY + Duration::from_secs(1);
         assert_eq!(check_expiry(over), Err(InvalidExpiry::TooLong(over)));
@@ -168,5 +187,14 @@ mod tests {
             presigning_config(S3Operation::PresignGet, "b", &key, Duration::ZERO).unwrap_err();
         assert_eq!(err.kind(), &S3ErrorKind::InvalidRequest);
         assert_eq!(err.key(), Some("k"));
+
+        // A nanosecond was a valid expiry before: now a typed refusal, before signing.
+        let err = presigning_config(S3Operation::PresignGet, "b", &key, Duration::from_nanos(1))
+            .unwrap_err();
+        assert_eq!(err.kind(), &S3ErrorKind::InvalidRequest);
+        let cause = std::error::Error::source(&err)
+            .and_then(|e| e.downcast_ref::<InvalidExpiry>())
+            .expect("the typed expiry error is the cause");
+        assert_eq!(cause, &InvalidExpiry::TooShort(Duration::from_nanos(1)));
     }
 }

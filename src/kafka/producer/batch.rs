@@ -5,16 +5,20 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rdkafka::producer::DeliveryFuture;
 use serde::Serialize;
 use uuid::Uuid;
 
-use super::{Prepared, ProducerCore, PublishAck, await_acks, is_queue_full};
+use super::{
+    PUBLISH_TIMEOUT_MARGIN, Prepared, ProducerCore, PublishAck, await_acks, is_queue_full,
+};
 use crate::kafka::client::{KafkaClient, KeelProducer};
 use crate::kafka::envelope::EventEnvelope;
-use crate::kafka::error::{BatchOutcome, KafkaProducerError, ProducerErrorKind};
+use crate::kafka::error::{
+    BatchOutcome, EventOutcome, EventResult, KafkaProducerError, ProducerErrorKind,
+};
 
 /// Events for one topic, published together.
 ///
@@ -89,11 +93,15 @@ impl Future for PublishBatchFuture {
 /// earlier events drain, within the delivery timeout.
 ///
 /// Not atomic: on a failure the error's [`batch`](KafkaProducerError::batch) says
-/// how many events were delivered. Use [`TransactionalPublisher`](super::TransactionalPublisher)
+/// what became of every event ([`BatchOutcome::events`]): delivered (with
+/// partition and offset), failed (not stored, with the kind), not sent, or
+/// unknown (may have been stored). The whole batch is bounded by
+/// [`with_timeout`](Self::with_timeout). Use [`TransactionalPublisher`](super::TransactionalPublisher)
 /// for all or nothing. Cloning is cheap and shares the client's producer and metrics.
 #[derive(Clone)]
 pub struct PublishBatch {
     core: ProducerCore,
+    timeout: Duration,
 }
 
 impl fmt::Debug for PublishBatch {
@@ -124,7 +132,27 @@ impl PublishBatch {
     pub fn new(client: &KafkaClient) -> Self {
         PublishBatch {
             core: ProducerCore::new(client),
+            timeout: client.config().delivery_timeout() + PUBLISH_TIMEOUT_MARGIN,
         }
+    }
+
+    /// Bounds the whole batch, enqueueing and acknowledgements (default: the
+    /// config's [`delivery_timeout`](crate::kafka::config::KafkaConfig::delivery_timeout)
+    /// + [`PUBLISH_TIMEOUT_MARGIN`]). When it expires the batch fails with
+    /// [`ProducerErrorKind::OutcomeUnknown`]: the events acknowledged by then are
+    /// delivered, those still waiting are [`EventOutcome::Unknown`] (they are in
+    /// librdkafka's queue and may yet be delivered), those not enqueued yet
+    /// [`EventOutcome::NotSent`]. The [`PublishStack`](super::PublishStack) sets it to
+    /// its own timeout, so a batch always answers with per-event results before
+    /// the stack's timeout layer would drop it.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The bound on one batch.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// The largest batch accepted.
@@ -134,6 +162,7 @@ impl PublishBatch {
 
     fn publish<T: Serialize>(&self, req: PublishBatchRequest<T>) -> PublishBatchFuture {
         let started = quanta::Instant::now();
+        let deadline = tokio::time::Instant::now() + self.timeout;
         let topic = req.topic;
         let total = req.events.len();
         let metrics = &self.core.shared.metrics;
@@ -141,7 +170,10 @@ impl PublishBatch {
             Ok(p) => p.clone(),
             Err(e) => {
                 metrics.record_refused(total as u64);
-                return ready(Err(e));
+                let ids = req.events.iter().map(EventEnvelope::event_id);
+                return ready(Err(
+                    e.with_batch(BatchOutcome::all(ids, EventOutcome::NotSent))
+                ));
             }
         };
         let max = self.max_batch_size();
@@ -163,7 +195,9 @@ impl PublishBatch {
         // Events of one batch are usually alike in size: size each buffer like
         // the previous event (capped, so one huge event does not inflate the rest).
         let mut capacity = 128;
-        for event in req.events {
+        let mut events = req.events.into_iter();
+        while let Some(event) = events.next() {
+            let event_id = event.event_id();
             match Prepared::from_event(event, None, capacity) {
                 Ok(p) => {
                     capacity = p.encoded_len().clamp(128, 64 * 1024);
@@ -171,16 +205,23 @@ impl PublishBatch {
                 }
                 Err(e) => {
                     metrics.record_refused(total as u64);
+                    // Nothing was sent: the bad event failed, every other one is unsent.
+                    let results = prepared
+                        .iter()
+                        .map(|p| p.event_id)
+                        .map(not_sent)
+                        .chain(std::iter::once(EventResult {
+                            event_id,
+                            outcome: EventOutcome::Failed(ProducerErrorKind::Serialization),
+                        }))
+                        .chain(events.map(|e| not_sent(e.event_id())))
+                        .collect();
                     return ready(Err(KafkaProducerError::with_source(
                         topic,
                         ProducerErrorKind::Serialization,
                         e,
                     )
-                    .with_batch(BatchOutcome {
-                        total,
-                        delivered: 0,
-                        failed: total,
-                    })));
+                    .with_batch(BatchOutcome::from_events(results))));
                 }
             }
         }
@@ -200,10 +241,14 @@ impl PublishBatch {
         }
         let rest: Vec<Prepared> = rest.collect();
         let core = self.core.clone();
-        let delivery_timeout = core.shared.config.delivery_timeout();
+        // Waiting for queue space ends with librdkafka's delivery timeout, or
+        // earlier with the batch's own time.
+        let enqueue_deadline =
+            deadline.min(tokio::time::Instant::now() + core.shared.config.delivery_timeout());
         PublishBatchFuture {
             inner: Box::pin(async move {
-                let mut failure: Option<KafkaProducerError> = None;
+                // The first event that could not be enqueued, and why.
+                let mut stopped: Option<KafkaProducerError> = None;
                 if let Some((err, first)) = enqueue_error {
                     if is_queue_full(&err) {
                         let pending = std::iter::once(first).chain(rest);
@@ -212,32 +257,29 @@ impl PublishBatch {
                             &topic,
                             pending,
                             &mut deliveries,
-                            std::time::Instant::now()
-                                + delivery_timeout.saturating_sub(started.elapsed()),
+                            enqueue_deadline,
                         )
                         .await
                         {
-                            failure = Some(e);
+                            stopped = Some(e);
                         }
                     } else {
-                        failure = Some(KafkaProducerError::from_kafka(&*topic, err));
+                        stopped = Some(KafkaProducerError::from_kafka(&*topic, err));
                         drop(rest);
                     }
                 }
-                let (acks, ack_failure) = await_acks(deliveries.into_iter().zip(ids), &topic).await;
-                if failure.is_none() {
-                    failure = ack_failure;
-                }
+                let enqueued = deliveries.len();
+                let acked = await_acks(
+                    deliveries.into_iter().zip(ids.iter().copied()),
+                    &topic,
+                    Some(deadline),
+                )
+                .await;
                 let elapsed = started.elapsed();
-                let delivered = acks.len();
-                core.metrics().record_call(
-                    delivered as u64,
-                    (total - delivered) as u64,
-                    started,
-                    elapsed,
-                );
-                match failure {
-                    None => {
+                let (failure, results) = match (acked, stopped) {
+                    (Ok(acks), None) => {
+                        core.metrics()
+                            .record_call(total as u64, 0, started, elapsed);
                         core.confirm_connected();
                         tracing::debug!(
                             target: "keel::kafka",
@@ -246,28 +288,65 @@ impl PublishBatch {
                             duration_us = elapsed.as_micros() as u64,
                             "batch published"
                         );
-                        Ok(BatchAck { topic, acks })
+                        return Ok(BatchAck { topic, acks });
                     }
-                    Some(e) => {
-                        let e = e.with_batch(BatchOutcome {
-                            total,
-                            delivered,
-                            failed: total - delivered,
-                        });
-                        tracing::warn!(
-                            target: "keel::kafka",
-                            topic = %topic,
-                            events = total,
-                            delivered,
-                            error = %e,
-                            duration_us = elapsed.as_micros() as u64,
-                            "batch publish failed"
-                        );
-                        Err(e)
+                    (Ok(acks), Some(e)) => {
+                        let results: Vec<EventResult> =
+                            acks.into_iter().map(EventResult::from).collect();
+                        (e, results)
                     }
+                    (Err((first, results)), stopped) => (stopped.unwrap_or(first), results),
+                };
+                // The events after the enqueued ones: the first was refused by
+                // librdkafka, the rest never handed over.
+                let mut results = results;
+                let mut unsent = ids[enqueued..].iter().copied();
+                if let Some(event_id) = unsent.next() {
+                    results.push(EventResult {
+                        event_id,
+                        outcome: EventOutcome::Failed(failure.kind()),
+                    });
                 }
+                results.extend(unsent.map(not_sent));
+                let outcome = BatchOutcome::from_events(results);
+                // Some events may have been stored: that is what the batch's
+                // error says first (the cause keeps what stopped it).
+                let failure = if outcome.unknown > 0 && !failure.kind().may_have_been_delivered() {
+                    KafkaProducerError::with_source(
+                        &*topic,
+                        ProducerErrorKind::OutcomeUnknown,
+                        failure,
+                    )
+                } else {
+                    failure
+                };
+                core.metrics().record_call(
+                    outcome.delivered as u64,
+                    (total - outcome.delivered) as u64,
+                    started,
+                    elapsed,
+                );
+                tracing::warn!(
+                    target: "keel::kafka",
+                    topic = %topic,
+                    events = total,
+                    delivered = outcome.delivered,
+                    failed = outcome.failed,
+                    outcome_unknown = outcome.unknown,
+                    error = %failure,
+                    duration_us = elapsed.as_micros() as u64,
+                    "batch publish failed"
+                );
+                Err(failure.with_batch(outcome))
             }),
         }
+    }
+}
+
+fn not_sent(event_id: Uuid) -> EventResult {
+    EventResult {
+        event_id,
+        outcome: EventOutcome::NotSent,
     }
 }
 
@@ -278,7 +357,7 @@ async fn enqueue_rest(
     topic: &str,
     pending: impl Iterator<Item = Prepared>,
     deliveries: &mut Vec<DeliveryFuture>,
-    deadline: Instant,
+    deadline: tokio::time::Instant,
 ) -> Result<(), KafkaProducerError> {
     for mut p in pending {
         loop {
@@ -288,7 +367,7 @@ async fn enqueue_rest(
                     break;
                 }
                 Err((e, back)) if is_queue_full(&e) => {
-                    if Instant::now() >= deadline {
+                    if tokio::time::Instant::now() >= deadline {
                         return Err(KafkaProducerError::from_kafka(topic, e));
                     }
                     p = back;

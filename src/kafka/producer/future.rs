@@ -10,7 +10,7 @@ use pin_project_lite::pin_project;
 use rdkafka::producer::DeliveryFuture;
 use uuid::Uuid;
 
-use super::{ProducerCore, PublishAck};
+use super::{ProducerCore, PublishAck, delivery_result};
 use crate::kafka::error::{KafkaProducerError, ProducerErrorKind};
 
 pin_project! {
@@ -61,8 +61,8 @@ impl PublishFuture {
         PublishFuture {
             delivery: None,
             topic: Cow::Owned(error.topic().to_string()),
+            event_id: error.event_id().unwrap_or_else(Uuid::nil),
             error: Some(error),
-            event_id: Uuid::nil(),
             core,
             started,
         }
@@ -80,18 +80,7 @@ impl Future for PublishFuture {
             })),
             Some(delivery) => match delivery.poll(cx) {
                 Poll::Pending => return Poll::Pending,
-                Poll::Ready(Ok(Ok(d))) => Ok(PublishAck {
-                    event_id: *this.event_id,
-                    partition: d.partition,
-                    offset: d.offset,
-                }),
-                Poll::Ready(Ok(Err((e, _message)))) => {
-                    Err(KafkaProducerError::from_kafka(&**this.topic, e))
-                }
-                Poll::Ready(Err(_canceled)) => Err(KafkaProducerError::new(
-                    &**this.topic,
-                    ProducerErrorKind::Canceled,
-                )),
+                Poll::Ready(r) => delivery_result(r, this.topic, *this.event_id),
             },
         };
         let elapsed = this.started.elapsed();
@@ -118,6 +107,8 @@ impl Future for PublishFuture {
                 tracing::warn!(
                     target: "keel::kafka",
                     topic = %this.topic,
+                    event_id = %this.event_id,
+                    outcome_unknown = e.may_have_been_delivered(),
                     error = %e,
                     duration_us = elapsed.as_micros() as u64,
                     "event publish failed"

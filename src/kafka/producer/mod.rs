@@ -82,15 +82,16 @@ pub use batch::{BatchAck, PublishBatch, PublishBatchFuture, PublishBatchRequest}
 pub use future::PublishFuture;
 pub use metrics::{LatencyPercentiles, PublishMetrics, PublishMetricsSnapshot};
 pub use stack::{
-    IntoProducerError, KafkaOutage, ProducerErrors, ProducerErrorsFuture, ProducerErrorsLayer,
-    PublishBatchStack, PublishEventStack, PublishFields, PublishStack, PublishStackBuilder,
-    TopicRequest,
+    BATCH_BACKSTOP, IntoProducerError, KafkaOutage, ProducerErrors, ProducerErrorsFuture,
+    ProducerErrorsLayer, PublishBatchStack, PublishEventStack, PublishFields, PublishStack,
+    PublishStackBuilder, TopicRequest,
 };
-pub use transactional::{Transaction, TransactionalPublisher};
+pub use transactional::{COMMIT_ATTEMPTS, Transaction, TransactionalPublisher};
 
 use quanta::Instant;
 use std::borrow::Cow;
 use std::cell::RefCell;
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
@@ -103,7 +104,7 @@ use uuid::Uuid;
 
 use crate::kafka::client::{ClientShared, KafkaClient, KeelProducer};
 use crate::kafka::envelope::EventEnvelope;
-use crate::kafka::error::{KafkaProducerError, ProducerErrorKind};
+use crate::kafka::error::{EventOutcome, EventResult, KafkaProducerError, ProducerErrorKind};
 
 /// One event for one topic, optionally pinned to a partition.
 ///
@@ -278,33 +279,125 @@ impl Prepared {
     }
 }
 
-/// Awaits every acknowledgement, in order: the acks of the delivered events and
-/// the first failure, if any.
+/// How long past librdkafka's delivery timeout the publish stack waits for a
+/// call, and a bare [`PublishBatch`] for a whole batch: librdkafka's own, typed
+/// delivery report comes first.
+pub const PUBLISH_TIMEOUT_MARGIN: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The acknowledgement of one enqueued event as a result: delivered, failed (not
+/// stored), or unknown (may have been stored).
+pub(crate) fn delivery_result(
+    result: <DeliveryFuture as Future>::Output,
+    topic: &str,
+    event_id: Uuid,
+) -> Result<PublishAck, KafkaProducerError> {
+    match result {
+        Ok(Ok(d)) => Ok(PublishAck {
+            event_id,
+            partition: d.partition,
+            offset: d.offset,
+        }),
+        Ok(Err((e, _))) => Err(KafkaProducerError::from_delivery(topic, e).with_event_id(event_id)),
+        Err(_) => Err(lost_report(topic).with_event_id(event_id)),
+    }
+}
+
+/// The delivery report never came (the producer was dropped with the event in
+/// flight): the event may have been stored.
+pub(crate) fn lost_report(topic: &str) -> KafkaProducerError {
+    KafkaProducerError::with_source(
+        topic,
+        ProducerErrorKind::OutcomeUnknown,
+        "the delivery report was lost (the producer was dropped)",
+    )
+}
+
+fn outcome_of(e: &KafkaProducerError) -> EventOutcome {
+    if e.kind().may_have_been_delivered() {
+        EventOutcome::Unknown
+    } else {
+        EventOutcome::Failed(e.kind())
+    }
+}
+
+/// Awaits every acknowledgement, in order, until `deadline` (when given; the
+/// events not acknowledged by then are [`EventOutcome::Unknown`]). All delivered:
+/// their acks. Otherwise the first failure and every event's result.
+///
+/// One timer serves the whole batch, and the per-event results are built only
+/// once something failed, so a batch that succeeds costs what it did before.
 pub(crate) async fn await_acks(
     deliveries: impl IntoIterator<Item = (DeliveryFuture, Uuid)>,
     topic: &str,
-) -> (Vec<PublishAck>, Option<KafkaProducerError>) {
+    deadline: Option<tokio::time::Instant>,
+) -> Result<Vec<PublishAck>, (KafkaProducerError, Vec<EventResult>)> {
     let deliveries = deliveries.into_iter();
     let mut acks = Vec::with_capacity(deliveries.size_hint().0);
-    let mut failure = None;
-    for (delivery, event_id) in deliveries {
-        match delivery.await {
-            Ok(Ok(d)) => acks.push(PublishAck {
-                event_id,
-                partition: d.partition,
-                offset: d.offset,
-            }),
-            Ok(Err((e, _))) => {
-                failure.get_or_insert_with(|| KafkaProducerError::from_kafka(topic, e));
+    let mut failed: Option<(KafkaProducerError, Vec<EventResult>)> = None;
+    let sleep = deadline.map(tokio::time::sleep_until);
+    tokio::pin!(sleep);
+    let mut expired = false;
+    for (mut delivery, event_id) in deliveries {
+        let result = if expired {
+            None
+        } else {
+            std::future::poll_fn(|cx| {
+                if let Poll::Ready(r) = std::pin::Pin::new(&mut delivery).poll(cx) {
+                    return Poll::Ready(Some(r));
+                }
+                match sleep.as_mut().as_pin_mut() {
+                    Some(s) => s.poll(cx).map(|()| None),
+                    None => Poll::Pending,
+                }
+            })
+            .await
+        };
+        let result = match result {
+            Some(r) => delivery_result(r, topic, event_id),
+            None => {
+                expired = true;
+                Err(KafkaProducerError::with_source(
+                    topic,
+                    ProducerErrorKind::OutcomeUnknown,
+                    "the batch's time ran out before the broker acknowledged every event; \
+                     the rest may still be delivered",
+                ))
             }
-            Err(_) => {
-                failure.get_or_insert_with(|| {
-                    KafkaProducerError::new(topic, ProducerErrorKind::Canceled)
+        };
+        match (result, &mut failed) {
+            (Ok(ack), None) => acks.push(ack),
+            (Ok(ack), Some((_, results))) => results.push(ack.into()),
+            (Err(e), Some((_, results))) => results.push(EventResult {
+                event_id,
+                outcome: outcome_of(&e),
+            }),
+            (Err(e), None) => {
+                let mut results: Vec<EventResult> = Vec::with_capacity(acks.capacity());
+                results.extend(acks.drain(..).map(EventResult::from));
+                results.push(EventResult {
+                    event_id,
+                    outcome: outcome_of(&e),
                 });
+                failed = Some((e, results));
             }
         }
     }
-    (acks, failure)
+    match failed {
+        None => Ok(acks),
+        Some(f) => Err(f),
+    }
+}
+
+impl From<PublishAck> for EventResult {
+    fn from(ack: PublishAck) -> Self {
+        EventResult {
+            event_id: ack.event_id,
+            outcome: EventOutcome::Delivered {
+                partition: ack.partition,
+                offset: ack.offset,
+            },
+        }
+    }
 }
 
 pub(crate) fn is_queue_full(e: &KafkaError) -> bool {
@@ -347,19 +440,26 @@ impl PublishEvent {
         let topic = req.topic;
         let producer = match self.core.producer(&topic) {
             Ok(p) => p,
-            Err(e) => return PublishFuture::failed(e, self.core.clone(), started),
+            Err(e) => {
+                return PublishFuture::failed(
+                    e.with_event_id(event_id),
+                    self.core.clone(),
+                    started,
+                );
+            }
         };
         match send_encoded(producer, &topic, &req.event, req.partition) {
             Ok(delivery) => {
                 PublishFuture::waiting(delivery, topic, event_id, self.core.clone(), started)
             }
             Err(SendError::Encode(e)) => PublishFuture::failed(
-                KafkaProducerError::with_source(topic, ProducerErrorKind::Serialization, e),
+                KafkaProducerError::with_source(topic, ProducerErrorKind::Serialization, e)
+                    .with_event_id(event_id),
                 self.core.clone(),
                 started,
             ),
             Err(SendError::Enqueue(e)) => PublishFuture::failed(
-                KafkaProducerError::from_kafka(topic, e),
+                KafkaProducerError::from_kafka(topic, e).with_event_id(event_id),
                 self.core.clone(),
                 started,
             ),

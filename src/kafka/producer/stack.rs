@@ -7,7 +7,8 @@
 //!   ProducerErrors     every error below becomes a KafkaProducerError with the topic
 //!   BatchSize          (batches only) more than 1,000 events: refused, no I/O
 //!   CircuitBreaker     opens after 5 consecutive Kafka failures, probes after 60 s
-//!   Timeout            bound on one call: the delivery timeout + 5 s (one timer shared by all calls)
+//!   Timeout            bound on one call: the delivery timeout + 5 s (one timer shared by all calls);
+//!                      a batch bounds itself by the same time and answers per-event results
 //!   PublishEvent / PublishBatch
 //! ```
 //!
@@ -18,12 +19,16 @@
 //!   breaker; it is still logged and counted by the metrics.
 //! - **Timeout inside the breaker**: a call that hangs counts as a failure.
 //! - **The breaker counts only Kafka failures**: it classifies with
-//!   [`KafkaOutage`], which counts retryable failures (timeouts, transport, broker
-//!   errors, a full queue) and ignores permanent ones (message too large,
-//!   serialization, unknown topic): those say nothing about the cluster's health.
+//!   [`KafkaOutage`], which counts retryable failures (transport, broker errors)
+//!   and publishes whose outcome is unknown (no acknowledgement in time), and
+//!   ignores permanent ones (message too large, serialization, unknown topic) and
+//!   a full local queue (back-pressure from the application's own rate): those
+//!   say nothing about the cluster's health.
 //! - **Errors are typed once**: [`ProducerErrors`] turns the layers' wrappers
 //!   (`TimeoutError`, `CircuitBreakerError`, `batch::Error`) into
-//!   [`KafkaProducerError`] with the topic ([`ProducerErrorKind::Timeout`],
+//!   [`KafkaProducerError`] with the topic and, for one event, its id
+//!   ([`ProducerErrorKind::OutcomeUnknown`] when the timeout fires: the record is
+//!   still in librdkafka and may yet be delivered,
 //!   [`ProducerErrorKind::CircuitOpen`], [`ProducerErrorKind::BatchTooLarge`]), so
 //!   the stack's error type is the same as the bare services'.
 //!
@@ -36,8 +41,19 @@
 //! multiply the attempts (each one already retried inside librdkafka) and, worse,
 //! re-send an event *after* the events of the same key published meanwhile, so a
 //! consumer would see them out of order. For the same reason the timeout is longer
-//! than the delivery timeout: librdkafka's own, typed `Timeout` fires first, and
-//! the layer only catches a call that hangs for another reason. Events are
+//! than the delivery timeout (`message.timeout.ms`, also when it is set through
+//! the `KAFKA_RDKAFKA_*` pass-through): librdkafka's own delivery report fires
+//! first, and the layer only catches a call that hangs for another reason.
+//!
+//! # Outcome unknown
+//!
+//! A publish that got no acknowledgement in time fails with
+//! [`ProducerErrorKind::OutcomeUnknown`], not a retryable timeout: the event may
+//! have been stored (it was in flight), or may still be (it is in librdkafka's
+//! queue). keel's retry layer does not retry it. A caller that must resend
+//! resends the *same* envelope (same event id, the consumers' dedupe key), and
+//! a batch error lists which events are unknown, failed or delivered
+//! ([`BatchOutcome`](crate::kafka::error::BatchOutcome)). Events are
 //! enqueued in call order (see the [producer docs](super)), and no layer here
 //! reorders or buffers calls, so per-key order is what the caller's order is.
 //!
@@ -88,13 +104,23 @@ use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 use tracing::Level;
 
-use super::{PublishBatch, PublishBatchRequest, PublishEvent, PublishRequest};
+use super::{
+    PUBLISH_TIMEOUT_MARGIN, PublishBatch, PublishBatchRequest, PublishEvent, PublishRequest,
+};
 use crate::kafka::client::KafkaClient;
-use crate::kafka::error::{KafkaProducerError, ProducerErrorKind};
+use crate::kafka::error::{
+    CLASS_OUTCOME_UNKNOWN, CLASS_QUEUE_FULL, KafkaProducerError, ProducerErrorKind,
+};
+use uuid::Uuid;
 
-/// Counts only failures that say Kafka is unhealthy: retryable failures count,
+/// Counts only failures that say Kafka is unhealthy: retryable failures and
+/// publishes whose outcome is unknown (no acknowledgement in time) count;
 /// permanent ones (message too large, serialization, unknown topic, a refused
-/// batch) are [`Ignored`](keel_layers::classify::Outcome::Ignored).
+/// batch) and a full local queue are [`Ignored`](keel_layers::classify::Outcome::Ignored).
+///
+/// A full queue ([`CLASS_QUEUE_FULL`]) is back-pressure: the application
+/// produces faster than librdkafka sends, which says nothing about the broker
+/// (while the broker is down, the timeouts of the queued events open the breaker).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct KafkaOutage;
 
@@ -105,7 +131,9 @@ impl<Res, E: ClassifiedError> Classify<Res, E> for KafkaOutage {
             Ok(_) => Classification::SUCCESS,
             Err(e) => {
                 let c = e.classification();
-                if c.retryable {
+                if c.class == CLASS_QUEUE_FULL {
+                    Classification::IGNORED
+                } else if c.retryable || c.class == CLASS_OUTCOME_UNKNOWN {
                     c
                 } else {
                     Classification::IGNORED
@@ -130,10 +158,15 @@ impl IntoProducerError for KafkaProducerError {
 impl<E: IntoProducerError> IntoProducerError for TimeoutError<E> {
     fn into_producer_error(self, topic: &str) -> KafkaProducerError {
         match self {
+            // The record is in librdkafka's queue (or on the wire): it may
+            // still be delivered, so this is not a plain, retryable timeout.
             TimeoutError::Elapsed { after } => KafkaProducerError::with_source(
                 topic,
-                ProducerErrorKind::Timeout,
-                format!("the publish did not complete within {after:?} (timeout layer)"),
+                ProducerErrorKind::OutcomeUnknown,
+                format!(
+                    "no acknowledgement within {after:?} (timeout layer); \
+                     the event may still be delivered"
+                ),
             ),
             TimeoutError::Inner(e) => e.into_producer_error(topic),
         }
@@ -181,6 +214,11 @@ pub trait TopicRequest {
     fn static_topic(&self) -> Option<&'static str> {
         None
     }
+
+    /// The event's id, for a single-event request: the layers' errors name it.
+    fn event_id(&self) -> Option<Uuid> {
+        None
+    }
 }
 
 /// The `&'static str` inside `topic`, if it holds one.
@@ -199,6 +237,10 @@ impl<T> TopicRequest for PublishRequest<T> {
 
     fn static_topic(&self) -> Option<&'static str> {
         borrowed(&self.topic)
+    }
+
+    fn event_id(&self) -> Option<Uuid> {
+        Some(self.event.event_id())
     }
 }
 
@@ -301,9 +343,11 @@ where
             (None, Some(t)) if **t == *req.topic() => TopicName::Shared(t.clone()),
             (None, _) => TopicName::Shared(self.last_topic.insert(Arc::from(req.topic())).clone()),
         };
+        let event_id = req.event_id();
         ProducerErrorsFuture {
             inner: self.inner.call(req),
             topic,
+            event_id,
         }
     }
 }
@@ -315,6 +359,7 @@ pin_project! {
         #[pin]
         inner: F,
         topic: TopicName,
+        event_id: Option<Uuid>,
     }
 }
 
@@ -345,9 +390,13 @@ where
         let this = self.project();
         match this.inner.poll(cx) {
             Poll::Pending => Poll::Pending,
-            Poll::Ready(r) => {
-                Poll::Ready(r.map_err(|e| e.into_producer_error(this.topic.as_str())))
-            }
+            Poll::Ready(r) => Poll::Ready(r.map_err(|e| {
+                let e = e.into_producer_error(this.topic.as_str());
+                match this.event_id {
+                    Some(id) if e.event_id().is_none() => e.with_event_id(*id),
+                    _ => e,
+                }
+            })),
         }
     }
 }
@@ -373,6 +422,10 @@ impl<T> RequestFields<PublishBatchRequest<T>> for PublishFields {
         tracing::info_span!("publish_batch", topic = %req.topic, events = req.events.len())
     }
 }
+
+/// How much later than a batch's own bound the batch stack's timeout layer
+/// fires (see [`PublishStack::batch_service`]).
+pub const BATCH_BACKSTOP: Duration = Duration::from_secs(1);
 
 /// The default stack around a single-event publish service `S`.
 pub type PublishEventStack<S = PublishEvent> = Logging<
@@ -427,7 +480,7 @@ impl PublishStack {
             client: client.clone(),
             consecutive_failures: 5,
             open_wait: Duration::from_secs(60),
-            timeout: client.config().delivery_timeout() + Duration::from_secs(5),
+            timeout: client.config().delivery_timeout() + PUBLISH_TIMEOUT_MARGIN,
             max_batch_size: client.config().max_batch_size(),
             success_level: Level::DEBUG,
         }
@@ -439,8 +492,14 @@ impl PublishStack {
     }
 
     /// The batch service: the stack around [`KafkaClient::batch_publisher`].
+    ///
+    /// The batch publisher itself is bounded by the stack's timeout, so that a
+    /// batch that runs out of time still answers what became of each event; the
+    /// timeout layer, [`BATCH_BACKSTOP`] later, only catches a batch that hangs
+    /// for another reason.
     pub fn batch_service(&self) -> PublishBatchStack {
-        self.wrap_batch_service(self.client.batch_publisher())
+        let inner = self.client.batch_publisher().with_timeout(self.timeout);
+        self.wrap_batch(inner, self.timeout + BATCH_BACKSTOP)
     }
 
     /// The stack around any single-event publish service (a decorated
@@ -457,7 +516,11 @@ impl PublishStack {
 
     /// The stack around any batch publish service.
     pub fn wrap_batch_service<S>(&self, inner: S) -> PublishBatchStack<S> {
-        let timed = TimeoutLayer::new(self.timeout).layer(inner);
+        self.wrap_batch(inner, self.timeout)
+    }
+
+    fn wrap_batch<S>(&self, inner: S, timeout: Duration) -> PublishBatchStack<S> {
+        let timed = TimeoutLayer::new(timeout).layer(inner);
         let guarded = self.breaker.layer(timed);
         let sized = BatchSizeLayer::new()
             .max(self.max_batch_size)

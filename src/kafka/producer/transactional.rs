@@ -1,4 +1,27 @@
 //! All-or-nothing publishing with Kafka transactions.
+//!
+//! # When a step fails
+//!
+//! librdkafka says what a failed transaction step needs
+//! (`rd_kafka_error_is_retriable`, `_txn_requires_abort`, `_is_fatal`), and the
+//! publisher follows it so that it stays usable:
+//!
+//! - **commit timed out / retriable**: the commit goes on inside librdkafka and
+//!   may land. It is called again, up to [`COMMIT_ATTEMPTS`] times; if it is still
+//!   unresolved the batch fails with
+//!   [`OutcomeUnknown`](ProducerErrorKind::OutcomeUnknown) and every event
+//!   [`Unknown`](EventOutcome::Unknown) (never "0 delivered"), and the next
+//!   [`begin`](TransactionalPublisher::begin) finishes that commit first (a new
+//!   transaction cannot begin before it).
+//! - **abortable**: the transaction is aborted (retried like the commit); the
+//!   events are [`Failed`](EventOutcome::Failed). An abort that fails is
+//!   reported ([`KafkaProducerError::abort_error`]), not dropped, and is redone
+//!   before the next transaction.
+//! - **fatal**: the producer is unusable; the next transaction recreates it
+//!   (same `transactional.id`, transactions initialised again). A producer
+//!   *fenced* by a newer one with the same id is not recreated (that would fence
+//!   the newer one in turn): every later call fails with
+//!   [`Fatal`](ProducerErrorKind::Fatal); build a new publisher to take over.
 
 use quanta::Instant;
 use std::borrow::Cow;
@@ -7,6 +30,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, Producer};
 use serde::Serialize;
 use tokio::sync::{Mutex, OwnedMutexGuard};
@@ -15,16 +39,46 @@ use uuid::Uuid;
 use super::batch::{BatchAck, PublishBatchFuture, PublishBatchRequest};
 use super::{Prepared, PublishAck, PublishMetrics, await_acks};
 use crate::kafka::client::{KafkaClient, KeelClientContext, KeelProducer};
+use crate::kafka::config::KafkaConfig;
 use crate::kafka::envelope::EventEnvelope;
-use crate::kafka::error::{BatchOutcome, KafkaProducerError, ProducerErrorKind};
+use crate::kafka::error::{
+    BatchOutcome, EventOutcome, EventResult, KafkaProducerError, ProducerErrorKind,
+};
+
+/// How many times a commit (or an abort) that fails with a retriable error,
+/// such as a timeout, is called before its outcome is reported as unknown. Each
+/// call waits at most the config's request timeout.
+pub const COMMIT_ATTEMPTS: u32 = 3;
 
 struct TxInner {
-    producer: KeelProducer,
-    lock: Arc<Mutex<()>>,
+    state: Arc<Mutex<TxState>>,
     metrics: Arc<PublishMetrics>,
     transactional_id: String,
     max_batch_size: usize,
     timeout: Duration,
+    config: KafkaConfig,
+}
+
+/// The producer and what it needs before its next transaction. Held by the
+/// open transaction (one at a time).
+struct TxState {
+    producer: KeelProducer,
+    repair: Repair,
+}
+
+/// What a failed transaction left to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Repair {
+    /// Nothing: a transaction may begin.
+    None,
+    /// A commit whose outcome is unknown: call commit again to finish it.
+    FinishCommit,
+    /// An abort that failed: abort again.
+    Abort,
+    /// A fatal error: create the producer again.
+    Recreate,
+    /// Fenced by a newer producer with the same id: unusable for good.
+    Fenced,
 }
 
 /// Publishes batches atomically: a read-committed consumer sees all of a
@@ -35,7 +89,8 @@ struct TxInner {
 /// transaction at a time; concurrent callers wait their turn. Use
 /// [`publish_batch`](Self::publish_batch) (or the `Service` impl) for one topic,
 /// or [`begin`](Self::begin) for several topics and explicit commit / abort.
-/// A [`Transaction`] dropped without commit is aborted.
+/// A [`Transaction`] dropped without commit is aborted. A failed step leaves the
+/// publisher usable; see the [module docs](self).
 ///
 /// Transactional events are fenced and committed by the broker, so this costs a
 /// few round trips per batch: use it for critical events, not bulk traffic.
@@ -53,8 +108,150 @@ impl fmt::Debug for TransactionalPublisher {
     }
 }
 
-fn tx_error(topic: &str, e: rdkafka::error::KafkaError) -> KafkaProducerError {
+fn tx_error(topic: &str, e: KafkaError) -> KafkaProducerError {
     KafkaProducerError::from_kafka(topic, e)
+}
+
+/// What librdkafka says a failed transaction step needs.
+#[derive(Clone, Copy, Debug, Default)]
+struct Needs {
+    retriable: bool,
+    abort: bool,
+    fatal: bool,
+    fenced: bool,
+}
+
+fn needs(e: &KafkaError) -> Needs {
+    let fenced = matches!(
+        e.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch)
+    );
+    match e {
+        KafkaError::Transaction(r) => Needs {
+            retriable: r.is_retriable(),
+            abort: r.txn_requires_abort(),
+            fatal: r.is_fatal(),
+            fenced,
+        },
+        // rdkafka flushes before committing: nothing is committed yet, try again.
+        KafkaError::Flush(_) => Needs {
+            retriable: true,
+            ..Needs::default()
+        },
+        _ => Needs {
+            fatal: fenced,
+            fenced,
+            ..Needs::default()
+        },
+    }
+}
+
+/// Creates the transactional producer and initialises its transactions
+/// (fencing any older producer with the same id). Blocking.
+fn create_producer(
+    config: &KafkaConfig,
+    id: &str,
+    timeout: Duration,
+) -> Result<KeelProducer, KafkaProducerError> {
+    let mut rd = config.producer_client_config();
+    rd.set("transactional.id", id);
+    let context = KeelClientContext::new("transactional-producer", config);
+    let producer: KeelProducer = rd
+        .create_with_context(context)
+        .map_err(|e| tx_error("", e))?;
+    producer
+        .init_transactions(timeout)
+        .map_err(|e| tx_error("", e))?;
+    Ok(producer)
+}
+
+/// Aborts, calling again on retriable errors; the error of the last call.
+/// Leaves in `state.repair` what remains to do. Blocking.
+fn abort_blocking(
+    state: &mut TxState,
+    timeout: Duration,
+    topic: &str,
+) -> Result<(), KafkaProducerError> {
+    let mut last = None;
+    for _ in 0..COMMIT_ATTEMPTS {
+        match state.producer.abort_transaction(timeout) {
+            Ok(()) => {
+                state.repair = Repair::None;
+                return Ok(());
+            }
+            Err(e) => {
+                let n = needs(&e);
+                last = Some(tx_error(topic, e));
+                if n.fatal {
+                    state.repair = if n.fenced {
+                        Repair::Fenced
+                    } else {
+                        Repair::Recreate
+                    };
+                    break;
+                }
+                state.repair = Repair::Abort;
+                if !n.retriable {
+                    break;
+                }
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| KafkaProducerError::new(topic, ProducerErrorKind::Other)))
+}
+
+/// How a commit ended.
+enum Committed {
+    /// Committed: the events are visible.
+    Yes,
+    /// Not committed (aborted, or refused): the error, with the abort's if it failed.
+    No(KafkaProducerError),
+    /// May have been committed: the error.
+    Unknown(KafkaProducerError),
+}
+
+/// Commits, calling again on retriable errors, aborting when librdkafka
+/// requires it. Leaves in `state.repair` what remains to do. Blocking.
+fn commit_blocking(state: &mut TxState, timeout: Duration, topic: &str) -> Committed {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let e = match state.producer.commit_transaction(timeout) {
+            Ok(()) => {
+                state.repair = Repair::None;
+                return Committed::Yes;
+            }
+            Err(e) => e,
+        };
+        let n = needs(&e);
+        let err = tx_error(topic, e);
+        if n.fatal {
+            // The producer died during the commit: it may have landed.
+            state.repair = if n.fenced {
+                Repair::Fenced
+            } else {
+                Repair::Recreate
+            };
+            return Committed::Unknown(unknown(topic, err));
+        }
+        if n.abort || !n.retriable {
+            // Refused: abort, as librdkafka requires, so the producer goes on.
+            return match abort_blocking(state, timeout, topic) {
+                Ok(()) => Committed::No(err),
+                Err(abort) => Committed::No(err.with_abort_error(abort)),
+            };
+        }
+        if attempt >= COMMIT_ATTEMPTS {
+            state.repair = Repair::FinishCommit;
+            return Committed::Unknown(unknown(topic, err));
+        }
+        tracing::debug!(target: "keel::kafka", attempt, error = %err, "commit not finished yet; calling it again");
+    }
+}
+
+/// "The commit may have landed", caused by `err`.
+fn unknown(topic: &str, err: KafkaProducerError) -> KafkaProducerError {
+    KafkaProducerError::with_source(topic, ProducerErrorKind::OutcomeUnknown, err)
 }
 
 impl TransactionalPublisher {
@@ -83,27 +280,23 @@ impl TransactionalPublisher {
                     "no transactional.id: pass one or set KAFKA_TRANSACTIONAL_ID",
                 )
             })?;
-        let mut rd = config.producer_client_config();
-        rd.set("transactional.id", &id);
-        let context = KeelClientContext::new("transactional-producer", config);
-        let producer: KeelProducer = rd
-            .create_with_context(context)
-            .map_err(|e| tx_error("", e))?;
         let timeout = config.request_timeout();
-        let init = producer.clone();
-        tokio::task::spawn_blocking(move || init.init_transactions(timeout))
+        let (c, i) = (config.clone(), id.clone());
+        let producer = tokio::task::spawn_blocking(move || create_producer(&c, &i, timeout))
             .await
-            .map_err(|e| KafkaProducerError::with_source("", ProducerErrorKind::Other, e))?
-            .map_err(|e| tx_error("", e))?;
+            .map_err(|e| KafkaProducerError::with_source("", ProducerErrorKind::Other, e))??;
         tracing::info!(target: "keel::kafka", transactional_id = %id, "transactional producer ready");
         Ok(TransactionalPublisher {
             inner: Arc::new(TxInner {
-                producer,
-                lock: Arc::new(Mutex::new(())),
+                state: Arc::new(Mutex::new(TxState {
+                    producer,
+                    repair: Repair::None,
+                })),
                 metrics: client.shared.metrics.clone(),
                 transactional_id: id,
                 max_batch_size: config.max_batch_size(),
                 timeout,
+                config: config.clone(),
             }),
         })
     }
@@ -113,10 +306,15 @@ impl TransactionalPublisher {
         &self.inner.transactional_id
     }
 
-    /// Waits for the previous transaction to finish, then begins one.
+    /// Waits for the previous transaction to finish, repairs what it left (a
+    /// commit to finish, an abort to redo, a producer to recreate; see the
+    /// [module docs](self)), then begins one.
     pub async fn begin(&self) -> Result<Transaction, KafkaProducerError> {
-        let guard = self.inner.lock.clone().lock_owned().await;
-        self.inner
+        let mut guard = self.inner.state.clone().lock_owned().await;
+        if guard.repair != Repair::None {
+            guard = self.repair(guard).await?;
+        }
+        guard
             .producer
             .begin_transaction()
             .map_err(|e| tx_error("", e))?;
@@ -129,9 +327,53 @@ impl TransactionalPublisher {
         })
     }
 
+    /// Does what the last transaction left to do, on a blocking thread.
+    async fn repair(
+        &self,
+        mut guard: OwnedMutexGuard<TxState>,
+    ) -> Result<OwnedMutexGuard<TxState>, KafkaProducerError> {
+        let timeout = self.inner.timeout;
+        let config = self.inner.config.clone();
+        let id = self.inner.transactional_id.clone();
+        tokio::task::spawn_blocking(move || {
+            let state = &mut *guard;
+            let result = match state.repair {
+                Repair::None => Ok(()),
+                Repair::FinishCommit => match commit_blocking(state, timeout, "") {
+                    Committed::Yes => {
+                        tracing::warn!(target: "keel::kafka", transactional_id = %id, "the earlier transaction whose commit outcome was unknown is committed");
+                        Ok(())
+                    }
+                    Committed::No(e) => {
+                        tracing::warn!(target: "keel::kafka", transactional_id = %id, error = %e, "the earlier transaction whose commit outcome was unknown is aborted");
+                        if state.repair == Repair::None { Ok(()) } else { Err(e) }
+                    }
+                    Committed::Unknown(e) => Err(e),
+                },
+                Repair::Abort => abort_blocking(state, timeout, ""),
+                Repair::Recreate => create_producer(&config, &id, timeout).map(|p| {
+                    tracing::warn!(target: "keel::kafka", transactional_id = %id, "transactional producer recreated after a fatal error");
+                    state.producer = p;
+                    state.repair = Repair::None;
+                }),
+                Repair::Fenced => Err(KafkaProducerError::with_source(
+                    "",
+                    ProducerErrorKind::Fatal,
+                    "fenced by a newer producer with the same transactional.id; \
+                     create a new TransactionalPublisher to take over",
+                )),
+            };
+            result.map(|()| guard)
+        })
+        .await
+        .map_err(|e| KafkaProducerError::with_source("", ProducerErrorKind::Other, e))?
+    }
+
     /// Publishes `events` to `topic` in one transaction: all are committed, or,
     /// on any failure, the transaction is aborted and none is visible to
-    /// read-committed consumers.
+    /// read-committed consumers. The error's [`batch`](KafkaProducerError::batch)
+    /// says what became of each event: all failed (aborted), or all unknown when
+    /// the commit may have landed.
     pub async fn publish_batch<T: Serialize>(
         &self,
         topic: &str,
@@ -149,16 +391,49 @@ impl TransactionalPublisher {
             ));
         }
         self.inner.metrics.record_batch(total);
-        let mut tx = self.begin().await?;
+        let mut tx = match self.begin().await {
+            Ok(tx) => tx,
+            Err(e) => {
+                let ids = events.iter().map(EventEnvelope::event_id);
+                return Err(e.with_batch(BatchOutcome::all(ids, EventOutcome::NotSent)));
+            }
+        };
         if let Err(e) = tx.publish_all(topic, &events) {
-            let _ = tx.abort().await;
-            return Err(e);
+            // Nothing becomes visible: the enqueued events are aborted, the rest unsent.
+            let enqueued = tx.deliveries.len();
+            let kind = aborted_kind(&e);
+            let results = events
+                .iter()
+                .enumerate()
+                .map(|(i, ev)| EventResult {
+                    event_id: ev.event_id(),
+                    outcome: if i <= enqueued {
+                        EventOutcome::Failed(kind)
+                    } else {
+                        EventOutcome::NotSent
+                    },
+                })
+                .collect();
+            let e = e.with_batch(BatchOutcome::from_events(results));
+            return Err(match tx.abort().await {
+                Ok(()) => e,
+                Err(abort) => e.with_abort_error(abort),
+            });
         }
         let acks = tx.commit().await?;
         Ok(BatchAck {
             topic: Cow::Owned(topic.to_string()),
             acks,
         })
+    }
+}
+
+/// The kind an aborted transaction's events failed with: what made it abort
+/// (an event that was not stored is not "unknown" once its transaction is aborted).
+fn aborted_kind(e: &KafkaProducerError) -> ProducerErrorKind {
+    match e.kind() {
+        ProducerErrorKind::OutcomeUnknown => ProducerErrorKind::Timeout,
+        kind => kind,
     }
 }
 
@@ -186,7 +461,7 @@ impl<T: Serialize + Send + Sync + 'static> tower::Service<PublishBatchRequest<T>
 /// abort aborts the transaction in the background.
 pub struct Transaction {
     inner: Arc<TxInner>,
-    guard: Option<OwnedMutexGuard<()>>,
+    guard: Option<OwnedMutexGuard<TxState>>,
     deliveries: Vec<(DeliveryFuture, Uuid)>,
     first_topic: Option<String>,
     started: Instant,
@@ -212,12 +487,16 @@ impl Transaction {
         topic: &str,
         event: &EventEnvelope<T>,
     ) -> Result<(), KafkaProducerError> {
+        let Some(state) = self.guard.as_ref() else {
+            return Err(KafkaProducerError::new(topic, ProducerErrorKind::Other));
+        };
         let prepared = Prepared::new(event, None).map_err(|e| {
             KafkaProducerError::with_source(topic, ProducerErrorKind::Serialization, e)
+                .with_event_id(event.event_id())
         })?;
-        let delivery = prepared
-            .send(&self.inner.producer, topic)
-            .map_err(|(e, _)| KafkaProducerError::from_kafka(topic, e))?;
+        let delivery = prepared.send(&state.producer, topic).map_err(|(e, _)| {
+            KafkaProducerError::from_kafka(topic, e).with_event_id(event.event_id())
+        })?;
         if self.first_topic.is_none() {
             self.first_topic = Some(topic.to_string());
         }
@@ -234,113 +513,118 @@ impl Transaction {
         events.iter().try_for_each(|e| self.publish(topic, e))
     }
 
-    /// Waits for every acknowledgement and commits. If any event failed, or the
-    /// commit fails, the transaction is aborted and the error returned.
+    /// Waits for every acknowledgement and commits.
+    ///
+    /// If an event failed, the transaction is aborted and the error says so,
+    /// every event [`Failed`](EventOutcome::Failed). If the commit fails, it is
+    /// retried or the transaction aborted as librdkafka requires (see the
+    /// [module docs](self)); when the commit may have landed the error is
+    /// [`OutcomeUnknown`](ProducerErrorKind::OutcomeUnknown) and every event
+    /// [`Unknown`](EventOutcome::Unknown). An abort that fails too is in
+    /// [`abort_error`](KafkaProducerError::abort_error).
     pub async fn commit(mut self) -> Result<Vec<PublishAck>, KafkaProducerError> {
         let topic = self.topic().to_string();
-        let total = self.deliveries.len();
-        let (acks, failure) = await_acks(std::mem::take(&mut self.deliveries), &topic).await;
-        if let Some(e) = failure {
-            let _ = self.finish(false).await;
-            self.inner
+        let deliveries = std::mem::take(&mut self.deliveries);
+        let total = deliveries.len();
+        let ids: Vec<Uuid> = deliveries.iter().map(|(_, id)| *id).collect();
+        let result = match await_acks(deliveries, &topic, None).await {
+            Err((e, _)) => {
+                let kind = aborted_kind(&e);
+                let e = e.with_batch(BatchOutcome::all(ids, EventOutcome::Failed(kind)));
+                match self.finish_abort().await {
+                    Ok(()) => Err(e),
+                    Err(abort) => Err(e.with_abort_error(abort)),
+                }
+            }
+            Ok(acks) => match self.finish(commit_blocking).await {
+                Ok(Committed::Yes) => Ok(acks),
+                Ok(Committed::No(e)) => {
+                    let kind = e.kind();
+                    Err(e.with_batch(BatchOutcome::all(ids, EventOutcome::Failed(kind))))
+                }
+                Ok(Committed::Unknown(e)) => {
+                    Err(e.with_batch(BatchOutcome::all(ids, EventOutcome::Unknown)))
+                }
+                Err(e) => Err(e.with_batch(BatchOutcome::all(ids, EventOutcome::Unknown))),
+            },
+        };
+        let elapsed = self.started.elapsed();
+        match &result {
+            Ok(_) => self
+                .inner
                 .metrics
-                .record_call(0, total as u64, self.started, self.started.elapsed());
-            return Err(e.with_batch(BatchOutcome {
-                total,
-                delivered: 0,
-                failed: total,
-            }));
-        }
-        match self.finish(true).await {
-            Ok(()) => {
-                self.inner.metrics.record_call(
-                    total as u64,
-                    0,
-                    self.started,
-                    self.started.elapsed(),
-                );
-                Ok(acks)
-            }
+                .record_call(total as u64, 0, self.started, elapsed),
             Err(e) => {
-                self.inner.metrics.record_call(
-                    0,
-                    total as u64,
-                    self.started,
-                    self.started.elapsed(),
+                self.inner
+                    .metrics
+                    .record_call(0, total as u64, self.started, elapsed);
+                tracing::warn!(
+                    target: "keel::kafka",
+                    transactional_id = %self.inner.transactional_id,
+                    events = total,
+                    outcome_unknown = e.may_have_been_delivered(),
+                    error = %e,
+                    "transaction failed"
                 );
-                Err(e.with_batch(BatchOutcome {
-                    total,
-                    delivered: 0,
-                    failed: total,
-                }))
             }
         }
+        result
     }
 
     /// Aborts: none of the transaction's events become visible to read-committed
-    /// consumers.
+    /// consumers. A failed abort is redone before the publisher's next transaction.
     pub async fn abort(mut self) -> Result<(), KafkaProducerError> {
         // Let outstanding deliveries settle so the abort does not race them.
         for (delivery, _) in std::mem::take(&mut self.deliveries) {
             let _ = delivery.await;
         }
-        self.finish(false).await
+        self.finish_abort().await
     }
 
-    /// Commits or aborts on a blocking thread, keeping the publisher's lock until
-    /// done. A failed commit that requires it is followed by an abort.
-    async fn finish(&mut self, commit: bool) -> Result<(), KafkaProducerError> {
-        let guard = self.guard.take();
-        let producer = self.inner.producer.clone();
+    /// Runs `step` (a commit or an abort) on a blocking thread with the
+    /// publisher's state, keeping its lock until done. `Err` only when the
+    /// blocking task is lost.
+    async fn finish<R: Send + 'static>(
+        &mut self,
+        step: fn(&mut TxState, Duration, &str) -> R,
+    ) -> Result<R, KafkaProducerError> {
+        let Some(mut guard) = self.guard.take() else {
+            return Err(KafkaProducerError::new(
+                self.topic(),
+                ProducerErrorKind::Other,
+            ));
+        };
         let timeout = self.inner.timeout;
         let topic = self.topic().to_string();
-        let id = self.inner.transactional_id.clone();
-        tokio::task::spawn_blocking(move || {
-            let _guard = guard;
-            let result = if commit {
-                producer.commit_transaction(timeout)
-            } else {
-                producer.abort_transaction(timeout)
-            };
-            match result {
-                Ok(()) => {
-                    tracing::debug!(target: "keel::kafka", transactional_id = %id, commit, "transaction finished");
-                    Ok(())
-                }
-                Err(e) => {
-                    let err = KafkaProducerError::from_kafka(topic.as_str(), e);
-                    if commit
-                        && matches!(
-                            err.kind(),
-                            ProducerErrorKind::Transaction {
-                                requires_abort: true,
-                                ..
-                            }
-                        )
-                    {
-                        let _ = producer.abort_transaction(timeout);
-                    }
-                    tracing::warn!(target: "keel::kafka", transactional_id = %id, commit, error = %err, "transaction failed");
-                    Err(err)
-                }
+        tokio::task::spawn_blocking(move || step(&mut guard, timeout, &topic))
+            .await
+            .map_err(|e| KafkaProducerError::with_source(self.topic(), ProducerErrorKind::Other, e))
+    }
+
+    /// Aborts on a blocking thread; see [`finish`](Self::finish).
+    async fn finish_abort(&mut self) -> Result<(), KafkaProducerError> {
+        let result = self.finish(abort_blocking).await.and_then(|r| r);
+        match &result {
+            Ok(()) => {
+                tracing::debug!(target: "keel::kafka", transactional_id = %self.inner.transactional_id, "transaction aborted")
             }
-        })
-        .await
-        .map_err(|e| KafkaProducerError::with_source(self.topic(), ProducerErrorKind::Other, e))?
+            Err(e) => {
+                tracing::warn!(target: "keel::kafka", transactional_id = %self.inner.transactional_id, error = %e, "transaction abort failed; it is redone before the next transaction")
+            }
+        }
+        result
     }
 }
 
 impl Drop for Transaction {
     fn drop(&mut self) {
-        let Some(guard) = self.guard.take() else {
+        let Some(mut guard) = self.guard.take() else {
             return;
         };
-        let producer = self.inner.producer.clone();
         let timeout = self.inner.timeout;
-        let abort = move || {
-            let _guard = guard;
-            if let Err(e) = producer.abort_transaction(timeout) {
-                tracing::warn!(target: "keel::kafka", error = %e, "abort of a dropped transaction failed");
+        let mut abort = move || {
+            if let Err(e) = abort_blocking(&mut guard, timeout, "") {
+                tracing::warn!(target: "keel::kafka", error = %e, "abort of a dropped transaction failed; it is redone before the next transaction");
             }
         };
         match tokio::runtime::Handle::try_current() {
