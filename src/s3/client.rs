@@ -57,11 +57,21 @@ use super::config::S3Config;
 use super::error::{S3ErrorKind, S3Operation, S3ServiceError};
 
 /// The configured S3 client. See the [module docs](self).
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct S3Client {
     sdk: aws_sdk_s3::Client,
     config: Arc<S3Config>,
     gate: Arc<Gate>,
+}
+
+// By hand: the SDK client's `Debug` prints the static access key id.
+impl std::fmt::Debug for S3Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Client")
+            .field("config", &self.config)
+            .field("gate", &self.gate)
+            .finish_non_exhaustive()
+    }
 }
 
 impl S3Client {
