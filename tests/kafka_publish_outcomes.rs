@@ -429,3 +429,120 @@ async fn a_commit_that_times_out_is_retried_then_reported_unknown_and_the_publis
         );
     }
 }
+
+fn tx_config(cluster: &Cluster) -> KafkaConfig {
+    builder(cluster)
+        .request_timeout(Duration::from_secs(5))
+        .delivery_timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fatal_commit_error_recreates_the_producer_for_the_next_transaction() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let topic = topic();
+    let cluster = cluster(&topic);
+    let client = KafkaClient::connect(tx_config(&cluster)).unwrap();
+    let publisher = client
+        .transactional_publisher(Some(&format!("keel-tx-{}", Uuid::new_v4())))
+        .await
+        .expect("transactions initialised");
+
+    // The coordinator answers the commit with INVALID_TXN_STATE: fatal for
+    // librdkafka, the producer is unusable.
+    cluster.request_errors(
+        RDKafkaApiKey::EndTxn,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_TXN_STATE],
+    );
+    let failed: Vec<EventEnvelope> = (0..3).map(event).collect();
+    let err = publisher
+        .publish_batch(&topic, failed)
+        .await
+        .expect_err("a fatal commit error");
+    assert!(err.batch().is_some_and(|b| b.total == 3), "{err}");
+
+    // The next transaction runs on a new producer (same transactional.id).
+    let next: Vec<EventEnvelope> = (3..6).map(event).collect();
+    let ack = publisher
+        .publish_batch(&topic, next)
+        .await
+        .expect("the publisher recreated its producer");
+    assert_eq!(ack.acks.len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abortable_commit_error_aborts_and_says_every_event_failed() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let topic = topic();
+    let cluster = cluster(&topic);
+    let client = KafkaClient::connect(tx_config(&cluster)).unwrap();
+    let publisher = client
+        .transactional_publisher(Some(&format!("keel-tx-{}", Uuid::new_v4())))
+        .await
+        .expect("transactions initialised");
+    cluster.request_errors(
+        RDKafkaApiKey::EndTxn,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_PRODUCER_ID],
+    );
+    let events: Vec<EventEnvelope> = (0..3).map(event).collect();
+    let err = publisher
+        .publish_batch(&topic, events)
+        .await
+        .expect_err("the coordinator refuses the commit");
+    assert!(!err.may_have_been_delivered(), "{err}");
+    let outcome = err.batch().expect("per-event results");
+    assert_eq!((outcome.failed, outcome.unknown), (3, 0), "{err}");
+    let next: Vec<EventEnvelope> = (3..6).map(event).collect();
+    publisher
+        .publish_batch(&topic, next)
+        .await
+        .expect("usable after the abort");
+}
+
+/// A payload that cannot be serialized.
+#[derive(Clone)]
+struct Unserializable;
+
+impl serde::Serialize for Unserializable {
+    fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+        Err(serde::ser::Error::custom("not serializable"))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_abort_is_reported_with_the_failure_and_redone() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let topic = topic();
+    let cluster = cluster(&topic);
+    let client = KafkaClient::connect(tx_config(&cluster)).unwrap();
+    let publisher = client
+        .transactional_publisher(Some(&format!("keel-tx-{}", Uuid::new_v4())))
+        .await
+        .expect("transactions initialised");
+    // The second event cannot be serialized: the first is aborted, and the
+    // coordinator refuses that abort.
+    cluster.request_errors(
+        RDKafkaApiKey::EndTxn,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_TXN_STATE],
+    );
+    let events = vec![
+        EventEnvelope::new("ok", None),
+        EventEnvelope::new("bad", Some(Unserializable)),
+    ];
+    let err = publisher
+        .publish_batch(&topic, events)
+        .await
+        .expect_err("the second event cannot be serialized");
+    assert_eq!(err.kind(), ProducerErrorKind::Serialization, "{err}");
+    let abort = err.abort_error().expect("the failed abort is reported");
+    assert!(err.to_string().contains("the abort failed too"), "{err}");
+    println!("abort error: {abort}");
+    let outcome = err.batch().expect("per-event results");
+    assert_eq!(outcome.failed, 2);
+
+    publisher
+        .publish_batch(&topic, vec![event(1)])
+        .await
+        .expect("the publisher recovers before its next transaction");
+}
