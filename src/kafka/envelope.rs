@@ -123,7 +123,13 @@ impl<T> EventEnvelope<T> {
         }
     }
 
-    /// Sets the event id (for example to keep an id from upstream).
+    /// Sets the event id (for example to keep an id from upstream, or an
+    /// idempotency key the caller chose).
+    ///
+    /// The id is what consumers deduplicate on: when a publish fails with an
+    /// unknown outcome ([`ProducerErrorKind::OutcomeUnknown`](crate::kafka::error::ProducerErrorKind::OutcomeUnknown)),
+    /// resend the same envelope (clones keep the id), never a new one, so that a
+    /// copy that was stored after all can be recognised.
     pub fn with_event_id(mut self, id: Uuid) -> Self {
         self.event_id = id;
         self

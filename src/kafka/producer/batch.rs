@@ -138,7 +138,7 @@ impl PublishBatch {
 
     /// Bounds the whole batch, enqueueing and acknowledgements (default: the
     /// config's [`delivery_timeout`](crate::kafka::config::KafkaConfig::delivery_timeout)
-    /// + [`PUBLISH_TIMEOUT_MARGIN`]). When it expires the batch fails with
+    /// plus [`PUBLISH_TIMEOUT_MARGIN`]). When it expires the batch fails with
     /// [`ProducerErrorKind::OutcomeUnknown`]: the events acknowledged by then are
     /// delivered, those still waiting are [`EventOutcome::Unknown`] (they are in
     /// librdkafka's queue and may yet be delivered), those not enqueued yet

@@ -32,11 +32,27 @@
 //! A publish resolves within the config's
 //! [`delivery_timeout`](crate::kafka::config::KafkaConfig::delivery_timeout)
 //! (librdkafka's `message.timeout.ms`, 30 s by default instead of librdkafka's
-//! 300 s): when the brokers are down the event fails with
-//! [`ProducerErrorKind::Timeout`]
-//! rather than waiting forever. A full local queue fails at once with
-//! `QueueFull` (retryable) for single events; a batch waits for its own earlier
-//! events to drain, within the delivery timeout.
+//! 300 s, or the value passed through `KAFKA_RDKAFKA_MESSAGE_TIMEOUT_MS`) rather
+//! than waiting forever. A full local queue fails at once with `QueueFull`
+//! (retryable, back-pressure: it does not count towards the publish breaker) for
+//! single events; a batch waits for its own earlier events to drain, within the
+//! delivery timeout, and is bounded as a whole by [`PublishBatch::with_timeout`].
+//!
+//! # Outcomes: delivered, failed, or unknown
+//!
+//! An acknowledgement that does not come in time does not mean the event was
+//! lost: it may be in flight, or still in librdkafka's queue. Such a publish
+//! fails with [`ProducerErrorKind::OutcomeUnknown`]
+//! ([`KafkaProducerError::may_have_been_delivered`]), which keel's retry layer
+//! does not retry; the error names the event
+//! ([`KafkaProducerError::event_id`]). Resend only the same envelope (its event
+//! id is the consumers' dedupe key; set your own with
+//! [`EventEnvelope::with_event_id`](crate::kafka::envelope::EventEnvelope::with_event_id)).
+//! A failed batch says what became of each event
+//! ([`KafkaProducerError::batch`]: [`BatchOutcome`](crate::kafka::error::BatchOutcome),
+//! one [`EventResult`] per event: delivered with partition and offset, failed
+//! with its kind, not sent, or unknown), so the caller resends exactly the
+//! events that are [`safe_to_resend`](crate::kafka::error::BatchOutcome::safe_to_resend).
 //!
 //! # Retries and ordering
 //!

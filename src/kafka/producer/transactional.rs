@@ -1,27 +1,6 @@
 //! All-or-nothing publishing with Kafka transactions.
 //!
-//! # When a step fails
-//!
-//! librdkafka says what a failed transaction step needs
-//! (`rd_kafka_error_is_retriable`, `_txn_requires_abort`, `_is_fatal`), and the
-//! publisher follows it so that it stays usable:
-//!
-//! - **commit timed out / retriable**: the commit goes on inside librdkafka and
-//!   may land. It is called again, up to [`COMMIT_ATTEMPTS`] times; if it is still
-//!   unresolved the batch fails with
-//!   [`OutcomeUnknown`](ProducerErrorKind::OutcomeUnknown) and every event
-//!   [`Unknown`](EventOutcome::Unknown) (never "0 delivered"), and the next
-//!   [`begin`](TransactionalPublisher::begin) finishes that commit first (a new
-//!   transaction cannot begin before it).
-//! - **abortable**: the transaction is aborted (retried like the commit); the
-//!   events are [`Failed`](EventOutcome::Failed). An abort that fails is
-//!   reported ([`KafkaProducerError::abort_error`]), not dropped, and is redone
-//!   before the next transaction.
-//! - **fatal**: the producer is unusable; the next transaction recreates it
-//!   (same `transactional.id`, transactions initialised again). A producer
-//!   *fenced* by a newer one with the same id is not recreated (that would fence
-//!   the newer one in turn): every later call fails with
-//!   [`Fatal`](ProducerErrorKind::Fatal); build a new publisher to take over.
+//! What happens when a step fails: see [`TransactionalPublisher`].
 
 use quanta::Instant;
 use std::borrow::Cow;
@@ -89,8 +68,30 @@ enum Repair {
 /// transaction at a time; concurrent callers wait their turn. Use
 /// [`publish_batch`](Self::publish_batch) (or the `Service` impl) for one topic,
 /// or [`begin`](Self::begin) for several topics and explicit commit / abort.
-/// A [`Transaction`] dropped without commit is aborted. A failed step leaves the
-/// publisher usable; see the [module docs](self).
+/// A [`Transaction`] dropped without commit is aborted.
+///
+/// # When a step fails
+///
+/// librdkafka says what a failed transaction step needs
+/// (`rd_kafka_error_is_retriable`, `_txn_requires_abort`, `_is_fatal`), and the
+/// publisher follows it so that it stays usable:
+///
+/// - **commit timed out / retriable**: the commit goes on inside librdkafka and
+///   may land. It is called again, up to [`COMMIT_ATTEMPTS`] times; if it is still
+///   unresolved the batch fails with
+///   [`OutcomeUnknown`](ProducerErrorKind::OutcomeUnknown) and every event
+///   [`Unknown`](EventOutcome::Unknown) (never "0 delivered"), and the next
+///   [`begin`](TransactionalPublisher::begin) finishes that commit first (a new
+///   transaction cannot begin before it).
+/// - **abortable**: the transaction is aborted (retried like the commit); the
+///   events are [`Failed`](EventOutcome::Failed). An abort that fails is
+///   reported ([`KafkaProducerError::abort_error`]), not dropped, and is redone
+///   before the next transaction.
+/// - **fatal**: the producer is unusable; the next transaction recreates it
+///   (same `transactional.id`, transactions initialised again). A producer
+///   *fenced* by a newer one with the same id is not recreated (that would fence
+///   the newer one in turn): every later call fails with
+///   [`Fatal`](ProducerErrorKind::Fatal); build a new publisher to take over.
 ///
 /// Transactional events are fenced and committed by the broker, so this costs a
 /// few round trips per batch: use it for critical events, not bulk traffic.
@@ -308,7 +309,7 @@ impl TransactionalPublisher {
 
     /// Waits for the previous transaction to finish, repairs what it left (a
     /// commit to finish, an abort to redo, a producer to recreate; see the
-    /// [module docs](self)), then begins one.
+    /// [type docs](TransactionalPublisher)), then begins one.
     pub async fn begin(&self) -> Result<Transaction, KafkaProducerError> {
         let mut guard = self.inner.state.clone().lock_owned().await;
         if guard.repair != Repair::None {
@@ -518,7 +519,7 @@ impl Transaction {
     /// If an event failed, the transaction is aborted and the error says so,
     /// every event [`Failed`](EventOutcome::Failed). If the commit fails, it is
     /// retried or the transaction aborted as librdkafka requires (see the
-    /// [module docs](self)); when the commit may have landed the error is
+    /// [`TransactionalPublisher`] docs); when the commit may have landed the error is
     /// [`OutcomeUnknown`](ProducerErrorKind::OutcomeUnknown) and every event
     /// [`Unknown`](EventOutcome::Unknown). An abort that fails too is in
     /// [`abort_error`](KafkaProducerError::abort_error).
