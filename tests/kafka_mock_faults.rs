@@ -75,7 +75,7 @@ async fn broker_down_fails_with_a_typed_error_in_bounded_time() {
     let client = KafkaClient::connect(config(&cluster, Duration::from_secs(1))).unwrap();
     let publisher = client.publisher();
 
-    warm_up(&client, &topic).await;
+    kafka_util::warm_up(&client, &topic).await;
     eventually("CONNECTED", || client.state() == ConnectionState::Connected).await;
 
     cluster.broker_down(1).unwrap();
@@ -127,22 +127,6 @@ async fn broker_down_fails_with_a_typed_error_in_bounded_time() {
     let m = client.publish_metrics();
     assert!(m.total_published >= 2);
     assert!(m.total_failed >= 4);
-}
-
-/// Publishes until one event is acknowledged: on a loaded machine the first
-/// connection and the idempotent producer's id can take longer than the short
-/// delivery timeouts these tests use.
-async fn warm_up(client: &KafkaClient, topic: &str) {
-    for _ in 0..10 {
-        let r = client
-            .publisher()
-            .oneshot(PublishRequest::new(topic.to_string(), event(0)))
-            .await;
-        if r.is_ok() {
-            return;
-        }
-    }
-    panic!("no publish succeeded while the broker was up");
 }
 
 async fn publisher_batch_fails(client: &KafkaClient, topic: &str) -> KafkaProducerError {
@@ -407,7 +391,7 @@ async fn breaker_opens_after_5_failures_fails_fast_then_a_probe_closes_it() {
     let topic = topic();
     let cluster = cluster(&topic, 1);
     let client = KafkaClient::connect(config(&cluster, Duration::from_secs(1))).unwrap();
-    warm_up(&client, &topic).await;
+    kafka_util::warm_up(&client, &topic).await;
 
     let open_wait = Duration::from_secs(1);
     let stack = PublishStack::builder(&client).open_wait(open_wait).build();
@@ -533,7 +517,7 @@ async fn injected_round_trip_time_makes_the_timeout_layer_fire() {
     let topic = topic();
     let cluster = cluster(&topic, 1);
     let client = KafkaClient::connect(config(&cluster, Duration::from_secs(20))).unwrap();
-    warm_up(&client, &topic).await;
+    kafka_util::warm_up(&client, &topic).await;
 
     let stack = PublishStack::builder(&client)
         .timeout(Duration::from_millis(300))
@@ -637,7 +621,7 @@ async fn a_full_local_queue_is_a_typed_error_for_events_and_waited_out_by_batche
         .build()
         .unwrap();
     let client = KafkaClient::connect(config).unwrap();
-    warm_up(&client, &topic).await;
+    kafka_util::warm_up(&client, &topic).await;
 
     // Single events: the 11th enqueue in a row finds the queue full.
     let mut publisher = client.publisher();

@@ -15,7 +15,9 @@ use keel::kafka::client::KafkaClient;
 use keel::kafka::config::{KafkaConfig, KafkaLogLevel};
 use keel::kafka::envelope::EventEnvelope;
 use keel::kafka::error::{EventOutcome, KafkaProducerError, ProducerErrorKind};
-use keel::kafka::producer::{BATCH_BACKSTOP, PublishBatchRequest, PublishRequest, PublishStack};
+use keel::kafka::producer::{
+    BATCH_BACKSTOP, PublishBatchRequest, PublishRequest, PublishStack, TransactionalPublisher,
+};
 use keel::layers::circuit_breaker::CircuitState;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
@@ -45,21 +47,6 @@ fn event(i: usize) -> EventEnvelope {
     EventEnvelope::new("outcome.event", serde_json::json!({ "i": i }))
 }
 
-/// Publishes until one event is acknowledged (the first connection and the
-/// idempotent producer's id can be slow on a loaded machine).
-async fn warm_up(client: &KafkaClient, topic: &str) {
-    for _ in 0..10 {
-        let r = client
-            .publisher()
-            .oneshot(PublishRequest::new(topic.to_string(), event(0)))
-            .await;
-        if r.is_ok() {
-            return;
-        }
-    }
-    panic!("no publish succeeded on the mock cluster");
-}
-
 /// Event ids stored in `topic` (one partition), read by a plain rdkafka consumer.
 async fn stored_ids(cluster: &Cluster, topic: &str, expected: usize) -> HashSet<Uuid> {
     let (b, t) = (cluster.bootstrap_servers(), topic.to_string());
@@ -80,7 +67,7 @@ async fn a_publish_cut_by_the_stack_timeout_is_outcome_unknown_and_is_delivered_
         .build()
         .unwrap();
     let client = KafkaClient::connect(config).unwrap();
-    warm_up(&client, &topic).await;
+    kafka_util::warm_up(&client, &topic).await;
 
     let stack = PublishStack::builder(&client)
         .timeout(Duration::from_millis(300))
@@ -147,7 +134,7 @@ async fn librdkafka_timing_out_an_event_in_flight_is_outcome_unknown() {
         .build()
         .unwrap();
     let client = KafkaClient::connect(config).unwrap();
-    warm_up(&client, &topic).await;
+    kafka_util::warm_up(&client, &topic).await;
     cluster
         .broker_round_trip_time(1, Duration::from_secs(3))
         .unwrap();
@@ -215,7 +202,7 @@ async fn a_batch_cut_by_its_time_says_what_became_of_each_event() {
         .build()
         .unwrap();
     let client = KafkaClient::connect(config).unwrap();
-    warm_up(&client, &topic).await;
+    kafka_util::warm_up(&client, &topic).await;
     cluster
         .broker_round_trip_time(1, Duration::from_secs(1))
         .unwrap();
@@ -291,7 +278,7 @@ async fn a_full_local_queue_does_not_open_the_breaker() {
         .build()
         .unwrap();
     let client = KafkaClient::connect(config).unwrap();
-    warm_up(&client, &topic).await;
+    kafka_util::warm_up(&client, &topic).await;
 
     let stack = PublishStack::new(&client); // opens after 5 consecutive failures
     let mut publish = stack.event_service();
@@ -430,24 +417,27 @@ async fn a_commit_that_times_out_is_retried_then_reported_unknown_and_the_publis
     }
 }
 
-fn tx_config(cluster: &Cluster) -> KafkaConfig {
-    builder(cluster)
+/// A topic on a new mock cluster and a transactional publisher for it.
+async fn tx_publisher() -> (String, Cluster, TransactionalPublisher) {
+    let topic = topic();
+    let cluster = cluster(&topic);
+    let config = builder(&cluster)
         .request_timeout(Duration::from_secs(5))
         .delivery_timeout(Duration::from_secs(20))
         .build()
+        .unwrap();
+    let publisher = KafkaClient::connect(config)
         .unwrap()
+        .transactional_publisher(Some(&format!("keel-tx-{}", Uuid::new_v4())))
+        .await
+        .expect("transactions initialised");
+    (topic, cluster, publisher)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fatal_commit_error_recreates_the_producer_for_the_next_transaction() {
     use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-    let topic = topic();
-    let cluster = cluster(&topic);
-    let client = KafkaClient::connect(tx_config(&cluster)).unwrap();
-    let publisher = client
-        .transactional_publisher(Some(&format!("keel-tx-{}", Uuid::new_v4())))
-        .await
-        .expect("transactions initialised");
+    let (topic, cluster, publisher) = tx_publisher().await;
 
     // The coordinator answers the commit with INVALID_TXN_STATE: fatal for
     // librdkafka, the producer is unusable.
@@ -474,13 +464,7 @@ async fn a_fatal_commit_error_recreates_the_producer_for_the_next_transaction() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_abortable_commit_error_aborts_and_says_every_event_failed() {
     use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-    let topic = topic();
-    let cluster = cluster(&topic);
-    let client = KafkaClient::connect(tx_config(&cluster)).unwrap();
-    let publisher = client
-        .transactional_publisher(Some(&format!("keel-tx-{}", Uuid::new_v4())))
-        .await
-        .expect("transactions initialised");
+    let (topic, cluster, publisher) = tx_publisher().await;
     cluster.request_errors(
         RDKafkaApiKey::EndTxn,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_PRODUCER_ID],
@@ -513,13 +497,7 @@ impl serde::Serialize for Unserializable {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_abort_is_reported_with_the_failure_and_redone() {
     use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-    let topic = topic();
-    let cluster = cluster(&topic);
-    let client = KafkaClient::connect(tx_config(&cluster)).unwrap();
-    let publisher = client
-        .transactional_publisher(Some(&format!("keel-tx-{}", Uuid::new_v4())))
-        .await
-        .expect("transactions initialised");
+    let (topic, cluster, publisher) = tx_publisher().await;
     // The second event cannot be serialized: the first is aborted, and the
     // coordinator refuses that abort.
     cluster.request_errors(

@@ -127,23 +127,52 @@ pub struct S3Config {
 
 impl fmt::Debug for S3Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("S3Config")
-            .field("environment", &self.environment)
-            .field("region", &self.region)
-            .field("bucket", &self.bucket)
-            .field("endpoint", &self.endpoint.as_deref().map(redact_user_info))
-            .field("force_path_style", &self.force_path_style)
-            .field("checksums_when_required", &self.checksums_when_required)
-            .field("connect_timeout", &self.connect_timeout)
-            .field("request_timeout", &self.request_timeout)
-            .field("pool_max_idle_per_host", &self.pool_max_idle_per_host)
-            .field("pool_idle_timeout", &self.pool_idle_timeout)
-            .field(
-                "credentials",
-                &self.credentials.as_ref().map(|_| "static (redacted)"),
-            )
-            .finish()
+        debug_config(
+            f,
+            "S3Config",
+            [
+                ("environment", &self.environment),
+                ("region", &self.region),
+                ("bucket", &self.bucket),
+                ("force_path_style", &self.force_path_style),
+                ("checksums_when_required", &self.checksums_when_required),
+            ],
+            self.endpoint.as_deref(),
+            self.credentials.is_some(),
+            [
+                ("connect_timeout", &self.connect_timeout),
+                ("request_timeout", &self.request_timeout),
+                ("pool_max_idle_per_host", &self.pool_max_idle_per_host),
+                ("pool_idle_timeout", &self.pool_idle_timeout),
+            ],
+        )
     }
+}
+
+/// `Debug` of a config or its builder without secrets: the endpoint's user
+/// info and the static credentials (the SDK's `Credentials` hides only the
+/// secret key, not the access key id) are redacted.
+fn debug_config(
+    f: &mut fmt::Formatter<'_>,
+    name: &str,
+    first: [(&str, &dyn fmt::Debug); 5],
+    endpoint: Option<&str>,
+    static_credentials: bool,
+    rest: [(&str, &dyn fmt::Debug); 4],
+) -> fmt::Result {
+    let mut d = f.debug_struct(name);
+    for (field, value) in first {
+        d.field(field, value);
+    }
+    d.field("endpoint", &endpoint.map(redact_user_info));
+    for (field, value) in rest {
+        d.field(field, value);
+    }
+    d.field(
+        "credentials",
+        &static_credentials.then_some("static (redacted)"),
+    );
+    d.finish()
 }
 
 impl S3Config {
@@ -332,26 +361,29 @@ pub struct S3ConfigBuilder {
     credentials: Option<Credentials>,
 }
 
-// By hand: the derived `Debug` would print the access key id (the SDK's
-// `Credentials` hides only the secret), and an endpoint's user info.
+// By hand: the derived `Debug` would print the access key id and an
+// endpoint's user info.
 impl fmt::Debug for S3ConfigBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("S3ConfigBuilder")
-            .field("environment", &self.environment)
-            .field("region", &self.region)
-            .field("bucket", &self.bucket)
-            .field("endpoint", &self.endpoint.as_deref().map(redact_user_info))
-            .field("force_path_style", &self.force_path_style)
-            .field("checksums_when_required", &self.checksums_when_required)
-            .field("connect_timeout", &self.connect_timeout)
-            .field("request_timeout", &self.request_timeout)
-            .field("pool_max_idle_per_host", &self.pool_max_idle_per_host)
-            .field("pool_idle_timeout", &self.pool_idle_timeout)
-            .field(
-                "credentials",
-                &self.credentials.as_ref().map(|_| "static (redacted)"),
-            )
-            .finish()
+        debug_config(
+            f,
+            "S3ConfigBuilder",
+            [
+                ("environment", &self.environment),
+                ("region", &self.region),
+                ("bucket", &self.bucket),
+                ("force_path_style", &self.force_path_style),
+                ("checksums_when_required", &self.checksums_when_required),
+            ],
+            self.endpoint.as_deref(),
+            self.credentials.is_some(),
+            [
+                ("connect_timeout", &self.connect_timeout),
+                ("request_timeout", &self.request_timeout),
+                ("pool_max_idle_per_host", &self.pool_max_idle_per_host),
+                ("pool_idle_timeout", &self.pool_idle_timeout),
+            ],
+        )
     }
 }
 

@@ -1,4 +1,5 @@
-//! Helpers shared by the Kafka integration tests: an independent reader.
+//! Helpers shared by the Kafka integration tests: an independent reader, a
+//! warm-up publish.
 #![allow(dead_code)]
 
 use std::time::{Duration, Instant};
@@ -92,4 +93,25 @@ pub fn header<'a>(m: &'a OwnedMessage, name: &str) -> Option<&'a [u8]> {
         .iter()
         .find(|h| h.key == name)
         .and_then(|h| h.value)
+}
+
+/// Publishes until one event is acknowledged: on a loaded machine the first
+/// connection and the idempotent producer's id can take longer than the short
+/// delivery timeouts some tests use.
+pub async fn warm_up(client: &keel::kafka::client::KafkaClient, topic: &str) {
+    use tower::ServiceExt;
+    for _ in 0..10 {
+        let event = EventEnvelope::new("warm.up", serde_json::json!({}));
+        let r = client
+            .publisher()
+            .oneshot(keel::kafka::producer::PublishRequest::new(
+                topic.to_string(),
+                event,
+            ))
+            .await;
+        if r.is_ok() {
+            return;
+        }
+    }
+    panic!("no publish succeeded while the broker was up");
 }
