@@ -259,9 +259,19 @@ async fn a_batch_cut_by_its_time_says_what_became_of_each_event() {
         "an event reported as not stored was stored"
     );
     println!(
-        "FIGURE batch cut at 1.5 s: {} delivered, {} unknown ({unknown_stored} of them stored later), {} safe to resend (none stored)",
+        "FIGURE batch cut at 1.5 s: {} delivered, {} unknown ({unknown_stored} of them stored later), {} failed + {} not sent = {} safe to resend (none stored)",
         outcome.delivered,
         outcome.unknown,
+        outcome
+            .events
+            .iter()
+            .filter(|e| matches!(e.outcome, EventOutcome::Failed(_)))
+            .count(),
+        outcome
+            .events
+            .iter()
+            .filter(|e| e.outcome == EventOutcome::NotSent)
+            .count(),
         resendable.len()
     );
     assert_eq!(unknown_stored, unknown.len());
@@ -303,6 +313,10 @@ async fn a_full_local_queue_does_not_open_the_breaker() {
     assert!(
         queue_full >= 5,
         "only {queue_full} calls found the queue full"
+    );
+    println!(
+        "FIGURE queue full: {queue_full} of 20 calls refused with QueueFull, breaker {:?}",
+        stack.circuit_breaker().state()
     );
     assert_eq!(
         stack.circuit_breaker().state(),
