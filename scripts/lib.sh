@@ -105,7 +105,26 @@ live_pid() {
 	pid="$(cat "$file" 2>/dev/null || true)"
 	[[ $pid =~ ^[0-9]+$ ]] || return 0
 	[[ -r /proc/$pid/cmdline ]] || return 0
-	if tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF -- "$2"; then
+	local cmdline="" try
+	# While a process is inside execve (the daemon's shell becoming the server) or
+	# is a zombie not yet reaped, its cmdline reads empty: read again before
+	# deciding, so a server that is starting is never taken for one that exited.
+	for try in 1 2 3 4 5; do
+		cmdline="$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null || true)"
+		[[ -z $cmdline ]] || break
+		[[ -d /proc/$pid ]] || return 0
+		sleep 0.1
+	done
+	if [[ -z $cmdline ]]; then
+		# Still empty: a zombie (exited) or a process in exec; only a live one counts.
+		local state
+		state="$(sed 's/.*) //' "/proc/$pid/stat" 2>/dev/null | cut -d' ' -f1 || true)"
+		if [[ -n $state && $state != Z ]]; then
+			echo "$pid"
+		fi
+		return 0
+	fi
+	if grep -qF -- "$2" <<<"$cmdline"; then
 		echo "$pid"
 	fi
 }
