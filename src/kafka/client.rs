@@ -410,6 +410,34 @@ pub trait ManagedConsumer: Send + Sync + 'static {
     fn is_connected(&self) -> bool;
     /// Stops fetching, finishes in-flight work, commits and closes, within `timeout`.
     fn close(&self, timeout: Duration) -> CloseFuture;
+    /// Its part of the health report. The default says only whether it is
+    /// connected.
+    fn health(&self) -> ConsumerHealth {
+        ConsumerHealth {
+            name: self.name(),
+            connected: self.is_connected(),
+            state: if self.is_connected() { "running" } else { "disconnected" }.to_string(),
+            failure: None,
+            stuck_partitions: Vec::new(),
+        }
+    }
+}
+
+/// One registered consumer in the health report.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsumerHealth {
+    /// Its name (group and topics).
+    pub name: String,
+    /// Running and connected.
+    pub connected: bool,
+    /// `starting`, `running`, `failed` or `stopped`.
+    pub state: String,
+    /// Why it failed, when it did: the report is then unhealthy.
+    pub failure: Option<String>,
+    /// Partitions held because a message cannot be dead-lettered, each with its
+    /// offset, time stuck, attempts and last error: the report is then degraded.
+    pub stuck_partitions: Vec<String>,
 }
 
 /// Keeps a consumer registered with its [`KafkaClient`]; dropping it deregisters.
@@ -513,6 +541,11 @@ pub struct KafkaHealth {
     pub brokers: usize,
     /// The watched circuit breaker's state (`CLOSED`, `OPEN`, `HALF_OPEN`), if any.
     pub circuit_breaker: Option<String>,
+    /// Each registered consumer: state, failure, stuck partitions.
+    pub consumers: Vec<ConsumerHealth>,
+    /// Healthy but not whole: a registered consumer holds a partition it cannot
+    /// dead-letter from. (A failed consumer makes the report unhealthy instead.)
+    pub degraded: bool,
 }
 
 /// Connection facts of the health report.
@@ -804,8 +837,11 @@ impl KafkaClient {
             .admin_tracker
             .get()
             .is_some_and(|t| t.state() == ConnectionState::Connected);
+        let consumer_health: Vec<ConsumerHealth> = consumers.iter().map(|c| c.health()).collect();
+        let consumer_failed = consumer_health.iter().any(|c| c.failure.is_some());
+        let degraded = consumer_health.iter().any(|c| !c.stuck_partitions.is_empty());
         Ok(KafkaHealth {
-            is_healthy: brokers > 0 && state == ConnectionState::Connected,
+            is_healthy: brokers > 0 && state == ConnectionState::Connected && !consumer_failed,
             state,
             uptime_ms: self.uptime().as_millis() as u64,
             metrics: HealthMetrics {
@@ -817,6 +853,8 @@ impl KafkaClient {
             last_error: self.last_error(),
             brokers,
             circuit_breaker: self.circuit_breaker_state(),
+            consumers: consumer_health,
+            degraded,
         })
     }
 

@@ -5,7 +5,10 @@
 
 use super::error::ConsumerError;
 use super::poll::{Command, Shared};
-use crate::kafka::client::{CloseFuture, ConnectionState, ConnectionTracker, ManagedConsumer};
+use super::state::{ConsumerState, StateCell, StuckPartitions};
+use crate::kafka::client::{
+    CloseFuture, ConnectionState, ConnectionTracker, ConsumerHealth, ManagedConsumer,
+};
 use crate::kafka::dead_letter::DeadLetterPublisher;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -26,6 +29,10 @@ pub(crate) struct ConsumerControl {
     pub(crate) topics: Vec<String>,
     /// Fed by the consumer's librdkafka events (errors, statistics, assignments).
     pub(crate) connection: Arc<ConnectionTracker>,
+    /// Starting, running, failed (with the cause) or stopped.
+    pub(crate) state: Arc<StateCell>,
+    /// Messages whose dead-letter publish keeps failing.
+    pub(crate) stuck: Arc<StuckPartitions>,
     /// Set when a graceful shutdown starts: from then on dropping the handle aborts
     /// nothing.
     pub(crate) finished: AtomicBool,
@@ -51,11 +58,7 @@ impl ConsumerControl {
     pub(crate) async fn shutdown(&self, timeout: Duration) -> Result<(), ConsumerError> {
         let mut closed = self.closed.lock().await;
         if let Some(timed_out) = *closed {
-            return if timed_out {
-                Err(ConsumerError::ShutdownTimedOut(timeout))
-            } else {
-                Ok(())
-            };
+            return self.outcome(timed_out, timeout);
         }
         let deadline = tokio::time::Instant::now() + timeout;
         self.finished.store(true, Ordering::SeqCst);
@@ -83,13 +86,38 @@ impl ConsumerControl {
             }
         }
         self.shared.running.store(false, Ordering::SeqCst);
+        self.state.stopped();
         *closed = Some(timed_out);
         tracing::info!(group_id = %self.group_id, timed_out, "kafka consumer stopped");
+        self.outcome(timed_out, timeout)
+    }
+
+    /// The answer of a shutdown: a failure first (it is why the consumer stopped),
+    /// then a timeout.
+    fn outcome(&self, timed_out: bool, timeout: Duration) -> Result<(), ConsumerError> {
+        if let ConsumerState::Failed { reason } = self.state.get() {
+            return Err(ConsumerError::Failed { reason });
+        }
         if timed_out {
             Err(ConsumerError::ShutdownTimedOut(timeout))
         } else {
             Ok(())
         }
+    }
+
+    /// The consumer failed: stop the poll thread without committing more (what
+    /// lanes finished before is committed on close in auto-commit mode; the rest is
+    /// delivered again) and let the lanes stop after their current message. A later
+    /// `shutdown` collects the lanes and returns the failure.
+    pub(crate) fn stop_after_failure(&self) {
+        self.shared.running.store(false, Ordering::SeqCst);
+        drop(lock(&self.commands).take());
+        let _ = self.lane_stop.send(true);
+    }
+
+    /// Whether the consumer runs: started, not stopped, not failed.
+    pub(crate) fn is_running(&self) -> bool {
+        self.shared.running.load(Ordering::SeqCst) && !self.state.get().is_failed()
     }
 
     /// Stops everything at once without committing more (the handle was dropped
@@ -106,6 +134,7 @@ impl ConsumerControl {
         for task in lock(&self.lane_tasks).iter() {
             task.abort();
         }
+        self.state.stopped();
     }
 }
 
@@ -124,8 +153,42 @@ impl ManagedConsumer for RegisteredConsumer {
     }
 
     fn is_connected(&self) -> bool {
-        self.0.shared.running.load(Ordering::SeqCst)
-            && self.0.connection.state() == ConnectionState::Connected
+        self.0.is_running() && self.0.connection.state() == ConnectionState::Connected
+    }
+
+    fn health(&self) -> ConsumerHealth {
+        let state = self.0.state.get();
+        ConsumerHealth {
+            name: self.name(),
+            connected: self.is_connected(),
+            state: match &state {
+                ConsumerState::Starting => "starting",
+                ConsumerState::Running => "running",
+                ConsumerState::Failed { .. } => "failed",
+                ConsumerState::Stopped => "stopped",
+            }
+            .to_string(),
+            failure: match state {
+                ConsumerState::Failed { reason } => Some(reason),
+                _ => None,
+            },
+            stuck_partitions: self
+                .0
+                .stuck
+                .snapshot()
+                .into_iter()
+                .map(|s| {
+                    format!(
+                        "{} at offset {}: dead-letter publish failing for {} s ({} attempts): {}",
+                        s.partition,
+                        s.offset,
+                        s.stuck_for.as_secs(),
+                        s.failures,
+                        s.last_error
+                    )
+                })
+                .collect(),
+        }
     }
 
     fn close(&self, timeout: Duration) -> CloseFuture {

@@ -172,6 +172,15 @@ pub enum ConsumerError {
     /// ([`KafkaConsumerBuilder::ensure_dlq_topics`](super::KafkaConsumerBuilder::ensure_dlq_topics)).
     #[error(transparent)]
     DeadLetterTopic(#[from] crate::kafka::dead_letter::DeadLetterTopicError),
+    /// The consumer stopped because of a fault: a panic on the poll thread or in a
+    /// lane, or a message that could not be dead-lettered under
+    /// [`DeadLetterFailure::StopConsumer`](super::DeadLetterFailure::StopConsumer).
+    /// What was finished before it is committed; nothing after.
+    #[error("the consumer failed: {reason}")]
+    Failed {
+        /// The cause (at most 1 KiB).
+        reason: String,
+    },
 }
 
 impl ConsumerError {

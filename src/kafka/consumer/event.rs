@@ -6,6 +6,7 @@ use rdkafka::Message;
 use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
 use std::fmt;
 use std::ops::Range;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -65,6 +66,14 @@ impl ReceivedMessage {
     pub fn payload(&self) -> Option<&[u8]> {
         Some(&self.data[self.spans.payload.clone()?])
     }
+    /// Whether the message's headers could not be read (a header name that is not
+    /// UTF-8). Its [`headers`](Self::headers) are then `None`; the runtime
+    /// dead-letters such a message as undecodable (class `decode`), without its
+    /// original headers.
+    pub fn has_unreadable_headers(&self) -> bool {
+        self.spans.unreadable_headers
+    }
+
     /// All headers, in their original order (rdkafka's [`Headers`] trait).
     pub fn headers(&self) -> Option<MessageHeaders<'_>> {
         let (count, range) = self.spans.headers.clone()?;
@@ -178,6 +187,9 @@ struct MessageSpans {
     payload: Option<Range<usize>>,
     /// Header count and encoded headers.
     headers: Option<(usize, Range<usize>)>,
+    /// A header name was not UTF-8: the headers were dropped and the message is
+    /// treated as undecodable.
+    unreadable_headers: bool,
 }
 
 /// Where one copied message lies in a [`CopyBuffer`].
@@ -220,10 +232,24 @@ impl CopyBuffer {
         let base = self.data.len();
         let key = m.key().map(|k| self.push(base, k));
         let payload = m.payload().map(|p| self.push(base, p));
-        let headers = m.headers().map(|hs| {
+        let mut unreadable_headers = false;
+        let headers = m.headers().and_then(|hs| {
             let start = self.data.len() - base;
             let mut count = 0;
-            for h in hs.iter() {
+            for i in 0..hs.count() {
+                // rdkafka's header accessors unwrap the name as UTF-8 and panic on
+                // any other bytes (any producer can write such a name): catch that
+                // here, on the poll thread, and let the lane dead-letter the
+                // message as undecodable instead of losing the thread.
+                let h = match catch_unwind(AssertUnwindSafe(|| hs.try_get(i))) {
+                    Ok(Some(h)) => h,
+                    Ok(None) => break,
+                    Err(_) => {
+                        self.data.truncate(base + start);
+                        unreadable_headers = true;
+                        return None;
+                    }
+                };
                 // Kafka lengths are i32, so they fit a u32 below `NO_VALUE`.
                 self.data
                     .extend_from_slice(&(h.key.len() as u32).to_le_bytes());
@@ -237,7 +263,7 @@ impl CopyBuffer {
                 }
                 count += 1;
             }
-            (count, start..self.data.len() - base)
+            Some((count, start..self.data.len() - base))
         });
         CopiedSpans {
             within: base..self.data.len(),
@@ -248,6 +274,7 @@ impl CopyBuffer {
                 key,
                 payload,
                 headers,
+                unreadable_headers,
             },
         }
     }

@@ -10,9 +10,10 @@ use super::error::{BoxError, error_chain};
 use super::event::{ConsumedEvent, MessageHeaders, ReceivedMessage};
 use super::metrics::{ConsumerMetrics, Ending};
 use super::poll::{Batch, Completion};
-use crate::kafka::dead_letter::{
-    DeadLetter, DeadLetterPublisher, DeadLetterReason, Disposition, reason_for,
-};
+use super::state::{DeadLetterFailure, StateCell, StuckPartitions};
+use super::supervise::CatchPanic;
+use super::tracker::TopicPartition;
+use crate::kafka::dead_letter::{DeadLetterPublisher, DeadLetterReason, reason_for};
 use crate::kafka::envelope::EventEnvelope;
 use keel_layers::retry::{Backoff, Retry, RetryLayer, RetryPolicy};
 use std::sync::Arc;
@@ -22,16 +23,14 @@ use tokio::time::Instant;
 use tower::{Service, ServiceExt};
 use tracing::Instrument;
 
-pub(crate) type Boxed<S> =
-    tower::util::MapErr<S, fn(<S as Service<ConsumedEvent>>::Error) -> BoxError>;
-type Retried<S> = Retry<CountAttempts<Boxed<S>>, HandlerErrors>;
+type Retried<S> = Retry<CountAttempts<CatchPanic<S>>, HandlerErrors>;
 
-/// The per-lane handler stack the runtime builds from the start options.
-pub(crate) enum Stack<S: Service<ConsumedEvent>> {
-    /// Retry, then dead-letter.
-    DeadLetter(DeadLetter<Retried<S>>),
-    /// Retry, then log and skip (DLQ disabled).
-    Plain(Retried<S>),
+/// The per-lane handler stack the runtime builds from the start options:
+/// panics caught, attempts counted, retries. Dead-lettering is done by the lane
+/// (see [`dead_letter`]) so that a failed publish is retried without running the
+/// handler again.
+pub(crate) struct Stack<S: Service<ConsumedEvent>> {
+    retry: Retried<S>,
 }
 
 pub(crate) struct LaneContext {
@@ -39,6 +38,12 @@ pub(crate) struct LaneContext {
     pub(crate) metrics: Arc<ConsumerMetrics>,
     pub(crate) dlq: Option<DeadLetterPublisher>,
     pub(crate) backoff: Backoff,
+    pub(crate) on_dlq_failure: DeadLetterFailure,
+    pub(crate) stuck: Arc<StuckPartitions>,
+    pub(crate) state: Arc<StateCell>,
+    /// The lanes' stop signal, for messages whose dead-letter publish is retried
+    /// outside the lane.
+    pub(crate) stop: watch::Receiver<bool>,
 }
 
 impl<S> Stack<S>
@@ -47,47 +52,17 @@ where
     S::Error: Into<BoxError>,
     S::Future: Send + 'static,
 {
-    pub(crate) fn new(handler: S, policy: RetryPolicy, dlq: Option<DeadLetterPublisher>) -> Self {
-        let boxed: Boxed<S> = handler.map_err(Into::into as fn(S::Error) -> BoxError);
+    pub(crate) fn new(handler: S, policy: RetryPolicy, metrics: Arc<ConsumerMetrics>) -> Self {
         let retry = tower::Layer::layer(
             &RetryLayer::new(policy).classifier(HandlerErrors),
-            CountAttempts::new(boxed),
+            CountAttempts::new(CatchPanic::new(handler, metrics)),
         );
-        match dlq {
-            Some(publisher) => Stack::DeadLetter(DeadLetter::new(retry, publisher)),
-            None => Stack::Plain(retry),
-        }
+        Stack { retry }
     }
 
-    /// Handles one event to its end. `Err` only when the dead-letter publish failed.
-    async fn handle(&mut self, event: ConsumedEvent) -> Result<Ending, BoxError> {
-        match self {
-            Stack::DeadLetter(svc) => match svc.ready().await?.call(event).await? {
-                Disposition::Handled => Ok(Ending::Processed),
-                Disposition::DeadLettered(_) => Ok(Ending::DeadLettered),
-            },
-            Stack::Plain(svc) => {
-                let result = match svc.ready().await {
-                    Ok(ready) => ready.call(event.clone()).await,
-                    Err(e) => Err(e),
-                };
-                match result {
-                    Ok(()) => Ok(Ending::Processed),
-                    Err(e) => {
-                        tracing::error!(
-                            topic = event.topic(),
-                            partition = event.partition(),
-                            offset = event.offset(),
-                            event_type = event.event_type(),
-                            attempts = event.attempts_made(),
-                            error = %error_chain(e.as_ref()),
-                            "handler failed and the DLQ is disabled: message skipped"
-                        );
-                        Ok(Ending::Failed)
-                    }
-                }
-            }
-        }
+    /// Runs the handler with its retries; the last error when it finally fails.
+    async fn handle(&mut self, event: ConsumedEvent) -> Result<(), BoxError> {
+        self.retry.ready().await?.call(event).await
     }
 }
 
@@ -178,13 +153,18 @@ pub(crate) async fn run_lane<S>(
                 partition = work.tp.partition,
                 offset
             );
-            let done = process(&mut stack, &ctx, work.message)
-                .instrument(span)
-                .await;
             let completion = Completion {
                 tp: work.tp,
                 epoch: work.epoch,
                 offset,
+            };
+            // `None`: its dead-letter publish goes on outside the lane, which
+            // reports the completion once the message is out.
+            let Some(done) = process(&mut stack, &ctx, &completion, work.message)
+                .instrument(span)
+                .await
+            else {
+                continue;
             };
             finished.push(completion, done);
             if finished.overdue(done) {
@@ -195,107 +175,209 @@ pub(crate) async fn run_lane<S>(
     finished.report(&ctx.completions);
 }
 
-/// Handles one message to its end; returns when it finished.
-async fn process<S>(stack: &mut Stack<S>, ctx: &LaneContext, message: ReceivedMessage) -> Instant
+/// Handles one message to its end; returns when it finished, or `None` when its
+/// dead-letter publish failed and goes on in the background.
+async fn process<S>(
+    stack: &mut Stack<S>,
+    ctx: &Arc<LaneContext>,
+    at: &Completion,
+    message: ReceivedMessage,
+) -> Option<Instant>
 where
     S: Service<ConsumedEvent, Response = ()> + Clone + Send + 'static,
     S::Error: Into<BoxError>,
     S::Future: Send + 'static,
 {
     let started = Instant::now();
-    let envelope = match EventEnvelope::from_parts(
-        message.payload(),
-        message.key(),
-        message
-            .headers()
-            .into_iter()
-            .flat_map(MessageHeaders::entries),
-        message.timestamp(),
-    ) {
+    let decoded = if message.has_unreadable_headers() {
+        Err(DeadLetterReason {
+            kind: "decode".into(),
+            error_type: "keel::kafka::consumer::UnreadableHeaders".into(),
+            message: "a header name is not valid UTF-8; the headers were dropped".into(),
+            attempts: 0,
+        })
+    } else {
+        EventEnvelope::from_parts(
+            message.payload(),
+            message.key(),
+            message
+                .headers()
+                .into_iter()
+                .flat_map(MessageHeaders::entries),
+            message.timestamp(),
+        )
+        .map_err(|error| reason_for(error, 0))
+    };
+    let envelope = match decoded {
         Ok(envelope) => envelope,
-        Err(error) => {
+        Err(reason) => {
             ctx.metrics.record_decode_error();
             tracing::warn!(
                 topic = message.topic(),
                 partition = message.partition(),
                 offset = message.offset(),
-                error = %error,
+                error = %reason.message,
                 "undecodable message"
             );
-            let ending = match &ctx.dlq {
-                Some(publisher) => {
-                    let reason = reason_for(error, 0);
-                    publish_until_acked(publisher, &message, &reason, ctx.backoff).await;
-                    Ending::DeadLettered
+            return match &ctx.dlq {
+                Some(publisher) => dead_letter(ctx, publisher, at, message, reason, started).await,
+                None => {
+                    let done = Instant::now();
+                    ctx.metrics.record(Ending::Failed, 0, done - started);
+                    Some(done)
                 }
-                None => Ending::Failed,
             };
-            let done = Instant::now();
-            ctx.metrics.record(ending, 0, done - started);
-            return done;
         }
     };
     let event = ConsumedEvent::new(envelope, message);
-    let mut round = 0u32;
-    loop {
-        let attempts_before = event.attempts_made();
-        match stack.handle(event.clone()).await {
-            Ok(ending) => {
-                // Retries of this round only; earlier rounds were counted already.
-                let retries = (event.attempts_made() - attempts_before).saturating_sub(1);
-                let done = Instant::now();
-                ctx.metrics.record(ending, retries, done - started);
-                return done;
-            }
-            Err(error) => {
-                // The DLQ publish failed: the offset must not be committed, so handle
-                // the message again (at-least-once) after a backoff.
-                round += 1;
-                let retries = (event.attempts_made() - attempts_before).saturating_sub(1);
-                ctx.metrics.record_retries(retries);
-                let delay = ctx.backoff.delay(round);
-                tracing::error!(
-                    topic = event.topic(),
-                    partition = event.partition(),
-                    offset = event.offset(),
-                    error = %error_chain(error.as_ref()),
-                    backoff_ms = delay.as_millis() as u64,
-                    "dead-letter publish failed; handling the message again"
+    let result = stack.handle(event.clone()).await;
+    let retries = event.attempts_made().saturating_sub(1);
+    let error = match result {
+        Ok(()) => {
+            let done = Instant::now();
+            ctx.metrics.record(Ending::Processed, retries, done - started);
+            return Some(done);
+        }
+        Err(error) => error,
+    };
+    match &ctx.dlq {
+        Some(publisher) => {
+            let reason = reason_for(error, event.attempts_made().max(1));
+            ctx.metrics.record_retries(retries);
+            dead_letter(ctx, publisher, at, event.message().clone(), reason, started).await
+        }
+        None => {
+            tracing::error!(
+                topic = event.topic(),
+                partition = event.partition(),
+                offset = event.offset(),
+                event_type = event.event_type(),
+                attempts = event.attempts_made(),
+                error = %error_chain(error.as_ref()),
+                "handler failed and the DLQ is disabled: message skipped"
+            );
+            let done = Instant::now();
+            ctx.metrics.record(Ending::Failed, retries, done - started);
+            Some(done)
+        }
+    }
+}
+
+/// Publishes a failed message to its dead-letter topic. On success the message is
+/// finished. On failure the handler is not run again: the publish is retried in a
+/// task of its own (the lane goes on with other messages; the supervisor pauses the
+/// message's partition) per [`DeadLetterFailure`]; the message stays unfinished, so
+/// nothing of its partition is committed past it. Returns `None` then.
+async fn dead_letter(
+    ctx: &Arc<LaneContext>,
+    publisher: &DeadLetterPublisher,
+    at: &Completion,
+    message: ReceivedMessage,
+    reason: DeadLetterReason,
+    started: Instant,
+) -> Option<Instant> {
+    match publisher.publish(&message, &reason).await {
+        Ok(landed) => {
+            log_dead_lettered(&message, &reason, &landed.topic, landed.offset);
+            let done = Instant::now();
+            ctx.metrics.record(Ending::DeadLettered, 0, done - started);
+            Some(done)
+        }
+        Err(error) => {
+            if publish_failed(ctx, &at.tp, at.offset, &error.to_string()) {
+                let task = keep_publishing(
+                    ctx.clone(),
+                    publisher.clone(),
+                    Completion {
+                        tp: at.tp.clone(),
+                        epoch: at.epoch,
+                        offset: at.offset,
+                    },
+                    message,
+                    reason,
+                    started,
                 );
+                tokio::spawn(task.in_current_span());
+            }
+            None
+        }
+    }
+}
+
+/// Counts a failed dead-letter publish; `false` when the policy says to stop (the
+/// consumer is failed then).
+fn publish_failed(ctx: &LaneContext, tp: &TopicPartition, offset: i64, error: &str) -> bool {
+    ctx.metrics.record_dlq_failure();
+    let failures = ctx.stuck.failed(tp, offset, error);
+    tracing::error!(%tp, offset, failures, error, "dead-letter publish failed; the partition is held (not committed past this message)");
+    match ctx.on_dlq_failure {
+        DeadLetterFailure::StopConsumer { after_failures } if failures >= after_failures.max(1) => {
+            ctx.state.fail(&format!(
+                "message {tp}@{offset} could not be dead-lettered after {failures} attempts: {error}"
+            ));
+            false
+        }
+        _ => true,
+    }
+}
+
+/// Retries a dead-letter publish with the retry policy's backoff until it is
+/// acknowledged (then reports the completion), the policy stops the consumer, or
+/// the lanes stop (then the message is left unfinished: delivered again later).
+async fn keep_publishing(
+    ctx: Arc<LaneContext>,
+    publisher: DeadLetterPublisher,
+    at: Completion,
+    message: ReceivedMessage,
+    reason: DeadLetterReason,
+    started: Instant,
+) {
+    let mut stop = ctx.stop.clone();
+    let mut round = 1u32;
+    loop {
+        let delay = ctx.backoff.delay(round);
+        let published = tokio::select! {
+            _ = stop.wait_for(|stop| *stop) => None,
+            published = async {
                 tokio::time::sleep(delay).await;
+                publisher.publish(&message, &reason).await
+            } => Some(published),
+        };
+        match published {
+            None => {
+                ctx.stuck.cleared(&at.tp, at.offset);
+                return;
+            }
+            Some(Ok(landed)) => {
+                ctx.stuck.cleared(&at.tp, at.offset);
+                log_dead_lettered(&message, &reason, &landed.topic, landed.offset);
+                ctx.metrics
+                    .record(Ending::DeadLettered, 0, Instant::now() - started);
+                let _ = ctx.completions.send(vec![at]);
+                return;
+            }
+            Some(Err(error)) => {
+                if !publish_failed(&ctx, &at.tp, at.offset, &error.to_string()) {
+                    return;
+                }
+                round = round.saturating_add(1);
             }
         }
     }
 }
 
-async fn publish_until_acked(
-    publisher: &DeadLetterPublisher,
-    message: &ReceivedMessage,
-    reason: &DeadLetterReason,
-    backoff: Backoff,
-) {
-    let mut round = 0u32;
-    loop {
-        match publisher.publish(message, reason).await {
-            Ok(landed) => {
-                tracing::error!(
-                    topic = message.topic(),
-                    partition = message.partition(),
-                    offset = message.offset(),
-                    dlq_topic = %landed.topic,
-                    dlq_offset = landed.offset,
-                    "undecodable message dead-lettered"
-                );
-                return;
-            }
-            Err(e) => {
-                round += 1;
-                let delay = backoff.delay(round);
-                tracing::error!(error = %e, backoff_ms = delay.as_millis() as u64, "dead-letter publish failed, retrying");
-                tokio::time::sleep(delay).await;
-            }
-        }
-    }
+fn log_dead_lettered(message: &ReceivedMessage, reason: &DeadLetterReason, topic: &str, offset: i64) {
+    tracing::error!(
+        topic = message.topic(),
+        partition = message.partition(),
+        offset = message.offset(),
+        attempts = reason.attempts,
+        error_kind = %reason.kind,
+        error = %reason.message,
+        dlq_topic = %topic,
+        dlq_offset = offset,
+        "message dead-lettered"
+    );
 }
 
 #[cfg(test)]
@@ -335,6 +417,10 @@ mod tests {
             metrics: Arc::default(),
             dlq: None,
             backoff: *policy.schedule_config(),
+            on_dlq_failure: DeadLetterFailure::default(),
+            stuck: Arc::new(StuckPartitions::new()),
+            state: Arc::new(StateCell::new()),
+            stop: watch::channel(false).1,
         };
         (Arc::new(ctx), rx)
     }
@@ -355,7 +441,11 @@ mod tests {
         S::Future: Send + 'static,
     {
         let (ctx, reports) = context();
-        let stack = Stack::new(handler, RetryPolicy::kafka().without_budget(), None);
+        let stack = Stack::new(
+            handler,
+            RetryPolicy::kafka().without_budget(),
+            ctx.metrics.clone(),
+        );
         let (queue, rx) = mpsc::channel(1);
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(run_lane(rx, stack, ctx.clone(), stop_rx));

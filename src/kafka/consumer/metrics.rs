@@ -13,6 +13,8 @@ pub struct ConsumerMetrics {
     retries: AtomicU64,
     dead_lettered: AtomicU64,
     decode_errors: AtomicU64,
+    panics: AtomicU64,
+    dlq_failures: AtomicU64,
     last_processed_at_ms: AtomicU64,
     processing_nanos: AtomicU64,
     timed: AtomicU64,
@@ -28,6 +30,8 @@ impl Default for ConsumerMetrics {
             retries: AtomicU64::new(0),
             dead_lettered: AtomicU64::new(0),
             decode_errors: AtomicU64::new(0),
+            panics: AtomicU64::new(0),
+            dlq_failures: AtomicU64::new(0),
             last_processed_at_ms: AtomicU64::new(0),
             processing_nanos: AtomicU64::new(0),
             timed: AtomicU64::new(0),
@@ -83,6 +87,14 @@ impl ConsumerMetrics {
         self.decode_errors.fetch_add(1, Relaxed);
     }
 
+    pub(crate) fn record_panic(&self) {
+        self.panics.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn record_dlq_failure(&self) {
+        self.dlq_failures.fetch_add(1, Relaxed);
+    }
+
     /// A consistent-enough copy of the counters.
     pub fn snapshot(&self) -> ConsumerMetricsSnapshot {
         let timed = self.timed.load(Relaxed);
@@ -109,6 +121,10 @@ impl ConsumerMetrics {
             total_retries: self.retries.load(Relaxed),
             total_dead_lettered: self.dead_lettered.load(Relaxed),
             total_decode_errors: self.decode_errors.load(Relaxed),
+            total_panics: self.panics.load(Relaxed),
+            dlq_failures: self.dlq_failures.load(Relaxed),
+            stuck_partitions: 0,
+            longest_stuck: Duration::ZERO,
             last_processed_at: (last != 0).then(|| UNIX_EPOCH + Duration::from_millis(last)),
             average_processing_time: average,
             p99_processing_time: p99,
@@ -130,6 +146,18 @@ pub struct ConsumerMetricsSnapshot {
     pub total_dead_lettered: u64,
     /// Messages that were not a valid event envelope.
     pub total_decode_errors: u64,
+    /// Handler panics caught (each is a failure of class `panic`, retried then
+    /// dead-lettered like any failure).
+    pub total_panics: u64,
+    /// Dead-letter publishes that failed (each is retried; see
+    /// [`DeadLetterFailure`](super::DeadLetterFailure)).
+    pub dlq_failures: u64,
+    /// Partitions held now because a message cannot be dead-lettered (filled by
+    /// [`KafkaConsumer::metrics`](super::KafkaConsumer::metrics); 0 from
+    /// [`ConsumerMetrics::snapshot`]).
+    pub stuck_partitions: u64,
+    /// How long the longest-stuck of them has been held (same source).
+    pub longest_stuck: Duration,
     /// When the last message finished (handled, dead-lettered or failed).
     pub last_processed_at: Option<SystemTime>,
     /// Mean time from the start of handling to the end (retries and DLQ included).

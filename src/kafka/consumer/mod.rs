@@ -105,6 +105,8 @@ mod lane;
 mod metrics;
 mod poll;
 pub mod scheduler;
+mod state;
+mod supervise;
 pub mod tracker;
 
 pub use crate::kafka::envelope::{DecodeError, EventEnvelope};
@@ -114,6 +116,9 @@ pub use error::{BoxError, ConsumerError, HandlerError, HandlerErrors, UnknownEve
 pub use event::{ConsumedEvent, MessageHeaders, ReceivedMessage, Timestamp};
 pub use metrics::{ConsumerMetrics, ConsumerMetricsSnapshot};
 pub use scheduler::ProcessingOrder;
+pub(crate) use state::truncate_utf8;
+pub use state::{ConsumerState, DeadLetterFailure, StuckPartition};
+pub use supervise::HandlerPanicked;
 pub use tracker::TopicPartition;
 
 use crate::kafka::client::{ConnectionTracker, ConsumerRegistration, KafkaClient};
@@ -123,6 +128,7 @@ use control::{ConsumerControl, RegisteredConsumer};
 use keel_layers::retry::RetryPolicy;
 use lane::{LaneContext, Stack, run_lane};
 use poll::{Command, KeelBaseConsumer, KeelConsumerContext, PollLoop, Shared};
+use state::{StateCell, StuckPartitions};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::Consumer;
 use std::collections::HashMap;
@@ -205,6 +211,7 @@ pub struct KafkaConsumerBuilder {
     backpressure_after: Duration,
     kafka_client: Option<KafkaClient>,
     log_level: KafkaLogLevel,
+    on_dlq_failure: DeadLetterFailure,
 }
 
 impl fmt::Debug for KafkaConsumerBuilder {
@@ -217,6 +224,7 @@ impl fmt::Debug for KafkaConsumerBuilder {
             .field("retry_policy", &self.retry_policy)
             .field("dlq_suffix", &self.dlq_suffix)
             .field("commit_interval", &self.commit_interval)
+            .field("on_dlq_failure", &self.on_dlq_failure)
             .field("registered", &self.kafka_client.is_some())
             .finish_non_exhaustive()
     }
@@ -273,6 +281,14 @@ impl KafkaConsumerBuilder {
     /// rebalances and `max.poll.interval.ms` are served however slow the handler.
     pub fn backpressure_after(mut self, patience: Duration) -> Self {
         self.backpressure_after = patience;
+        self
+    }
+
+    /// What to do when a message cannot be dead-lettered (default
+    /// [`DeadLetterFailure::KeepRetrying`]: retry the publish with backoff, only
+    /// that partition held, nothing committed past the message).
+    pub fn on_dlq_failure(mut self, policy: DeadLetterFailure) -> Self {
+        self.on_dlq_failure = policy;
         self
     }
 
@@ -391,22 +407,29 @@ impl KafkaConsumerBuilder {
         } else {
             None
         };
+        let (lane_stop, lane_stop_rx) = watch::channel(false);
+        let state = Arc::new(StateCell::new());
+        let stuck = Arc::new(StuckPartitions::new());
         let ctx = Arc::new(LaneContext {
             completions: completions_tx,
             metrics: metrics.clone(),
             dlq: dlq.clone(),
             backoff: *self.retry_policy.schedule_config(),
+            on_dlq_failure: self.on_dlq_failure,
+            stuck: stuck.clone(),
+            state: state.clone(),
+            stop: lane_stop_rx.clone(),
         });
-        let (lane_stop, lane_stop_rx) = watch::channel(false);
         let mut lanes = Vec::with_capacity(self.workers);
         let mut lane_tasks = Vec::with_capacity(self.workers);
         let (batch_max, lane_slots) = poll::lane_shape(self.lane_capacity);
-        for _ in 0..self.workers {
+        for index in 0..self.workers {
             let (tx, rx) = mpsc::channel(lane_slots);
             let policy = self.retry_policy.clone().max_retries(options.max_retries);
-            let stack = Stack::new(handler.clone(), policy, dlq.clone());
+            let stack = Stack::new(handler.clone(), policy, metrics.clone());
             lanes.push(tx);
-            lane_tasks.push(rt.spawn(run_lane(rx, stack, ctx.clone(), lane_stop_rx.clone())));
+            let lane = run_lane(rx, stack, ctx.clone(), lane_stop_rx.clone());
+            lane_tasks.push(rt.spawn(supervise::guard_lane(lane, index, state.clone())));
         }
 
         let (commands, commands_rx) = mpsc::unbounded_channel();
@@ -430,9 +453,17 @@ impl KafkaConsumerBuilder {
         };
         let weak = Arc::downgrade(&consumer);
         drop(consumer);
+        let poll_state = state.clone();
+        let poll_shared = shared.clone();
         std::thread::Builder::new()
             .name("keel-kafka-poll".into())
-            .spawn(move || poll_loop.run())
+            .spawn(move || {
+                poll_state.running();
+                // A panic here fails the consumer visibly (state, health,
+                // shutdown) instead of leaving it "running" with no poll thread.
+                supervise::guard_thread("the poll thread", &poll_state, || poll_loop.run());
+                poll_shared.running.store(false, Ordering::SeqCst);
+            })
             .map_err(|e| ConsumerError::Config(format!("cannot start the poll thread: {e}")))?;
         tracing::info!(group_id = %self.group_id, topics = ?options.topics, workers = self.workers, order = ?self.order, "kafka consumer started");
 
@@ -445,9 +476,17 @@ impl KafkaConsumerBuilder {
             group_id: self.group_id,
             topics: options.topics,
             connection,
+            state: state.clone(),
+            stuck: stuck.clone(),
             finished: Default::default(),
             closed: Default::default(),
         });
+        rt.spawn(supervise::supervise(
+            Arc::downgrade(&control),
+            state.subscribe(),
+            stuck.subscribe(),
+            stuck,
+        ));
         let registration = self
             .kafka_client
             .map(|client| client.register_consumer(Arc::new(RegisteredConsumer(control.clone()))));
@@ -512,6 +551,7 @@ impl KafkaConsumer {
             backpressure_after: Duration::from_millis(500),
             kafka_client: None,
             log_level: KafkaLogLevel::default(),
+            on_dlq_failure: DeadLetterFailure::default(),
         }
     }
 
@@ -559,9 +599,28 @@ impl KafkaConsumer {
         self.control.connection.state()
     }
 
-    /// Whether the poll loop is running (false after shutdown or if it stopped).
+    /// Whether the consumer is running: false after shutdown and once it has
+    /// [failed](ConsumerState::Failed).
     pub fn is_running(&self) -> bool {
-        self.control.shared.running.load(Ordering::SeqCst)
+        self.control.is_running()
+    }
+
+    /// Where the consumer is in its life: starting, running, failed (with the
+    /// cause) or stopped.
+    pub fn state(&self) -> ConsumerState {
+        self.control.state.get()
+    }
+
+    /// A watch on [`state`](Self::state): wake up when the consumer fails or
+    /// stops (`receiver.wait_for(ConsumerState::is_failed)`).
+    pub fn subscribe_state(&self) -> watch::Receiver<ConsumerState> {
+        self.control.state.subscribe()
+    }
+
+    /// Partitions held now because a message cannot be dead-lettered, each with
+    /// its oldest such message, time stuck, failed attempts and last error.
+    pub fn stuck_partitions(&self) -> Vec<StuckPartition> {
+        self.control.stuck.snapshot()
     }
 
     /// Whether consumption as a whole is paused ([`pause`](Self::pause)).
@@ -581,7 +640,11 @@ impl KafkaConsumer {
 
     /// A copy of the metrics.
     pub fn metrics(&self) -> ConsumerMetricsSnapshot {
-        self.control.shared.metrics.snapshot()
+        let mut snapshot = self.control.shared.metrics.snapshot();
+        let stuck = self.control.stuck.snapshot();
+        snapshot.stuck_partitions = stuck.len() as u64;
+        snapshot.longest_stuck = stuck.iter().map(|s| s.stuck_for).max().unwrap_or_default();
+        snapshot
     }
 
     /// Messages handed to workers and not finished yet.

@@ -17,11 +17,12 @@ pub const ORIGINAL_TIMESTAMP_TYPE: &str = "keel-dlq-original-timestamp-type";
 /// Consumer group that gave up on the message.
 pub const CONSUMER_GROUP: &str = "keel-dlq-consumer-group";
 /// Short class of the failure: `error`, `permanent`, `decode`,
-/// `unknown_event_type`, `timeout`, or a class set by the handler.
+/// `unknown_event_type`, `panic`, `timeout`, or a class set by the handler.
 pub const ERROR_KIND: &str = "keel-dlq-error-kind";
 /// Rust type name of the error (Spring's "exception class").
 pub const ERROR_TYPE: &str = "keel-dlq-error-type";
-/// The error message with its chain of causes (`outer: cause: root`).
+/// The error message with its chain of causes (`outer: cause: root`), at most
+/// [`MAX_ERROR_MESSAGE`](super::MAX_ERROR_MESSAGE) bytes.
 pub const ERROR_MESSAGE: &str = "keel-dlq-error-message";
 /// How many times the handler was called (0 for an undecodable message).
 pub const ATTEMPTS: &str = "keel-dlq-attempts";

@@ -60,7 +60,9 @@ mod topics;
 pub use error::{DeadLetterError, DeadLetterTopicError};
 pub use future::{DeadLetterPublishFuture, ResponseFuture};
 pub use layer::DeadLetterLayer;
-pub use publisher::{DEFAULT_SUFFIX, DeadLetterPublisher, DeadLetterReason, DeadLettered};
+pub use publisher::{
+    DEFAULT_SUFFIX, DeadLetterPublisher, DeadLetterReason, DeadLettered, MAX_ERROR_MESSAGE,
+};
 pub use topics::{DeadLetterTopics, EnsuredTopic};
 
 use crate::kafka::consumer::{BoxError, ConsumedEvent, HandlerError, HandlerErrors};

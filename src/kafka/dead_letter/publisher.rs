@@ -3,6 +3,7 @@
 use super::future::DeadLetterPublishFuture;
 use super::headers;
 use crate::kafka::consumer::ReceivedMessage;
+use crate::kafka::consumer::truncate_utf8;
 use rdkafka::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, OwnedHeaders, Timestamp};
@@ -10,6 +11,10 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Longest error text put in the [`headers::ERROR_MESSAGE`] header, in bytes (cut
+/// at a character boundary and marked `…(truncated)`).
+pub const MAX_ERROR_MESSAGE: usize = 1024;
 
 /// Default suffix of dead-letter topics: `<topic>.dlq`.
 pub const DEFAULT_SUFFIX: &str = ".dlq";
@@ -191,7 +196,13 @@ impl DeadLetterPublisher {
         h = text(h, headers::CONSUMER_GROUP, &self.inner.group_id);
         h = text(h, headers::ERROR_KIND, &reason.kind);
         h = text(h, headers::ERROR_TYPE, &reason.error_type);
-        h = text(h, headers::ERROR_MESSAGE, &reason.message);
+        // Bounded: an error text can be anything (a whole response body, say); a
+        // record near the size limit must still fit with its provenance.
+        h = text(
+            h,
+            headers::ERROR_MESSAGE,
+            &truncate_utf8(&reason.message, MAX_ERROR_MESSAGE),
+        );
         h = text(h, headers::ATTEMPTS, &reason.attempts.to_string());
         text(h, headers::FAILED_AT, &failed_at.to_string())
     }

@@ -14,10 +14,13 @@
 //! Handlers themselves are type-erased (`BoxCloneSyncService`) so that handlers of
 //! different types fit in one map.
 //!
-//! An event whose type has no handler is, by [`UnknownEventTypes`] option, skipped
-//! with a warning (the default, as the seed does) or failed with a permanent
+//! An event whose type has no handler is, by default, failed with a permanent
 //! [`HandlerError::unknown_event_type`] that the dead-letter layer publishes to the
-//! DLQ without retrying.
+//! DLQ without retrying (class `unknown_event_type`). Skipping it would commit past
+//! it: in a rolling deploy, old consumers would drop event types only the new
+//! version knows, and nothing would say so. [`UnknownEventTypes::Skip`] (log a
+//! warning, treat as handled) is an explicit opt-in for topics where unknown types
+//! are expected and safe to ignore.
 //!
 //! # Example
 //!
@@ -57,11 +60,13 @@ pub(crate) type Handler = BoxCloneSyncService<ConsumedEvent, (), HandlerError>;
 /// What the registry does with an event type that has no handler.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum UnknownEventTypes {
-    /// Log a warning and treat the message as handled (the default).
-    #[default]
+    /// Log a warning and treat the message as handled: its offset is committed and
+    /// the event is gone from this group. Opt in only where that is safe.
     Skip,
     /// Fail with a permanent [`HandlerError::unknown_event_type`], so the
-    /// dead-letter layer publishes it to the DLQ.
+    /// dead-letter layer publishes it to the DLQ (the default: nothing is lost
+    /// silently; with the DLQ disabled the failure is logged and counted).
+    #[default]
     DeadLetter,
 }
 
@@ -229,6 +234,7 @@ mod tests {
                     Err::<(), _>(HandlerError::permanent("bad b"))
                 }
             })
+            .on_unknown(UnknownEventTypes::Skip)
             .build()
             .unwrap();
         assert_eq!(registry.event_types(), vec!["a", "b"]);
@@ -238,15 +244,14 @@ mod tests {
             !err.is_retryable(),
             "a permanent HandlerError stays permanent"
         );
-        // Unknown types are skipped by default.
+        // Unknown types are skipped when asked to.
         registry.clone().oneshot(test_event("c")).await.unwrap();
         assert_eq!(*seen.lock().unwrap(), vec!["A:a", "B:b"]);
     }
 
     #[tokio::test]
-    async fn unknown_types_fail_permanently_when_dead_lettering() {
+    async fn unknown_types_fail_permanently_by_default() {
         let registry = HandlerRegistry::builder()
-            .on_unknown(UnknownEventTypes::DeadLetter)
             .build()
             .unwrap();
         let err = registry.oneshot(test_event("nope")).await.unwrap_err();
