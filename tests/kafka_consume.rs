@@ -928,11 +928,12 @@ async fn without_a_dlq_failures_are_counted_and_the_partition_moves_on() {
     })
     .await;
     assert_eq!(log.lock().unwrap()[0].event_id, good.event_id().to_string());
-    assert_eq!(metrics.total_failed, 1);
+    // The poison event, and the unknown type (failed without retries by default;
+    // with the DLQ disabled, logged and counted).
+    assert_eq!(metrics.total_failed, 2);
     assert_eq!(metrics.total_retries, 1);
     assert_eq!(metrics.total_dead_lettered, 0);
-    // The registry passes over the unknown type by default; it counts as processed.
-    assert_eq!(metrics.total_processed, 2);
+    assert_eq!(metrics.total_processed, 1);
     assert!(metrics.last_processed_at.is_some());
     // The failed message waited one 10 ms backoff: it is the slowest of three.
     assert!(
@@ -958,7 +959,7 @@ async fn topic_partitions(brokers: &str, topic: &str) -> Option<usize> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unknown_event_type_goes_to_the_dlq_when_asked_and_the_partition_moves_on() {
+async fn an_unknown_event_type_goes_to_the_dlq_and_the_partition_moves_on() {
     let brokers = support::kafka_brokers();
     let topic = unique("unknown-dlq");
     let dlq_topic = format!("{topic}.dlq");
@@ -1031,7 +1032,7 @@ async fn an_unknown_event_type_goes_to_the_dlq_when_asked_and_the_partition_move
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unknown_event_type_is_skipped_by_default_and_committed_past() {
+async fn an_unknown_event_type_is_skipped_and_committed_past_when_asked() {
     let brokers = support::kafka_brokers();
     let topic = unique("unknown-skip");
     create_topics(&brokers, &[(&topic, 1)]).await;
@@ -1041,14 +1042,28 @@ async fn an_unknown_event_type_is_skipped_by_default_and_committed_past() {
     produce(&producer(&brokers), &topic, &[unknown, good.clone()]).await;
 
     let log: Log = Arc::default();
-    // The DLQ is on, yet the default for unknown types is to skip them.
+    // The DLQ is on, yet `Skip` (an explicit opt-in) skips unknown types.
+    let registry = {
+        let log = log.clone();
+        HandlerRegistry::builder()
+            .handler_fn("order.created", move |event: ConsumedEvent| {
+                let log = log.clone();
+                async move {
+                    log.lock().unwrap().push(seen(&event));
+                    Ok::<_, BoxError>(())
+                }
+            })
+            .on_unknown(UnknownEventTypes::Skip)
+            .build()
+            .unwrap()
+    };
     let consumer = start_with_fast_retries(
         &brokers,
         group.clone(),
         StartOptions::new([topic.as_str()])
             .from_beginning(true)
             .enable_dlq(true),
-        recording_registry(log.clone()),
+        registry,
     );
     let metrics = stop_after(consumer, "the event after the unknown one", |_| {
         log.lock().unwrap().len() == 1
