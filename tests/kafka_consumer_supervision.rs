@@ -438,7 +438,7 @@ async fn an_unwritable_dlq_holds_only_its_partition_visibly_and_recovers_when_fi
     assert!(health.is_healthy, "held, not failed: {health:?}");
     let stuck_text = &health.consumers[0].stuck_partitions;
     assert!(
-        stuck_text.len() == 1 && stuck_text[0].contains(&format!("{topic}[0] at offset 0")),
+        stuck_text.len() == 1 && stuck_text[0].contains(&format!("{topic}/0 at offset 0")),
         "{stuck_text:?}"
     );
     // Never committed past the message that is not in the DLQ.
@@ -509,7 +509,7 @@ async fn the_stop_policy_fails_the_consumer_when_the_dlq_stays_unwritable() {
     .await;
     match consumer.shutdown(Duration::from_secs(10)).await {
         Err(ConsumerError::Failed { reason }) => assert!(
-            reason.contains(&format!("{topic}[0]@1 could not be dead-lettered after 2 attempts")),
+            reason.contains(&format!("{topic}/0@1 could not be dead-lettered after 2 attempts")),
             "{reason}"
         ),
         other => panic!("expected the failure: {other:?}"),
