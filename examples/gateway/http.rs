@@ -15,7 +15,7 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use futures::TryStreamExt;
 use keel::kafka::client::KafkaClient;
-use keel::kafka::consumer::KafkaConsumer;
+use keel::kafka::consumer::{ConsumerState, KafkaConsumer};
 use keel::kafka::envelope::EventEnvelope;
 use keel::kafka::error::{KafkaProducerError, ProducerErrorKind};
 use keel::kafka::producer::{
@@ -454,13 +454,43 @@ async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
             json!({ "healthy": false, "lastError": "health check timed out" }),
         ),
     };
-    let consumer = match state.consumer.read().await.as_ref() {
+    // A consumer that failed (a panic on its poll thread or in a lane, or a
+    // message it may not dead-letter under the stop policy) is not ready, with
+    // the reason; one holding a partition it cannot dead-letter is degraded.
+    let (consumer_ok, consumer) = match state.consumer.read().await.as_ref() {
         Some(c) => {
-            json!({ "running": c.is_running(), "paused": c.is_paused(), "inFlight": c.in_flight() })
+            let failure = match c.state() {
+                ConsumerState::Failed { reason } => Some(reason),
+                _ => None,
+            };
+            let stuck: Vec<Value> = c
+                .stuck_partitions()
+                .iter()
+                .map(|s| {
+                    json!({
+                        "partition": s.partition.to_string(),
+                        "offset": s.offset,
+                        "stuckSeconds": s.stuck_for.as_secs_f64(),
+                        "failures": s.failures,
+                        "lastError": s.last_error,
+                    })
+                })
+                .collect();
+            (
+                failure.is_none(),
+                json!({
+                    "running": c.is_running(),
+                    "paused": c.is_paused(),
+                    "inFlight": c.in_flight(),
+                    "failure": failure,
+                    "degraded": !stuck.is_empty(),
+                    "stuckPartitions": stuck,
+                }),
+            )
         }
-        None => json!({ "running": false }),
+        None => (true, json!({ "running": false })),
     };
-    let is_ready = kafka_ok && s3_ok && !stopping;
+    let is_ready = kafka_ok && s3_ok && consumer_ok && !stopping;
     let status = if is_ready {
         StatusCode::OK
     } else {

@@ -87,6 +87,30 @@ pub fn consumer(out: &mut PromText, m: &ConsumerMetricsSnapshot, in_flight: usiz
         m.total_decode_errors as f64,
     )
     .sample(
+        "kafka_consumer_panics_total",
+        "counter",
+        "Handler panics caught (failures of class panic).",
+        m.total_panics as f64,
+    )
+    .sample(
+        "kafka_consumer_dlq_failures_total",
+        "counter",
+        "Dead-letter publishes that failed (retried).",
+        m.dlq_failures as f64,
+    )
+    .sample(
+        "kafka_consumer_stuck_partitions",
+        "gauge",
+        "Partitions held because a message cannot be dead-lettered.",
+        m.stuck_partitions as f64,
+    )
+    .sample(
+        "kafka_consumer_longest_stuck_seconds",
+        "gauge",
+        "How long the longest-held of those partitions has been held.",
+        seconds(m.longest_stuck),
+    )
+    .sample(
         "kafka_consumer_in_flight",
         "gauge",
         "Messages dispatched and not finished.",

@@ -65,6 +65,42 @@
 //!   uncommitted (delivered again later) and the call returns
 //!   [`ConsumerError::ShutdownTimedOut`]; it never hangs. Dropping the handle without
 //!   shutdown stops everything without committing anything more.
+//! - **Supervision**: a handler that panics (in `call` or in its future) does not
+//!   take its lane down: the panic becomes a [`HandlerPanicked`] failure of class
+//!   `panic`, retried and then dead-lettered like any failure, and counted
+//!   (`total_panics`). A panic the runtime cannot pin on one message (on the poll
+//!   thread, in a lane, in the handler's `poll_ready`) turns the consumer into
+//!   [`ConsumerState::Failed`] with the cause: it is logged at error level,
+//!   [`is_running`](KafkaConsumer::is_running) is false, the state watch
+//!   ([`subscribe_state`](KafkaConsumer::subscribe_state)) fires, the client's health
+//!   report is unhealthy with the reason, and
+//!   [`shutdown`](KafkaConsumer::shutdown) returns [`ConsumerError::Failed`]. The
+//!   poll thread and the lanes stop; what was finished before is committed, nothing
+//!   after (the group's next member takes over). Panics are caught with
+//!   `catch_unwind`, so this holds with the default `panic = "unwind"` only.
+//! - **Headers that cannot be read**: rdkafka panics on a header name that is not
+//!   UTF-8 (any producer can write one). keel catches that on the poll thread and
+//!   dead-letters the message as undecodable (class `decode`, without its original
+//!   headers); polling goes on. (The panic hook still prints that panic.)
+//! - **A dead-letter topic that cannot be written** (missing with auto-creation
+//!   off, a record it refuses, no write permission): the handler is not run again.
+//!   The publish is retried with the retry policy's backoff in a task of its own
+//!   while only that message's partition is paused; the other partitions go on,
+//!   and nothing of the held partition is committed past the message. Each failure
+//!   counts in `dlq_failures`; [`stuck_partitions`](KafkaConsumer::stuck_partitions),
+//!   the metrics (`stuck_partitions`, `longest_stuck`) and the client's health
+//!   report (`degraded`) show the partition and how long it has been stuck. Once
+//!   the publish succeeds the partition resumes by itself. That is
+//!   [`DeadLetterFailure::KeepRetrying`], the default;
+//!   [`DeadLetterFailure::StopConsumer`] fails the consumer after a number of
+//!   failed publishes instead ([`KafkaConsumerBuilder::on_dlq_failure`]). The error
+//!   text in the dead-letter headers is cut to
+//!   [`MAX_ERROR_MESSAGE`](crate::kafka::dead_letter::MAX_ERROR_MESSAGE) (1 KiB),
+//!   so the added headers stay small next to a large message.
+//! - **Unknown event types** are dead-lettered by default (class
+//!   `unknown_event_type`), not skipped: in a rolling deploy an old consumer must
+//!   not commit past an event type only the new version knows. Skipping is an
+//!   explicit opt-in ([`UnknownEventTypes::Skip`](crate::kafka::registry::UnknownEventTypes::Skip)).
 //! - **Health**: built with [`KafkaConsumer::from_client`] (or
 //!   [`register_with`](KafkaConsumerBuilder::register_with)), the consumer is
 //!   registered with the [`KafkaClient`]: its health check counts it
@@ -74,7 +110,7 @@
 //! # Example
 //!
 //! ```no_run
-//! use keel::kafka::consumer::{BoxError, ConsumedEvent, KafkaConsumer, StartOptions};
+//! use keel::kafka::consumer::{BoxError, ConsumedEvent, ConsumerState, KafkaConsumer, StartOptions};
 //! use keel::kafka::registry::HandlerRegistry;
 //! use rdkafka::ClientConfig;
 //! use std::time::Duration;
@@ -92,6 +128,14 @@
 //!     StartOptions::new(["user.events"]).max_retries(3).enable_dlq(true),
 //!     registry,
 //! )?;
+//! // ...
+//! // Stop serving as soon as the consumer fails (shutdown then returns the cause).
+//! let mut state = consumer.subscribe_state();
+//! tokio::spawn(async move {
+//!     if let Ok(failed) = state.wait_for(ConsumerState::is_failed).await {
+//!         eprintln!("consumer failed: {:?}", *failed);
+//!     }
+//! });
 //! // ...
 //! consumer.shutdown(Duration::from_secs(10)).await?;
 //! # Ok(()) }
