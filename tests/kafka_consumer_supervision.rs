@@ -553,3 +553,60 @@ async fn an_unknown_event_type_is_dead_lettered_by_default() {
         newer.event_id()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_near_1_mb_message_with_a_huge_error_text_still_fits_in_the_dlq() {
+    let brokers = support::kafka_brokers();
+    let topic = unique("big");
+    let dlq_topic = format!("{topic}.dlq");
+    create_topics(&brokers, &[(&topic, 1), (&dlq_topic, 1)]).await;
+    let group = unique("big");
+    // ~997 KB of payload: within librdkafka's default 1,000,000-byte limit, and
+    // the dead-letter copy too, as long as keel's headers stay small.
+    let big = EventEnvelope::new("order.created", json!({"blob": "x".repeat(997_000)}));
+    produce_to(&brokers, &topic, 0, &[big.clone(), order(2)]).await;
+    let handled = Handled::default();
+    let registry = {
+        let handled = handled.clone();
+        HandlerRegistry::builder()
+            .handler_fn("order.created", move |event: ConsumedEvent| {
+                let handled = handled.clone();
+                async move {
+                    if event.envelope().payload().get("blob").is_some() {
+                        // An error whose text is a whole (100 KB) response body.
+                        return Err::<(), BoxError>(format!("upstream said: {}", "e".repeat(100_000)).into());
+                    }
+                    handled.lock().unwrap().push((event.partition(), event.offset()));
+                    Ok(())
+                }
+            })
+            .build()
+            .unwrap()
+    };
+    let consumer = KafkaConsumer::builder(client(&brokers), group.clone())
+        .retry_policy(fast_retries())
+        .start(
+            StartOptions::new([topic.as_str()])
+                .from_beginning(true)
+                .max_retries(0),
+            registry,
+        )
+        .unwrap();
+    wait_until("the event after the big one", Duration::from_secs(60), || {
+        handled.lock().unwrap().len() == 1
+    })
+    .await;
+    let m = consumer.metrics();
+    assert_eq!((m.total_dead_lettered, m.dlq_failures), (1, 0), "{m:?}");
+    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(committed(&brokers, &group, &topic, 1).await[&0], 2);
+    let records = kafka_util::read_raw(&brokers, &dlq_topic, 1, 1, "read_uncommitted");
+    assert_eq!(records.len(), 1);
+    let text = header_text(&records[0], dlq::ERROR_MESSAGE);
+    assert!(text.len() <= keel::kafka::dead_letter::MAX_ERROR_MESSAGE, "{}", text.len());
+    assert!(text.starts_with("upstream said: eee") && text.ends_with("(truncated)"));
+    assert_eq!(
+        EventEnvelope::<serde_json::Value>::from_message(&records[0]).unwrap().event_id(),
+        big.event_id()
+    );
+}
