@@ -173,7 +173,13 @@ async fn a_panicking_handler_is_retried_then_dead_lettered_with_class_panic_and_
     create_topics(&brokers, &[(&topic, 1), (&dlq_topic, 1)]).await;
     let group = unique("panic");
     let panicking = EventEnvelope::new("order.created", json!({"order": 1, "panic": true}));
-    produce_to(&brokers, &topic, 0, &[panicking.clone(), order(2), order(3)]).await;
+    produce_to(
+        &brokers,
+        &topic,
+        0,
+        &[panicking.clone(), order(2), order(3)],
+    )
+    .await;
 
     let (handled, bad_calls) = (Handled::default(), Arc::new(AtomicU32::new(0)));
     let consumer = KafkaConsumer::builder(client(&brokers), group.clone())
@@ -185,14 +191,23 @@ async fn a_panicking_handler_is_retried_then_dead_lettered_with_class_panic_and_
             registry(handled.clone(), bad_calls.clone()),
         )
         .unwrap();
-    wait_until("the events after the panic", Duration::from_secs(60), || {
-        handled.lock().unwrap().len() == 2
-    })
+    wait_until(
+        "the events after the panic",
+        Duration::from_secs(60),
+        || handled.lock().unwrap().len() == 2,
+    )
     .await;
-    assert!(consumer.is_running(), "a handler panic does not stop the consumer");
+    assert!(
+        consumer.is_running(),
+        "a handler panic does not stop the consumer"
+    );
     assert_eq!(consumer.state(), ConsumerState::Running);
     let m = consumer.metrics();
-    assert_eq!(bad_calls.load(Ordering::SeqCst), 3, "first call and 2 retries");
+    assert_eq!(
+        bad_calls.load(Ordering::SeqCst),
+        3,
+        "first call and 2 retries"
+    );
     assert_eq!(m.total_panics, 3);
     assert_eq!(m.total_retries, 2);
     assert_eq!((m.total_dead_lettered, m.total_failed), (1, 1));
@@ -304,7 +319,17 @@ fn produce_non_utf8_header_name(brokers: &str, topic: &str) {
     use std::io::Write;
     use std::os::unix::ffi::OsStrExt;
     let mut child = std::process::Command::new(support::kcat())
-        .args(["-P", "-b", brokers, "-t", topic, "-p", "0", "-k", "bad-header"])
+        .args([
+            "-P",
+            "-b",
+            brokers,
+            "-t",
+            topic,
+            "-p",
+            "0",
+            "-k",
+            "bad-header",
+        ])
         .arg("-H")
         .arg(std::ffi::OsStr::from_bytes(b"\xff\xfe=value"))
         .stdin(std::process::Stdio::piped())
@@ -339,9 +364,11 @@ async fn a_header_name_that_is_not_utf8_is_dead_lettered_as_decode_and_polling_g
             registry(handled.clone(), bad_calls),
         )
         .unwrap();
-    wait_until("the events around the bad one", Duration::from_secs(60), || {
-        handled.lock().unwrap().len() == 2
-    })
+    wait_until(
+        "the events around the bad one",
+        Duration::from_secs(60),
+        || handled.lock().unwrap().len() == 2,
+    )
     .await;
     assert_eq!(*handled.lock().unwrap(), [(0, 0), (0, 2)]);
     assert!(consumer.is_running());
@@ -415,7 +442,10 @@ async fn an_unwritable_dlq_holds_only_its_partition_visibly_and_recovers_when_fi
         "{stuck:?}"
     );
     assert!(stuck[0].failures >= 2);
-    assert!(!consumer.is_partition_paused(&topic, 1), "the other partition goes on");
+    assert!(
+        !consumer.is_partition_paused(&topic, 1),
+        "the other partition goes on"
+    );
     // The others go on: partition 1 takes new events while partition 0 is held.
     produce_to(&brokers, &topic, 1, &[order(12)]).await;
     produce_to(&brokers, &topic, 0, &[order(3)]).await;
@@ -428,7 +458,11 @@ async fn an_unwritable_dlq_holds_only_its_partition_visibly_and_recovers_when_fi
         !handled.lock().unwrap().contains(&(0, 3)),
         "a held partition fetches nothing new"
     );
-    assert_eq!(bad_calls.load(Ordering::SeqCst), 2, "the handler is not run again");
+    assert_eq!(
+        bad_calls.load(Ordering::SeqCst),
+        2,
+        "the handler is not run again"
+    );
     let m = consumer.metrics();
     assert_eq!(m.stuck_partitions, 1);
     assert!(m.longest_stuck >= Duration::from_secs(1), "{m:?}");
@@ -448,9 +482,11 @@ async fn an_unwritable_dlq_holds_only_its_partition_visibly_and_recovers_when_fi
 
     // An operator creates the topic: the message lands, the partition resumes.
     create_topics(&brokers, &[(&dlq_topic, 1)]).await;
-    wait_until("the held message to be dead-lettered", Duration::from_secs(60), || {
-        consumer.metrics().total_dead_lettered == 1
-    })
+    wait_until(
+        "the held message to be dead-lettered",
+        Duration::from_secs(60),
+        || consumer.metrics().total_dead_lettered == 1,
+    )
     .await;
     wait_until("partition 0 to resume", Duration::from_secs(30), || {
         handled.lock().unwrap().contains(&(0, 3))
@@ -467,7 +503,9 @@ async fn an_unwritable_dlq_holds_only_its_partition_visibly_and_recovers_when_fi
     let records = kafka_util::read_raw(&brokers, &dlq_topic, 1, 1, "read_uncommitted");
     assert_eq!(records.len(), 1, "dead-lettered once");
     assert_eq!(
-        EventEnvelope::<serde_json::Value>::from_message(&records[0]).unwrap().event_id(),
+        EventEnvelope::<serde_json::Value>::from_message(&records[0])
+            .unwrap()
+            .event_id(),
         poison.event_id()
     );
 }
@@ -509,7 +547,9 @@ async fn the_stop_policy_fails_the_consumer_when_the_dlq_stays_unwritable() {
     .await;
     match consumer.shutdown(Duration::from_secs(10)).await {
         Err(ConsumerError::Failed { reason }) => assert!(
-            reason.contains(&format!("{topic}/0@1 could not be dead-lettered after 2 attempts")),
+            reason.contains(&format!(
+                "{topic}/0@1 could not be dead-lettered after 2 attempts"
+            )),
             "{reason}"
         ),
         other => panic!("expected the failure: {other:?}"),
@@ -547,9 +587,14 @@ async fn an_unknown_event_type_is_dead_lettered_by_default() {
     assert_eq!(committed(&brokers, &group, &topic, 1).await[&0], 2);
     let records = kafka_util::read_raw(&brokers, &dlq_topic, 1, 1, "read_uncommitted");
     assert_eq!(records.len(), 1);
-    assert_eq!(header_text(&records[0], dlq::ERROR_KIND), "unknown_event_type");
     assert_eq!(
-        EventEnvelope::<serde_json::Value>::from_message(&records[0]).unwrap().event_id(),
+        header_text(&records[0], dlq::ERROR_KIND),
+        "unknown_event_type"
+    );
+    assert_eq!(
+        EventEnvelope::<serde_json::Value>::from_message(&records[0])
+            .unwrap()
+            .event_id(),
         newer.event_id()
     );
 }
@@ -574,9 +619,14 @@ async fn a_near_1_mb_message_with_a_huge_error_text_still_fits_in_the_dlq() {
                 async move {
                     if event.envelope().payload().get("blob").is_some() {
                         // An error whose text is a whole (100 KB) response body.
-                        return Err::<(), BoxError>(format!("upstream said: {}", "e".repeat(100_000)).into());
+                        return Err::<(), BoxError>(
+                            format!("upstream said: {}", "e".repeat(100_000)).into(),
+                        );
                     }
-                    handled.lock().unwrap().push((event.partition(), event.offset()));
+                    handled
+                        .lock()
+                        .unwrap()
+                        .push((event.partition(), event.offset()));
                     Ok(())
                 }
             })
@@ -592,9 +642,11 @@ async fn a_near_1_mb_message_with_a_huge_error_text_still_fits_in_the_dlq() {
             registry,
         )
         .unwrap();
-    wait_until("the event after the big one", Duration::from_secs(60), || {
-        handled.lock().unwrap().len() == 1
-    })
+    wait_until(
+        "the event after the big one",
+        Duration::from_secs(60),
+        || handled.lock().unwrap().len() == 1,
+    )
     .await;
     let m = consumer.metrics();
     assert_eq!((m.total_dead_lettered, m.dlq_failures), (1, 0), "{m:?}");
@@ -603,10 +655,16 @@ async fn a_near_1_mb_message_with_a_huge_error_text_still_fits_in_the_dlq() {
     let records = kafka_util::read_raw(&brokers, &dlq_topic, 1, 1, "read_uncommitted");
     assert_eq!(records.len(), 1);
     let text = header_text(&records[0], dlq::ERROR_MESSAGE);
-    assert!(text.len() <= keel::kafka::dead_letter::MAX_ERROR_MESSAGE, "{}", text.len());
+    assert!(
+        text.len() <= keel::kafka::dead_letter::MAX_ERROR_MESSAGE,
+        "{}",
+        text.len()
+    );
     assert!(text.starts_with("upstream said: eee") && text.ends_with("(truncated)"));
     assert_eq!(
-        EventEnvelope::<serde_json::Value>::from_message(&records[0]).unwrap().event_id(),
+        EventEnvelope::<serde_json::Value>::from_message(&records[0])
+            .unwrap()
+            .event_id(),
         big.event_id()
     );
 }

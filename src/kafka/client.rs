@@ -416,7 +416,12 @@ pub trait ManagedConsumer: Send + Sync + 'static {
         ConsumerHealth {
             name: self.name(),
             connected: self.is_connected(),
-            state: if self.is_connected() { "running" } else { "disconnected" }.to_string(),
+            state: if self.is_connected() {
+                "running"
+            } else {
+                "disconnected"
+            }
+            .to_string(),
             failure: None,
             stuck_partitions: Vec::new(),
         }
@@ -839,7 +844,9 @@ impl KafkaClient {
             .is_some_and(|t| t.state() == ConnectionState::Connected);
         let consumer_health: Vec<ConsumerHealth> = consumers.iter().map(|c| c.health()).collect();
         let consumer_failed = consumer_health.iter().any(|c| c.failure.is_some());
-        let degraded = consumer_health.iter().any(|c| !c.stuck_partitions.is_empty());
+        let degraded = consumer_health
+            .iter()
+            .any(|c| !c.stuck_partitions.is_empty());
         Ok(KafkaHealth {
             is_healthy: brokers > 0 && state == ConnectionState::Connected && !consumer_failed,
             state,

@@ -235,7 +235,8 @@ where
     let error = match result {
         Ok(()) => {
             let done = Instant::now();
-            ctx.metrics.record(Ending::Processed, retries, done - started);
+            ctx.metrics
+                .record(Ending::Processed, retries, done - started);
             return Some(done);
         }
         Err(error) => error,
@@ -366,7 +367,12 @@ async fn keep_publishing(
     }
 }
 
-fn log_dead_lettered(message: &ReceivedMessage, reason: &DeadLetterReason, topic: &str, offset: i64) {
+fn log_dead_lettered(
+    message: &ReceivedMessage,
+    reason: &DeadLetterReason,
+    topic: &str,
+    offset: i64,
+) {
     tracing::error!(
         topic = message.topic(),
         partition = message.partition(),

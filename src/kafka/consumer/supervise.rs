@@ -154,7 +154,11 @@ pub(crate) fn guard_thread(what: &str, state: &StateCell, body: impl FnOnce()) {
 }
 
 /// Runs a lane; a panic fails the consumer with its message.
-pub(crate) async fn guard_lane(lane: impl Future<Output = ()>, index: usize, state: Arc<StateCell>) {
+pub(crate) async fn guard_lane(
+    lane: impl Future<Output = ()>,
+    index: usize,
+    state: Arc<StateCell>,
+) {
     if let Err(payload) = AssertUnwindSafe(lane).catch_unwind().await {
         state.fail(&format!(
             "lane {index} panicked: {}",
@@ -303,11 +307,7 @@ mod tests {
     async fn a_panicking_lane_fails_the_state() {
         let state = Arc::new(StateCell::new());
         let mut rx = state.subscribe();
-        tokio::spawn(guard_lane(
-            async { panic!("lane bug") },
-            3,
-            state.clone(),
-        ));
+        tokio::spawn(guard_lane(async { panic!("lane bug") }, 3, state.clone()));
         rx.wait_for(ConsumerState::is_failed).await.unwrap();
         assert_eq!(
             state.get(),

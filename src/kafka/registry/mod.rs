@@ -251,9 +251,7 @@ mod tests {
 
     #[tokio::test]
     async fn unknown_types_fail_permanently_by_default() {
-        let registry = HandlerRegistry::builder()
-            .build()
-            .unwrap();
+        let registry = HandlerRegistry::builder().build().unwrap();
         let err = registry.oneshot(test_event("nope")).await.unwrap_err();
         assert_eq!(err.class(), "unknown_event_type");
         assert!(!err.is_retryable());
