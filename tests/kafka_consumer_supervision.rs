@@ -274,6 +274,7 @@ async fn a_lane_that_panics_fails_the_consumer_in_state_health_and_shutdown() {
             BrokenReadiness,
         )
         .unwrap();
+    let started = Instant::now();
     let mut state = consumer.subscribe_state();
     let failed = tokio::time::timeout(
         Duration::from_secs(60),
@@ -290,10 +291,15 @@ async fn a_lane_that_panics_fails_the_consumer_in_state_health_and_shutdown() {
         reason.contains("lane 0 panicked") && reason.contains("connection pool poisoned"),
         "{reason}"
     );
+    let failed_after = started.elapsed();
     wait_until("the poll thread to stop", Duration::from_secs(10), || {
         !consumer.is_running()
     })
     .await;
+    eprintln!(
+        "figure: lane panic: Failed {failed_after:?} after start, not running {:?} after start",
+        started.elapsed()
+    );
     let health = kafka.health_check(Duration::from_secs(10)).await.unwrap();
     assert!(!health.is_healthy, "{health:?}");
     assert_eq!(health.consumers.len(), 1);
@@ -447,12 +453,17 @@ async fn an_unwritable_dlq_holds_only_its_partition_visibly_and_recovers_when_fi
         "the other partition goes on"
     );
     // The others go on: partition 1 takes new events while partition 0 is held.
+    let sent = Instant::now();
     produce_to(&brokers, &topic, 1, &[order(12)]).await;
-    produce_to(&brokers, &topic, 0, &[order(3)]).await;
     wait_until("partition 1's new event", Duration::from_secs(30), || {
         handled.lock().unwrap().contains(&(1, 2))
     })
     .await;
+    eprintln!(
+        "figure: unwritable DLQ: an event on the other partition handled {:?} after its publish",
+        sent.elapsed()
+    );
+    produce_to(&brokers, &topic, 0, &[order(3)]).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(
         !handled.lock().unwrap().contains(&(0, 3)),
@@ -480,7 +491,10 @@ async fn an_unwritable_dlq_holds_only_its_partition_visibly_and_recovers_when_fi
     assert_eq!(c[&0], 0, "{c:?}");
     assert_eq!(c[&1], 3, "{c:?}");
 
+    let at_fix = consumer.metrics();
+    let (stuck_for_at_fix, failures_at_fix) = (at_fix.longest_stuck, at_fix.dlq_failures);
     // An operator creates the topic: the message lands, the partition resumes.
+    let fixed = Instant::now();
     create_topics(&brokers, &[(&dlq_topic, 1)]).await;
     wait_until(
         "the held message to be dead-lettered",
@@ -492,6 +506,12 @@ async fn an_unwritable_dlq_holds_only_its_partition_visibly_and_recovers_when_fi
         handled.lock().unwrap().contains(&(0, 3))
     })
     .await;
+    eprintln!(
+        "figure: unwritable DLQ: stuck {:?} when fixed ({} failed publishes); partition 0 handling again {:?} after the topic was created",
+        stuck_for_at_fix,
+        failures_at_fix,
+        fixed.elapsed()
+    );
     assert!(consumer.stuck_partitions().is_empty());
     assert!(!consumer.is_partition_paused(&topic, 0));
     assert_eq!(bad_calls.load(Ordering::SeqCst), 2, "still not run again");
