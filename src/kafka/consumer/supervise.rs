@@ -212,6 +212,10 @@ pub(crate) async fn supervise(
                     tracing::warn!(%tp, "dead-letter publish failing: partition paused until it succeeds");
                     if command(&control, |ack| Command::Pause(Some(tp.clone()), ack)).await {
                         paused_by_us.insert(tp.clone());
+                    } else {
+                        // Not paused (no longer assigned, say): do not leave it
+                        // marked, or a later assignment would start paused.
+                        control.shared.paused().remove(tp);
                     }
                 }
                 for tp in paused_by_us.clone().difference(&now) {
