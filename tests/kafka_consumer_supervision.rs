@@ -688,3 +688,34 @@ async fn a_near_1_mb_message_with_a_huge_error_text_still_fits_in_the_dlq() {
         big.event_id()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_while_a_partition_is_stuck_is_prompt_and_commits_nothing_past_it() {
+    let brokers = support::kafka_brokers();
+    let topic = unique("dlq-stuck-stop");
+    create_topics(&brokers, &[(&topic, 1)]).await;
+    let group = unique("dlq-stuck-stop");
+    let poison = EventEnvelope::new("order.created", json!({"order": 0, "poison": true}));
+    produce_to(&brokers, &topic, 0, &[order(1), poison, order(2)]).await;
+    let (handled, bad_calls) = (Handled::default(), Arc::new(AtomicU32::new(0)));
+    let consumer = KafkaConsumer::builder(no_auto_create(&brokers), group.clone())
+        .retry_policy(fast_retries())
+        .start(
+            StartOptions::new([topic.as_str()])
+                .from_beginning(true)
+                .max_retries(0),
+            registry(handled.clone(), bad_calls),
+        )
+        .unwrap();
+    wait_until("the partition to be stuck", Duration::from_secs(60), || {
+        consumer.stuck_partitions().len() == 1 && handled.lock().unwrap().len() == 2
+    })
+    .await;
+    let stopping = Instant::now();
+    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
+    let took = stopping.elapsed();
+    eprintln!("figure: shutdown while a partition is stuck took {took:?}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    // Offset 0 was handled; 1 never reached the DLQ; 2 was handled but is past it.
+    assert_eq!(committed(&brokers, &group, &topic, 1).await[&0], 1);
+}
