@@ -55,9 +55,13 @@ mod retry;
 mod upload;
 
 pub use copy::{CopyConfig, CopyReceipt, MultipartCopier};
+pub use guard::{AbortReport, InFlightUpload, UploadRegistry};
 pub use progress::{ProgressListener, TransferProgress};
 pub use retry::{RetryPolicy, TransferCounters, TransferStats};
-pub use upload::{DEFAULT_PART_TIMEOUT, MultipartEngine, TransferConfig, UploadReceipt};
+pub use upload::{
+    DEFAULT_IDLE_TIMEOUT, DEFAULT_MIN_THROUGHPUT, DEFAULT_PART_TIMEOUT, MultipartEngine, TransferConfig,
+    UploadReceipt,
+};
 
 pub(crate) use retry::{sdk_error, with_retries};
 pub(crate) use upload::missing;
