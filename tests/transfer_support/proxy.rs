@@ -12,13 +12,18 @@
 //! - forward the next N matching requests, then cut the answer after B bytes;
 //! - forward the next N matching requests whole, let the server answer, and cut the
 //!   connection before any byte of the answer reaches the client (a lost answer);
-//! - read the next N matching requests whole and never answer (a stalled request).
+//! - read the next N matching requests whole and never answer (a stalled request);
+//! - forward the next N matching requests, send B bytes of the answer's body, then
+//!   hold the connection open without sending more (a body stalled mid-way);
+//! - forward the next N matching requests without their `Range` header (a server
+//!   that ignores Range and answers with the whole object);
+//! - throttle every request body and answer body to a rate (bytes per second).
 //!
 //! It logs every request (method, target, status, fault) and counts how many
 //! UploadPart requests were in flight at once.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
@@ -36,6 +41,10 @@ pub enum Matcher {
     RangedGet,
     /// CompleteMultipartUpload: `POST ...?uploadId=..`.
     CompleteMultipartUpload,
+    /// CreateMultipartUpload: `POST ...?uploads`.
+    CreateMultipartUpload,
+    /// Any GET (an object download).
+    Get,
 }
 
 impl Matcher {
@@ -53,6 +62,13 @@ impl Matcher {
             Matcher::CompleteMultipartUpload => {
                 head.method == "POST" && head.target.contains("uploadId=")
             }
+            Matcher::CreateMultipartUpload => {
+                head.method == "POST"
+                    && (head.target.ends_with("?uploads")
+                        || head.target.contains("?uploads&")
+                        || head.target.contains("&uploads"))
+            }
+            Matcher::Get => head.method == "GET",
         }
     }
 }
@@ -64,6 +80,8 @@ enum FaultKind {
     CutResponse { after: u64 },
     LoseAnswer,
     Stall,
+    StallResponse { after: u64 },
+    IgnoreRange,
 }
 
 #[derive(Debug)]
@@ -107,6 +125,10 @@ struct State {
     seen: Mutex<Vec<Seen>>,
     parts_in_flight: AtomicUsize,
     max_parts_in_flight: AtomicUsize,
+    /// Bytes per second for every body in either direction; 0: no limit.
+    rate: AtomicU64,
+    /// Bytes of answer bodies sent to clients.
+    answered_bytes: AtomicU64,
 }
 
 /// The proxy; stops when dropped.
@@ -194,6 +216,29 @@ impl FaultProxy {
             matcher,
             remaining,
         });
+    }
+
+    /// Forwards the next `count` matching requests, sends `after` bytes of the
+    /// answer's body, then holds the connection open and sends nothing more.
+    pub fn stall_response(&self, matcher: Matcher, count: usize, after: u64) {
+        self.arm(FaultKind::StallResponse { after }, matcher, count);
+    }
+
+    /// Forwards the next `count` matching requests without their `Range` header:
+    /// the server answers with the whole object.
+    pub fn ignore_range(&self, matcher: Matcher, count: usize) {
+        self.arm(FaultKind::IgnoreRange, matcher, count);
+    }
+
+    /// Limits every request body and answer body from now on to `bytes_per_second`
+    /// (0: no limit).
+    pub fn throttle(&self, bytes_per_second: u64) {
+        self.state.rate.store(bytes_per_second, Ordering::SeqCst);
+    }
+
+    /// Bytes of answer bodies sent to clients so far (after the answer heads).
+    pub fn answered_bytes(&self) -> u64 {
+        self.state.answered_bytes.load(Ordering::SeqCst)
     }
 
     /// Removes every armed fault.
@@ -325,6 +370,8 @@ async fn handle(mut downstream: TcpStream, upstream: &str, state: &State) -> std
                 Some(FaultKind::CutResponse { .. }) => Some("cut_response"),
                 Some(FaultKind::LoseAnswer) => Some("lose_answer"),
                 Some(FaultKind::Stall) => Some("stall"),
+                Some(FaultKind::StallResponse { .. }) => Some("stall_response"),
+                Some(FaultKind::IgnoreRange) => Some("ignore_range"),
                 None => None,
             },
         });
@@ -398,11 +445,23 @@ async fn handle(mut downstream: TcpStream, upstream: &str, state: &State) -> std
             drop(downstream);
             return Ok(());
         }
-        Some(FaultKind::CutResponse { .. }) | None => {}
+        Some(
+            FaultKind::CutResponse { .. }
+            | FaultKind::StallResponse { .. }
+            | FaultKind::IgnoreRange,
+        )
+        | None => {}
     }
-    let cut_answer_after = match fault {
-        Some(FaultKind::CutResponse { after }) => Some(after),
-        _ => None,
+    let mut request = request;
+    if matches!(fault, Some(FaultKind::IgnoreRange)) {
+        request
+            .raw_lines
+            .retain(|l| !l.to_ascii_lowercase().starts_with("range:"));
+    }
+    let (cut_answer_after, stall_answer) = match fault {
+        Some(FaultKind::CutResponse { after }) => (Some(after), false),
+        Some(FaultKind::StallResponse { after }) => (Some(after), true),
+        _ => (None, false),
     };
     let mut upstream_conn = TcpStream::connect(upstream).await?;
     write_head(&mut upstream_conn, &request).await?;
@@ -412,7 +471,7 @@ async fn handle(mut downstream: TcpStream, upstream: &str, state: &State) -> std
     let remaining = body_length.saturating_sub(early_body.len() as u64);
     let send_body = async move {
         let mut limited = (&mut down_read).take(remaining);
-        tokio::io::copy(&mut limited, &mut up_write).await?;
+        copy_paced(&mut limited, &mut up_write, state, false).await?;
         up_write.flush().await?;
         // Keep the upstream write half open: some servers close on a half-close.
         Ok::<_, std::io::Error>(up_write)
@@ -450,21 +509,30 @@ async fn handle(mut downstream: TcpStream, upstream: &str, state: &State) -> std
             }
             state.seen.lock().unwrap()[index].status = status;
             if let Some(after) = cut_answer_after {
-                // Send part of the body, then drop the connection mid-answer.
+                // Send part of the body, then drop the connection mid-answer (or
+                // hold it open, silent, until the client gives up).
                 let early = &rest[..rest.len().min(after as usize)];
                 down_write.write_all(early).await?;
+                state
+                    .answered_bytes
+                    .fetch_add(early.len() as u64, Ordering::SeqCst);
                 let left = after - early.len() as u64;
-                tokio::io::copy(&mut (&mut up_read).take(left), &mut down_write).await?;
+                copy_paced(&mut (&mut up_read).take(left), &mut down_write, state, true).await?;
+                if stall_answer {
+                    down_write.flush().await?;
+                    // The client's read half closes when it gives up.
+                    std::future::pending::<()>().await;
+                }
                 return Ok(());
             }
-            down_write.write_all(&rest).await?;
+            copy_paced(&mut &rest[..], &mut down_write, state, true).await?;
             if let Some(length) = answer_length {
                 let left = length.saturating_sub(rest.len() as u64);
-                tokio::io::copy(&mut (&mut up_read).take(left), &mut down_write).await?;
+                copy_paced(&mut (&mut up_read).take(left), &mut down_write, state, true).await?;
                 down_write.flush().await?;
                 drop(flight.take());
             }
-            tokio::io::copy(&mut up_read, &mut down_write).await?;
+            copy_paced(&mut up_read, &mut down_write, state, true).await?;
             down_write.shutdown().await?;
             return Ok(());
         }
@@ -472,6 +540,45 @@ async fn handle(mut downstream: TcpStream, upstream: &str, state: &State) -> std
     let (sent, answered) = tokio::join!(send_body, send_answer);
     drop(sent);
     answered
+}
+
+/// Copies `reader` to `writer` at the proxy's rate (all at once without one);
+/// counts answer bytes when `answer`.
+async fn copy_paced<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    state: &State,
+    answer: bool,
+) -> std::io::Result<u64>
+where
+    R: AsyncRead + Unpin + ?Sized,
+    W: tokio::io::AsyncWrite + Unpin + ?Sized,
+{
+    let mut buffer = vec![0u8; 16 * 1024];
+    let mut total = 0u64;
+    let started = tokio::time::Instant::now();
+    loop {
+        let rate = state.rate.load(Ordering::SeqCst);
+        let size = if rate == 0 {
+            buffer.len()
+        } else {
+            buffer.len().min((rate as usize / 16).max(1))
+        };
+        let n = reader.read(&mut buffer[..size]).await?;
+        if n == 0 {
+            return Ok(total);
+        }
+        writer.write_all(&buffer[..n]).await?;
+        total += n as u64;
+        if answer {
+            state.answered_bytes.fetch_add(n as u64, Ordering::SeqCst);
+        }
+        if rate > 0 {
+            // Sleep until the bytes sent so far fit the rate.
+            let due = started + std::time::Duration::from_secs_f64(total as f64 / rate as f64);
+            tokio::time::sleep_until(due).await;
+        }
+    }
 }
 
 async fn write_head(upstream: &mut TcpStream, request: &RequestHead) -> std::io::Result<()> {

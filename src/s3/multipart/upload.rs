@@ -420,8 +420,10 @@ impl MultipartEngine {
 
     /// After a CreateMultipartUpload that needed more than one attempt, an
     /// earlier attempt may have created an upload whose answer was lost. Aborts
-    /// the uploads of `key` initiated since `since` other than `keep`.
-    async fn abort_strays(&self, bucket: &str, key: &str, since: std::time::SystemTime, keep: &str) {
+    /// the uploads of `key`, other than `keep` and this engine's own uploads in
+    /// flight, initiated (by the server's clock, next to `keep`'s time) within the
+    /// `elapsed` time the Create attempts took.
+    async fn abort_strays(&self, bucket: &str, key: &str, elapsed: Duration, keep: &str) {
         let uploads = match self.list_uploads(bucket, Some(key)).await {
             Ok(uploads) => uploads,
             Err(error) => {
@@ -429,9 +431,25 @@ impl MultipartEngine {
                 return;
             }
         };
+        // The server's clock, not ours: `keep`'s initiated time anchors the window.
+        let anchor = uploads
+            .iter()
+            .find(|u| u.upload_id == keep)
+            .and_then(|u| u.initiated)
+            .unwrap_or_else(std::time::SystemTime::now);
+        // S3 stores `initiated` to the second.
+        let slack = Duration::from_secs(2);
+        let from = anchor.checked_sub(elapsed + slack).unwrap_or(std::time::UNIX_EPOCH);
+        let to = anchor + slack;
+        let ours: Vec<String> = self
+            .registry
+            .in_flight()
+            .into_iter()
+            .map(|u| u.upload_id)
+            .collect();
         for upload in uploads {
-            let recent = upload.initiated.is_none_or(|at| at >= since);
-            if upload.key != key || upload.upload_id == keep || !recent {
+            let in_window = upload.initiated.is_some_and(|at| at >= from && at <= to);
+            if upload.key != key || upload.upload_id == keep || ours.contains(&upload.upload_id) || !in_window {
                 continue;
             }
             tracing::warn!(bucket, key, upload_id = upload.upload_id, "aborting the upload of a CreateMultipartUpload whose answer was lost");
@@ -614,8 +632,7 @@ impl MultipartEngine {
             None => None,
         };
         let operation = S3Operation::CreateMultipartUpload;
-        // S3 stores `initiated` to the second: start the window a little early.
-        let started = std::time::SystemTime::now() - Duration::from_secs(2);
+        let started = std::time::Instant::now();
         let attempts = std::sync::atomic::AtomicU32::new(0);
         let created = with_retries(&self.config.retry, &counters, || {
             attempts.fetch_add(1, Ordering::Relaxed);
@@ -646,7 +663,8 @@ impl MultipartEngine {
             &self.registry,
         );
         if attempts.load(Ordering::Relaxed) > 1 {
-            self.abort_strays(bucket, key, started, &upload_id).await;
+            self.abort_strays(bucket, key, started.elapsed(), &upload_id)
+                .await;
         }
 
         let target = Arc::new(PartTarget {
