@@ -425,3 +425,108 @@ async fn a_server_that_ignores_range_is_refused_without_buffering_the_object() {
     // Without the bound each of the 4 ranges in flight buffered the whole 64 MiB.
     assert!(forwarded < 4 * 8 * MIB, "{forwarded}");
 }
+
+/// Resets the process's peak resident memory (Linux `clear_refs` 5) and returns
+/// the resident memory now, in bytes; `None` where that is not possible.
+fn reset_peak_memory() -> Option<u64> {
+    std::fs::write("/proc/self/clear_refs", "5").ok()?;
+    status_kib("VmRSS:").map(|k| k * 1024)
+}
+
+/// The peak resident memory since the last reset, in bytes.
+fn peak_memory() -> Option<u64> {
+    status_kib("VmHWM:").map(|k| k * 1024)
+}
+
+fn status_kib(field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_ignores_range_and_sends_no_length_is_cut_at_the_part_size() {
+    let server = support::moto();
+    let proxy = FaultProxy::start(&server.endpoint).await;
+    let via_proxy = client(&server, &proxy.endpoint());
+    let bucket = fresh_bucket(&via_proxy, "nolength").await;
+    let size = 64 * MIB;
+    client(&server, &server.endpoint)
+        .put_object()
+        .bucket(&bucket)
+        .key("big")
+        .body(Bytes::from(data(8, size)).into())
+        .send()
+        .await
+        .expect("put");
+    // Only the byte count can stop this one: no Content-Length to refuse.
+    proxy.ignore_range_without_length(Matcher::RangedGet, 1000);
+    let baseline = reset_peak_memory();
+    let downloader = RangedDownloader::new(
+        via_proxy,
+        TransferConfig::default()
+            .part_size(8 * MIB)
+            .retry(RetryPolicy::never()),
+    );
+    let before = proxy.answered_bytes();
+    let mut sink = Vec::new();
+    let error = downloader
+        .download_to_writer(&bucket, "big", &mut sink, &ProgressListener::none())
+        .await
+        .expect_err("more bytes than the range asked for are refused");
+    assert_eq!(error.kind(), &S3ErrorKind::InvalidResponse, "{error}");
+    assert!(
+        error.to_string().contains("more than the 8388608 bytes asked for"),
+        "{error}"
+    );
+    assert!(sink.is_empty(), "no byte of the wrong answer was delivered");
+    if let (Some(baseline), Some(peak)) = (baseline, peak_memory()) {
+        // A figure, not an assertion: tests running beside this one share the
+        // process (run it alone with --test-threads=1 for RELIABILITY.md).
+        eprintln!(
+            "peak memory growth during the download: {} KiB",
+            peak.saturating_sub(baseline) / 1024
+        );
+    }
+    // Let the proxy notice the closed connections.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let forwarded = proxy.answered_bytes() - before;
+    eprintln!(
+        "64 MiB object, 8 MiB ranges, 4 in flight, Range ignored, no Content-Length: {forwarded} bytes forwarded by the proxy before the client closed"
+    );
+    // 4 ranges in flight would have buffered 4 x 64 MiB; each stops past 8 MiB
+    // (what the socket buffers held on top is counted too).
+    assert!(forwarded < 4 * 16 * MIB, "{forwarded}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absurd_object_size_is_refused_before_any_range_is_planned() {
+    let server = support::s3s_fs();
+    let proxy = FaultProxy::start(&server.endpoint).await;
+    let via_proxy = client(&server, &proxy.endpoint());
+    let bucket = fresh_bucket(&via_proxy, "absurd").await;
+    client(&server, &server.endpoint)
+        .put_object()
+        .bucket(&bucket)
+        .key("small")
+        .body(Bytes::from_static(b"twelve bytes").into())
+        .send()
+        .await
+        .expect("put");
+    // HEAD claims 6 TiB, over S3's 5 TiB limit.
+    proxy.claim_length(Matcher::Head, 1, 6 * 1024 * 1024 * MIB);
+    let downloader = RangedDownloader::new(via_proxy, TransferConfig::default());
+    let mut sink = Vec::new();
+    let error = downloader
+        .download_to_writer(&bucket, "small", &mut sink, &ProgressListener::none())
+        .await
+        .expect_err("an absurd size is refused");
+    assert_eq!(error.kind(), &S3ErrorKind::InvalidResponse, "{error}");
+    assert_eq!(error.operation(), S3Operation::Head, "{error}");
+    assert!(
+        proxy.seen().iter().all(|s| s.method != "GET"),
+        "no range was fetched: {:?}",
+        proxy.seen()
+    );
+    assert_eq!(keel::s3::download::MAX_OBJECT_SIZE, 5 * 1024 * 1024 * MIB);
+}

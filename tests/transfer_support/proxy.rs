@@ -17,6 +17,10 @@
 //!   hold the connection open without sending more (a body stalled mid-way);
 //! - forward the next N matching requests without their `Range` header (a server
 //!   that ignores Range and answers with the whole object);
+//! - the same without the answer's `Content-Length` (the body ends when the
+//!   connection closes), so only the client's own count can stop it;
+//! - answer the next N matching requests with another `Content-Length` in the
+//!   head (a HEAD claiming an absurd size);
 //! - throttle every request body and answer body to a rate (bytes per second).
 //!
 //! It logs every request (method, target, status, fault) and counts how many
@@ -45,6 +49,8 @@ pub enum Matcher {
     CreateMultipartUpload,
     /// Any GET (an object download).
     Get,
+    /// HeadObject.
+    Head,
 }
 
 impl Matcher {
@@ -69,6 +75,7 @@ impl Matcher {
                         || head.target.contains("&uploads"))
             }
             Matcher::Get => head.method == "GET",
+            Matcher::Head => head.method == "HEAD",
         }
     }
 }
@@ -81,7 +88,8 @@ enum FaultKind {
     LoseAnswer,
     Stall,
     StallResponse { after: u64 },
-    IgnoreRange,
+    IgnoreRange { hide_length: bool },
+    ClaimLength { length: u64 },
 }
 
 #[derive(Debug)]
@@ -227,7 +235,19 @@ impl FaultProxy {
     /// Forwards the next `count` matching requests without their `Range` header:
     /// the server answers with the whole object.
     pub fn ignore_range(&self, matcher: Matcher, count: usize) {
-        self.arm(FaultKind::IgnoreRange, matcher, count);
+        self.arm(FaultKind::IgnoreRange { hide_length: false }, matcher, count);
+    }
+
+    /// Like [`ignore_range`](Self::ignore_range), and drops the answer's
+    /// `Content-Length`: the whole object follows, ended by the connection's close.
+    pub fn ignore_range_without_length(&self, matcher: Matcher, count: usize) {
+        self.arm(FaultKind::IgnoreRange { hide_length: true }, matcher, count);
+    }
+
+    /// Answers the next `count` matching requests with `Content-Length: length`
+    /// in the head (the body, if any, is forwarded as the server sent it).
+    pub fn claim_length(&self, matcher: Matcher, count: usize, length: u64) {
+        self.arm(FaultKind::ClaimLength { length }, matcher, count);
     }
 
     /// Limits every request body and answer body from now on to `bytes_per_second`
@@ -371,7 +391,8 @@ async fn handle(mut downstream: TcpStream, upstream: &str, state: &State) -> std
                 Some(FaultKind::LoseAnswer) => Some("lose_answer"),
                 Some(FaultKind::Stall) => Some("stall"),
                 Some(FaultKind::StallResponse { .. }) => Some("stall_response"),
-                Some(FaultKind::IgnoreRange) => Some("ignore_range"),
+                Some(FaultKind::IgnoreRange { .. }) => Some("ignore_range"),
+                Some(FaultKind::ClaimLength { .. }) => Some("claim_length"),
                 None => None,
             },
         });
@@ -448,12 +469,13 @@ async fn handle(mut downstream: TcpStream, upstream: &str, state: &State) -> std
         Some(
             FaultKind::CutResponse { .. }
             | FaultKind::StallResponse { .. }
-            | FaultKind::IgnoreRange,
+            | FaultKind::IgnoreRange { .. }
+            | FaultKind::ClaimLength { .. },
         )
         | None => {}
     }
     let mut request = request;
-    if matches!(fault, Some(FaultKind::IgnoreRange)) {
+    if matches!(fault, Some(FaultKind::IgnoreRange { .. })) {
         request
             .raw_lines
             .retain(|l| !l.to_ascii_lowercase().starts_with("range:"));
@@ -495,11 +517,22 @@ async fn handle(mut downstream: TcpStream, upstream: &str, state: &State) -> std
             let rewritten = if informational {
                 response_head
             } else {
-                let mut lines: Vec<&str> = response_head
+                let rewrite_length = matches!(
+                    fault,
+                    Some(FaultKind::IgnoreRange { hide_length: true } | FaultKind::ClaimLength { .. })
+                );
+                let mut lines: Vec<String> = response_head
                     .split("\r\n")
                     .filter(|l| !l.is_empty() && !l.to_ascii_lowercase().starts_with("connection:"))
+                    .filter(|l| {
+                        !(rewrite_length && l.to_ascii_lowercase().starts_with("content-length:"))
+                    })
+                    .map(str::to_string)
                     .collect();
-                lines.push("Connection: close");
+                if let Some(FaultKind::ClaimLength { length }) = fault {
+                    lines.push(format!("Content-Length: {length}"));
+                }
+                lines.push("Connection: close".to_string());
                 format!("{}\r\n\r\n", lines.join("\r\n"))
             };
             down_write.write_all(rewritten.as_bytes()).await?;
