@@ -65,7 +65,7 @@ pub(crate) fn missing(
 /// | `part_size` | 5 MiB | as the seed and `@aws-sdk/lib-storage`; S3's minimum. Grows to fit 10,000 parts (see [`plan`](super::plan)). 8-16 MiB sends fewer requests on fast links |
 /// | `parts_in_flight` | 4 | as lib-storage's `queueSize`: memory is about `part_size x parts_in_flight` |
 /// | `retry` | 3 retries, 1 s, 2 s, 4 s, cap 10 s | as the seed; per request, see [`RetryPolicy`] |
-/// | `part_timeout` | 2 min | the fixed share of one UploadPart attempt's bound (see below) |
+/// | `part_timeout` | 30 s | the fixed share of one UploadPart attempt's bound (see below); as keel's client's request timeout |
 /// | `min_throughput` | 64 KiB/s | the size share: a part of `n` bytes gets `n / min_throughput` more (half of 1 Mbit/s) |
 /// | `idle_timeout` | 30 s | a download body that sends no byte for this long fails with [`S3ErrorKind::Timeout`] and the range is retried |
 ///
@@ -75,7 +75,7 @@ pub(crate) fn missing(
 /// (a 1 TB stream needs 100 MiB parts; at 10 Mbit/s one takes 80 s), yet without
 /// a bound a stalled connection holds its slot, and the whole upload, for ever.
 /// So one UploadPart attempt of `n` bytes may last
-/// `part_timeout + n / min_throughput` (2 min + 80 s for a 5 MiB part, 2 min +
+/// `part_timeout + n / min_throughput` (30 s + 80 s for a 5 MiB part, 30 s +
 /// 27 min for a 100 MiB one), and the SDK's own per-attempt timeout (keel's
 /// [`S3Client`](crate::s3::client::S3Client) sets 30 s) is raised to that bound
 /// for UploadPart only. A part that runs over it fails with
@@ -94,9 +94,9 @@ pub struct TransferConfig {
     idle_timeout: Duration,
 }
 
-/// The default [`TransferConfig::part_timeout`]: 2 minutes per UploadPart attempt,
+/// The default [`TransferConfig::part_timeout`]: 30 s per UploadPart attempt,
 /// plus the part's size at [`DEFAULT_MIN_THROUGHPUT`].
-pub const DEFAULT_PART_TIMEOUT: Duration = Duration::from_secs(120);
+pub const DEFAULT_PART_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The default [`TransferConfig::min_throughput`]: 64 KiB/s, half of 1 Mbit/s.
 pub const DEFAULT_MIN_THROUGHPUT: u64 = 64 * 1024;
@@ -144,7 +144,7 @@ impl TransferConfig {
     }
 
     /// The fixed share of the longest time one UploadPart attempt may take before
-    /// it is given up and retried (default [`DEFAULT_PART_TIMEOUT`], 2 minutes);
+    /// it is given up and retried (default [`DEFAULT_PART_TIMEOUT`], 30 s);
     /// the part's size at [`min_throughput`](Self::min_throughput) is added.
     pub fn part_timeout(mut self, limit: Duration) -> Self {
         self.part_timeout = Some(limit);
@@ -276,8 +276,9 @@ pub struct UploadReceipt {
 /// # Retries
 ///
 /// Every request is retried by [`RetryPolicy`]; a part is re-sent from the buffer
-/// it already holds, and a part attempt that outlasts the part timeout
-/// ([`TransferConfig::part_timeout`], 2 minutes) is given up and retried. Build the
+/// it already holds, and a part attempt that outlasts its size-aware bound
+/// ([`TransferConfig::part_attempt_limit`]: 30 s plus the part at 64 KiB/s) is
+/// given up and retried. Build the
 /// client with the SDK's own retries disabled, or the attempts multiply.
 ///
 /// A CompleteMultipartUpload whose answer is lost (the connection breaks after the
@@ -1282,11 +1283,27 @@ mod tests {
     }
 
     #[test]
-    fn the_part_timeout_defaults_to_two_minutes_and_can_be_changed_or_removed() {
+    fn the_part_timeout_defaults_to_thirty_seconds_and_can_be_changed_or_removed() {
         let config = TransferConfig::default();
-        assert_eq!(config.get_part_timeout(), Some(Duration::from_secs(120)));
+        assert_eq!(config.get_part_timeout(), Some(Duration::from_secs(30)));
         let config = config.part_timeout(Duration::from_secs(5));
         assert_eq!(config.get_part_timeout(), Some(Duration::from_secs(5)));
         assert_eq!(config.without_part_timeout().get_part_timeout(), None);
+    }
+
+    #[test]
+    fn the_part_bound_grows_with_the_part_size() {
+        let config = TransferConfig::default();
+        assert_eq!(config.get_min_throughput(), 64 * 1024);
+        assert_eq!(config.get_idle_timeout(), Duration::from_secs(30));
+        // 30 s, plus 5 MiB at 64 KiB/s (80 s); 100 MiB parts get 1,600 s more.
+        assert_eq!(config.part_attempt_limit(5 * MIB), Some(Duration::from_secs(110)));
+        assert_eq!(
+            config.part_attempt_limit(100 * MIB),
+            Some(Duration::from_secs(1630))
+        );
+        let slow_link = config.clone().min_throughput(0);
+        assert_eq!(slow_link.get_min_throughput(), 1, "never divides by zero");
+        assert_eq!(config.without_part_timeout().part_attempt_limit(MIB), None);
     }
 }
