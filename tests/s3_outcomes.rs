@@ -104,13 +104,20 @@ async fn aborted_upload_bodies_are_the_callers_and_never_open_the_breaker() {
         let breaker = s3.circuit_breaker().expect("default stack has a breaker");
         assert_eq!(breaker.state(), CircuitState::Closed, "{}", server.name);
         let out = s3
-            .upload("body/good", Bytes::from(data(3, 6 * MIB)), UploadOptions::new())
+            .upload(
+                "body/good",
+                Bytes::from(data(3, 6 * MIB)),
+                UploadOptions::new(),
+            )
             .await
             .unwrap_or_else(|e| panic!("{}: a good upload after them: {e}", server.name));
         assert_eq!(out.size, 6 * MIB);
         if server.name == "moto" {
             // Every failed upload was aborted.
-            assert_eq!(open_multipart_uploads(&check, &bucket).await, Vec::<String>::new());
+            assert_eq!(
+                open_multipart_uploads(&check, &bucket).await,
+                Vec::<String>::new()
+            );
         }
     }
 }
@@ -128,12 +135,22 @@ async fn abort_in_flight_uploads_leaves_no_upload_on_the_server() {
                 .await
         }
     });
-    assert_eq!(wait_for_uploads(&check, &bucket, 1, Duration::from_secs(20)).await, 1);
+    assert_eq!(
+        wait_for_uploads(&check, &bucket, 1, Duration::from_secs(20)).await,
+        1
+    );
     assert_eq!(s3.upload_registry().in_flight().len(), 1);
 
     let report = s3.abort_in_flight_uploads(Duration::from_secs(10)).await;
-    assert_eq!((report.aborted, report.failed, report.left), (1, 0, 0), "{report:?}");
-    assert_eq!(open_multipart_uploads(&check, &bucket).await, Vec::<String>::new());
+    assert_eq!(
+        (report.aborted, report.failed, report.left),
+        (1, 0, 0),
+        "{report:?}"
+    );
+    assert_eq!(
+        open_multipart_uploads(&check, &bucket).await,
+        Vec::<String>::new()
+    );
     assert!(s3.upload_registry().in_flight().is_empty());
     uploading.abort();
 }
@@ -172,15 +189,28 @@ fn an_upload_dropped_with_its_runtime_is_still_aborted() {
                 .await
         }
     });
-    let open = checks.block_on(wait_for_uploads(&check, &bucket, 1, Duration::from_secs(20)));
+    let open = checks.block_on(wait_for_uploads(
+        &check,
+        &bucket,
+        1,
+        Duration::from_secs(20),
+    ));
     assert_eq!(open, 1, "the upload was created");
     assert_eq!(engine.registry().in_flight().len(), 1);
 
     // Shutting the runtime down drops the upload future on it.
     drop(runtime);
 
-    let open = checks.block_on(wait_for_uploads(&check, &bucket, 0, Duration::from_secs(20)));
-    assert_eq!(open, 0, "the upload was aborted after its runtime was dropped");
+    let open = checks.block_on(wait_for_uploads(
+        &check,
+        &bucket,
+        0,
+        Duration::from_secs(20),
+    ));
+    assert_eq!(
+        open, 0,
+        "the upload was aborted after its runtime was dropped"
+    );
     assert_eq!(engine.registry().aborted(), 1);
     assert!(engine.registry().in_flight().is_empty());
 }
@@ -193,7 +223,10 @@ async fn a_lost_create_answer_leaves_no_stray_upload() {
     let bucket = fresh_bucket(&via_proxy, "stray").await;
     // The server creates an upload, its answer is lost, the retry creates another.
     proxy.lose_answer(Matcher::CreateMultipartUpload, 1);
-    let engine = MultipartEngine::new(via_proxy.clone(), TransferConfig::default().retry(fast_retries()));
+    let engine = MultipartEngine::new(
+        via_proxy.clone(),
+        TransferConfig::default().retry(fast_retries()),
+    );
     let receipt = engine
         .upload(
             &bucket,
@@ -208,14 +241,26 @@ async fn a_lost_create_answer_leaves_no_stray_upload() {
     let creates: Vec<_> = proxy
         .seen()
         .into_iter()
-        .filter(|s| s.method == "POST" && s.target.contains("uploads") && !s.target.contains("uploadId="))
+        .filter(|s| {
+            s.method == "POST" && s.target.contains("uploads") && !s.target.contains("uploadId=")
+        })
         .collect();
     assert_eq!(creates.len(), 2, "{creates:?}");
     assert_eq!(creates[0].fault, Some("lose_answer"));
-    assert_eq!(creates[0].status, Some(200), "the first Create was done by the server");
+    assert_eq!(
+        creates[0].status,
+        Some(200),
+        "the first Create was done by the server"
+    );
     let check = client(&server, &server.endpoint);
-    assert_eq!(open_multipart_uploads(&check, &bucket).await, Vec::<String>::new());
-    assert!(proxy.seen().iter().any(|s| s.is_abort()), "the stray was aborted");
+    assert_eq!(
+        open_multipart_uploads(&check, &bucket).await,
+        Vec::<String>::new()
+    );
+    assert!(
+        proxy.seen().iter().any(|s| s.is_abort()),
+        "the stray was aborted"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -232,7 +277,10 @@ async fn the_sweeper_aborts_uploads_older_than_the_given_age() {
             .await
             .expect("create");
     }
-    let engine = MultipartEngine::new(check.clone(), TransferConfig::default().retry(fast_retries()));
+    let engine = MultipartEngine::new(
+        check.clone(),
+        TransferConfig::default().retry(fast_retries()),
+    );
     // The age is the server's `initiated` time. moto reports the same fixed time
     // (2010-11-10) for every upload, so "younger than 30 years" keeps them all
     // and "older than 1 s" takes them all.
@@ -256,7 +304,10 @@ async fn the_sweeper_aborts_uploads_older_than_the_given_age() {
         .await
         .expect("sweep");
     assert_eq!((swept.aborted, swept.failed), (3, 0), "{swept:?}");
-    assert_eq!(open_multipart_uploads(&check, &bucket).await, Vec::<String>::new());
+    assert_eq!(
+        open_multipart_uploads(&check, &bucket).await,
+        Vec::<String>::new()
+    );
 }
 
 /// A client whose SDK attempt timeout is `attempt` (keel's `S3Client` sets 30 s).
@@ -288,7 +339,10 @@ async fn a_part_throttled_to_one_megabit_succeeds_within_its_size_aware_bound() 
         .part_timeout(Duration::from_secs(1))
         .min_throughput(64 * KIB)
         .idle_timeout(Duration::from_secs(2));
-    assert_eq!(config.part_attempt_limit(size), Some(Duration::from_secs(9)));
+    assert_eq!(
+        config.part_attempt_limit(size),
+        Some(Duration::from_secs(9))
+    );
     proxy.throttle(ONE_MEGABIT);
 
     let fixed = MultipartEngine::new(sdk.clone(), config.clone().min_throughput(u64::MAX));
@@ -304,7 +358,9 @@ async fn a_part_throttled_to_one_megabit_succeeds_within_its_size_aware_bound() 
         .await
         .expect_err("a fixed 1 s bound fails the slow part");
     assert_eq!(error.kind(), &S3ErrorKind::Timeout, "{error}");
-    assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+    let took = started.elapsed();
+    eprintln!("512 KiB part at 1 Mbit/s, fixed 1 s bound: Timeout after {took:?}");
+    assert!(took < Duration::from_secs(4), "{took:?}");
 
     let fitted = MultipartEngine::new(sdk.clone(), config.clone());
     let started = Instant::now();
@@ -320,16 +376,29 @@ async fn a_part_throttled_to_one_megabit_succeeds_within_its_size_aware_bound() 
         .expect("the size-aware bound lets the slow part through");
     let took = started.elapsed();
     assert_eq!((receipt.size, receipt.parts), (size, 1));
-    assert!(took > Duration::from_secs(3), "the proxy throttled it: {took:?}");
+    assert!(
+        took > Duration::from_secs(3),
+        "the proxy throttled it: {took:?}"
+    );
     eprintln!("512 KiB part at 1 Mbit/s: {took:?}");
 
     // Downloading at the same pace: slow but never idle, so it succeeds.
     let downloader = RangedDownloader::new(sdk, config);
     let mut out = Vec::new();
+    let started = Instant::now();
     let got = downloader
-        .download_to_writer(&bucket, "throttled/fitted", &mut out, &ProgressListener::none())
+        .download_to_writer(
+            &bucket,
+            "throttled/fitted",
+            &mut out,
+            &ProgressListener::none(),
+        )
         .await
         .expect("a throttled download is not idle");
+    eprintln!(
+        "512 KiB download at 1 Mbit/s, idle 2 s: {:?}",
+        started.elapsed()
+    );
     assert_eq!(got.size, size);
     assert_same_bytes(&out, &data(5, size), "throttled download");
 }
@@ -356,7 +425,11 @@ async fn a_download_stalled_mid_body_fails_within_the_idle_timeout() {
     let downloader = RangedDownloader::new(
         via_proxy.clone(),
         TransferConfig::default()
-            .retry(RetryPolicy::default().max_retries(1).initial_backoff(Duration::from_millis(10)))
+            .retry(
+                RetryPolicy::default()
+                    .max_retries(1)
+                    .initial_backoff(Duration::from_millis(10)),
+            )
             .idle_timeout(idle),
     );
     let started = Instant::now();
@@ -370,7 +443,9 @@ async fn a_download_stalled_mid_body_fails_within_the_idle_timeout() {
     .expect_err("a stalled body fails");
     assert_eq!(error.kind(), &S3ErrorKind::Timeout, "{error}");
     // Two attempts of one idle timeout each, plus the backoff.
-    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    let took = started.elapsed();
+    eprintln!("ranged download stalled after 64 KiB, idle 500 ms, 1 retry: Timeout after {took:?}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
 
     // The facade's streaming body and collect_bytes.
     let s3 = S3::builder(facade(&server, &proxy.endpoint(), &bucket).await)
@@ -383,7 +458,9 @@ async fn a_download_stalled_mid_body_fails_within_the_idle_timeout() {
         .expect("no hang")
         .expect_err("a stalled body fails");
     assert_eq!(error.kind(), &S3ErrorKind::Timeout, "{error}");
-    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+    let took = started.elapsed();
+    eprintln!("facade collect_bytes stalled after 64 KiB, idle 500 ms: Timeout after {took:?}");
+    assert!(took < Duration::from_secs(3), "{took:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -476,7 +553,9 @@ async fn a_server_that_ignores_range_and_sends_no_length_is_cut_at_the_part_size
         .expect_err("more bytes than the range asked for are refused");
     assert_eq!(error.kind(), &S3ErrorKind::InvalidResponse, "{error}");
     assert!(
-        error.to_string().contains("more than the 8388608 bytes asked for"),
+        error
+            .to_string()
+            .contains("more than the 8388608 bytes asked for"),
         "{error}"
     );
     assert!(sink.is_empty(), "no byte of the wrong answer was delivered");

@@ -322,12 +322,7 @@ impl S3ServiceError {
 
     /// An error of the caller's upload body (its stream failed, or ran short or
     /// long): kind [`S3ErrorKind::Body`], never counted against the server.
-    pub fn body(
-        operation: S3Operation,
-        bucket: &str,
-        key: &str,
-        err: impl Into<BoxError>,
-    ) -> Self {
+    pub fn body(operation: S3Operation, bucket: &str, key: &str, err: impl Into<BoxError>) -> Self {
         S3ServiceError::new(operation, S3ErrorKind::Body)
             .with_bucket(bucket)
             .with_key(key)
@@ -615,7 +610,10 @@ mod tests {
         assert_eq!(err.kind(), &S3ErrorKind::Body);
         assert_eq!(err.classification().outcome, Outcome::Ignored);
         assert!(!err.is_retryable());
-        assert_eq!(err.to_string(), "S3 upload of s3://b/k failed: the upload body failed");
+        assert_eq!(
+            err.to_string(),
+            "S3 upload of s3://b/k failed: the upload body failed"
+        );
         let bad = S3ServiceError::invalid_response(S3Operation::Download, "b", "k", "too long");
         assert!(bad.classification().is_failure());
         assert!(!bad.is_retryable());

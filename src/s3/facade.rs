@@ -74,12 +74,12 @@ use super::client::{S3Client, S3Health, ShutdownReport};
 use super::error::{BoxError, S3ErrorKind, S3Operation, S3ServiceError};
 use super::key::{IntoObjectKey, KeyPolicy, ObjectKey};
 use super::metrics::{S3Metrics, S3MetricsSnapshot};
+use super::multipart::{AbortReport, MultipartEngine, TransferConfig, UploadRegistry};
 use super::presign::PresignedUrl;
 use super::service::{
     CopyOutput, DeleteFailure, DeleteManyOutput, ListPage, MAX_DELETE_BATCH, ObjectDownload,
     ObjectSummary, OnceBody, S3Request, S3Response, S3Service, UploadPayload, UploadRequest,
 };
-use super::multipart::{AbortReport, MultipartEngine, TransferConfig, UploadRegistry};
 use super::upload::{
     BodySource, MultipartUploader, ProgressListener, UploadBody, UploadOptions, UploadOutput,
 };

@@ -235,7 +235,11 @@ impl FaultProxy {
     /// Forwards the next `count` matching requests without their `Range` header:
     /// the server answers with the whole object.
     pub fn ignore_range(&self, matcher: Matcher, count: usize) {
-        self.arm(FaultKind::IgnoreRange { hide_length: false }, matcher, count);
+        self.arm(
+            FaultKind::IgnoreRange { hide_length: false },
+            matcher,
+            count,
+        );
     }
 
     /// Like [`ignore_range`](Self::ignore_range), and drops the answer's
@@ -519,7 +523,10 @@ async fn handle(mut downstream: TcpStream, upstream: &str, state: &State) -> std
             } else {
                 let rewrite_length = matches!(
                     fault,
-                    Some(FaultKind::IgnoreRange { hide_length: true } | FaultKind::ClaimLength { .. })
+                    Some(
+                        FaultKind::IgnoreRange { hide_length: true }
+                            | FaultKind::ClaimLength { .. }
+                    )
                 );
                 let mut lines: Vec<String> = response_head
                     .split("\r\n")

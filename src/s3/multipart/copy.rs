@@ -203,8 +203,14 @@ impl MultipartCopier {
             .upload_id()
             .ok_or_else(|| missing(S3Operation::CreateMultipartUpload, bucket, key, "upload id"))?
             .to_string();
-        let mut guard: AbortOnDrop<()> =
-            AbortOnDrop::new(self.client.clone(), bucket, key, &upload_id, retry.clone(), &self.registry);
+        let mut guard: AbortOnDrop<()> = AbortOnDrop::new(
+            self.client.clone(),
+            bucket,
+            key,
+            &upload_id,
+            retry.clone(),
+            &self.registry,
+        );
         let job = CopyJob {
             client: &self.client,
             bucket,

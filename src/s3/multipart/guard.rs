@@ -218,7 +218,10 @@ impl Abort {
                 true
             }
             Err(error) => {
-                registry.inner.abort_failures.fetch_add(1, Ordering::Relaxed);
+                registry
+                    .inner
+                    .abort_failures
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::error!(
                     bucket,
                     key,

@@ -68,8 +68,8 @@ pub use guard::{AbortReport, InFlightUpload, UploadRegistry};
 pub use progress::{ProgressListener, TransferProgress};
 pub use retry::{RetryPolicy, TransferCounters, TransferStats};
 pub use upload::{
-    DEFAULT_IDLE_TIMEOUT, DEFAULT_MIN_THROUGHPUT, DEFAULT_PART_TIMEOUT, MultipartEngine, TransferConfig,
-    UploadReceipt,
+    DEFAULT_IDLE_TIMEOUT, DEFAULT_MIN_THROUGHPUT, DEFAULT_PART_TIMEOUT, MultipartEngine,
+    TransferConfig, UploadReceipt,
 };
 
 pub(crate) use retry::{sdk_error, with_retries};

@@ -440,7 +440,9 @@ impl MultipartEngine {
             .unwrap_or_else(std::time::SystemTime::now);
         // S3 stores `initiated` to the second.
         let slack = Duration::from_secs(2);
-        let from = anchor.checked_sub(elapsed + slack).unwrap_or(std::time::UNIX_EPOCH);
+        let from = anchor
+            .checked_sub(elapsed + slack)
+            .unwrap_or(std::time::UNIX_EPOCH);
         let to = anchor + slack;
         let ours: Vec<String> = self
             .registry
@@ -450,10 +452,19 @@ impl MultipartEngine {
             .collect();
         for upload in uploads {
             let in_window = upload.initiated.is_some_and(|at| at >= from && at <= to);
-            if upload.key != key || upload.upload_id == keep || ours.contains(&upload.upload_id) || !in_window {
+            if upload.key != key
+                || upload.upload_id == keep
+                || ours.contains(&upload.upload_id)
+                || !in_window
+            {
                 continue;
             }
-            tracing::warn!(bucket, key, upload_id = upload.upload_id, "aborting the upload of a CreateMultipartUpload whose answer was lost");
+            tracing::warn!(
+                bucket,
+                key,
+                upload_id = upload.upload_id,
+                "aborting the upload of a CreateMultipartUpload whose answer was lost"
+            );
             Abort::new(
                 self.client.clone(),
                 bucket,
@@ -816,12 +827,10 @@ fn check_length(
             format!("the body ended after {actual} of the announced {expected} bytes")
         };
         // The caller's body is wrong, not the server: kind Body.
-        return Err(
-            S3ServiceError::new(S3Operation::Upload, S3ErrorKind::Body)
-                .with_bucket(bucket)
-                .with_key(key)
-                .with_message(message),
-        );
+        return Err(S3ServiceError::new(S3Operation::Upload, S3ErrorKind::Body)
+            .with_bucket(bucket)
+            .with_key(key)
+            .with_message(message));
     }
     Ok(())
 }
@@ -1297,7 +1306,10 @@ mod tests {
         assert_eq!(config.get_min_throughput(), 64 * 1024);
         assert_eq!(config.get_idle_timeout(), Duration::from_secs(30));
         // 30 s, plus 5 MiB at 64 KiB/s (80 s); 100 MiB parts get 1,600 s more.
-        assert_eq!(config.part_attempt_limit(5 * MIB), Some(Duration::from_secs(110)));
+        assert_eq!(
+            config.part_attempt_limit(5 * MIB),
+            Some(Duration::from_secs(110))
+        );
         assert_eq!(
             config.part_attempt_limit(100 * MIB),
             Some(Duration::from_secs(1630))
