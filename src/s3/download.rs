@@ -135,7 +135,7 @@ impl RangedDownloader {
         let progress = progress.clone();
         let mut received = 0u64;
         let mut done = 0u32;
-        let stream = stream::iter(ranges.into_iter())
+        let stream = stream::iter(ranges)
             .map(move |range| {
                 let fetcher = Arc::clone(&fetcher);
                 async move { fetcher.fetch(range).await }
