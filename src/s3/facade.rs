@@ -154,7 +154,7 @@ impl S3Builder {
     }
 
     /// The multipart engine for bodies above the threshold (default: a
-    /// [`MultipartEngine`](crate::s3::multipart::MultipartEngine) with
+    /// [`MultipartEngine`] with
     /// [`TransferConfig::default`](crate::s3::multipart::TransferConfig): 5 MiB
     /// threshold and parts, 4 parts in flight).
     pub fn multipart(mut self, engine: Arc<dyn MultipartUploader>) -> Self {
