@@ -322,7 +322,10 @@ async fn a_stalled_part_is_given_up_at_the_part_timeout_and_retried() {
         proxy.stall(Matcher::UploadPart, 1);
         let config = TransferConfig::default()
             .retry(fast_retry())
-            .part_timeout(Duration::from_secs(3));
+            .part_timeout(Duration::from_secs(3))
+            // Loopback is fast: keep the size share of the bound small (5 MiB
+            // at 64 MiB/s is 80 ms), so the stall is given up after about 3 s.
+            .min_throughput(64 * MIB);
         let length = 12 * MIB;
         let receipt = upload_stream(
             &MultipartEngine::new(client.clone(), config),

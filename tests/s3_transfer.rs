@@ -399,7 +399,7 @@ async fn a_body_shorter_than_announced_fails_and_leaves_no_upload() {
         )
         .await
         .expect_err("the body runs short");
-    assert_eq!(error.kind(), &S3ErrorKind::InvalidRequest, "{error}");
+    assert_eq!(error.kind(), &S3ErrorKind::Body, "{error}");
     assert_eq!(error.operation(), S3Operation::Upload, "{error}");
     let expected = format!(
         "the body ended after {} of the announced {} bytes",

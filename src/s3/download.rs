@@ -12,6 +12,19 @@
 //! fetched with `If-Match` on the ETag seen by HEAD, so an object overwritten during
 //! the download fails it rather than mixing two versions.
 //!
+//! # A bad server cannot hang it or fill memory
+//!
+//! - Every body is read with an idle timeout ([`TransferConfig::idle_timeout`],
+//!   30 s): a body that stops sending fails the range with
+//!   [`S3ErrorKind::Timeout`] (retried), whatever the object's size, instead of
+//!   hanging for ever. Slow is fine; silent is not.
+//! - A range is read up to the length asked for and no further: a server that
+//!   ignores `Range` and sends the whole object fails the download with
+//!   [`S3ErrorKind::InvalidResponse`] after at most one part (plus one network
+//!   chunk) per range in flight, instead of buffering the object once per range.
+//! - A size from HEAD above [`MAX_OBJECT_SIZE`] (5 TiB, S3's limit) is refused
+//!   before any range is planned.
+//!
 //! # Example
 //!
 //! ```no_run
@@ -41,6 +54,10 @@ use super::multipart::{
     ProgressListener, RetryPolicy, TransferConfig, TransferCounters, TransferProgress,
     TransferStats, missing, sdk_error, with_retries,
 };
+
+/// The largest object S3 stores (5 TiB); a larger size from HEAD is an invalid
+/// answer.
+pub const MAX_OBJECT_SIZE: u64 = 5 * 1024 * 1024 * 1024 * 1024;
 
 /// What HEAD said about the object being downloaded.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -112,6 +129,7 @@ impl RangedDownloader {
             retry: self.config.get_retry().clone(),
             counters: counters.clone(),
             whole: ranges.len() == 1,
+            idle_timeout: self.config.get_idle_timeout(),
         });
         let total = info.size;
         let progress = progress.clone();
@@ -217,6 +235,14 @@ impl RangedDownloader {
             .content_length()
             .and_then(|n| u64::try_from(n).ok())
             .ok_or_else(|| missing(S3Operation::Head, bucket, key, "content length"))?;
+        if size > MAX_OBJECT_SIZE {
+            return Err(S3ServiceError::invalid_response(
+                S3Operation::Head,
+                bucket,
+                key,
+                format!("HEAD gave a size of {size} bytes, over S3's limit of {MAX_OBJECT_SIZE}"),
+            ));
+        }
         Ok(ObjectInfo {
             bucket: bucket.to_string(),
             key: key.to_string(),
@@ -268,6 +294,8 @@ struct RangeFetcher {
     counters: TransferCounters,
     /// One GET for the whole object: no Range header.
     whole: bool,
+    /// The longest wait for the next chunk of a body.
+    idle_timeout: std::time::Duration,
 }
 
 impl RangeFetcher {
@@ -296,13 +324,51 @@ impl RangeFetcher {
                 .send()
                 .await
                 .map_err(sdk_error(operation, bucket, key))?;
-            // A body cut short is a transport failure: retried like a reset.
-            let bytes = output
-                .body
-                .collect()
-                .await
-                .map_err(|e| broken("the response body broke off".to_string()).with_source(e))?
-                .into_bytes();
+            // A server that ignores Range answers with the whole object: refuse
+            // it from the header, before reading a byte of it.
+            if let Some(length) = output.content_length().and_then(|n| u64::try_from(n).ok())
+                && length > expected
+            {
+                return Err(S3ServiceError::invalid_response(
+                    operation,
+                    bucket,
+                    key,
+                    format!("the server announced {length} bytes where {expected} were asked for (is Range ignored?)"),
+                ));
+            }
+            let mut body = output.body;
+            let mut buffer = bytes::BytesMut::with_capacity(usize::try_from(expected).unwrap_or(0));
+            loop {
+                let chunk = match tokio::time::timeout(self.idle_timeout, body.next()).await {
+                    Err(_) => {
+                        return Err(S3ServiceError::new(operation, S3ErrorKind::Timeout)
+                            .with_bucket(bucket)
+                            .with_key(key)
+                            .with_message(format!(
+                                "the body sent nothing for {:?} after {} of {expected} bytes",
+                                self.idle_timeout,
+                                buffer.len()
+                            )));
+                    }
+                    Ok(None) => break,
+                    // A body cut short is a transport failure: retried like a reset.
+                    Ok(Some(Err(e))) => {
+                        return Err(broken("the response body broke off".to_string()).with_source(e));
+                    }
+                    Ok(Some(Ok(chunk))) => chunk,
+                };
+                // Stop at the length asked for: never buffer more than one part.
+                if (buffer.len() + chunk.len()) as u64 > expected {
+                    return Err(S3ServiceError::invalid_response(
+                        operation,
+                        bucket,
+                        key,
+                        format!("the server sent more than the {expected} bytes asked for (is Range ignored?)"),
+                    ));
+                }
+                buffer.extend_from_slice(&chunk);
+            }
+            let bytes = buffer.freeze();
             if bytes.len() as u64 != expected {
                 let message = format!(
                     "{} bytes arrived where {expected} were asked for",

@@ -13,11 +13,16 @@
 //! | [`Timeout`](S3ErrorKind::Timeout), [`Transport`](S3ErrorKind::Transport) (resets, refused connections, cut bodies) | yes | – |
 //! | [`Service`](S3ErrorKind::Service) with a 5xx status or `InternalError` | yes | – |
 //! | [`NotFound`](S3ErrorKind::NotFound), [`AccessDenied`](S3ErrorKind::AccessDenied), [`InvalidKey`](S3ErrorKind::InvalidKey), [`InvalidRequest`](S3ErrorKind::InvalidRequest), other 4xx | no | – |
+//! | [`InvalidResponse`](S3ErrorKind::InvalidResponse) (an answer that breaks the contract: more bytes than the range asked for) | no | – |
+//! | [`Body`](S3ErrorKind::Body) (the caller's upload body failed, ran short or long) | no | – |
 //! | [`CircuitOpen`](S3ErrorKind::CircuitOpen), [`ShuttingDown`](S3ErrorKind::ShuttingDown) | no | – |
 //!
-//! Not-found and the caller's own mistakes (invalid key or request) are
-//! [`Outcome::Ignored`]: they say nothing
-//! about the server's health, so they never trip the circuit breaker.
+//! Not-found and the caller's own mistakes (invalid key or request, an upload
+//! body that broke off or had the wrong length) are [`Outcome::Ignored`]: they say
+//! nothing about the server's health, so they never trip the circuit breaker and
+//! are never retried. This table is the only place that decides it: the layers,
+//! the multipart engine's retries and the gateway all read
+//! [`classification`](ClassifiedError::classification).
 //!
 //! ```
 //! use keel::s3::error::{S3ErrorKind, S3Operation, S3ServiceError};
@@ -155,6 +160,13 @@ pub enum S3ErrorKind {
     Io,
     /// The client is shutting down and takes no new operations.
     ShuttingDown,
+    /// The caller's upload body failed: its stream returned an error, or it ran
+    /// shorter or longer than its announced length. Not the server's fault.
+    Body,
+    /// The server answered something that breaks the S3 contract (a ranged GET
+    /// answered with more bytes than asked, an absurd object size). Reading stops
+    /// there; retrying the same server would get the same answer.
+    InvalidResponse,
     /// Another error answered by the server.
     Service {
         /// The S3 error code (`InternalError`, `InvalidArgument`, ...), when sent.
@@ -180,6 +192,8 @@ impl fmt::Display for S3ErrorKind {
             S3ErrorKind::Transport => f.write_str("transport error"),
             S3ErrorKind::Io => f.write_str("local I/O error"),
             S3ErrorKind::ShuttingDown => f.write_str("client is shutting down"),
+            S3ErrorKind::Body => f.write_str("the upload body failed"),
+            S3ErrorKind::InvalidResponse => f.write_str("invalid response from the server"),
             S3ErrorKind::Service { code, status } => {
                 f.write_str("service error")?;
                 if let Some(code) = code {
@@ -306,6 +320,28 @@ impl S3ServiceError {
             .with_source(err)
     }
 
+    /// An error of the caller's upload body (its stream failed, or ran short or
+    /// long): kind [`S3ErrorKind::Body`], never counted against the server.
+    pub fn body(operation: S3Operation, bucket: &str, key: &str, err: impl Into<BoxError>) -> Self {
+        S3ServiceError::new(operation, S3ErrorKind::Body)
+            .with_bucket(bucket)
+            .with_key(key)
+            .with_source(err)
+    }
+
+    /// An answer that breaks the S3 contract, described by `message`.
+    pub fn invalid_response(
+        operation: S3Operation,
+        bucket: &str,
+        key: &str,
+        message: impl Into<String>,
+    ) -> Self {
+        S3ServiceError::new(operation, S3ErrorKind::InvalidResponse)
+            .with_bucket(bucket)
+            .with_key(key)
+            .with_message(message)
+    }
+
     /// The operation that failed.
     pub fn operation(&self) -> S3Operation {
         self.0.operation
@@ -429,6 +465,13 @@ impl ClassifiedError for S3ServiceError {
             S3ErrorKind::Io => Classification::permanent_failure("io"),
             S3ErrorKind::CircuitOpen => Classification::permanent_failure("circuit_open"),
             S3ErrorKind::ShuttingDown => Classification::permanent_failure("shutting_down"),
+            S3ErrorKind::InvalidResponse => Classification::permanent_failure("invalid_response"),
+            S3ErrorKind::Body => Classification {
+                outcome: Outcome::Ignored,
+                retryable: false,
+                class: "body",
+                retry_after: None,
+            },
             S3ErrorKind::NotFound => Classification {
                 outcome: Outcome::Ignored,
                 retryable: false,
@@ -558,6 +601,22 @@ mod tests {
         assert_eq!(err.kind(), &S3ErrorKind::Transport);
         assert!(err.is_retryable());
         assert!(err.source().is_some());
+    }
+
+    #[test]
+    fn body_errors_are_the_callers_and_invalid_responses_are_not_retried() {
+        let aborted = std::io::Error::other("client went away");
+        let err = S3ServiceError::body(S3Operation::Upload, "b", "k", aborted);
+        assert_eq!(err.kind(), &S3ErrorKind::Body);
+        assert_eq!(err.classification().outcome, Outcome::Ignored);
+        assert!(!err.is_retryable());
+        assert_eq!(
+            err.to_string(),
+            "S3 upload of s3://b/k failed: the upload body failed"
+        );
+        let bad = S3ServiceError::invalid_response(S3Operation::Download, "b", "k", "too long");
+        assert!(bad.classification().is_failure());
+        assert!(!bad.is_retryable());
     }
 
     #[test]

@@ -74,6 +74,7 @@ use super::client::{S3Client, S3Health, ShutdownReport};
 use super::error::{BoxError, S3ErrorKind, S3Operation, S3ServiceError};
 use super::key::{IntoObjectKey, KeyPolicy, ObjectKey};
 use super::metrics::{S3Metrics, S3MetricsSnapshot};
+use super::multipart::{AbortReport, MultipartEngine, TransferConfig, UploadRegistry};
 use super::presign::PresignedUrl;
 use super::service::{
     CopyOutput, DeleteFailure, DeleteManyOutput, ListPage, MAX_DELETE_BATCH, ObjectDownload,
@@ -100,6 +101,7 @@ pub struct S3 {
     threshold: u64,
     metrics: S3Metrics,
     layers: Option<DefaultLayers>,
+    uploads: UploadRegistry,
 }
 
 impl fmt::Debug for S3 {
@@ -121,9 +123,29 @@ pub struct S3Builder {
     threshold: Option<u64>,
     metrics: S3Metrics,
     layers: Option<DefaultLayers>,
+    uploads: UploadRegistry,
+    body_idle_timeout: Option<Duration>,
 }
 
 impl S3Builder {
+    /// The registry the multipart engine records its uploads in, for
+    /// [`S3::abort_in_flight_uploads`]. The default engine uses the builder's
+    /// own; give an engine set with [`multipart`](Self::multipart) the same one
+    /// ([`MultipartEngine::with_registry`]) and pass it here.
+    pub fn upload_registry(mut self, registry: UploadRegistry) -> Self {
+        self.uploads = registry;
+        self
+    }
+
+    /// How long a download body may send nothing before it fails with
+    /// [`S3ErrorKind::Timeout`] (default
+    /// [`DEFAULT_BODY_IDLE_TIMEOUT`](crate::s3::service::DEFAULT_BODY_IDLE_TIMEOUT),
+    /// 30 s; `None` waits for ever).
+    pub fn body_idle_timeout(mut self, limit: Option<Duration>) -> Self {
+        self.body_idle_timeout = limit;
+        self
+    }
+
     /// The key policy strings are checked against (default
     /// [`KeyPolicy::strict`]).
     pub fn key_policy(mut self, policy: KeyPolicy) -> Self {
@@ -132,7 +154,7 @@ impl S3Builder {
     }
 
     /// The multipart engine for bodies above the threshold (default: a
-    /// [`MultipartEngine`](crate::s3::multipart::MultipartEngine) with
+    /// [`MultipartEngine`] with
     /// [`TransferConfig::default`](crate::s3::multipart::TransferConfig): 5 MiB
     /// threshold and parts, 4 parts in flight).
     pub fn multipart(mut self, engine: Arc<dyn MultipartUploader>) -> Self {
@@ -155,7 +177,8 @@ impl S3Builder {
     }
 
     fn service(&self) -> S3Service {
-        let service = S3Service::new(self.client.clone());
+        let service =
+            S3Service::new(self.client.clone()).with_body_idle_timeout(self.body_idle_timeout);
         match &self.multipart {
             Some(engine) => service.with_multipart(Arc::clone(engine)),
             None => service,
@@ -218,6 +241,7 @@ impl S3Builder {
             threshold,
             metrics: self.metrics,
             layers: None,
+            uploads: self.uploads,
         }
     }
 }
@@ -501,10 +525,9 @@ where
 impl S3 {
     /// A builder over `client`.
     pub fn builder(client: S3Client) -> S3Builder {
-        let engine = crate::s3::multipart::MultipartEngine::new(
-            client.sdk().clone(),
-            crate::s3::multipart::TransferConfig::default(),
-        );
+        let uploads = UploadRegistry::default();
+        let engine = MultipartEngine::new(client.sdk().clone(), TransferConfig::default())
+            .with_registry(uploads.clone());
         S3Builder {
             client,
             policy: KeyPolicy::strict(),
@@ -512,6 +535,8 @@ impl S3 {
             threshold: None,
             metrics: S3Metrics::default(),
             layers: None,
+            uploads,
+            body_idle_timeout: Some(crate::s3::service::DEFAULT_BODY_IDLE_TIMEOUT),
         }
     }
 
@@ -565,6 +590,46 @@ impl S3 {
     /// Graceful shutdown; see [`S3Client::shutdown`].
     pub async fn shutdown(&self, timeout: Duration) -> ShutdownReport {
         self.client.shutdown(timeout).await
+    }
+
+    /// Aborts every multipart upload still in flight, within `budget` in total
+    /// (10 s is plenty: one AbortMultipartUpload per upload, concurrently, each
+    /// retried). For shutdown paths: a process stopped by SIGTERM in the middle
+    /// of an upload would otherwise leave its parts billed and invisible. The
+    /// upload futures themselves are not waited for; their part requests fail
+    /// with `NoSuchUpload` once aborted.
+    ///
+    /// ```no_run
+    /// # async fn run(s3: keel::s3::S3) {
+    /// // In the SIGTERM handler, after the HTTP server stopped taking requests:
+    /// let report = s3.abort_in_flight_uploads(std::time::Duration::from_secs(10)).await;
+    /// if report.failed + report.left > 0 {
+    ///     eprintln!("{} multipart uploads may be left behind", report.failed + report.left);
+    /// }
+    /// # }
+    /// ```
+    pub async fn abort_in_flight_uploads(&self, budget: Duration) -> AbortReport {
+        self.uploads.abort_all(budget).await
+    }
+
+    /// The multipart uploads in flight (see [`abort_in_flight_uploads`](Self::abort_in_flight_uploads)).
+    pub fn upload_registry(&self) -> &UploadRegistry {
+        &self.uploads
+    }
+
+    /// Aborts this bucket's multipart uploads initiated more than `older_than`
+    /// ago (any client's: see
+    /// [`MultipartEngine::abort_stale_uploads`]): a sweeper for uploads left by
+    /// crashed processes. Run it from a periodic job with an age longer than any
+    /// upload takes (a day is common).
+    pub async fn abort_stale_uploads(
+        &self,
+        older_than: Duration,
+    ) -> Result<AbortReport, S3ServiceError> {
+        MultipartEngine::new(self.client.sdk().clone(), TransferConfig::default())
+            .with_registry(self.uploads.clone())
+            .abort_stale_uploads(self.bucket(), None, older_than)
+            .await
     }
 
     fn key(&self, op: S3Operation, key: impl IntoObjectKey) -> Result<ObjectKey, S3ServiceError> {

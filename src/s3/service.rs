@@ -389,10 +389,16 @@ impl fmt::Debug for ObjectDownload {
 
 pin_project_lite::pin_project! {
     /// The body of an [`ObjectDownload`]: a `Stream` of `Bytes` chunks; a cut
-    /// connection ends it with an [`S3ServiceError`] of kind `Transport`.
+    /// connection ends it with an [`S3ServiceError`] of kind `Transport`, a body
+    /// that sends nothing for the idle timeout ([`DEFAULT_BODY_IDLE_TIMEOUT`],
+    /// 30 s, see [`idle_timeout`](Self::idle_timeout)) with kind `Timeout`, so
+    /// neither the stream nor [`collect_bytes`](Self::collect_bytes) hangs on a
+    /// stalled server.
     pub struct DownloadBody {
         #[pin]
         inner: ByteStream,
+        idle_limit: Option<Duration>,
+        idle: Option<Pin<Box<tokio::time::Sleep>>>,
         bucket: String,
         key: ObjectKey,
         received: u64,
@@ -405,6 +411,8 @@ impl DownloadBody {
     fn new(inner: ByteStream, bucket: String, key: ObjectKey, guard: InFlight) -> Self {
         DownloadBody {
             inner,
+            idle_limit: Some(DEFAULT_BODY_IDLE_TIMEOUT),
+            idle: None,
             bucket,
             key,
             received: 0,
@@ -417,6 +425,14 @@ impl DownloadBody {
     /// downloaded bytes with it).
     pub fn on_chunk(mut self, f: Arc<dyn Fn(u64) + Send + Sync>) -> Self {
         self.on_chunk = Some(f);
+        self
+    }
+
+    /// How long the body may send nothing before it ends with a `Timeout` error
+    /// (default [`DEFAULT_BODY_IDLE_TIMEOUT`]); `None` waits for ever.
+    pub fn idle_timeout(mut self, limit: Option<Duration>) -> Self {
+        self.idle_limit = limit;
+        self.idle = None;
         self
     }
 
@@ -452,6 +468,8 @@ impl Stream for DownloadBody {
         let this = self.project();
         match this.inner.poll_next(cx) {
             Poll::Ready(Some(Ok(chunk))) => {
+                // Bytes arrived: the idle clock starts again.
+                *this.idle = None;
                 *this.received += chunk.len() as u64;
                 if let Some(f) = this.on_chunk {
                     f(chunk.len() as u64);
@@ -472,7 +490,29 @@ impl Stream for DownloadBody {
                 this.guard.take();
                 Poll::Ready(None)
             }
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => {
+                let Some(limit) = *this.idle_limit else {
+                    return Poll::Pending;
+                };
+                let idle = this
+                    .idle
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                if idle.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                this.guard.take();
+                *this.idle_limit = None;
+                Poll::Ready(Some(Err(S3ServiceError::new(
+                    S3Operation::Download,
+                    S3ErrorKind::Timeout,
+                )
+                .with_bucket(this.bucket.as_str())
+                .with_key(this.key.as_str())
+                .with_message(format!(
+                    "the body sent nothing for {limit:?} after {} bytes",
+                    this.received
+                )))))
+            }
         }
     }
 
@@ -576,7 +616,13 @@ pub struct ListPage {
 pub struct S3Service {
     client: S3Client,
     multipart: Option<Arc<dyn MultipartUploader>>,
+    body_idle_timeout: Option<Duration>,
 }
+
+/// How long a download body may send nothing before it fails with
+/// [`S3ErrorKind::Timeout`]: 30 s. A slow body is fine; a silent one would hang
+/// its reader for ever (the SDK's attempt timeout ends when the headers arrive).
+pub const DEFAULT_BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl fmt::Debug for S3Service {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -594,7 +640,15 @@ impl S3Service {
         S3Service {
             client,
             multipart: None,
+            body_idle_timeout: Some(DEFAULT_BODY_IDLE_TIMEOUT),
         }
+    }
+
+    /// The idle timeout of download bodies (default
+    /// [`DEFAULT_BODY_IDLE_TIMEOUT`], 30 s; `None` waits for ever).
+    pub fn with_body_idle_timeout(mut self, limit: Option<Duration>) -> Self {
+        self.body_idle_timeout = limit;
+        self
     }
 
     /// Sets the engine for [`UploadPayload::Multipart`] payloads.
@@ -634,10 +688,18 @@ impl tower::Service<S3Request> for S3Service {
     fn call(&mut self, request: S3Request) -> Self::Future {
         let client = self.client.clone();
         let multipart = self.multipart.clone();
+        let idle = self.body_idle_timeout;
         Box::pin(async move {
             let op = request.operation();
             let guard = client.begin(op)?;
-            run(&client, multipart.as_deref(), request, guard).await
+            let response = run(&client, multipart.as_deref(), request, guard).await?;
+            Ok(match response {
+                S3Response::Downloaded(mut download) => {
+                    download.body = download.body.idle_timeout(idle);
+                    S3Response::Downloaded(download)
+                }
+                other => other,
+            })
         })
     }
 }

@@ -12,13 +12,22 @@
 //! - forward the next N matching requests, then cut the answer after B bytes;
 //! - forward the next N matching requests whole, let the server answer, and cut the
 //!   connection before any byte of the answer reaches the client (a lost answer);
-//! - read the next N matching requests whole and never answer (a stalled request).
+//! - read the next N matching requests whole and never answer (a stalled request);
+//! - forward the next N matching requests, send B bytes of the answer's body, then
+//!   hold the connection open without sending more (a body stalled mid-way);
+//! - forward the next N matching requests without their `Range` header (a server
+//!   that ignores Range and answers with the whole object);
+//! - the same without the answer's `Content-Length` (the body ends when the
+//!   connection closes), so only the client's own count can stop it;
+//! - answer the next N matching requests with another `Content-Length` in the
+//!   head (a HEAD claiming an absurd size);
+//! - throttle every request body and answer body to a rate (bytes per second).
 //!
 //! It logs every request (method, target, status, fault) and counts how many
 //! UploadPart requests were in flight at once.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
@@ -36,6 +45,12 @@ pub enum Matcher {
     RangedGet,
     /// CompleteMultipartUpload: `POST ...?uploadId=..`.
     CompleteMultipartUpload,
+    /// CreateMultipartUpload: `POST ...?uploads`.
+    CreateMultipartUpload,
+    /// Any GET (an object download).
+    Get,
+    /// HeadObject.
+    Head,
 }
 
 impl Matcher {
@@ -53,6 +68,14 @@ impl Matcher {
             Matcher::CompleteMultipartUpload => {
                 head.method == "POST" && head.target.contains("uploadId=")
             }
+            Matcher::CreateMultipartUpload => {
+                head.method == "POST"
+                    && (head.target.ends_with("?uploads")
+                        || head.target.contains("?uploads&")
+                        || head.target.contains("&uploads"))
+            }
+            Matcher::Get => head.method == "GET",
+            Matcher::Head => head.method == "HEAD",
         }
     }
 }
@@ -64,6 +87,9 @@ enum FaultKind {
     CutResponse { after: u64 },
     LoseAnswer,
     Stall,
+    StallResponse { after: u64 },
+    IgnoreRange { hide_length: bool },
+    ClaimLength { length: u64 },
 }
 
 #[derive(Debug)]
@@ -107,6 +133,10 @@ struct State {
     seen: Mutex<Vec<Seen>>,
     parts_in_flight: AtomicUsize,
     max_parts_in_flight: AtomicUsize,
+    /// Bytes per second for every body in either direction; 0: no limit.
+    rate: AtomicU64,
+    /// Bytes of answer bodies sent to clients.
+    answered_bytes: AtomicU64,
 }
 
 /// The proxy; stops when dropped.
@@ -194,6 +224,45 @@ impl FaultProxy {
             matcher,
             remaining,
         });
+    }
+
+    /// Forwards the next `count` matching requests, sends `after` bytes of the
+    /// answer's body, then holds the connection open and sends nothing more.
+    pub fn stall_response(&self, matcher: Matcher, count: usize, after: u64) {
+        self.arm(FaultKind::StallResponse { after }, matcher, count);
+    }
+
+    /// Forwards the next `count` matching requests without their `Range` header:
+    /// the server answers with the whole object.
+    pub fn ignore_range(&self, matcher: Matcher, count: usize) {
+        self.arm(
+            FaultKind::IgnoreRange { hide_length: false },
+            matcher,
+            count,
+        );
+    }
+
+    /// Like [`ignore_range`](Self::ignore_range), and drops the answer's
+    /// `Content-Length`: the whole object follows, ended by the connection's close.
+    pub fn ignore_range_without_length(&self, matcher: Matcher, count: usize) {
+        self.arm(FaultKind::IgnoreRange { hide_length: true }, matcher, count);
+    }
+
+    /// Answers the next `count` matching requests with `Content-Length: length`
+    /// in the head (the body, if any, is forwarded as the server sent it).
+    pub fn claim_length(&self, matcher: Matcher, count: usize, length: u64) {
+        self.arm(FaultKind::ClaimLength { length }, matcher, count);
+    }
+
+    /// Limits every request body and answer body from now on to `bytes_per_second`
+    /// (0: no limit).
+    pub fn throttle(&self, bytes_per_second: u64) {
+        self.state.rate.store(bytes_per_second, Ordering::SeqCst);
+    }
+
+    /// Bytes of answer bodies sent to clients so far (after the answer heads).
+    pub fn answered_bytes(&self) -> u64 {
+        self.state.answered_bytes.load(Ordering::SeqCst)
     }
 
     /// Removes every armed fault.
@@ -325,6 +394,9 @@ async fn handle(mut downstream: TcpStream, upstream: &str, state: &State) -> std
                 Some(FaultKind::CutResponse { .. }) => Some("cut_response"),
                 Some(FaultKind::LoseAnswer) => Some("lose_answer"),
                 Some(FaultKind::Stall) => Some("stall"),
+                Some(FaultKind::StallResponse { .. }) => Some("stall_response"),
+                Some(FaultKind::IgnoreRange { .. }) => Some("ignore_range"),
+                Some(FaultKind::ClaimLength { .. }) => Some("claim_length"),
                 None => None,
             },
         });
@@ -398,11 +470,24 @@ async fn handle(mut downstream: TcpStream, upstream: &str, state: &State) -> std
             drop(downstream);
             return Ok(());
         }
-        Some(FaultKind::CutResponse { .. }) | None => {}
+        Some(
+            FaultKind::CutResponse { .. }
+            | FaultKind::StallResponse { .. }
+            | FaultKind::IgnoreRange { .. }
+            | FaultKind::ClaimLength { .. },
+        )
+        | None => {}
     }
-    let cut_answer_after = match fault {
-        Some(FaultKind::CutResponse { after }) => Some(after),
-        _ => None,
+    let mut request = request;
+    if matches!(fault, Some(FaultKind::IgnoreRange { .. })) {
+        request
+            .raw_lines
+            .retain(|l| !l.to_ascii_lowercase().starts_with("range:"));
+    }
+    let (cut_answer_after, stall_answer) = match fault {
+        Some(FaultKind::CutResponse { after }) => (Some(after), false),
+        Some(FaultKind::StallResponse { after }) => (Some(after), true),
+        _ => (None, false),
     };
     let mut upstream_conn = TcpStream::connect(upstream).await?;
     write_head(&mut upstream_conn, &request).await?;
@@ -412,7 +497,7 @@ async fn handle(mut downstream: TcpStream, upstream: &str, state: &State) -> std
     let remaining = body_length.saturating_sub(early_body.len() as u64);
     let send_body = async move {
         let mut limited = (&mut down_read).take(remaining);
-        tokio::io::copy(&mut limited, &mut up_write).await?;
+        copy_paced(&mut limited, &mut up_write, state, false).await?;
         up_write.flush().await?;
         // Keep the upstream write half open: some servers close on a half-close.
         Ok::<_, std::io::Error>(up_write)
@@ -436,11 +521,25 @@ async fn handle(mut downstream: TcpStream, upstream: &str, state: &State) -> std
             let rewritten = if informational {
                 response_head
             } else {
-                let mut lines: Vec<&str> = response_head
+                let rewrite_length = matches!(
+                    fault,
+                    Some(
+                        FaultKind::IgnoreRange { hide_length: true }
+                            | FaultKind::ClaimLength { .. }
+                    )
+                );
+                let mut lines: Vec<String> = response_head
                     .split("\r\n")
                     .filter(|l| !l.is_empty() && !l.to_ascii_lowercase().starts_with("connection:"))
+                    .filter(|l| {
+                        !(rewrite_length && l.to_ascii_lowercase().starts_with("content-length:"))
+                    })
+                    .map(str::to_string)
                     .collect();
-                lines.push("Connection: close");
+                if let Some(FaultKind::ClaimLength { length }) = fault {
+                    lines.push(format!("Content-Length: {length}"));
+                }
+                lines.push("Connection: close".to_string());
                 format!("{}\r\n\r\n", lines.join("\r\n"))
             };
             down_write.write_all(rewritten.as_bytes()).await?;
@@ -450,21 +549,30 @@ async fn handle(mut downstream: TcpStream, upstream: &str, state: &State) -> std
             }
             state.seen.lock().unwrap()[index].status = status;
             if let Some(after) = cut_answer_after {
-                // Send part of the body, then drop the connection mid-answer.
+                // Send part of the body, then drop the connection mid-answer (or
+                // hold it open, silent, until the client gives up).
                 let early = &rest[..rest.len().min(after as usize)];
                 down_write.write_all(early).await?;
+                state
+                    .answered_bytes
+                    .fetch_add(early.len() as u64, Ordering::SeqCst);
                 let left = after - early.len() as u64;
-                tokio::io::copy(&mut (&mut up_read).take(left), &mut down_write).await?;
+                copy_paced(&mut (&mut up_read).take(left), &mut down_write, state, true).await?;
+                if stall_answer {
+                    down_write.flush().await?;
+                    // The client's read half closes when it gives up.
+                    std::future::pending::<()>().await;
+                }
                 return Ok(());
             }
-            down_write.write_all(&rest).await?;
+            copy_paced(&mut &rest[..], &mut down_write, state, true).await?;
             if let Some(length) = answer_length {
                 let left = length.saturating_sub(rest.len() as u64);
-                tokio::io::copy(&mut (&mut up_read).take(left), &mut down_write).await?;
+                copy_paced(&mut (&mut up_read).take(left), &mut down_write, state, true).await?;
                 down_write.flush().await?;
                 drop(flight.take());
             }
-            tokio::io::copy(&mut up_read, &mut down_write).await?;
+            copy_paced(&mut up_read, &mut down_write, state, true).await?;
             down_write.shutdown().await?;
             return Ok(());
         }
@@ -472,6 +580,45 @@ async fn handle(mut downstream: TcpStream, upstream: &str, state: &State) -> std
     let (sent, answered) = tokio::join!(send_body, send_answer);
     drop(sent);
     answered
+}
+
+/// Copies `reader` to `writer` at the proxy's rate (all at once without one);
+/// counts answer bytes when `answer`.
+async fn copy_paced<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    state: &State,
+    answer: bool,
+) -> std::io::Result<u64>
+where
+    R: AsyncRead + Unpin + ?Sized,
+    W: tokio::io::AsyncWrite + Unpin + ?Sized,
+{
+    let mut buffer = vec![0u8; 16 * 1024];
+    let mut total = 0u64;
+    let started = tokio::time::Instant::now();
+    loop {
+        let rate = state.rate.load(Ordering::SeqCst);
+        let size = if rate == 0 {
+            buffer.len()
+        } else {
+            buffer.len().min((rate as usize / 16).max(1))
+        };
+        let n = reader.read(&mut buffer[..size]).await?;
+        if n == 0 {
+            return Ok(total);
+        }
+        writer.write_all(&buffer[..n]).await?;
+        total += n as u64;
+        if answer {
+            state.answered_bytes.fetch_add(n as u64, Ordering::SeqCst);
+        }
+        if rate > 0 {
+            // Sleep until the bytes sent so far fit the rate.
+            let due = started + std::time::Duration::from_secs_f64(total as f64 / rate as f64);
+            tokio::time::sleep_until(due).await;
+        }
+    }
 }
 
 async fn write_head(upstream: &mut TcpStream, request: &RequestHead) -> std::io::Result<()> {

@@ -6,7 +6,7 @@ use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use futures::TryFutureExt;
 use futures::stream::{self, StreamExt, TryStreamExt};
 
-use super::guard::AbortOnDrop;
+use super::guard::{AbortOnDrop, UploadRegistry};
 use super::plan::{self, CopyRange, MIB};
 use super::progress::{ProgressListener, TransferProgress};
 use super::retry::{RetryPolicy, TransferCounters, TransferStats, sdk_error, with_retries};
@@ -100,12 +100,24 @@ pub struct CopyReceipt {
 pub struct MultipartCopier {
     client: Client,
     config: CopyConfig,
+    registry: UploadRegistry,
 }
 
 impl MultipartCopier {
     /// A copier over `client` with `config`.
     pub fn new(client: Client, config: CopyConfig) -> Self {
-        MultipartCopier { client, config }
+        MultipartCopier {
+            client,
+            config,
+            registry: UploadRegistry::default(),
+        }
+    }
+
+    /// Registers this copier's multipart copies in `registry` (for a shutdown
+    /// path's [`UploadRegistry::abort_all`]).
+    pub fn with_registry(mut self, registry: UploadRegistry) -> Self {
+        self.registry = registry;
+        self
     }
 
     /// Copies `source_bucket`/`source_key` to `bucket`/`key`.
@@ -191,8 +203,14 @@ impl MultipartCopier {
             .upload_id()
             .ok_or_else(|| missing(S3Operation::CreateMultipartUpload, bucket, key, "upload id"))?
             .to_string();
-        let mut guard: AbortOnDrop<()> =
-            AbortOnDrop::new(self.client.clone(), bucket, key, &upload_id, retry.clone());
+        let mut guard: AbortOnDrop<()> = AbortOnDrop::new(
+            self.client.clone(),
+            bucket,
+            key,
+            &upload_id,
+            retry.clone(),
+            &self.registry,
+        );
         let job = CopyJob {
             client: &self.client,
             bucket,

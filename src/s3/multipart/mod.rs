@@ -8,11 +8,20 @@
 //! (aws-s3-transfer-manager, lib-storage, s3transfer) cut large objects into parts
 //! sent concurrently and retried one by one. keel does the same and adds what they
 //! leave out or get wrong: bounded memory for bodies of unknown length, progress
-//! events, throttling-aware per-part retry, a per-part timeout for stalled
-//! connections, a lost CompleteMultipartUpload answer confirmed by the object
-//! rather than reported as a failure, and a multipart upload that is aborted on
-//! every failure *and* when the upload future is dropped (a multipart upload left
-//! behind is billed storage nobody sees).
+//! events, throttling-aware per-part retry, a per-part bound that grows with the
+//! part (30 s plus the part at 64 KiB/s) for stalled connections and an idle
+//! timeout on download bodies, a lost CompleteMultipartUpload answer confirmed by
+//! the object rather than reported as a failure, and a multipart upload that is
+//! never left behind (it is billed storage nobody sees): aborted on every
+//! failure, when the upload future is dropped (even by a runtime shutting down),
+//! by a shutdown path ([`UploadRegistry::abort_all`],
+//! [`S3::abort_in_flight_uploads`](crate::s3::S3::abort_in_flight_uploads)),
+//! after a retried CreateMultipartUpload whose first answer was lost, and by a
+//! sweeper for what other processes left ([`MultipartEngine::abort_stale_uploads`]).
+//!
+//! Errors of the caller's body (a stream that fails, runs short or long) are
+//! [`S3ErrorKind::Body`](crate::s3::error::S3ErrorKind::Body): never retried,
+//! never counted by the circuit breaker.
 //!
 //! - [`MultipartEngine`]: one PutObject below the threshold (5 MiB), multipart
 //!   above, `parts_in_flight` parts at a time (4), part size growing to stay within
@@ -55,9 +64,13 @@ mod retry;
 mod upload;
 
 pub use copy::{CopyConfig, CopyReceipt, MultipartCopier};
+pub use guard::{AbortReport, InFlightUpload, UploadRegistry};
 pub use progress::{ProgressListener, TransferProgress};
 pub use retry::{RetryPolicy, TransferCounters, TransferStats};
-pub use upload::{DEFAULT_PART_TIMEOUT, MultipartEngine, TransferConfig, UploadReceipt};
+pub use upload::{
+    DEFAULT_IDLE_TIMEOUT, DEFAULT_MIN_THROUGHPUT, DEFAULT_PART_TIMEOUT, MultipartEngine,
+    TransferConfig, UploadReceipt,
+};
 
 pub(crate) use retry::{sdk_error, with_retries};
 pub(crate) use upload::missing;

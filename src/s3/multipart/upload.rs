@@ -9,11 +9,12 @@ use aws_sdk_s3::Client;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use bytes::Bytes;
+use futures::TryFutureExt;
 use futures::future::Either;
 use tokio::task::JoinSet;
 
 use super::body::PartReader;
-use super::guard::AbortOnDrop;
+use super::guard::{Abort, AbortOnDrop, AbortReport, UploadRegistry};
 use super::plan::{self, MAX_PARTS, MIB};
 use super::progress::{ProgressListener, TransferProgress};
 use super::retry::{RetryPolicy, TransferCounters, TransferStats, with_retries, within};
@@ -64,19 +65,24 @@ pub(crate) fn missing(
 /// | `part_size` | 5 MiB | as the seed and `@aws-sdk/lib-storage`; S3's minimum. Grows to fit 10,000 parts (see [`plan`](super::plan)). 8-16 MiB sends fewer requests on fast links |
 /// | `parts_in_flight` | 4 | as lib-storage's `queueSize`: memory is about `part_size x parts_in_flight` |
 /// | `retry` | 3 retries, 1 s, 2 s, 4 s, cap 10 s | as the seed; per request, see [`RetryPolicy`] |
-/// | `part_timeout` | 2 min | one UploadPart attempt that has not been answered by then is given up and retried (see below) |
+/// | `part_timeout` | 30 s | the fixed share of one UploadPart attempt's bound (see below); as keel's client's request timeout |
+/// | `min_throughput` | 64 KiB/s | the size share: a part of `n` bytes gets `n / min_throughput` more (half of 1 Mbit/s) |
+/// | `idle_timeout` | 30 s | a download body that sends no byte for this long fails with [`S3ErrorKind::Timeout`] and the range is retried |
 ///
-/// # Part timeout
+/// # Timeouts that fit the work
 ///
-/// A part whose connection stalls (a half-dead connection, a server that stopped
-/// reading) would otherwise hold its slot, and the whole upload, until the
-/// client's own request timeout, if it has one (keel's [`S3Client`](crate::s3::client::S3Client)
-/// sets 30 s per attempt; a bare SDK client has none). The part timeout bounds every
-/// UploadPart attempt; a part that runs over it fails with
-/// [`S3ErrorKind::Timeout`], which is retried like a cut connection. Two minutes
-/// let a 5 MiB part through at about 350 kbit/s: raise it for larger parts or slower
-/// links ([`part_timeout`](Self::part_timeout)), or turn it off
-/// ([`without_part_timeout`](Self::without_part_timeout)).
+/// A fixed timeout per attempt fails every part once parts grow with the object
+/// (a 1 TB stream needs 100 MiB parts; at 10 Mbit/s one takes 80 s), yet without
+/// a bound a stalled connection holds its slot, and the whole upload, for ever.
+/// So one UploadPart attempt of `n` bytes may last
+/// `part_timeout + n / min_throughput` (30 s + 80 s for a 5 MiB part, 30 s +
+/// 27 min for a 100 MiB one), and the SDK's own per-attempt timeout (keel's
+/// [`S3Client`](crate::s3::client::S3Client) sets 30 s) is raised to that bound
+/// for UploadPart only. A part that runs over it fails with
+/// [`S3ErrorKind::Timeout`], retried like a cut connection. Downloads read their
+/// body with an idle (stall) timeout instead: any pace is fine as long as bytes
+/// keep coming. Turn the part bound off with
+/// [`without_part_timeout`](Self::without_part_timeout).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TransferConfig {
     threshold: u64,
@@ -84,10 +90,19 @@ pub struct TransferConfig {
     parts_in_flight: usize,
     retry: RetryPolicy,
     part_timeout: Option<Duration>,
+    min_throughput: u64,
+    idle_timeout: Duration,
 }
 
-/// The default [`TransferConfig::part_timeout`]: 2 minutes per UploadPart attempt.
-pub const DEFAULT_PART_TIMEOUT: Duration = Duration::from_secs(120);
+/// The default [`TransferConfig::part_timeout`]: 30 s per UploadPart attempt,
+/// plus the part's size at [`DEFAULT_MIN_THROUGHPUT`].
+pub const DEFAULT_PART_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The default [`TransferConfig::min_throughput`]: 64 KiB/s, half of 1 Mbit/s.
+pub const DEFAULT_MIN_THROUGHPUT: u64 = 64 * 1024;
+
+/// The default [`TransferConfig::idle_timeout`]: 30 s without a byte.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Default for TransferConfig {
     fn default() -> Self {
@@ -97,6 +112,8 @@ impl Default for TransferConfig {
             parts_in_flight: 4,
             retry: RetryPolicy::default(),
             part_timeout: Some(DEFAULT_PART_TIMEOUT),
+            min_throughput: DEFAULT_MIN_THROUGHPUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
         }
     }
 }
@@ -126,8 +143,9 @@ impl TransferConfig {
         self
     }
 
-    /// The longest one UploadPart attempt may take before it is given up and
-    /// retried (default [`DEFAULT_PART_TIMEOUT`], 2 minutes).
+    /// The fixed share of the longest time one UploadPart attempt may take before
+    /// it is given up and retried (default [`DEFAULT_PART_TIMEOUT`], 30 s);
+    /// the part's size at [`min_throughput`](Self::min_throughput) is added.
     pub fn part_timeout(mut self, limit: Duration) -> Self {
         self.part_timeout = Some(limit);
         self
@@ -142,6 +160,38 @@ impl TransferConfig {
     /// The part timeout, if any.
     pub fn get_part_timeout(&self) -> Option<Duration> {
         self.part_timeout
+    }
+
+    /// The slowest pace (bytes per second) a part upload is allowed on top of the
+    /// part timeout (default [`DEFAULT_MIN_THROUGHPUT`], 64 KiB/s; at least 1).
+    pub fn min_throughput(mut self, bytes_per_second: u64) -> Self {
+        self.min_throughput = bytes_per_second.max(1);
+        self
+    }
+
+    /// The minimum throughput.
+    pub fn get_min_throughput(&self) -> u64 {
+        self.min_throughput
+    }
+
+    /// How long a download body may send nothing before the range fails with
+    /// [`S3ErrorKind::Timeout`] (default [`DEFAULT_IDLE_TIMEOUT`], 30 s).
+    pub fn idle_timeout(mut self, limit: Duration) -> Self {
+        self.idle_timeout = limit;
+        self
+    }
+
+    /// The idle timeout of download bodies.
+    pub fn get_idle_timeout(&self) -> Duration {
+        self.idle_timeout
+    }
+
+    /// The bound of one UploadPart attempt of `bytes`: the part timeout plus
+    /// `bytes / min_throughput`; `None` without a part timeout.
+    pub fn part_attempt_limit(&self, bytes: u64) -> Option<Duration> {
+        let base = self.part_timeout?;
+        let pace = Duration::from_secs_f64(bytes as f64 / self.min_throughput.max(1) as f64);
+        Some(base.saturating_add(pace))
     }
 
     /// The multipart threshold.
@@ -163,6 +213,14 @@ impl TransferConfig {
     pub fn get_retry(&self) -> &RetryPolicy {
         &self.retry
     }
+}
+
+/// One entry of ListMultipartUploads.
+#[derive(Debug)]
+struct ListedUpload {
+    key: String,
+    upload_id: String,
+    initiated: Option<std::time::SystemTime>,
 }
 
 /// What a finished upload reports.
@@ -200,17 +258,27 @@ pub struct UploadReceipt {
 ///
 /// # Cancellation
 ///
-/// Dropping the upload future aborts the part tasks and spawns an
-/// AbortMultipartUpload on the current Tokio runtime, so no multipart upload is
-/// left behind (outside a runtime the abort is impossible and is logged). A
-/// failure (retries exhausted, a permanent error, a body that fails to read)
-/// stops the other parts, waits for them, then aborts before returning the error.
+/// Dropping the upload future aborts the part tasks and sends an
+/// AbortMultipartUpload from a short-lived thread with its own runtime, so no
+/// multipart upload is left behind even when the caller's runtime is shutting
+/// down and drops every task. A failure (retries exhausted, a permanent error, a
+/// body that fails to read) stops the other parts, waits for them, then aborts
+/// before returning the error. A failed abort is retried, logged at error level
+/// and counted ([`UploadRegistry::abort_failures`]); the upload stays in the
+/// [`registry`](Self::registry) so a shutdown path can try again with
+/// [`UploadRegistry::abort_all`]. A CreateMultipartUpload that needed a retry
+/// (the first answer may have been lost after the server created an upload) is
+/// followed by a ListMultipartUploads of the key, and uploads of the key
+/// initiated since the first attempt, other than the one kept, are aborted.
+/// [`abort_stale_uploads`](Self::abort_stale_uploads) sweeps what other
+/// processes left behind.
 ///
 /// # Retries
 ///
 /// Every request is retried by [`RetryPolicy`]; a part is re-sent from the buffer
-/// it already holds, and a part attempt that outlasts the part timeout
-/// ([`TransferConfig::part_timeout`], 2 minutes) is given up and retried. Build the
+/// it already holds, and a part attempt that outlasts its size-aware bound
+/// ([`TransferConfig::part_attempt_limit`]: 30 s plus the part at 64 KiB/s) is
+/// given up and retried. Build the
 /// client with the SDK's own retries disabled, or the attempts multiply.
 ///
 /// A CompleteMultipartUpload whose answer is lost (the connection breaks after the
@@ -235,6 +303,7 @@ pub struct MultipartEngine {
     client: Client,
     config: TransferConfig,
     sign_payload: bool,
+    registry: UploadRegistry,
 }
 
 /// Whether bodies sent to `endpoint` need a signed payload: yes unless the
@@ -253,6 +322,158 @@ impl MultipartEngine {
             client,
             config,
             sign_payload: true,
+            registry: UploadRegistry::default(),
+        }
+    }
+
+    /// Registers this engine's uploads in `registry` (shared with a facade or a
+    /// shutdown path) instead of its own.
+    pub fn with_registry(mut self, registry: UploadRegistry) -> Self {
+        self.registry = registry;
+        self
+    }
+
+    /// The uploads in flight, for a shutdown path:
+    /// `engine.registry().abort_all(budget)`.
+    pub fn registry(&self) -> &UploadRegistry {
+        &self.registry
+    }
+
+    /// Aborts the multipart uploads of `bucket` (all of them, or those under
+    /// `prefix`) initiated more than `older_than` ago, with ListMultipartUploads
+    /// page by page. For uploads that a crashed process (or any other client) left
+    /// behind; keel's own uploads abort themselves. An upload that another process
+    /// is still sending and that is older than `older_than` is aborted too: pick
+    /// an age longer than any upload takes (a day is common).
+    pub async fn abort_stale_uploads(
+        &self,
+        bucket: &str,
+        prefix: Option<&str>,
+        older_than: Duration,
+    ) -> Result<AbortReport, S3ServiceError> {
+        let cutoff = std::time::SystemTime::now()
+            .checked_sub(older_than)
+            .unwrap_or(std::time::UNIX_EPOCH);
+        let mut report = AbortReport::default();
+        for upload in self.list_uploads(bucket, prefix).await? {
+            if upload.initiated.is_some_and(|at| at > cutoff) {
+                continue;
+            }
+            let abort = Abort::new(
+                self.client.clone(),
+                bucket,
+                &upload.key,
+                &upload.upload_id,
+                self.config.retry.clone(),
+            );
+            if abort.send(&self.registry).await {
+                report.aborted += 1;
+            } else {
+                report.failed += 1;
+            }
+        }
+        Ok(report)
+    }
+
+    /// Every multipart upload of `bucket` under `prefix`, all pages.
+    async fn list_uploads(
+        &self,
+        bucket: &str,
+        prefix: Option<&str>,
+    ) -> Result<Vec<ListedUpload>, S3ServiceError> {
+        let counters = TransferCounters::default();
+        let operation = S3Operation::ListMultipartUploads;
+        let mut out = Vec::new();
+        let (mut key_marker, mut id_marker): (Option<String>, Option<String>) = (None, None);
+        // A server that pages for ever is cut off: 10,000 pages of 1,000 uploads.
+        for _ in 0..10_000 {
+            let page = with_retries(&self.config.retry, &counters, || {
+                self.client
+                    .list_multipart_uploads()
+                    .bucket(bucket)
+                    .set_prefix(prefix.map(str::to_owned))
+                    .set_key_marker(key_marker.clone())
+                    .set_upload_id_marker(id_marker.clone())
+                    .send()
+                    .map_err(|e| S3ServiceError::from_sdk(operation, bucket, prefix, e))
+            })
+            .await?;
+            out.extend(page.uploads().iter().filter_map(|u| {
+                Some(ListedUpload {
+                    key: u.key()?.to_string(),
+                    upload_id: u.upload_id()?.to_string(),
+                    initiated: u
+                        .initiated()
+                        .and_then(|t| std::time::SystemTime::try_from(*t).ok()),
+                })
+            }));
+            let next = (
+                page.next_key_marker().map(str::to_owned),
+                page.next_upload_id_marker().map(str::to_owned),
+            );
+            if page.is_truncated() != Some(true) || (next.0.is_none() && next.1.is_none()) {
+                break;
+            }
+            (key_marker, id_marker) = next;
+        }
+        Ok(out)
+    }
+
+    /// After a CreateMultipartUpload that needed more than one attempt, an
+    /// earlier attempt may have created an upload whose answer was lost. Aborts
+    /// the uploads of `key`, other than `keep` and this engine's own uploads in
+    /// flight, initiated (by the server's clock, next to `keep`'s time) within the
+    /// `elapsed` time the Create attempts took.
+    async fn abort_strays(&self, bucket: &str, key: &str, elapsed: Duration, keep: &str) {
+        let uploads = match self.list_uploads(bucket, Some(key)).await {
+            Ok(uploads) => uploads,
+            Err(error) => {
+                tracing::warn!(bucket, key, error = %error, "cannot list uploads to find one left by a lost CreateMultipartUpload answer");
+                return;
+            }
+        };
+        // The server's clock, not ours: `keep`'s initiated time anchors the window.
+        let anchor = uploads
+            .iter()
+            .find(|u| u.upload_id == keep)
+            .and_then(|u| u.initiated)
+            .unwrap_or_else(std::time::SystemTime::now);
+        // S3 stores `initiated` to the second.
+        let slack = Duration::from_secs(2);
+        let from = anchor
+            .checked_sub(elapsed + slack)
+            .unwrap_or(std::time::UNIX_EPOCH);
+        let to = anchor + slack;
+        let ours: Vec<String> = self
+            .registry
+            .in_flight()
+            .into_iter()
+            .map(|u| u.upload_id)
+            .collect();
+        for upload in uploads {
+            let in_window = upload.initiated.is_some_and(|at| at >= from && at <= to);
+            if upload.key != key
+                || upload.upload_id == keep
+                || ours.contains(&upload.upload_id)
+                || !in_window
+            {
+                continue;
+            }
+            tracing::warn!(
+                bucket,
+                key,
+                upload_id = upload.upload_id,
+                "aborting the upload of a CreateMultipartUpload whose answer was lost"
+            );
+            Abort::new(
+                self.client.clone(),
+                bucket,
+                key,
+                &upload.upload_id,
+                self.config.retry.clone(),
+            )
+            .send(&self.registry)
+            .await;
         }
     }
 
@@ -317,7 +538,7 @@ impl MultipartEngine {
         progress: &ProgressListener,
     ) -> Result<UploadReceipt, S3ServiceError> {
         let counters = TransferCounters::default();
-        let read_error = |e| S3ServiceError::io(S3Operation::Upload, bucket, key, e);
+        let read_error = |e| S3ServiceError::body(S3Operation::Upload, bucket, key, e);
         let threshold = self.config.threshold;
         let single = match reader.length() {
             Some(length) if length < threshold || length == 0 => {
@@ -423,7 +644,10 @@ impl MultipartEngine {
             None => None,
         };
         let operation = S3Operation::CreateMultipartUpload;
+        let started = std::time::Instant::now();
+        let attempts = std::sync::atomic::AtomicU32::new(0);
         let created = with_retries(&self.config.retry, &counters, || {
+            attempts.fetch_add(1, Ordering::Relaxed);
             let request = self
                 .client
                 .create_multipart_upload()
@@ -441,6 +665,19 @@ impl MultipartEngine {
             .ok_or_else(|| missing(operation, bucket, key, "upload id"))?
             .to_string();
         tracing::debug!(bucket, key, upload_id, "multipart upload created");
+        // The guard registers the upload before anything else can fail.
+        let mut guard = AbortOnDrop::new(
+            self.client.clone(),
+            bucket,
+            key,
+            &upload_id,
+            self.config.retry.clone(),
+            &self.registry,
+        );
+        if attempts.load(Ordering::Relaxed) > 1 {
+            self.abort_strays(bucket, key, started.elapsed(), &upload_id)
+                .await;
+        }
 
         let target = Arc::new(PartTarget {
             client: self.client.clone(),
@@ -448,19 +685,12 @@ impl MultipartEngine {
             key: key.to_string(),
             upload_id,
             retry: self.config.retry.clone(),
-            part_timeout: self.config.part_timeout,
+            config: self.config.clone(),
             sign_payload: self.sign_payload,
             counters: counters.clone(),
         });
         // The guard owns the part tasks: dropped with the future, it stops them
         // first and sends the abort after them.
-        let mut guard = AbortOnDrop::new(
-            self.client.clone(),
-            bucket,
-            key,
-            &target.upload_id,
-            self.config.retry.clone(),
-        );
         let sent = self
             .send_parts(&target, reader, fixed_part_size, progress, &mut guard.tasks)
             .await;
@@ -531,7 +761,7 @@ impl MultipartEngine {
             tokio::select! {
                 (reader, part) = async { reading.as_mut().expect("guarded").await }, if reading.is_some() => {
                     reading = None;
-                    let data = part.map_err(|e| S3ServiceError::io(S3Operation::Upload, bucket, key, e))?;
+                    let data = part.map_err(|e| S3ServiceError::body(S3Operation::Upload, bucket, key, e))?;
                     check_length(announced, &reader, bucket, key)?;
                     if reader.is_finished() {
                         body_size = Some(reader.bytes_read());
@@ -596,7 +826,11 @@ fn check_length(
         } else {
             format!("the body ended after {actual} of the announced {expected} bytes")
         };
-        return Err(invalid(S3Operation::Upload, bucket, key, message));
+        // The caller's body is wrong, not the server: kind Body.
+        return Err(S3ServiceError::new(S3Operation::Upload, S3ErrorKind::Body)
+            .with_bucket(bucket)
+            .with_key(key)
+            .with_message(message));
     }
     Ok(())
 }
@@ -613,7 +847,7 @@ async fn read_whole(
     let data = reader
         .next_part(size)
         .await
-        .map_err(|e| S3ServiceError::io(S3Operation::Upload, bucket, key, e))?;
+        .map_err(|e| S3ServiceError::body(S3Operation::Upload, bucket, key, e))?;
     check_length(Some(length), reader, bucket, key)?;
     Ok(data)
 }
@@ -626,7 +860,7 @@ struct PartTarget {
     key: String,
     upload_id: String,
     retry: RetryPolicy,
-    part_timeout: Option<Duration>,
+    config: TransferConfig,
     sign_payload: bool,
     counters: TransferCounters,
 }
@@ -649,6 +883,18 @@ impl PartTarget {
         let length = data.len() as u64;
         let (bucket, key) = (self.bucket.as_str(), self.key.as_str());
         let operation = S3Operation::UploadPart;
+        let limit = self.config.part_attempt_limit(length);
+        // The SDK's own per-attempt timeout (30 s in keel's client) would cut a
+        // large part on a slow link: raise it past keel's size-aware bound.
+        let timeouts = {
+            let base = self.client.config().timeout_config();
+            let mut builder = aws_sdk_s3::config::timeout::TimeoutConfig::builder();
+            builder.set_connect_timeout(base.and_then(|t| t.connect_timeout()));
+            if let Some(limit) = limit {
+                builder = builder.operation_attempt_timeout(limit + Duration::from_secs(1));
+            }
+            builder.build()
+        };
         let output = with_retries(&self.retry, &self.counters, || {
             let request = self
                 .client
@@ -659,22 +905,25 @@ impl PartTarget {
                 .part_number(part_number as i32)
                 .content_length(length as i64)
                 .body(ByteStream::from(data.clone()));
+            let request = request.customize().config_override(
+                aws_sdk_s3::config::Builder::default().timeout_config(timeouts.clone()),
+            );
             let sent = if self.sign_payload {
                 Either::Left(request.send())
             } else {
-                Either::Right(request.customize().disable_payload_signing().send())
+                Either::Right(request.disable_payload_signing().send())
             };
             let sent = async move {
                 sent.await
                     .map_err(|e| S3ServiceError::from_sdk(operation, bucket, Some(key), e))
             };
-            within(self.part_timeout, sent, || {
-                let limit = self.part_timeout.unwrap_or_default();
+            within(limit, sent, || {
+                let limit = limit.unwrap_or_default();
                 S3ServiceError::new(operation, S3ErrorKind::Timeout)
                     .with_bucket(bucket)
                     .with_key(key)
                     .with_message(format!(
-                        "part {part_number} was not answered within the part timeout of {limit:?}"
+                        "part {part_number} ({length} bytes) was not answered within its bound of {limit:?}"
                     ))
             })
         })
@@ -845,6 +1094,7 @@ impl MultipartUploader for MultipartEngine {
 
     fn upload(&self, request: MultipartUploadRequest) -> MultipartFuture {
         let config = self.config.clone();
+        let registry = self.registry.clone();
         Box::pin(async move {
             let MultipartUploadRequest {
                 client,
@@ -856,6 +1106,7 @@ impl MultipartUploader for MultipartEngine {
                 progress,
             } = request;
             let engine = MultipartEngine::new(client.sdk().clone(), config)
+                .with_registry(registry)
                 .for_endpoint(client.config().endpoint());
             let listener = match progress {
                 Some(listener) => ProgressListener::callback(move |event| {
@@ -943,7 +1194,7 @@ mod tests {
             key: "key".into(),
             upload_id: "upload".into(),
             retry: RetryPolicy::default().max_retries(0),
-            part_timeout: None,
+            config: TransferConfig::default().without_part_timeout(),
             sign_payload: true,
             counters: TransferCounters::default(),
         };
@@ -1041,11 +1292,30 @@ mod tests {
     }
 
     #[test]
-    fn the_part_timeout_defaults_to_two_minutes_and_can_be_changed_or_removed() {
+    fn the_part_timeout_defaults_to_thirty_seconds_and_can_be_changed_or_removed() {
         let config = TransferConfig::default();
-        assert_eq!(config.get_part_timeout(), Some(Duration::from_secs(120)));
+        assert_eq!(config.get_part_timeout(), Some(Duration::from_secs(30)));
         let config = config.part_timeout(Duration::from_secs(5));
         assert_eq!(config.get_part_timeout(), Some(Duration::from_secs(5)));
         assert_eq!(config.without_part_timeout().get_part_timeout(), None);
+    }
+
+    #[test]
+    fn the_part_bound_grows_with_the_part_size() {
+        let config = TransferConfig::default();
+        assert_eq!(config.get_min_throughput(), 64 * 1024);
+        assert_eq!(config.get_idle_timeout(), Duration::from_secs(30));
+        // 30 s, plus 5 MiB at 64 KiB/s (80 s); 100 MiB parts get 1,600 s more.
+        assert_eq!(
+            config.part_attempt_limit(5 * MIB),
+            Some(Duration::from_secs(110))
+        );
+        assert_eq!(
+            config.part_attempt_limit(100 * MIB),
+            Some(Duration::from_secs(1630))
+        );
+        let slow_link = config.clone().min_throughput(0);
+        assert_eq!(slow_link.get_min_throughput(), 1, "never divides by zero");
+        assert_eq!(config.without_part_timeout().part_attempt_limit(MIB), None);
     }
 }
