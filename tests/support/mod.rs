@@ -178,3 +178,134 @@ pub fn run_this_test_binary(test: &str, env: &[(&str, String)]) -> std::process:
     }
     command.output().expect("run the test binary again")
 }
+
+/// `scripts/` of the work tree: the fault tests kill and restart brokers with
+/// `scripts/kafka-kill` and `scripts/kafka-start`, which find the servers through
+/// `KEEL_RUN_DIR` (exported by `scripts/env`, so CI's servers and a private set on
+/// other ports both work).
+pub fn scripts_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts")
+}
+
+/// Runs `scripts/<script> <args>`; panics with its output when it fails.
+pub fn run_script(script: &str, args: &[&str]) -> std::process::Output {
+    let path = scripts_dir().join(script);
+    let out = std::process::Command::new(&path)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{} does not run: {e}", path.display()));
+    assert!(
+        out.status.success(),
+        "scripts/{script} {} failed ({}):\n{}{}\n{START_HINT}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// The `scripts/` name of the three-node cluster's broker with node id `id`
+/// (`scripts/up` gives node N the name `kafka-cluster-N`).
+pub fn cluster_node_name(id: i32) -> String {
+    format!("kafka-cluster-{id}")
+}
+
+/// A Kafka node killed with `SIGKILL` (`scripts/kafka-kill`). It is started again
+/// on its own data by [`restart`](Self::restart) — or, whatever happens to the
+/// test (a failed assertion included), when the guard is dropped — so that the
+/// tests that run after this one find it answering.
+#[derive(Debug)]
+pub struct KilledKafkaNode {
+    name: String,
+    down: bool,
+}
+
+impl KilledKafkaNode {
+    /// Kills node `name` (`kafka`, `kafka-cluster-1`..`3`); returns once the process
+    /// is gone.
+    pub fn kill(name: &str) -> Self {
+        run_script("kafka-kill", &[name]);
+        KilledKafkaNode {
+            name: name.to_string(),
+            down: true,
+        }
+    }
+
+    /// The node's `scripts/` name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Starts the node again on its data and waits until it answers (its cluster
+    /// lists every broker, the check topic's replicas are in sync); returns how long
+    /// that took.
+    pub fn restart(&mut self) -> Duration {
+        let started = std::time::Instant::now();
+        run_script("kafka-start", &[self.name.as_str()]);
+        self.down = false;
+        started.elapsed()
+    }
+}
+
+impl Drop for KilledKafkaNode {
+    fn drop(&mut self) {
+        if !self.down {
+            return;
+        }
+        // Never panic in drop (it may run while a failed assertion unwinds).
+        let path = scripts_dir().join("kafka-start");
+        match std::process::Command::new(&path)
+            .arg(&self.name)
+            .stdin(std::process::Stdio::null())
+            .output()
+        {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => eprintln!(
+                "could not start {} again ({}): {}{}",
+                self.name,
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+            Err(e) => eprintln!("could not run {}: {e}", path.display()),
+        }
+    }
+}
+
+/// One test at a time in a test binary that kills brokers or processes: tests of a
+/// binary run in parallel, and a broker killed by one would fail another.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The path of example `name`, built first (`cargo build --example NAME`, a no-op
+/// when `cargo test --all-targets` built it already) with the cargo that runs the
+/// tests, into the same target directory and profile as this test binary.
+pub fn example_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("path of the running test binary");
+    // <target>/<profile>/deps/<test binary>
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("test binary in <target>/<profile>/deps");
+    let target_dir = profile_dir.parent().expect("target directory");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut command = std::process::Command::new(cargo);
+    command
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["build", "--quiet", "--example", name, "--target-dir"])
+        .arg(target_dir);
+    if profile_dir.file_name().is_some_and(|p| p == "release") {
+        command.arg("--release");
+    }
+    let status = command
+        .status()
+        .unwrap_or_else(|e| panic!("cargo build --example {name} does not run: {e}"));
+    assert!(status.success(), "cargo build --example {name} failed");
+    let binary = profile_dir.join("examples").join(name);
+    assert!(binary.is_file(), "{} was not built", binary.display());
+    binary
+}
