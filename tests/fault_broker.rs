@@ -88,8 +88,7 @@ async fn publish_paced(client: KafkaClient, topic: String, acks: Arc<AtomicUsize
             let envelope = event(i, &mut seq);
             let id = envelope.event_id();
             ids.push(id);
-            let call = service
-                .ready()
+            let call = ServiceExt::<PublishRequest>::ready(&mut service)
                 .await
                 .expect("the publish stack is ready")
                 .call(PublishRequest::new(topic.clone(), envelope));
@@ -169,7 +168,7 @@ async fn check_topic(brokers: &str, topic: &str, run: &PublishRun) -> TopicCheck
     let mut last_seq: HashMap<String, u64> = HashMap::new();
     // read_raw keeps each partition's order, and a key lives in one partition.
     for m in &raw {
-        let envelope = EventEnvelope::from_message(m).expect("a keel event");
+        let envelope: EventEnvelope = EventEnvelope::from_message(m).expect("a keel event");
         if !seen.insert(envelope.event_id()) {
             check.duplicates += 1;
             continue;
