@@ -75,7 +75,10 @@ fn parse_args() -> Args {
             _ => usage(),
         }
     }
-    if args.brokers.is_empty() || args.topic.is_empty() || args.group.is_empty() || args.out.is_empty()
+    if args.brokers.is_empty()
+        || args.topic.is_empty()
+        || args.group.is_empty()
+        || args.out.is_empty()
     {
         usage()
     }

@@ -381,7 +381,10 @@ async fn cluster_leader_killed_mid_publish_every_event_acknowledged_once() {
     );
     drop(node);
 
-    assert!(victim_led >= 2, "the victim leads most partitions: {before:?}");
+    assert!(
+        victim_led >= 2,
+        "the victim leads most partitions: {before:?}"
+    );
     assert_eq!(
         run.acked.len(),
         EVENTS,
