@@ -68,6 +68,9 @@ struct PublishRun {
     ack_times: Vec<Instant>,
 }
 
+/// One publish's answer: the event, acknowledged or the error text, and when.
+type Outcome = (Uuid, Result<(), String>, Instant);
+
 /// Publishes [`EVENTS`] events to `topic` through the default publish stack at
 /// the pace above, calling the service in order (events are enqueued in call
 /// order, so per-key order is the index order). `acks` counts acknowledgements as
@@ -76,8 +79,7 @@ async fn publish_paced(client: KafkaClient, topic: String, acks: Arc<AtomicUsize
     let stack = PublishStack::new(&client);
     let mut service = stack.event_service();
     let mut seq = vec![0u64; KEYS];
-    let results: Arc<Mutex<Vec<(Uuid, Result<(), String>, Instant)>>> =
-        Arc::new(Mutex::new(Vec::with_capacity(EVENTS)));
+    let results: Arc<Mutex<Vec<Outcome>>> = Arc::new(Mutex::new(Vec::with_capacity(EVENTS)));
     let mut ids = Vec::with_capacity(EVENTS);
     let mut tasks = tokio::task::JoinSet::new();
     let mut tick = tokio::time::interval(TICK);
@@ -255,7 +257,7 @@ async fn wait_for_acks(acks: &AtomicUsize, n: usize, timeout: Duration) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn single_broker_killed_and_restarted_mid_publish_loses_and_duplicates_nothing() {
-    let _serial = support::serial();
+    let _serial = support::serial().await;
     let brokers = support::kafka_brokers();
     let test_started = Instant::now();
     let topic = format!("keel-fault-single-{}", Uuid::new_v4());
@@ -319,7 +321,7 @@ async fn single_broker_killed_and_restarted_mid_publish_loses_and_duplicates_not
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_leader_killed_mid_publish_every_event_acknowledged_once() {
-    let _serial = support::serial();
+    let _serial = support::serial().await;
     let brokers = support::kafka_cluster_brokers();
     let test_started = Instant::now();
     let topic = format!("keel-fault-cluster-{}", Uuid::new_v4());

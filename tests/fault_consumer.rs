@@ -314,7 +314,7 @@ fn order_violations(handled: &[Vec<Handled>]) -> (Vec<String>, usize) {
 async fn consumer_process_killed_mid_stream_a_new_one_finishes_without_loss() {
     const EVENTS: usize = 20_000;
     const KILL_AFTER: usize = 5_000;
-    let _serial = support::serial();
+    let _serial = support::serial().await;
     let brokers = support::kafka_brokers();
     let started = Instant::now();
     let topic = unique("crash");
@@ -409,7 +409,7 @@ async fn consumer_process_killed_mid_stream_a_new_one_finishes_without_loss() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_consumer_processes_one_killed_one_added_lose_nothing_and_keep_key_order() {
     const EVENTS: usize = 20_000;
-    let _serial = support::serial();
+    let _serial = support::serial().await;
     let brokers = support::kafka_brokers();
     let started = Instant::now();
     let topic = unique("group");

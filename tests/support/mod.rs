@@ -275,10 +275,12 @@ impl Drop for KilledKafkaNode {
 }
 
 /// One test at a time in a test binary that kills brokers or processes: tests of a
-/// binary run in parallel, and a broker killed by one would fail another.
-pub fn serial() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+/// binary run in parallel, and a broker killed by one would fail another. An
+/// async lock (each `#[tokio::test]` has its own runtime; a tokio mutex works
+/// across them and is not poisoned by a failed test).
+pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
 }
 
 /// The path of example `name`, built first (`cargo build --example NAME`, a no-op
