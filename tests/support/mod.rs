@@ -283,17 +283,43 @@ pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
     LOCK.lock().await
 }
 
-/// The path of example `name`, built first (`cargo build --example NAME`, a no-op
-/// when `cargo test --all-targets` built it already) with the cargo that runs the
-/// tests, into the same target directory and profile as this test binary.
+/// The path of example `name` of this package, for tests that run it as a child
+/// process. `cargo test --all-targets` (scripts/test, CI) builds examples after
+/// the library, so the binary is used as it is when it is newer than the newest
+/// build of the library; otherwise (e.g. `cargo test --test NAME` after a change)
+/// it is built first with `cargo build --example NAME`, with the cargo that runs
+/// the tests, into this test binary's target directory and profile. Not always
+/// calling cargo matters: a build with other workspace members selected unifies
+/// other dependency features, and building the example the other way would
+/// rebuild dependencies.
 pub fn example_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("path of the running test binary");
     // <target>/<profile>/deps/<test binary>
-    let profile_dir = exe
+    let deps = exe
         .parent()
-        .and_then(|deps| deps.parent())
+        .expect("test binary in <target>/<profile>/deps");
+    let profile_dir = deps
+        .parent()
         .expect("test binary in <target>/<profile>/deps");
     let target_dir = profile_dir.parent().expect("target directory");
+    let binary = profile_dir.join("examples").join(name);
+    let modified = |p: &std::path::Path| p.metadata().and_then(|m| m.modified()).ok();
+    let newest_library = std::fs::read_dir(deps)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            n.starts_with("libkeel-") && n.ends_with(".rlib")
+        })
+        .filter_map(|e| modified(&e.path()))
+        .max();
+    if let (Some(built), Some(library)) = (modified(&binary), newest_library)
+        && built >= library
+    {
+        return binary;
+    }
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut command = std::process::Command::new(cargo);
     command
@@ -307,7 +333,6 @@ pub fn example_binary(name: &str) -> PathBuf {
         .status()
         .unwrap_or_else(|e| panic!("cargo build --example {name} does not run: {e}"));
     assert!(status.success(), "cargo build --example {name} failed");
-    let binary = profile_dir.join("examples").join(name);
     assert!(binary.is_file(), "{} was not built", binary.display());
     binary
 }
