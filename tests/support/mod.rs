@@ -178,3 +178,161 @@ pub fn run_this_test_binary(test: &str, env: &[(&str, String)]) -> std::process:
     }
     command.output().expect("run the test binary again")
 }
+
+/// `scripts/` of the work tree: the fault tests kill and restart brokers with
+/// `scripts/kafka-kill` and `scripts/kafka-start`, which find the servers through
+/// `KEEL_RUN_DIR` (exported by `scripts/env`, so CI's servers and a private set on
+/// other ports both work).
+pub fn scripts_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts")
+}
+
+/// Runs `scripts/<script> <args>`; panics with its output when it fails.
+pub fn run_script(script: &str, args: &[&str]) -> std::process::Output {
+    let path = scripts_dir().join(script);
+    let out = std::process::Command::new(&path)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{} does not run: {e}", path.display()));
+    assert!(
+        out.status.success(),
+        "scripts/{script} {} failed ({}):\n{}{}\n{START_HINT}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// The `scripts/` name of the three-node cluster's broker with node id `id`
+/// (`scripts/up` gives node N the name `kafka-cluster-N`).
+pub fn cluster_node_name(id: i32) -> String {
+    format!("kafka-cluster-{id}")
+}
+
+/// A Kafka node killed with `SIGKILL` (`scripts/kafka-kill`). It is started again
+/// on its own data by [`restart`](Self::restart) — or, whatever happens to the
+/// test (a failed assertion included), when the guard is dropped — so that the
+/// tests that run after this one find it answering.
+#[derive(Debug)]
+pub struct KilledKafkaNode {
+    name: String,
+    down: bool,
+}
+
+impl KilledKafkaNode {
+    /// Kills node `name` (`kafka`, `kafka-cluster-1`..`3`); returns once the process
+    /// is gone.
+    pub fn kill(name: &str) -> Self {
+        run_script("kafka-kill", &[name]);
+        KilledKafkaNode {
+            name: name.to_string(),
+            down: true,
+        }
+    }
+
+    /// The node's `scripts/` name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Starts the node again on its data and waits until it answers (its cluster
+    /// lists every broker, the check topic's replicas are in sync); returns how long
+    /// that took.
+    pub fn restart(&mut self) -> Duration {
+        let started = std::time::Instant::now();
+        run_script("kafka-start", &[self.name.as_str()]);
+        self.down = false;
+        started.elapsed()
+    }
+}
+
+impl Drop for KilledKafkaNode {
+    fn drop(&mut self) {
+        if !self.down {
+            return;
+        }
+        // Never panic in drop (it may run while a failed assertion unwinds).
+        let path = scripts_dir().join("kafka-start");
+        match std::process::Command::new(&path)
+            .arg(&self.name)
+            .stdin(std::process::Stdio::null())
+            .output()
+        {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => eprintln!(
+                "could not start {} again ({}): {}{}",
+                self.name,
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+            Err(e) => eprintln!("could not run {}: {e}", path.display()),
+        }
+    }
+}
+
+/// One test at a time in a test binary that kills brokers or processes: tests of a
+/// binary run in parallel, and a broker killed by one would fail another. An
+/// async lock (each `#[tokio::test]` has its own runtime; a tokio mutex works
+/// across them and is not poisoned by a failed test).
+pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
+}
+
+/// The path of example `name` of this package, for tests that run it as a child
+/// process. `cargo test --all-targets` (scripts/test, CI) builds examples after
+/// the library, so the binary is used as it is when it is newer than the newest
+/// build of the library; otherwise (e.g. `cargo test --test NAME` after a change)
+/// it is built first with `cargo build --example NAME`, with the cargo that runs
+/// the tests, into this test binary's target directory and profile. Not always
+/// calling cargo matters: a build with other workspace members selected unifies
+/// other dependency features, and building the example the other way would
+/// rebuild dependencies.
+pub fn example_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("path of the running test binary");
+    // <target>/<profile>/deps/<test binary>
+    let deps = exe
+        .parent()
+        .expect("test binary in <target>/<profile>/deps");
+    let profile_dir = deps
+        .parent()
+        .expect("test binary in <target>/<profile>/deps");
+    let target_dir = profile_dir.parent().expect("target directory");
+    let binary = profile_dir.join("examples").join(name);
+    let modified = |p: &std::path::Path| p.metadata().and_then(|m| m.modified()).ok();
+    let newest_library = std::fs::read_dir(deps)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            n.starts_with("libkeel-") && n.ends_with(".rlib")
+        })
+        .filter_map(|e| modified(&e.path()))
+        .max();
+    if let (Some(built), Some(library)) = (modified(&binary), newest_library)
+        && built >= library
+    {
+        return binary;
+    }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut command = std::process::Command::new(cargo);
+    command
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["build", "--quiet", "--example", name, "--target-dir"])
+        .arg(target_dir);
+    if profile_dir.file_name().is_some_and(|p| p == "release") {
+        command.arg("--release");
+    }
+    let status = command
+        .status()
+        .unwrap_or_else(|e| panic!("cargo build --example {name} does not run: {e}"));
+    assert!(status.success(), "cargo build --example {name} failed");
+    assert!(binary.is_file(), "{} was not built", binary.display());
+    binary
+}
