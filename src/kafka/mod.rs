@@ -8,3 +8,4 @@ pub mod envelope;
 pub mod error;
 pub mod producer;
 pub mod registry;
+pub mod topic;
