@@ -193,6 +193,15 @@ pub async fn uniform_errors(req: Request, next: Next) -> Response {
         copy_headers(&res, &mut out);
         return out;
     }
+    // A deliberate JSON answer (readiness's 503 report) stays as it is.
+    let is_json = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json") || v.starts_with(PROBLEM_JSON));
+    if is_json {
+        return res;
+    }
     // Someone else's error (axum's rejections, a layer's answer): keep its status,
     // take its short text as the detail.
     let (parts, body) = res.into_parts();
