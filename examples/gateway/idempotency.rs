@@ -261,8 +261,10 @@ mod tests {
             panic!("a failed publish must be retryable")
         };
         drop(claim);
-        assert!(matches!(cache.begin("t", "k", b"{}"), Begin::New(_)));
-        assert_eq!(cache.len(), 1, "only the in-flight claim of the last begin");
+        assert_eq!(cache.len(), 0, "a dropped claim is forgotten");
+        let again = cache.begin("t", "k", b"{}");
+        assert!(matches!(again, Begin::New(_)));
+        assert_eq!(cache.len(), 1, "the in-flight claim of the last begin");
     }
 
     #[test]
