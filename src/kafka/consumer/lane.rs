@@ -1,8 +1,8 @@
 //! A lane: one task draining one bounded queue of batches, one message at a time.
 //!
 //! The lane reports finished offsets to the poll thread in batches too: after each
-//! batch when the queue runs empty, and during a long batch at least every 10 ms,
-//! so commits never wait long behind slow handlers.
+//! batch when the queue runs empty, and during a long batch at least every 10 ms —
+//! also while one slow message runs — so commits never wait behind slow handlers.
 
 use super::attempts::CountAttempts;
 use super::error::HandlerErrors;
@@ -92,6 +92,15 @@ impl Finished {
         self.completions.push(completion);
     }
 
+    fn is_empty(&self) -> bool {
+        self.completions.is_empty()
+    }
+
+    /// When the oldest unreported completion is due to be reported.
+    fn due(&self) -> Instant {
+        self.since + REPORT_INTERVAL
+    }
+
     /// Whether, at `now`, the oldest unreported completion waited
     /// `REPORT_INTERVAL` or longer.
     fn overdue(&self, now: Instant) -> bool {
@@ -160,10 +169,23 @@ pub(crate) async fn run_lane<S>(
             };
             // `None`: its dead-letter publish goes on outside the lane, which
             // reports the completion once the message is out.
-            let Some(done) = process(&mut stack, &ctx, &completion, work.message)
-                .instrument(span)
-                .await
-            else {
+            let handled = process(&mut stack, &ctx, &completion, work.message).instrument(span);
+            let done = if finished.is_empty() {
+                handled.await
+            } else {
+                // A slow message must not hold back what finished before it:
+                // report that when it is due, then go on waiting.
+                tokio::pin!(handled);
+                tokio::select! {
+                    biased;
+                    done = &mut handled => done,
+                    _ = tokio::time::sleep_until(finished.due()) => {
+                        finished.report(&ctx.completions);
+                        handled.await
+                    }
+                }
+            };
+            let Some(done) = done else {
                 continue;
             };
             finished.push(completion, done);
