@@ -499,7 +499,8 @@ mod tests {
     }
 
     /// A batch of slow messages (4 ms each, paused clock) is reported in order:
-    /// every 10 ms while the batch runs, the rest once the queue is empty.
+    /// at most 10 ms after the oldest finished (also while a message runs), the
+    /// rest once the queue is empty.
     #[tokio::test(start_paused = true)]
     async fn completions_come_back_in_order_in_batches() {
         let tp = TopicPartition::new("t", 0);
@@ -522,13 +523,20 @@ mod tests {
             ctx,
             mut reports,
         } = start_lane(handler);
+        let start = tokio::time::Instant::now();
         queue
             .send((0..5).map(|o| work(&tp, o)).collect())
             .await
             .unwrap();
-        // Finished at 4, 8, 12, 16 ms: the fourth is 12 ms after the first.
-        assert_eq!(offsets(&reports.recv().await.unwrap()), [0, 1, 2, 3]);
-        assert_eq!(offsets(&reports.recv().await.unwrap()), [4]);
+        // Finished at 4, 8, 12 ms; at 14 ms, while the fourth still runs, the
+        // first has waited 10 ms: 0-2 are reported then, not when the fourth ends.
+        assert_eq!(offsets(&reports.recv().await.unwrap()), [0, 1, 2]);
+        assert_eq!(
+            tokio::time::Instant::now().duration_since(start),
+            Duration::from_millis(14)
+        );
+        // 3 and 4 finish at 16 and 20 ms, reported when the queue runs empty.
+        assert_eq!(offsets(&reports.recv().await.unwrap()), [3, 4]);
         queue.send(vec![work(&tp, 5)]).await.unwrap();
         assert_eq!(offsets(&reports.recv().await.unwrap()), [5]);
         drop(queue);
