@@ -669,6 +669,7 @@ async fn load_is_shed_with_retry_after_and_client_failures_never_open_the_breake
     let gw = Gateway::start(&[
         ("KEEL_GATEWAY_TOPICS", "orders".to_string()),
         ("KEEL_GATEWAY_MAX_IN_FLIGHT", "2".to_string()),
+        ("KEEL_GATEWAY_MAX_UPLOADS", "1".to_string()),
         ("KEEL_GATEWAY_BODY_IDLE_TIMEOUT_MS", "30000".to_string()),
     ]);
     wait_status(
@@ -680,12 +681,28 @@ async fn load_is_shed_with_retry_after_and_client_failures_never_open_the_breake
     let addr = gw.base.trim_start_matches("http://").to_string();
     let body = event("order.created").to_string();
 
-    // Two stalled uploads take both places.
-    let held = vec![
-        stalled_upload(&addr, "shed/a.bin", 1 << 20, 1024).await,
-        stalled_upload(&addr, "shed/b.bin", 1 << 20, 1024).await,
-    ];
-    sleep(Duration::from_millis(500)).await;
+    // A stalled upload takes the only upload place (uploads buffer parts in
+    // memory, so they have their own bound)...
+    let mut held = vec![stalled_upload(&addr, "shed/a.bin", 1 << 20, 1024).await];
+    sleep(Duration::from_millis(300)).await;
+    let second = send(
+        Method::PUT,
+        &gw.url("/files/shed/b.bin"),
+        full("x"),
+        "text/plain",
+    )
+    .await
+    .unwrap();
+    let problem = assert_problem(&second, StatusCode::SERVICE_UNAVAILABLE, "upload bound");
+    assert_eq!(problem["detail"], "too many uploads in flight", "{problem}");
+    // ...and a stalled publish the second of the two places in flight.
+    let mut stalled_event = TcpStream::connect(&addr).await.unwrap();
+    stalled_event
+        .write_all(b"POST /events/orders HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{")
+        .await
+        .unwrap();
+    held.push(stalled_event);
+    sleep(Duration::from_millis(300)).await;
     let shed = post(&gw, "/events/orders", body.clone(), JSON).await;
     let problem = assert_problem(&shed, StatusCode::SERVICE_UNAVAILABLE, "shed");
     assert_eq!(problem["type"], "urn:keel:problem:overloaded", "{problem}");

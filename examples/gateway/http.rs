@@ -87,6 +87,8 @@ pub struct AppState {
     pub token: Option<Arc<str>>,
     /// Refuse publish, upload and delete.
     pub read_only: bool,
+    /// Places for uploads in flight: each holds a few parts in memory.
+    pub uploads: Arc<tokio::sync::Semaphore>,
 }
 
 /// Sizes the API accepts (see main.rs for their variables and defaults).
@@ -648,6 +650,7 @@ where
 async fn publish_one(
     State(state): State<AppState>,
     Path(topic): Path<String>,
+    read: Option<axum::Extension<serve::BodyRead>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -657,6 +660,9 @@ async fn publish_one(
         Ok(b) => b,
         Err(p) => return p.into_response(),
     };
+    if let Some(axum::Extension(read)) = read {
+        read.set();
+    }
     let prepared = (|| {
         refuse_when_stopping(&state)?;
         let topic = allowed_topic(&state, &topic)?;
@@ -750,6 +756,7 @@ fn batch_envelopes(limits: &ApiLimits, events: Vec<Value>) -> Result<Vec<EventEn
 async fn publish_batch(
     State(state): State<AppState>,
     Path(topic): Path<String>,
+    read: Option<axum::Extension<serve::BodyRead>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -757,6 +764,9 @@ async fn publish_batch(
         Ok(b) => b,
         Err(p) => return p.into_response(),
     };
+    if let Some(axum::Extension(read)) = read {
+        read.set();
+    }
     let prepared = (|| {
         refuse_when_stopping(&state)?;
         let topic = allowed_topic(&state, &topic)?;
@@ -823,6 +833,15 @@ async fn upload(
     body: Body,
 ) -> Result<(StatusCode, Json<Value>), Problem> {
     refuse_when_stopping(&state)?;
+    // Bounded: each upload buffers up to a few parts (5 MiB or more each).
+    let _place = state.uploads.clone().try_acquire_owned().map_err(|_| {
+        Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "too many uploads in flight",
+        )
+        .retry_after(1)
+    })?;
     let mut options = UploadOptions::new();
     if let Some(ct) = headers
         .get(header::CONTENT_TYPE)

@@ -21,8 +21,9 @@
 //! | `KEEL_GATEWAY_READ_ONLY` | `false` | refuse publish, upload and delete (403) |
 //! | `KEEL_GATEWAY_HEADER_TIMEOUT_MS` | `10000` | a connection must send a request's headers within this |
 //! | `KEEL_GATEWAY_BODY_IDLE_TIMEOUT_MS` | `15000` | a request body that sends nothing this long fails (408) |
-//! | `KEEL_GATEWAY_REQUEST_TIMEOUT_MS` | `30000` | whole-request bound of every route but uploads (which get the idle bound) |
+//! | `KEEL_GATEWAY_REQUEST_TIMEOUT_MS` | `30000` | whole-request bound of every route but uploads (which get the idle bound): 408 while the body arrives, 504 after |
 //! | `KEEL_GATEWAY_MAX_IN_FLIGHT` | `512` | API requests at once; more are shed (503 + `Retry-After`) |
+//! | `KEEL_GATEWAY_MAX_UPLOADS` | `16` | uploads at once (each buffers a few parts); more get 503 |
 //! | `KEEL_GATEWAY_DRAIN_SECS` | half of `KEEL_SHUTDOWN_TIMEOUT_SECS` | on SIGTERM, time for requests in flight; then connections are closed |
 //! | `KEEL_GATEWAY_MAX_RETRIES` | `3` | handler retries before the DLQ |
 //! | `KEEL_GATEWAY_RETRY_INITIAL_MS` | `1000` | first retry delay (doubles, capped at 30 s) |
@@ -140,6 +141,7 @@ impl Settings {
             body_idle_timeout: ms("KEEL_GATEWAY_BODY_IDLE_TIMEOUT_MS", 15_000)?,
             request_timeout: ms("KEEL_GATEWAY_REQUEST_TIMEOUT_MS", 30_000)?,
             max_in_flight: parsed("KEEL_GATEWAY_MAX_IN_FLIGHT", 512)?,
+            max_uploads: parsed("KEEL_GATEWAY_MAX_UPLOADS", 16)?,
         };
         if transport.max_in_flight == 0 {
             return Err("KEEL_GATEWAY_MAX_IN_FLIGHT must be at least 1".into());
@@ -330,6 +332,7 @@ async fn run() -> Result<ExitCode, BoxError> {
         idempotency: Default::default(),
         token: settings.token.as_deref().map(Arc::from),
         read_only: settings.read_only,
+        uploads: Arc::new(tokio::sync::Semaphore::new(settings.transport.max_uploads)),
     };
     // Holds a clone of the state (so of the Kafka clients) until it is stopped.
     let lag_sampler = tokio::spawn(http::sample_lag(state.clone(), Duration::from_secs(5)));
@@ -370,9 +373,26 @@ async fn run() -> Result<ExitCode, BoxError> {
     let _ = stop_tx.send(true);
     let mut clean = true;
 
-    // Requests get the drain budget; what is still open then is closed, so the
-    // consumer, the producer flush and S3 keep the rest of the budget.
-    match server.await {
+    // Requests get the drain budget; what is still open then is closed. The
+    // consumer drains meanwhile (it does not depend on HTTP), with the whole
+    // budget; the producer flush and S3 keep the rest.
+    let consumer = state.consumer.write().await.take();
+    let consumer_drained = async {
+        match consumer {
+            Some(consumer) => Some(consumer.shutdown(remaining(deadline)).await),
+            None => None,
+        }
+    };
+    let (served, consumer_drained) = tokio::join!(server, consumer_drained);
+    match consumer_drained {
+        Some(Ok(())) => tracing::info!(target: "gateway", "consumer drained and committed"),
+        Some(Err(e)) => {
+            clean = false;
+            tracing::warn!(target: "gateway", error = %e, "consumer shutdown incomplete")
+        }
+        None => {}
+    }
+    match served {
         Ok(drained) if drained.closed_at_deadline == 0 => {
             tracing::info!(target: "gateway", "HTTP server drained")
         }
@@ -404,15 +424,6 @@ async fn run() -> Result<ExitCode, BoxError> {
         clean = false;
     }
 
-    if let Some(consumer) = state.consumer.write().await.take() {
-        match consumer.shutdown(remaining(deadline)).await {
-            Ok(()) => tracing::info!(target: "gateway", "consumer drained and committed"),
-            Err(e) => {
-                clean = false;
-                tracing::warn!(target: "gateway", error = %e, "consumer shutdown incomplete")
-            }
-        }
-    }
     match kafka.disconnect(remaining(deadline)).await {
         Ok(()) => tracing::info!(target: "gateway", "producer flushed, Kafka client closed"),
         Err(e) => {

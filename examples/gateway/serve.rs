@@ -48,6 +48,25 @@ pub struct Transport {
     pub request_timeout: Duration,
     /// API requests at once; more are shed with 503.
     pub max_in_flight: usize,
+    /// Uploads at once (each holds up to a few parts in memory); more get 503.
+    pub max_uploads: usize,
+}
+
+/// Set on a request once its body was read to the end (or it has none): a
+/// whole-request timeout after that is the server's slowness (504), before it
+/// the client's (408).
+#[derive(Clone, Debug, Default)]
+pub struct BodyRead(Arc<std::sync::atomic::AtomicBool>);
+
+impl BodyRead {
+    /// Marks the body as read.
+    pub fn set(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    fn get(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
 }
 
 /// How the server stopped.
@@ -95,16 +114,32 @@ pub async fn request_bounds(
     next: Next,
 ) -> Response {
     let upload = is_upload(&req);
-    let req = req.map(|body| Body::new(TimeoutBody::new(transport.body_idle_timeout, body)));
+    let read = BodyRead::default();
+    let bodyless = matches!(*req.method(), Method::GET | Method::HEAD | Method::DELETE)
+        || req
+            .headers()
+            .get(axum::http::header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() == b"0");
+    if bodyless {
+        read.set();
+    }
+    let mut req = req.map(|body| Body::new(TimeoutBody::new(transport.body_idle_timeout, body)));
+    req.extensions_mut().insert(read.clone());
     if upload {
         return next.run(req).await;
     }
     match tokio::time::timeout(transport.request_timeout, next.run(req)).await {
         Ok(res) => res,
+        Err(_) if read.get() => Problem::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "dependency-timeout",
+            "the request did not finish in time",
+        )
+        .into_response(),
         Err(_) => Problem::new(
             StatusCode::REQUEST_TIMEOUT,
             "request-timeout",
-            "the request did not finish in time",
+            "the request body did not arrive in time",
         )
         .into_response(),
     }
@@ -123,16 +158,14 @@ where
     S: Service<Request, Response = Response, Error = Infallible> + Clone + Send + Sync + 'static,
     S::Future: Send + 'static,
 {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // HTTP/1 only: hyper bounds an HTTP/1 request's headers, but has no such
+    // bound on a cleartext HTTP/2 (h2c) handshake.
+    let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(transport.header_timeout)
         .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(Some(transport.header_timeout));
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
     let mut connections = JoinSet::new();
@@ -188,4 +221,83 @@ where
     }
     connections.shutdown().await;
     drained
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::Router;
+    use axum::routing::{get, post};
+    use tower::ServiceExt;
+
+    fn transport() -> Transport {
+        Transport {
+            header_timeout: Duration::from_secs(10),
+            body_idle_timeout: Duration::from_secs(60),
+            request_timeout: Duration::from_secs(1),
+            max_in_flight: 8,
+            max_uploads: 2,
+        }
+    }
+
+    /// A handler that reads its body (marking it read), then takes `slow`.
+    async fn read_then_wait(req: Request) -> StatusCode {
+        let read = req.extensions().get::<BodyRead>().cloned();
+        match axum::body::to_bytes(req.into_body(), 1024).await {
+            Ok(_) => {
+                if let Some(read) = read {
+                    read.set();
+                }
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                StatusCode::OK
+            }
+            Err(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    fn app() -> Router {
+        Router::new()
+            .route(
+                "/slow",
+                get(|| async {
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                    StatusCode::OK
+                }),
+            )
+            .route("/events/t", post(read_then_wait))
+            .layer(axum::middleware::from_fn_with_state(
+                transport(),
+                request_bounds,
+            ))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_server_is_504_a_slow_body_is_408() {
+        let slow_server = app()
+            .oneshot(Request::get("/slow").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(slow_server.status(), StatusCode::GATEWAY_TIMEOUT);
+
+        let read_then_slow = app()
+            .oneshot(Request::post("/events/t").body(Body::from("{}")).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(read_then_slow.status(), StatusCode::GATEWAY_TIMEOUT);
+
+        // A body that never ends: the client's slowness.
+        let (_tx, rx) = tokio::sync::mpsc::channel::<Result<axum::body::Bytes, std::io::Error>>(1);
+        let body = Body::from_stream(tokio_stream_of(rx));
+        let slow_body = app()
+            .oneshot(Request::post("/events/t").body(body).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(slow_body.status(), StatusCode::REQUEST_TIMEOUT);
+    }
+
+    fn tokio_stream_of<T: Send + 'static>(
+        mut rx: tokio::sync::mpsc::Receiver<T>,
+    ) -> impl futures::Stream<Item = T> + Send + 'static {
+        futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+    }
 }

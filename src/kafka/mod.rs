@@ -9,3 +9,5 @@ pub mod error;
 pub mod producer;
 pub mod registry;
 pub mod topic;
+
+pub use topic::{InvalidTopic, TopicName, TopicRule};
