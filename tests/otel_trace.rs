@@ -46,9 +46,8 @@ fn exporter() -> &'static InMemorySpanExporter {
         let provider = SdkTracerProvider::builder()
             .with_simple_exporter(exporter.clone())
             .build();
-        let subscriber = tracing_subscriber::registry().with(
-            tracing_opentelemetry::layer().with_tracer(provider.tracer("keel-otel-test")),
-        );
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("keel-otel-test")));
         tracing::subscriber::set_global_default(subscriber).expect("one global subscriber");
         exporter
     })
@@ -183,7 +182,11 @@ async fn one_trace_runs_from_the_publisher_through_kafka_to_the_handler() {
     let parent = tracing::info_span!("checkout");
     let trace = parent.context().span().span_context().trace_id();
     let parent_id = parent.context().span().span_context().span_id();
-    assert_ne!(trace, TraceId::INVALID, "the OpenTelemetry layer is installed");
+    assert_ne!(
+        trace,
+        TraceId::INVALID,
+        "the OpenTelemetry layer is installed"
+    );
 
     let good = EventEnvelope::new("order.created", json!({"sku": "a"})).with_key("customer-7");
     let bad = EventEnvelope::new("order.created", json!({"sku": "gone"}));
@@ -232,7 +235,11 @@ async fn one_trace_runs_from_the_publisher_through_kafka_to_the_handler() {
         assert_attr(send, "messaging.destination.partition.id", str_value("0"));
         assert_eq!(attr(send, "error.type"), None);
     }
-    assert_attr(good_send, "messaging.kafka.message.key", str_value("customer-7"));
+    assert_attr(
+        good_send,
+        "messaging.kafka.message.key",
+        str_value("customer-7"),
+    );
     assert_eq!(attr(bad_send, "messaging.kafka.message.key"), None);
     // The stack's `publish` logging span sits between the caller's span and the
     // send span when DEBUG is on; here every level is on.
@@ -255,10 +262,7 @@ async fn one_trace_runs_from_the_publisher_through_kafka_to_the_handler() {
 
     // The records carry the send spans' contexts.
     let headers = first_record_headers(&brokers, &topic);
-    let sent_parent = format!(
-        "00-{trace}-{}-01",
-        good_send.span_context.span_id()
-    );
+    let sent_parent = format!("00-{trace}-{}-01", good_send.span_context.span_id());
     assert_eq!(header(&headers, TRACEPARENT), Some(sent_parent.as_str()));
 
     // Consume both: the good one succeeds, the bad one fails for good and is
@@ -334,7 +338,11 @@ async fn one_trace_runs_from_the_publisher_through_kafka_to_the_handler() {
     }
     let good_process = process_of(good_ack.offset);
     assert_eq!(attr(good_process, "error.type"), None);
-    assert_attr(good_process, "messaging.kafka.message.key", str_value("customer-7"));
+    assert_attr(
+        good_process,
+        "messaging.kafka.message.key",
+        str_value("customer-7"),
+    );
     assert_ne!(good_process.status, Status::error(""));
     // The handler's span is the process span's child.
     let reserve = wait_for_span(trace, "reserve_stock").await;
@@ -399,7 +407,10 @@ async fn a_traceparent_set_by_the_caller_is_kept_and_continued_by_the_consumer()
     let mut consumer_config = ClientConfig::new();
     consumer_config.set("bootstrap.servers", &brokers);
     let consumer = KafkaConsumer::builder(consumer_config, unique("caller-group"))
-        .start(StartOptions::new([topic.as_str()]).from_beginning(true), registry)
+        .start(
+            StartOptions::new([topic.as_str()]).from_beginning(true),
+            registry,
+        )
         .unwrap();
     let process = wait_for_span(caller_trace, &format!("process {topic}")).await;
     consumer.shutdown(Duration::from_secs(10)).await.unwrap();
@@ -429,6 +440,10 @@ async fn a_failed_publish_sets_error_type_on_the_send_span() {
     assert_eq!(send.span_kind, SpanKind::Producer);
     assert_attr(&send, "error.type", str_value("MessageTooLarge"));
     assert_attr(&send, "messaging.operation.type", str_value("send"));
-    assert!(matches!(send.status, Status::Error { .. }), "{:?}", send.status);
+    assert!(
+        matches!(send.status, Status::Error { .. }),
+        "{:?}",
+        send.status
+    );
     assert_eq!(attr(&send, "messaging.kafka.offset"), None);
 }

@@ -142,9 +142,7 @@ struct MessageExtractor<'a>(&'a ReceivedMessage);
 
 impl Extractor for MessageExtractor<'_> {
     fn get(&self, key: &str) -> Option<&str> {
-        self.0
-            .header(key)
-            .and_then(|v| std::str::from_utf8(v).ok())
+        self.0.header(key).and_then(|v| std::str::from_utf8(v).ok())
     }
 
     fn keys(&self) -> Vec<&str> {
@@ -339,7 +337,10 @@ mod tests {
 
     #[test]
     fn error_types_are_variant_names() {
-        assert_eq!(producer_error_type(ProducerErrorKind::QueueFull), "QueueFull");
+        assert_eq!(
+            producer_error_type(ProducerErrorKind::QueueFull),
+            "QueueFull"
+        );
         assert_eq!(
             producer_error_type(ProducerErrorKind::Broker(
                 rdkafka::types::RDKafkaErrorCode::NotLeaderForPartition

@@ -499,14 +499,9 @@ impl PublishEvent {
         #[cfg(not(feature = "otel"))]
         let headers = req.event.kafka_headers();
         match send_encoded(producer, &topic, &req.event, headers, req.partition) {
-            Ok(delivery) => PublishFuture::waiting(
-                delivery,
-                topic,
-                event_id,
-                self.core.clone(),
-                started,
-                span,
-            ),
+            Ok(delivery) => {
+                PublishFuture::waiting(delivery, topic, event_id, self.core.clone(), started, span)
+            }
             Err(SendError::Encode(e)) => PublishFuture::failed(
                 KafkaProducerError::with_source(topic, ProducerErrorKind::Serialization, e)
                     .with_event_id(event_id),
