@@ -176,7 +176,7 @@ pub(crate) fn send_span(topic: &str, key: Option<&[u8]>) -> tracing::Span {
         "messaging.kafka.offset" = Empty,
         "error.type" = Empty,
     );
-    if let Some(key) = key {
+    if let Some(key) = key.filter(|_| !span.is_disabled()) {
         span.record(
             "messaging.kafka.message.key",
             String::from_utf8_lossy(key).as_ref(),
@@ -187,6 +187,10 @@ pub(crate) fn send_span(topic: &str, key: Option<&[u8]>) -> tracing::Span {
 
 /// Records the broker's acknowledgement on a `send` span.
 pub(crate) fn record_ack(span: &tracing::Span, ack: &PublishAck) {
+    // No subscriber wants the span: spare the partition's string.
+    if span.is_disabled() {
+        return;
+    }
     span.record(
         "messaging.destination.partition.id",
         ack.partition.to_string().as_str(),
@@ -196,6 +200,9 @@ pub(crate) fn record_ack(span: &tracing::Span, ack: &PublishAck) {
 
 /// Records a failed publish on a `send` span.
 pub(crate) fn record_publish_error(span: &tracing::Span, error: &KafkaProducerError) {
+    if span.is_disabled() {
+        return;
+    }
     span.record("error.type", producer_error_type(error.kind()).as_ref());
     span.record("otel.status_code", "error");
 }
