@@ -21,7 +21,7 @@ use keel::kafka::consumer::{BoxError, ConsumedEvent, HandlerError, KafkaConsumer
 use keel::kafka::envelope::EventEnvelope;
 use keel::kafka::error::ProducerErrorKind;
 use keel::kafka::otel::TRACEPARENT;
-use keel::kafka::producer::{PublishRequest, PublishStack};
+use keel::kafka::producer::{PublishBatchRequest, PublishRequest, PublishStack};
 use keel::kafka::registry::HandlerRegistry;
 use opentelemetry::trace::{SpanId, SpanKind, Status, TraceContextExt, TraceId, TracerProvider};
 use opentelemetry::{Key, Value};
@@ -446,4 +446,81 @@ async fn a_failed_publish_sets_error_type_on_the_send_span() {
         send.status
     );
     assert_eq!(attr(&send, "messaging.kafka.offset"), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_is_one_send_span_whose_context_every_event_carries() {
+    let brokers = support::kafka_brokers();
+    exporter();
+    let client = client(&brokers);
+    let topic = unique("batch");
+    client
+        .create_topic(&topic, 1, 1, Duration::from_secs(20))
+        .await
+        .expect("create topic");
+    let parent = tracing::info_span!("import");
+    let trace = parent.context().span().span_context().trace_id();
+    let events: Vec<_> = (0..3)
+        .map(|i| EventEnvelope::new("order.created", json!({"i": i})))
+        .collect();
+    let ack = PublishStack::new(&client)
+        .batch_service()
+        .oneshot(PublishBatchRequest::new(topic.clone(), events))
+        .instrument(parent)
+        .await
+        .expect("publish the batch");
+    assert_eq!(ack.acks.len(), 3);
+
+    let send = wait_for_span(trace, &format!("send {topic}")).await;
+    let sends = spans_of(trace)
+        .into_iter()
+        .filter(|s| s.name == send.name)
+        .count();
+    assert_eq!(sends, 1, "one send span for the batch");
+    assert_eq!(send.span_kind, SpanKind::Producer);
+    assert_attr(&send, "messaging.batch.message_count", Value::I64(3));
+    assert_attr(&send, "messaging.destination.name", str_value(&topic));
+    assert_attr(&send, "messaging.operation.type", str_value("send"));
+
+    let handled = Arc::new(AtomicU32::new(0));
+    let registry = {
+        let handled = handled.clone();
+        HandlerRegistry::builder()
+            .handler_fn("order.created", move |_event: ConsumedEvent| {
+                let handled = handled.clone();
+                async move {
+                    handled.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, BoxError>(())
+                }
+            })
+            .build()
+            .unwrap()
+    };
+    let mut consumer_config = ClientConfig::new();
+    consumer_config.set("bootstrap.servers", &brokers);
+    let consumer = KafkaConsumer::builder(consumer_config, unique("batch-group"))
+        .start(
+            StartOptions::new([topic.as_str()]).from_beginning(true),
+            registry,
+        )
+        .unwrap();
+    let process_name = format!("process {topic}");
+    let mut processes = Vec::new();
+    for _ in 0..600 {
+        processes = spans_of(trace)
+            .into_iter()
+            .filter(|s| s.name == process_name)
+            .collect();
+        if processes.len() == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(processes.len(), 3, "{processes:?}");
+    assert_eq!(handled.load(Ordering::SeqCst), 3);
+    for process in &processes {
+        assert_eq!(process.span_kind, SpanKind::Consumer);
+        assert_eq!(process.parent_span_id, send.span_context.span_id());
+    }
 }

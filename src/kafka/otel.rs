@@ -8,8 +8,10 @@
 //! - every single-event publish ([`PublishEvent`](crate::kafka::producer::PublishEvent),
 //!   so the default publish stack too) runs in a PRODUCER span `send <topic>`, and
 //!   that span's context goes into the record's `traceparent` / `tracestate`
-//!   headers. Batch and transactional publishes inject the context of the span
-//!   current at the call (the stack's `publish_batch` span, or yours);
+//!   headers. A batch ([`PublishBatch`](crate::kafka::producer::PublishBatch))
+//!   runs in one `send <topic>` span with `messaging.batch.message_count`, whose
+//!   context every event carries; transactional publishes inject the context of
+//!   the span current at the call;
 //! - the consumer reads those headers and makes the handler's span,
 //!   `process <topic>` (CONSUMER), a child of the producer's span;
 //! - a dead-letter record copies the original headers, so it keeps the context
@@ -41,6 +43,7 @@
 //! | `messaging.kafka.offset` | once acknowledged | yes |
 //! | `messaging.kafka.message.key` | when the event has a key | when the message has a key |
 //! | `messaging.consumer.group.name` | | yes |
+//! | `messaging.batch.message_count` | batches | |
 //! | `error.type` | on failure (the error kind) | on failure (the error's type) |
 //!
 //! Keys that are not UTF-8 are written lossily. These spans are at `INFO` level,
@@ -183,6 +186,25 @@ pub(crate) fn send_span(topic: &str, key: Option<&[u8]>) -> tracing::Span {
         );
     }
     span
+}
+
+/// The PRODUCER span of one batch of `count` events to `topic` (every event
+/// carries this span's context; partitions and offsets are per event, so the
+/// span has none).
+pub(crate) fn send_batch_span(topic: &str, count: usize) -> tracing::Span {
+    tracing::info_span!(
+        target: "keel::kafka",
+        "send",
+        "otel.name" = format!("send {topic}").as_str(),
+        "otel.kind" = "producer",
+        "otel.status_code" = Empty,
+        "messaging.system" = "kafka",
+        "messaging.operation.type" = "send",
+        "messaging.operation.name" = "send",
+        "messaging.destination.name" = topic,
+        "messaging.batch.message_count" = count as i64,
+        "error.type" = Empty,
+    )
 }
 
 /// Records the broker's acknowledgement on a `send` span.
