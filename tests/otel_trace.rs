@@ -6,7 +6,7 @@
 //! Events are published through keel's default publish stack inside a parent
 //! span, consumed by keel's consumer, and the spans are checked: one trace from
 //! the parent through the PRODUCER `send` span to the CONSUMER `process` span,
-//! with the messaging semantic-convention attributes (semconv 1.27+).
+//! with the messaging semantic-convention attributes (semconv 1.28+).
 #![cfg(feature = "otel")]
 
 mod support;

@@ -29,9 +29,10 @@
 //! # Semantic conventions
 //!
 //! Span names, kinds and attributes follow the OpenTelemetry messaging
-//! conventions as of semconv **1.27** (the release that introduced
-//! `messaging.operation.type` and `messaging.consumer.group.name`; unchanged
-//! for these attributes through 1.36):
+//! conventions of semconv **1.28 and later** (`send` replaced `publish` as
+//! `messaging.operation.type` in 1.28, `messaging.consumer.group.name` came in
+//! 1.27; unchanged for these attributes through 1.36, the version of
+//! `opentelemetry-semantic-conventions` 0.31):
 //!
 //! | attribute | send | process |
 //! |---|---|---|

@@ -67,6 +67,13 @@
 //! with [`ByError`](keel_layers::classify::ByError): message-too-large and
 //! serialization errors are permanent and are never retried.
 //!
+//! # Trace context (feature `otel`)
+//!
+//! With keel's `otel` feature each publish runs in an OpenTelemetry PRODUCER
+//! span `send <topic>` and writes its W3C `traceparent` into the record's headers
+//! (never over one the caller set); consumers continue the trace. See
+//! `keel::kafka::otel`.
+//!
 //! # Example
 //!
 //! ```no_run
