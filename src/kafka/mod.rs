@@ -6,6 +6,8 @@ pub mod consumer;
 pub mod dead_letter;
 pub mod envelope;
 pub mod error;
+#[cfg(feature = "otel")]
+pub mod otel;
 pub mod producer;
 pub mod registry;
 pub mod topic;

@@ -44,6 +44,9 @@ pub(crate) struct LaneContext {
     /// The lanes' stop signal, for messages whose dead-letter publish is retried
     /// outside the lane.
     pub(crate) stop: watch::Receiver<bool>,
+    /// The consumer group, for the `process` spans' `messaging.consumer.group.name`.
+    #[cfg(feature = "otel")]
+    pub(crate) group: Arc<str>,
 }
 
 impl<S> Stack<S>
@@ -156,6 +159,11 @@ pub(crate) async fn run_lane<S>(
             // starve other tasks of this worker.
             tokio::task::coop::consume_budget().await;
             let offset = work.message.offset();
+            // With `otel`: the same span, named `process <topic>` for OpenTelemetry
+            // and the child of the producer's context found in the headers.
+            #[cfg(feature = "otel")]
+            let span = crate::kafka::otel::process_span(&work.message, &ctx.group);
+            #[cfg(not(feature = "otel"))]
             let span = tracing::info_span!(
                 "kafka_message",
                 topic = %work.tp.topic,
@@ -233,6 +241,8 @@ where
     let envelope = match decoded {
         Ok(envelope) => envelope,
         Err(reason) => {
+            #[cfg(feature = "otel")]
+            crate::kafka::otel::record_process_error(&reason.error_type);
             ctx.metrics.record_decode_error();
             tracing::warn!(
                 topic = message.topic(),
@@ -263,6 +273,8 @@ where
         }
         Err(error) => error,
     };
+    #[cfg(feature = "otel")]
+    crate::kafka::otel::record_process_error(handler_error_type(error.as_ref()));
     match &ctx.dlq {
         Some(publisher) => {
             let reason = reason_for(error, event.attempts_made().max(1));
@@ -283,6 +295,18 @@ where
             ctx.metrics.record(Ending::Failed, retries, done - started);
             Some(done)
         }
+    }
+}
+
+/// The `error.type` of a failed handler: the [`HandlerError`]'s type when the
+/// handler gave one, else its class (`transient`, `permanent`, ...).
+///
+/// [`HandlerError`]: crate::kafka::consumer::HandlerError
+#[cfg(feature = "otel")]
+fn handler_error_type(error: &(dyn std::error::Error + 'static)) -> &'static str {
+    match error.downcast_ref::<super::HandlerError>() {
+        Some(h) => h.error_type(),
+        None => HandlerErrors::classify_error(error).class,
     }
 }
 
@@ -449,6 +473,8 @@ mod tests {
             stuck: Arc::new(StuckPartitions::new()),
             state: Arc::new(StateCell::new()),
             stop: watch::channel(false).1,
+            #[cfg(feature = "otel")]
+            group: Arc::from("test-group"),
         };
         (Arc::new(ctx), rx)
     }

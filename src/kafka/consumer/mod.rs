@@ -487,6 +487,8 @@ impl KafkaConsumerBuilder {
             stuck: stuck.clone(),
             state: state.clone(),
             stop: lane_stop_rx.clone(),
+            #[cfg(feature = "otel")]
+            group: Arc::from(self.group_id.as_str()),
         });
         let mut lanes = Vec::with_capacity(self.workers);
         let mut lane_tasks = Vec::with_capacity(self.workers);
