@@ -336,8 +336,9 @@ impl KafkaConsumerBuilder {
         self
     }
 
-    /// How long a full lane may hold up polling before fetching is paused instead
-    /// (default 500 ms). Short bursts wait; sustained backpressure pauses, so
+    /// How long a full lane may hold up polling before fetching of the partitions
+    /// that feed it is paused instead (default 500 ms). Short bursts wait;
+    /// sustained backpressure pauses only those partitions (the others go on), so
     /// rebalances and `max.poll.interval.ms` are served however slow the handler.
     pub fn backpressure_after(mut self, patience: Duration) -> Self {
         self.backpressure_after = patience;
