@@ -42,8 +42,8 @@ fn topic_with_a_lane_of_its_own() -> (String, i32) {
         let lanes: Vec<usize> = (0..PARTITIONS)
             .map(|p| lane_for(ProcessingOrder::Partition, WORKERS, &topic, p, None))
             .collect();
-        if let Some(blocked) =
-            (0..PARTITIONS).find(|&p| lanes.iter().filter(|&&l| l == lanes[p as usize]).count() == 1)
+        if let Some(blocked) = (0..PARTITIONS)
+            .find(|&p| lanes.iter().filter(|&&l| l == lanes[p as usize]).count() == 1)
         {
             return (topic, blocked);
         }
@@ -205,7 +205,11 @@ async fn a_stuck_partition_pauses_only_itself_the_others_are_handled_and_committ
          ({expected} each) {took:?} after the second {PER_PARTITION} were produced; handled per partition {per_partition:?}",
         others.len()
     );
-    assert_eq!(count(blocked), 0, "the blocked partition handled nothing yet");
+    assert_eq!(
+        count(blocked),
+        0,
+        "the blocked partition handled nothing yet"
+    );
     assert_eq!(c[&blocked], 0, "nothing committed past the blocked event");
     for p in &others {
         assert_eq!(count(*p), expected, "partition {p} handled once each");
@@ -235,7 +239,10 @@ async fn a_stuck_partition_pauses_only_itself_the_others_are_handled_and_committ
         "the blocked partition handled in order, each once, none skipped"
     );
     let c = committed(&brokers, &group, &topic).await;
-    assert_eq!(c[&blocked], PER_PARTITION as i64, "blocked partition committed to the end");
+    assert_eq!(
+        c[&blocked], PER_PARTITION as i64,
+        "blocked partition committed to the end"
+    );
     for p in &others {
         assert_eq!(c[p], expected as i64, "partition {p} committed to the end");
     }

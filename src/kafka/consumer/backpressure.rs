@@ -61,8 +61,7 @@ impl Backpressure {
     pub(crate) fn hold(&mut self, lane: usize, batch: Batch) -> Vec<TopicPartition> {
         let mut newly = Vec::new();
         for work in &batch {
-            if self.paused_by[lane].insert(work.tp.clone()) && self.paused.insert(work.tp.clone())
-            {
+            if self.paused_by[lane].insert(work.tp.clone()) && self.paused.insert(work.tp.clone()) {
                 newly.push(work.tp.clone());
             }
         }
@@ -101,7 +100,15 @@ mod tests {
 
     fn work(partition: i32, offset: i64) -> Work {
         let tp = TopicPartition::new("t", partition);
-        let owned = OwnedMessage::new(None, None, "t".into(), Timestamp::NotAvailable, partition, offset, None);
+        let owned = OwnedMessage::new(
+            None,
+            None,
+            "t".into(),
+            Timestamp::NotAvailable,
+            partition,
+            offset,
+            None,
+        );
         Work {
             message: ReceivedMessage::new(owned),
             tp,
