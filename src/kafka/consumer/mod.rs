@@ -24,10 +24,12 @@
 //!   for its share; lanes report completions a batch at a time too. A full lane
 //!   holds up the poll thread (which still serves
 //!   pause, resume and stop) for at most `backpressure_after` (500 ms); if it is
-//!   still full, the poll thread holds the unsent batches and pauses fetching, yet
-//!   keeps polling, so rebalances and `max.poll.interval.ms` are
-//!   served however slow the handler is; when the lane is half empty it seeks back to
-//!   the next undispatched offset and resumes. librdkafka's prefetch is capped by
+//!   still full, the poll thread holds that lane's unsent batches and pauses
+//!   fetching of only the partitions that feed it (one stuck partition does not
+//!   stall the others), yet keeps polling, so rebalances and
+//!   `max.poll.interval.ms` are served however slow the handler is; when the lane
+//!   is half empty it seeks those partitions back to the next undispatched offset
+//!   and resumes them. librdkafka's prefetch is capped by
 //!   `queued.max.messages.kbytes` (16 MiB unless you set it).
 //! - **Ordering** ([`ProcessingOrder`]): by default one message at a time per
 //!   partition. Opt-in key-ordered mode handles one partition on `workers` lanes
@@ -146,6 +148,7 @@
 //! ```
 
 mod attempts;
+mod backpressure;
 mod control;
 mod error;
 pub(crate) mod event;
@@ -172,6 +175,7 @@ pub use tracker::TopicPartition;
 use crate::kafka::client::{ConnectionTracker, ConsumerRegistration, KafkaClient};
 use crate::kafka::config::{KafkaConfig, KafkaLogLevel};
 use crate::kafka::dead_letter::{DEFAULT_SUFFIX, DeadLetterPublisher, DeadLetterTopics};
+use backpressure::Backpressure;
 use control::{ConsumerControl, RegisteredConsumer};
 use keel_layers::retry::RetryPolicy;
 use lane::{LaneContext, Stack, run_lane};
@@ -332,8 +336,9 @@ impl KafkaConsumerBuilder {
         self
     }
 
-    /// How long a full lane may hold up polling before fetching is paused instead
-    /// (default 500 ms). Short bursts wait; sustained backpressure pauses, so
+    /// How long a full lane may hold up polling before fetching of the partitions
+    /// that feed it is paused instead (default 500 ms). Short bursts wait;
+    /// sustained backpressure pauses only those partitions (the others go on), so
     /// rebalances and `max.poll.interval.ms` are served however slow the handler.
     pub fn backpressure_after(mut self, patience: Duration) -> Self {
         self.backpressure_after = patience;
@@ -517,8 +522,7 @@ impl KafkaConsumerBuilder {
             last_tp: None,
             topics: HashMap::new(),
             backpressure_after: self.backpressure_after,
-            held: Vec::new(),
-            held_lane: 0,
+            backpressure: Backpressure::new(self.workers),
             rewind: HashMap::new(),
         };
         let weak = Arc::downgrade(&consumer);
