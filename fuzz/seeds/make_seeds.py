@@ -114,3 +114,5 @@ for target, files in seeds.items():
         with open(os.path.join(d, name), 'wb') as f:
             f.write(data)
 print('ok')
+# s3_error seeds were written by hand (see fuzz/corpus/s3_error/): status
+# (LE u16 + 100), code selector, code, message, retry-after, body.

@@ -370,6 +370,103 @@ pub fn presign_expiry(data: &[u8]) {
     assert_eq!(ok, expected, "{expiry:?}");
 }
 
+/// S3 error codes keel classifies by name (and a few it does not).
+const S3_CODES: &[&str] = &[
+    "NoSuchKey",
+    "NoSuchBucket",
+    "NotFound",
+    "NoSuchUpload",
+    "AccessDenied",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "SlowDown",
+    "Throttling",
+    "TooManyRequests",
+    "RequestTimeout",
+    "InternalError",
+    "InvalidRequest",
+    "EntityTooLarge",
+];
+
+/// `S3ServiceError::from_sdk` over an S3 error answer: any status (100 to 999),
+/// any `Retry-After` header bytes, any error code and message (what the SDK's XML
+/// parser extracts from the body; keel parses no XML itself) and any body bytes.
+///
+/// Layout: status (2 bytes), code selector, code (short, used past the known
+/// codes; empty = no code), message (short), Retry-After (short, 0xFF-prefixed =
+/// none), then the body.
+///
+/// Invariants: no panic; NotFound codes (or a 404 without a known code) make
+/// `is_not_found`; a `Retry-After` delay is capped at an hour; the error and its
+/// classification format.
+pub fn s3_error(data: &[u8]) {
+    use aws_sdk_s3::config::http::HttpResponse;
+    use aws_sdk_s3::error::{ErrorMetadata, SdkError};
+    use aws_sdk_s3::operation::head_object::HeadObjectError;
+    use aws_sdk_s3::primitives::SdkBody;
+    use keel::layers::classify::ClassifiedError;
+    use keel::s3::{S3Operation, S3ServiceError};
+
+    let mut input = Input::new(data);
+    let status = 100 + u16::from_le_bytes([input.byte(), input.byte()]) % 900;
+    let selector = input.byte();
+    let raw_code = String::from_utf8_lossy(input.short()).into_owned();
+    let code = S3_CODES
+        .get(usize::from(selector))
+        .map(|c| (*c).to_string())
+        .or((!raw_code.is_empty()).then_some(raw_code));
+    let message = String::from_utf8_lossy(input.short()).into_owned();
+    let no_retry_after = input.data.first() == Some(&0xFF);
+    let retry_after = input.short();
+    let body = input.rest();
+
+    let mut response = http::Response::builder().status(status);
+    if !no_retry_after {
+        match http::HeaderValue::from_bytes(retry_after) {
+            Ok(value) => response = response.header("retry-after", value),
+            Err(_) => return, // no HTTP stack delivers such a header
+        }
+    }
+    let response = response
+        .body(SdkBody::from(body.to_vec()))
+        .expect("a valid status and header");
+    // The SDK's response type wants UTF-8 header values; others never reach keel.
+    let Ok(raw) = HttpResponse::try_from(response) else {
+        return;
+    };
+    let mut meta = ErrorMetadata::builder().message(message);
+    if let Some(code) = &code {
+        meta = meta.code(code);
+    }
+    let err = SdkError::service_error(HeadObjectError::generic(meta.build()), raw);
+    let e = S3ServiceError::from_sdk(S3Operation::Download, "bucket", Some("key"), err);
+
+    let _ = (e.to_string(), format!("{e:?}"), e.is_retryable(), e.code());
+    let c = e.classification();
+    let _ = format!("{c:?}");
+    if let Some(delay) = e.retry_after() {
+        assert!(delay <= Duration::from_secs(3600), "retry-after {delay:?}");
+    }
+    let not_found_code = matches!(
+        code.as_deref(),
+        Some("NoSuchKey" | "NoSuchBucket" | "NotFound" | "NoSuchUpload" | "NoSuchVersion")
+    );
+    // Every code keel maps to a kind by name (src/s3/error.rs); others fall back
+    // to the status.
+    const BY_NAME: &[&str] = &[
+        "NoSuchKey", "NoSuchBucket", "NotFound", "NoSuchUpload", "NoSuchVersion",
+        "AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId", "ExpiredToken",
+        "InvalidToken", "AllAccessDisabled", "SlowDown", "Throttling",
+        "ThrottlingException", "ThrottledException", "RequestLimitExceeded",
+        "TooManyRequests", "TooManyRequestsException", "RequestThrottled",
+        "RequestTimeout", "RequestTimeoutException",
+    ];
+    let known_code = code.as_deref().is_some_and(|c| BY_NAME.contains(&c));
+    if not_found_code || (status == 404 && !known_code) {
+        assert!(e.is_not_found(), "{code:?} {status}: {e:?}");
+    }
+}
+
 /// The targets by name, for the corpus smoke test.
 pub const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("envelope_decode", envelope_decode),
@@ -377,4 +474,5 @@ pub const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("kafka_config", kafka_config),
     ("s3_config", s3_config),
     ("presign_expiry", presign_expiry),
+    ("s3_error", s3_error),
 ];
