@@ -21,11 +21,19 @@ fn every_seed_of_every_target_passes_its_checks() {
             .map(|entry| entry.unwrap().path())
             .collect();
         seeds.sort();
-        assert!(!seeds.is_empty(), "no seeds for {target} in {}", dir.display());
+        assert!(
+            !seeds.is_empty(),
+            "no seeds for {target} in {}",
+            dir.display()
+        );
         for seed in seeds {
             let data = std::fs::read(&seed).unwrap();
             let outcome = std::panic::catch_unwind(|| check(&data));
-            assert!(outcome.is_ok(), "{target}: seed {} fails its checks", seed.display());
+            assert!(
+                outcome.is_ok(),
+                "{target}: seed {} fails its checks",
+                seed.display()
+            );
         }
     }
 }

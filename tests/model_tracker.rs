@@ -31,15 +31,25 @@ enum Op {
     Assign(i32),
     Revoke(i32),
     /// Fetch the next offset after skipping `gap` offsets (compaction, markers).
-    Fetch { partition: i32, gap: u8 },
+    Fetch {
+        partition: i32,
+        gap: u8,
+    },
     /// Re-fetch an offset `back` below the fetch position (seek back, resume).
-    Refetch { partition: i32, back: u8 },
+    Refetch {
+        partition: i32,
+        back: u8,
+    },
     /// Complete the `index`-th handed-out message (modulo their number); it may
     /// be already completed, or from an older assignment.
-    Complete { index: usize },
+    Complete {
+        index: usize,
+    },
     /// A poll cycle's commit: take the moved positions and, when `fails`, report
     /// the commit of `partition` failed.
-    Commit { fails: Option<i32> },
+    Commit {
+        fails: Option<i32>,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -101,15 +111,29 @@ fn tp(p: i32) -> TopicPartition {
 fn check_invariants(model: &Model, tracker: &OffsetTracker) {
     for p in 0..PARTITIONS {
         let expected = model.parts.get(&p).and_then(ModelPartition::position);
-        assert_eq!(tracker.commit_position(&tp(p)), expected, "commit position of {p}");
+        assert_eq!(
+            tracker.commit_position(&tp(p)),
+            expected,
+            "commit position of {p}"
+        );
         let expected_resume = model.parts.get(&p).and_then(|s| s.next);
-        assert_eq!(tracker.resume_position(&tp(p)), expected_resume, "resume of {p}");
+        assert_eq!(
+            tracker.resume_position(&tp(p)),
+            expected_resume,
+            "resume of {p}"
+        );
         if let Some(state) = model.parts.get(&p) {
             if let (Some(pos), Some(unfinished)) = (expected, state.first_unfinished()) {
-                assert!(pos <= unfinished, "position {pos} passes unfinished {unfinished}");
+                assert!(
+                    pos <= unfinished,
+                    "position {pos} passes unfinished {unfinished}"
+                );
             }
             if state.first_unfinished().is_none() {
-                assert_eq!(expected, state.next, "all finished: the position is the end");
+                assert_eq!(
+                    expected, state.next,
+                    "all finished: the position is the end"
+                );
             }
         }
     }

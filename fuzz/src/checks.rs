@@ -151,13 +151,19 @@ fn json_eq(a: &serde_json::Value, b: &serde_json::Value) -> bool {
         (V::Number(x), V::Number(y)) => {
             x == y
                 || match (x.as_f64(), y.as_f64()) {
-                    (Some(x), Some(y)) => x == y || (x - y).abs() <= f64::EPSILON * x.abs().max(1.0),
+                    (Some(x), Some(y)) => {
+                        x == y || (x - y).abs() <= f64::EPSILON * x.abs().max(1.0)
+                    }
                     _ => false,
                 }
         }
-        (V::Array(x), V::Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(a, b)| json_eq(a, b)),
+        (V::Array(x), V::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(a, b)| json_eq(a, b))
+        }
         (V::Object(x), V::Object(y)) => {
-            x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| json_eq(v, w)))
+            x.len() == y.len()
+                && x.iter()
+                    .all(|(k, v)| y.get(k).is_some_and(|w| json_eq(v, w)))
         }
         _ => a == b,
     }
@@ -189,13 +195,21 @@ pub fn envelope_decode(data: &[u8]) {
         .unwrap_or_default();
     assert_eq!(copied, original_headers, "copied headers");
     if let Some((name, value)) = original_headers.last() {
-        let last = original_headers.iter().rev().find(|(n, _)| n == name).unwrap();
+        let last = original_headers
+            .iter()
+            .rev()
+            .find(|(n, _)| n == name)
+            .unwrap();
         assert_eq!(copy.header(name), last.1.as_deref(), "header({name})");
         let _ = value;
     }
     let _ = format!("{copy:?}");
     let reowned = copy.to_owned_message();
-    assert_eq!(headers_of(&reowned), original_headers, "to_owned_message headers");
+    assert_eq!(
+        headers_of(&reowned),
+        original_headers,
+        "to_owned_message headers"
+    );
 
     let direct = EventEnvelope::<serde_json::Value>::from_message(&message);
     let via_copy = EventEnvelope::<serde_json::Value>::from_message(&reowned);
@@ -229,7 +243,12 @@ fn assert_envelopes_eq(a: &EventEnvelope, b: &EventEnvelope) {
     assert_eq!(a.timestamp(), b.timestamp(), "timestamp");
     assert_eq!(a.key(), b.key(), "key");
     assert_eq!(a.headers(), b.headers(), "extra headers");
-    assert!(json_eq(a.payload(), b.payload()), "payload {:?} vs {:?}", a.payload(), b.payload());
+    assert!(
+        json_eq(a.payload(), b.payload()),
+        "payload {:?} vs {:?}",
+        a.payload(),
+        b.payload()
+    );
 }
 
 /// `ObjectKey` from any string (lossy UTF-8 of the input, after a policy byte).
@@ -330,7 +349,10 @@ pub fn kafka_config(data: &[u8]) {
             let shown = format!("{e} {e:?}");
             for (name, value) in &vars {
                 if name == "KAFKA_RDKAFKA_SASL_PASSWORD" && value.len() >= 8 {
-                    assert!(!shown.contains(value.as_str()), "a secret value in an error: {shown}");
+                    assert!(
+                        !shown.contains(value.as_str()),
+                        "a secret value in an error: {shown}"
+                    );
                 }
             }
         }
@@ -343,10 +365,20 @@ pub fn kafka_config(data: &[u8]) {
 /// read back.
 pub fn s3_config(data: &[u8]) {
     let vars = variables_from(data);
-    let lookup = |name: &str| vars.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    let lookup = |name: &str| {
+        vars.iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
     match S3Config::from_lookup(lookup) {
         Ok(config) => {
-            let _ = (config.region(), config.bucket(), config.endpoint(), format!("{config:?}"));
+            let _ = (
+                config.region(),
+                config.bucket(),
+                config.endpoint(),
+                format!("{config:?}"),
+            );
             let rebuilt = config.to_builder().build();
             assert!(rebuilt.is_ok(), "a valid config must rebuild: {rebuilt:?}");
         }
@@ -454,12 +486,27 @@ pub fn s3_error(data: &[u8]) {
     // Every code keel maps to a kind by name (src/s3/error.rs); others fall back
     // to the status.
     const BY_NAME: &[&str] = &[
-        "NoSuchKey", "NoSuchBucket", "NotFound", "NoSuchUpload", "NoSuchVersion",
-        "AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId", "ExpiredToken",
-        "InvalidToken", "AllAccessDisabled", "SlowDown", "Throttling",
-        "ThrottlingException", "ThrottledException", "RequestLimitExceeded",
-        "TooManyRequests", "TooManyRequestsException", "RequestThrottled",
-        "RequestTimeout", "RequestTimeoutException",
+        "NoSuchKey",
+        "NoSuchBucket",
+        "NotFound",
+        "NoSuchUpload",
+        "NoSuchVersion",
+        "AccessDenied",
+        "SignatureDoesNotMatch",
+        "InvalidAccessKeyId",
+        "ExpiredToken",
+        "InvalidToken",
+        "AllAccessDisabled",
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestLimitExceeded",
+        "TooManyRequests",
+        "TooManyRequestsException",
+        "RequestThrottled",
+        "RequestTimeout",
+        "RequestTimeoutException",
     ];
     let known_code = code.as_deref().is_some_and(|c| BY_NAME.contains(&c));
     if not_found_code || (status == 404 && !known_code) {

@@ -61,13 +61,15 @@ fn conf() -> impl Strategy<Value = Conf> {
         proptest::option::of(1u64..40),
         1u32..4,
     )
-        .prop_map(|(consecutive, window, open_wait_s, backoff_max_s, probes)| Conf {
-            consecutive,
-            window,
-            open_wait_s,
-            backoff_max_s,
-            probes,
-        })
+        .prop_map(
+            |(consecutive, window, open_wait_s, backoff_max_s, probes)| Conf {
+                consecutive,
+                window,
+                open_wait_s,
+                backoff_max_s,
+                probes,
+            },
+        )
 }
 
 #[derive(Clone, Debug)]
@@ -421,19 +423,36 @@ fn run(conf: Conf, ops: Vec<Op>) {
                     model.transition(CircuitState::Closed);
                 }
             }
-            assert_eq!(handle.state(), model.state, "step {step}: state ({model:?})");
+            assert_eq!(
+                handle.state(),
+                model.state,
+                "step {step}: state ({model:?})"
+            );
             assert_eq!(*watch.borrow(), model.state, "step {step}: watched state");
-            assert_eq!(calls.load(Ordering::SeqCst), expected_calls, "step {step}: inner calls");
+            assert_eq!(
+                calls.load(Ordering::SeqCst),
+                expected_calls,
+                "step {step}: inner calls"
+            );
             let stats = handle.stats();
             let streak = match model.state {
-                CircuitState::Closed | CircuitState::MetricsOnly | CircuitState::Open => model.streak,
+                CircuitState::Closed | CircuitState::MetricsOnly | CircuitState::Open => {
+                    model.streak
+                }
                 _ => 0,
             };
             assert_eq!(stats.consecutive_failures, streak, "step {step}: streak");
             if model.conf.window.is_some() {
                 let failures = model.window.iter().filter(|f| **f).count() as u32;
-                assert_eq!(stats.window_calls, model.window.len() as u32, "step {step}: window calls");
-                assert_eq!(stats.window_failures, failures, "step {step}: window failures");
+                assert_eq!(
+                    stats.window_calls,
+                    model.window.len() as u32,
+                    "step {step}: window calls"
+                );
+                assert_eq!(
+                    stats.window_failures, failures,
+                    "step {step}: window failures"
+                );
             }
         }
     });

@@ -812,7 +812,12 @@ mod tests {
         let id = Uuid::new_v4().to_string();
         let body = json!({"eventId": id, "eventType": "t", "version": "1", "payload": {}});
         let body = body.to_string();
-        for ms in [-62_167_219_201_000_i64, 253_402_300_800_000, i64::MIN, i64::MAX] {
+        for ms in [
+            -62_167_219_201_000_i64,
+            253_402_300_800_000,
+            i64::MIN,
+            i64::MAX,
+        ] {
             let m = OwnedMessage::new(
                 Some(body.as_bytes().to_vec()),
                 None,

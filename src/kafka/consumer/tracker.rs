@@ -316,8 +316,14 @@ mod tests {
         // Found by tests/model_tracker.rs: dispatch(i64::MAX) overflowed `offset + 1`.
         let mut t = OffsetTracker::new();
         let e = t.assign(tp(0));
-        assert_eq!(t.dispatch(&tp(0), i64::MAX - 1), Dispatch::Accepted { epoch: e });
-        assert_eq!(t.dispatch(&tp(0), i64::MAX), Dispatch::Accepted { epoch: e });
+        assert_eq!(
+            t.dispatch(&tp(0), i64::MAX - 1),
+            Dispatch::Accepted { epoch: e }
+        );
+        assert_eq!(
+            t.dispatch(&tp(0), i64::MAX),
+            Dispatch::Accepted { epoch: e }
+        );
         assert_eq!(t.resume_position(&tp(0)), Some(i64::MAX));
         assert!(t.complete(&tp(0), e, i64::MAX - 1));
         assert_eq!(t.commit_position(&tp(0)), Some(i64::MAX));
