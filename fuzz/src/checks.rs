@@ -114,7 +114,7 @@ pub fn message_from(data: &[u8]) -> OwnedMessage {
             Some(known) => (*known).to_string(),
             None => String::from_utf8_lossy(raw_name).into_owned(),
         };
-        let has_value = input.byte() % 4 != 0;
+        let has_value = !input.byte().is_multiple_of(4);
         let value = input.long();
         let hs = headers.take().unwrap_or_default();
         headers = Some(hs.insert(Header {
@@ -514,8 +514,11 @@ pub fn s3_error(data: &[u8]) {
     }
 }
 
+/// A fuzz target's body.
+pub type Check = fn(&[u8]);
+
 /// The targets by name, for the corpus smoke test.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Check)] = &[
     ("envelope_decode", envelope_decode),
     ("object_key", object_key),
     ("kafka_config", kafka_config),
