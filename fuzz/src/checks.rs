@@ -348,11 +348,12 @@ pub fn kafka_config(data: &[u8]) {
         Err(e) => {
             let shown = format!("{e} {e:?}");
             for (name, value) in &vars {
-                // A value of another variable may contain the same text (and is
+                // Another variable's value or name may contain the same text (and is
                 // rightly shown): only a secret found nowhere else must not show.
-                let elsewhere = vars
-                    .iter()
-                    .any(|(n, v)| n != name && v.contains(value.as_str()));
+                let elsewhere = vars.iter().any(|(n, v)| {
+                    (n != name && v.contains(value.as_str()))
+                        || n.to_lowercase().contains(&value.to_lowercase())
+                });
                 if name == "KAFKA_RDKAFKA_SASL_PASSWORD" && value.len() >= 8 && !elsewhere {
                     assert!(
                         !shown.contains(value.as_str()),
