@@ -9,6 +9,7 @@ use super::error::HandlerErrors;
 use super::error::{BoxError, error_chain};
 use super::event::{ConsumedEvent, MessageHeaders, ReceivedMessage};
 use super::metrics::{ConsumerMetrics, Ending};
+use super::ownership::Ownership;
 use super::poll::{Batch, Completion};
 use super::state::{DeadLetterFailure, StateCell, StuckPartitions};
 use super::supervise::CatchPanic;
@@ -44,6 +45,8 @@ pub(crate) struct LaneContext {
     /// The lanes' stop signal, for messages whose dead-letter publish is retried
     /// outside the lane.
     pub(crate) stop: watch::Receiver<bool>,
+    /// The assignments still owned: messages of revoked ones are dropped.
+    pub(crate) ownership: Arc<Ownership>,
 }
 
 impl<S> Stack<S>
@@ -107,6 +110,7 @@ impl Finished {
 }
 
 pub(crate) async fn run_lane<S>(
+    index: usize,
     mut queue: mpsc::Receiver<Batch>,
     mut stack: Stack<S>,
     ctx: Arc<LaneContext>,
@@ -117,6 +121,7 @@ pub(crate) async fn run_lane<S>(
     S::Future: Send + 'static,
 {
     let mut finished = Finished::new();
+    let mut owned = ctx.ownership.view();
     'lane: loop {
         if *stop.borrow() {
             break;
@@ -147,6 +152,13 @@ pub(crate) async fn run_lane<S>(
             // starve other tasks of this worker.
             tokio::task::coop::consume_budget().await;
             let offset = work.message.offset();
+            // Revocation barrier: a message of a partition revoked since it was
+            // queued is dropped; its new owner handles it.
+            if !ctx.ownership.begin(index, work.epoch, &mut owned) {
+                ctx.metrics.record_revoked_drop();
+                tracing::debug!(tp = %work.tp, offset, "message of a revoked partition dropped");
+                continue;
+            }
             let span = tracing::info_span!(
                 "kafka_message",
                 topic = %work.tp.topic,
@@ -164,12 +176,16 @@ pub(crate) async fn run_lane<S>(
                 .instrument(span)
                 .await
             else {
+                ctx.ownership.end(index);
                 continue;
             };
             finished.push(completion, done);
-            if finished.overdue(done) {
+            // A revocation waits for this lane: report first, so that the barrier
+            // commits this message before the partition goes.
+            if finished.overdue(done) || ctx.ownership.moved_since(&owned) {
                 finished.report(&ctx.completions);
             }
+            ctx.ownership.end(index);
         }
     }
     finished.report(&ctx.completions);
@@ -344,6 +360,8 @@ async fn keep_publishing(
                 publisher.publish(&message, &reason).await
             } => Some(published),
         };
+        // Revoked meanwhile: the new owner handles (and dead-letters) it.
+        let published = published.filter(|_| ctx.ownership.owns(at.epoch));
         match published {
             None => {
                 ctx.stuck.cleared(&at.tp, at.offset);
@@ -427,6 +445,11 @@ mod tests {
             stuck: Arc::new(StuckPartitions::new()),
             state: Arc::new(StateCell::new()),
             stop: watch::channel(false).1,
+            ownership: {
+                let ownership = Ownership::new(1);
+                ownership.grant(1);
+                Arc::new(ownership)
+            },
         };
         (Arc::new(ctx), rx)
     }
@@ -454,7 +477,7 @@ mod tests {
         );
         let (queue, rx) = mpsc::channel(1);
         let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(run_lane(rx, stack, ctx.clone(), stop_rx));
+        let task = tokio::spawn(run_lane(0, rx, stack, ctx.clone(), stop_rx));
         TestLane {
             queue,
             stop,

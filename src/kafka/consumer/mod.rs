@@ -147,6 +147,7 @@ mod error;
 pub(crate) mod event;
 mod lane;
 mod metrics;
+mod ownership;
 mod poll;
 pub mod scheduler;
 mod state;
@@ -253,6 +254,7 @@ pub struct KafkaConsumerBuilder {
     commit_interval: Duration,
     poll_timeout: Duration,
     backpressure_after: Duration,
+    revoke_timeout: Duration,
     kafka_client: Option<KafkaClient>,
     log_level: KafkaLogLevel,
     on_dlq_failure: DeadLetterFailure,
@@ -328,6 +330,19 @@ impl KafkaConsumerBuilder {
         self
     }
 
+    /// How long a revocation waits for handlers still running on messages of the
+    /// revoked partitions before it lets them go (default 10 s). Queued messages
+    /// of revoked partitions are dropped at once (their new owner handles them);
+    /// a handler still running at this deadline is abandoned: its message is not
+    /// committed, so the new owner handles it again, possibly while it still runs
+    /// here (counted in [`ConsumerMetricsSnapshot::revoke_abandoned`]). Keep it
+    /// below `max.poll.interval.ms` and the group's rebalance timeout: the group
+    /// waits for this member meanwhile.
+    pub fn revoke_timeout(mut self, timeout: Duration) -> Self {
+        self.revoke_timeout = timeout;
+        self
+    }
+
     /// What to do when a message cannot be dead-lettered (default
     /// [`DeadLetterFailure::KeepRetrying`]: retry the publish with backoff, only
     /// that partition held, nothing committed past the message).
@@ -400,10 +415,13 @@ impl KafkaConsumerBuilder {
 
         let metrics = Arc::new(ConsumerMetrics::default());
         let (completions_tx, completions_rx) = mpsc::unbounded_channel();
+        let ownership = Arc::new(ownership::Ownership::new(self.workers));
         let shared = Arc::new(Shared::new(
             completions_rx,
             metrics.clone(),
             !options.auto_commit,
+            ownership.clone(),
+            self.revoke_timeout,
         ));
 
         let mut config = self.client.clone();
@@ -463,6 +481,7 @@ impl KafkaConsumerBuilder {
             stuck: stuck.clone(),
             state: state.clone(),
             stop: lane_stop_rx.clone(),
+            ownership,
         });
         let mut lanes = Vec::with_capacity(self.workers);
         let mut lane_tasks = Vec::with_capacity(self.workers);
@@ -472,7 +491,7 @@ impl KafkaConsumerBuilder {
             let policy = self.retry_policy.clone().max_retries(options.max_retries);
             let stack = Stack::new(handler.clone(), policy, metrics.clone());
             lanes.push(tx);
-            let lane = run_lane(rx, stack, ctx.clone(), lane_stop_rx.clone());
+            let lane = run_lane(index, rx, stack, ctx.clone(), lane_stop_rx.clone());
             lane_tasks.push(rt.spawn(supervise::guard_lane(lane, index, state.clone())));
         }
 
@@ -493,7 +512,7 @@ impl KafkaConsumerBuilder {
             backpressure_after: self.backpressure_after,
             held: Vec::new(),
             held_lane: 0,
-            rewind: HashMap::new(),
+            last_reseek: std::time::Instant::now(),
         };
         let weak = Arc::downgrade(&consumer);
         drop(consumer);
@@ -593,6 +612,7 @@ impl KafkaConsumer {
             commit_interval: Duration::from_secs(1),
             poll_timeout: Duration::from_millis(50),
             backpressure_after: Duration::from_millis(500),
+            revoke_timeout: Duration::from_secs(10),
             kafka_client: None,
             log_level: KafkaLogLevel::default(),
             on_dlq_failure: DeadLetterFailure::default(),

@@ -20,6 +20,7 @@
 use super::error::ConsumerError;
 use super::event::{CopiedSpans, CopyBuffer, ReceivedMessage};
 use super::metrics::ConsumerMetrics;
+use super::ownership::Ownership;
 use super::scheduler::{ProcessingOrder, lane_for};
 use super::tracker::{Dispatch, OffsetTracker, TopicPartition};
 use crate::kafka::client::ConnectionTracker;
@@ -74,6 +75,9 @@ type Ack = oneshot::Sender<Result<(), ConsumerError>>;
 /// How often auto-commit mode hands finished offsets to librdkafka.
 const STORE_INTERVAL: Duration = Duration::from_millis(10);
 
+/// How often a failed seek before resume is retried.
+const RESEEK_INTERVAL: Duration = Duration::from_millis(100);
+
 /// Requests from the runtime handle to the poll thread.
 #[derive(Debug)]
 pub(crate) enum Command {
@@ -98,6 +102,17 @@ pub(crate) struct Shared {
     /// Fetching is paused because a lane is full.
     pub(crate) backpressure: AtomicBool,
     pub(crate) manual_commit: bool,
+    /// The assignments still owned (the revocation barrier).
+    pub(crate) ownership: Arc<Ownership>,
+    /// How long a revocation waits for handlers of the revoked partitions.
+    pub(crate) revoke_timeout: Duration,
+    /// Lowest offset fetched but not dispatched, per partition, during
+    /// backpressure (where to seek on resume). Shared with the rebalance callback,
+    /// which discards the positions of revoked partitions.
+    pub(crate) rewind: Mutex<HashMap<TopicPartition, i64>>,
+    /// Partitions whose seek before resume failed: they stay paused, and the seek
+    /// to this position is retried before they resume.
+    pub(crate) reseek: Mutex<HashMap<TopicPartition, i64>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -109,6 +124,8 @@ impl Shared {
         completions: mpsc::UnboundedReceiver<Vec<Completion>>,
         metrics: Arc<ConsumerMetrics>,
         manual_commit: bool,
+        ownership: Arc<Ownership>,
+        revoke_timeout: Duration,
     ) -> Self {
         Shared {
             tracker: Mutex::new(OffsetTracker::new()),
@@ -120,7 +137,62 @@ impl Shared {
             aborted: AtomicBool::new(false),
             backpressure: AtomicBool::new(false),
             manual_commit,
+            ownership,
+            revoke_timeout,
+            rewind: Mutex::new(HashMap::new()),
+            reseek: Mutex::new(HashMap::new()),
         }
+    }
+
+    pub(crate) fn rewind(&self) -> MutexGuard<'_, HashMap<TopicPartition, i64>> {
+        lock(&self.rewind)
+    }
+
+    pub(crate) fn reseek(&self) -> MutexGuard<'_, HashMap<TopicPartition, i64>> {
+        lock(&self.reseek)
+    }
+
+    /// The revocation barrier for `revoked` (see [`super::ownership`]): their
+    /// queued messages are dropped from now on, handlers still running for them
+    /// get up to `revoke_timeout` to finish (then are abandoned), and the tracker,
+    /// the backpressure rewind and the pending re-seeks forget them. Returns the
+    /// finished positions not committed yet, for the caller to commit before the
+    /// partitions go.
+    pub(crate) fn revoke(&self, revoked: &[TopicPartition]) -> Vec<(TopicPartition, i64)> {
+        let epochs: Vec<u64> = {
+            let tracker = self.tracker();
+            revoked.iter().filter_map(|tp| tracker.epoch(tp)).collect()
+        };
+        self.ownership.withdraw(&epochs);
+        // Handle dropped without a shutdown: nobody waits for the handlers.
+        let wait = if self.aborted.load(Ordering::SeqCst) {
+            Duration::ZERO
+        } else {
+            self.revoke_timeout
+        };
+        let abandoned = self.ownership.wait_idle(&epochs, wait);
+        if abandoned > 0 {
+            self.metrics.record_revoke_abandoned(abandoned);
+            tracing::warn!(
+                abandoned,
+                timeout = ?self.revoke_timeout,
+                "handlers of revoked partitions still running at the revoke timeout: abandoned (not committed; the new owner handles those messages again)"
+            );
+        }
+        {
+            let mut rewind = self.rewind();
+            let mut reseek = self.reseek();
+            for tp in revoked {
+                rewind.remove(tp);
+                reseek.remove(tp);
+            }
+        }
+        let mut tracker = self.tracker();
+        self.drain_completions(&mut tracker);
+        revoked
+            .iter()
+            .filter_map(|tp| tracker.revoke(tp).map(|pos| (tp.clone(), pos)))
+            .collect()
     }
 
     pub(crate) fn tracker(&self) -> MutexGuard<'_, OffsetTracker> {
@@ -181,18 +253,13 @@ impl ConsumerContext for KeelConsumerContext {
         let Rebalance::Revoke(revoked) = rebalance else {
             return;
         };
-        let commits: Vec<(TopicPartition, i64)> = {
-            let mut tracker = self.shared.tracker();
-            self.shared.drain_completions(&mut tracker);
-            revoked
-                .elements()
-                .iter()
-                .filter_map(|e| {
-                    let tp = TopicPartition::new(e.topic(), e.partition());
-                    tracker.revoke(&tp).map(|pos| (tp, pos))
-                })
-                .collect()
-        };
+        let revoked: Vec<TopicPartition> = revoked
+            .elements()
+            .iter()
+            .map(|e| TopicPartition::new(e.topic(), e.partition()))
+            .collect();
+        // Barrier first: nothing of these partitions is handled after this returns.
+        let commits = self.shared.revoke(&revoked);
         if commits.is_empty() || self.shared.aborted.load(Ordering::SeqCst) {
             return;
         }
@@ -222,7 +289,8 @@ impl ConsumerContext for KeelConsumerContext {
                         if paused_all || paused.contains(&tp) {
                             to_pause.add_partition(e.topic(), e.partition());
                         }
-                        tracker.assign(tp);
+                        let epoch = tracker.assign(tp);
+                        self.shared.ownership.grant(epoch);
                     }
                 }
                 tracing::info!(partitions = assigned.count(), "partitions assigned");
@@ -235,7 +303,29 @@ impl ConsumerContext for KeelConsumerContext {
             Rebalance::Revoke(revoked) => {
                 tracing::info!(partitions = revoked.count(), "partitions revoked");
             }
-            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+            Rebalance::Error(e) => {
+                // librdkafka gave up (part of) the assignment without a revoke
+                // callback: forget whatever is no longer assigned, so the tracker
+                // does not keep committing for it (the group generation is gone,
+                // so nothing is committed for those partitions).
+                let assigned: HashSet<TopicPartition> = match consumer.assignment() {
+                    Ok(tpl) => tpl
+                        .elements()
+                        .iter()
+                        .map(|e| TopicPartition::new(e.topic(), e.partition()))
+                        .collect(),
+                    Err(_) => HashSet::new(),
+                };
+                let lost: Vec<TopicPartition> = self
+                    .shared
+                    .tracker()
+                    .partitions()
+                    .filter(|tp| !assigned.contains(*tp))
+                    .cloned()
+                    .collect();
+                let dropped = self.shared.revoke(&lost);
+                tracing::warn!(error = %e, lost = ?lost, uncommitted = ?dropped, "rebalance error: partitions no longer assigned are forgotten");
+            }
         }
     }
 
@@ -291,8 +381,8 @@ pub(crate) struct PollLoop {
     pub(crate) held: Vec<(usize, Batch)>,
     /// The lane that was full last.
     pub(crate) held_lane: usize,
-    /// Lowest offset fetched but not dispatched, per partition, during backpressure.
-    pub(crate) rewind: HashMap<TopicPartition, i64>,
+    /// When a failed seek was last retried.
+    pub(crate) last_reseek: Instant,
 }
 
 enum Next {
@@ -313,6 +403,7 @@ impl PollLoop {
                 break;
             }
             self.flush(false, &mut last_commit);
+            self.retry_seeks();
             next = self.poll_once();
         }
         let done = match next {
@@ -426,28 +517,105 @@ impl PollLoop {
     fn seek_and_resume(&mut self, tpl: &TopicPartitionList) {
         let positions: Vec<(TopicPartition, i64)> = {
             let tracker = self.shared.tracker();
+            let mut rewind = self.shared.rewind();
+            let reseek = self.shared.reseek();
             tpl.elements()
                 .iter()
                 .filter_map(|e| {
                     let tp = TopicPartition::new(e.topic(), e.partition());
-                    let rewind = self.rewind.remove(&tp);
-                    let pos = tracker.resume_position(&tp).or(rewind)?;
+                    let rewind = rewind.remove(&tp);
+                    // A seek that failed before is still owed.
+                    let pos = reseek
+                        .get(&tp)
+                        .copied()
+                        .or(tracker.resume_position(&tp))
+                        .or(rewind)?;
                     Some((tp, pos))
                 })
                 .collect()
         };
+        let mut resume = TopicPartitionList::with_capacity(tpl.count());
+        let failed = self.seek_all(positions);
+        for e in tpl.elements() {
+            let tp = TopicPartition::new(e.topic(), e.partition());
+            if !failed.contains(&tp) {
+                resume.add_partition(e.topic(), e.partition());
+            }
+        }
+        if resume.count() > 0
+            && let Err(e) = self.consumer.resume(&resume)
+        {
+            tracing::warn!(error = %e, "resume failed");
+        }
+    }
+
+    /// Seeks each partition to its position. A partition whose seek fails must
+    /// not resume (librdkafka would go on after the messages it dropped while
+    /// paused, skipping them): it stays paused, its position is kept in
+    /// `reseek`, counted, and retried by [`PollLoop::retry_seeks`]. Returns the
+    /// partitions that failed.
+    fn seek_all(&self, positions: Vec<(TopicPartition, i64)>) -> HashSet<TopicPartition> {
+        let mut failed = HashSet::new();
         for (tp, pos) in positions {
-            if let Err(e) = self.consumer.seek(
+            match self.consumer.seek(
                 &tp.topic,
                 tp.partition,
                 Offset::Offset(pos),
                 Duration::from_secs(5),
             ) {
-                tracing::warn!(%tp, offset = pos, error = %e, "seek before resume failed");
+                Ok(()) => {
+                    self.shared.reseek().remove(&tp);
+                }
+                Err(e) => {
+                    self.shared.metrics.record_seek_failure();
+                    tracing::warn!(%tp, offset = pos, error = %e, "seek before resume failed: the partition stays paused, the seek is retried");
+                    self.shared.reseek().insert(tp.clone(), pos);
+                    failed.insert(tp);
+                }
             }
         }
-        if let Err(e) = self.consumer.resume(tpl) {
-            tracing::warn!(error = %e, "resume failed");
+        failed
+    }
+
+    /// Retries the seeks that failed (every 100 ms) and resumes the partitions
+    /// whose seek now succeeds, unless a pause (the user's or backpressure) holds
+    /// them.
+    fn retry_seeks(&mut self) {
+        if self.last_reseek.elapsed() < RESEEK_INTERVAL {
+            return;
+        }
+        self.last_reseek = Instant::now();
+        let pending: Vec<(TopicPartition, i64)> = self
+            .shared
+            .reseek()
+            .iter()
+            .map(|(tp, pos)| (tp.clone(), *pos))
+            .collect();
+        if pending.is_empty() {
+            return;
+        }
+        let held = self.shared.backpressure.load(Ordering::SeqCst)
+            || self.shared.paused_all.load(Ordering::SeqCst);
+        if held {
+            return; // the resume that ends the pause seeks them
+        }
+        let user_paused = self.shared.paused().clone();
+        let tried: Vec<TopicPartition> = pending.iter().map(|(tp, _)| tp.clone()).collect();
+        let pending: Vec<(TopicPartition, i64)> = pending
+            .into_iter()
+            .filter(|(tp, _)| !user_paused.contains(tp))
+            .collect();
+        let failed = self.seek_all(pending);
+        let mut resume = TopicPartitionList::new();
+        for tp in tried {
+            if !failed.contains(&tp) && !user_paused.contains(&tp) {
+                resume.add_partition(&tp.topic, tp.partition);
+            }
+        }
+        if resume.count() > 0
+            && let Err(e) = self.consumer.resume(&resume)
+        {
+            tracing::warn!(error = %e, "resume after a retried seek failed");
         }
     }
 
@@ -513,7 +681,8 @@ impl PollLoop {
             // Fetched before the backpressure pause took effect: not dispatched, so
             // fetch it again when the pause ends.
             let (tp, offset) = (self.partition_of(&message), message.offset());
-            self.rewind
+            self.shared
+                .rewind()
                 .entry(tp)
                 .and_modify(|o| *o = (*o).min(offset))
                 .or_insert(offset);
