@@ -133,6 +133,7 @@ pub(crate) async fn run_lane<S>(
             Err(mpsc::error::TryRecvError::Disconnected) => break,
             Err(mpsc::error::TryRecvError::Empty) => {
                 finished.report(&ctx.completions);
+                ctx.ownership.holding(index, false);
                 tokio::select! {
                     biased;
                     _ = stop.wait_for(|stop| *stop) => break,
@@ -152,6 +153,13 @@ pub(crate) async fn run_lane<S>(
             // starve other tasks of this worker.
             tokio::task::coop::consume_budget().await;
             let offset = work.message.offset();
+            // A revocation happened: report what finished now, so that it can
+            // still be committed for the revoked partitions (else their new owner
+            // would handle it again).
+            if ctx.ownership.moved_since(&owned) {
+                finished.report(&ctx.completions);
+                ctx.ownership.holding(index, false);
+            }
             // Revocation barrier: a message of a partition revoked since it was
             // queued is dropped; its new owner handles it.
             if !ctx.ownership.begin(index, work.epoch, &mut owned) {
@@ -180,15 +188,18 @@ pub(crate) async fn run_lane<S>(
                 continue;
             };
             finished.push(completion, done);
+            ctx.ownership.holding(index, true);
             // A revocation waits for this lane: report first, so that the barrier
             // commits this message before the partition goes.
             if finished.overdue(done) || ctx.ownership.moved_since(&owned) {
                 finished.report(&ctx.completions);
+                ctx.ownership.holding(index, false);
             }
             ctx.ownership.end(index);
         }
     }
     finished.report(&ctx.completions);
+    ctx.ownership.holding(index, false);
 }
 
 /// Handles one message to its end; returns when it finished, or `None` when its

@@ -21,7 +21,7 @@
 //! drops the message, or the barrier sees the lane busy and waits for it.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -36,6 +36,8 @@ pub(crate) struct Ownership {
     generation: AtomicU64,
     /// Per lane, the epoch of the message in its handler (`IDLE` when none).
     busy: Box<[AtomicU64]>,
+    /// Per lane, whether it holds finished offsets it has not reported yet.
+    holding: Box<[AtomicBool]>,
 }
 
 /// A lane's copy of the live epochs, refreshed when the generation moves.
@@ -52,6 +54,7 @@ impl Ownership {
             live: Mutex::new(Arc::new(HashSet::new())),
             generation: AtomicU64::new(0),
             busy: (0..lanes).map(|_| AtomicU64::new(IDLE)).collect(),
+            holding: (0..lanes).map(|_| AtomicBool::new(false)).collect(),
         }
     }
 
@@ -124,6 +127,28 @@ impl Ownership {
         self.busy[lane].store(IDLE, SeqCst);
     }
 
+    /// Lane `lane` holds unreported completions (`true`) or just reported them.
+    pub(crate) fn holding(&self, lane: usize, holding: bool) {
+        self.holding[lane].store(holding, SeqCst);
+    }
+
+    /// Waits, at most `timeout`, until no lane holds unreported completions (a
+    /// lane reports as soon as it sees a revocation, at its next message), so
+    /// that what finished before a revocation is committed with it rather than
+    /// handled again by the new owner. Returns whether they all reported.
+    pub(crate) fn wait_reported(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.holding.iter().all(|h| !h.load(SeqCst)) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// Waits until no lane handles a message of `epochs`, at most `timeout`
     /// (sleeping 1 ms between looks: this blocks the poll thread, inside the
     /// rebalance callback). Returns how many lanes were still busy with them at
@@ -184,6 +209,16 @@ mod tests {
         assert_eq!(own.wait_idle(&[7], Duration::from_secs(5)), 0);
         assert!(started.elapsed() >= Duration::from_millis(25));
         lane.join().unwrap();
+    }
+
+    #[test]
+    fn wait_reported_waits_for_lanes_holding_completions() {
+        let own = Ownership::new(2);
+        assert!(own.wait_reported(Duration::ZERO));
+        own.holding(1, true);
+        assert!(!own.wait_reported(Duration::from_millis(5)));
+        own.holding(1, false);
+        assert!(own.wait_reported(Duration::ZERO));
     }
 
     #[test]
