@@ -201,9 +201,17 @@ impl Shared {
         }
         let mut tracker = self.tracker();
         self.drain_completions(&mut tracker);
+        // The whole finished position, even if it was handed out before: in
+        // auto-commit mode that only *stored* it (librdkafka commits it later, not
+        // necessarily before the partition goes), and an async commit may still
+        // be under way. A synchronous commit of it is what makes the barrier.
         revoked
             .iter()
-            .filter_map(|tp| tracker.revoke(tp).map(|pos| (tp.clone(), pos)))
+            .filter_map(|tp| {
+                let position = tracker.commit_position(tp);
+                tracker.revoke(tp);
+                position.map(|pos| (tp.clone(), pos))
+            })
             .collect()
     }
 
@@ -277,7 +285,16 @@ impl ConsumerContext for KeelConsumerContext {
         }
         // Unfinished messages of revoked partitions are not committed: their new
         // owner handles them again (at-least-once).
-        match consumer.commit(&tpl_of(&commits), CommitMode::Sync) {
+        let tpl = tpl_of(&commits);
+        // In auto-commit mode librdkafka commits the *stored* offsets itself when
+        // the partitions go, after this callback: store the same positions, or it
+        // could commit an older stored one over ours (the new owner would redo).
+        if !self.shared.manual_commit
+            && let Err(e) = consumer.store_offsets(&tpl)
+        {
+            tracing::warn!(error = %e, "storing offsets on revoke failed");
+        }
+        match consumer.commit(&tpl, CommitMode::Sync) {
             Ok(()) => {
                 tracing::info!(partitions = ?commits, "committed offsets of revoked partitions")
             }
