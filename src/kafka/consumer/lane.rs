@@ -513,6 +513,61 @@ mod tests {
     /// A batch of slow messages (4 ms each, paused clock) is reported in order:
     /// every 10 ms while the batch runs, the rest once the queue is empty.
     #[tokio::test(start_paused = true)]
+    async fn queued_messages_of_a_revoked_partition_are_dropped_and_the_running_one_reported() {
+        let (kept, revoked) = (TopicPartition::new("t", 0), TopicPartition::new("t", 1));
+        let handled = Arc::new(Mutex::new(Vec::new()));
+        let started = Arc::new(Notify::new());
+        let handler = {
+            let (handled, started) = (handled.clone(), started.clone());
+            tower::service_fn(move |event: ConsumedEvent| {
+                let (handled, started) = (handled.clone(), started.clone());
+                async move {
+                    started.notify_one();
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    handled.lock().unwrap().push((event.partition(), event.offset()));
+                    Ok::<_, BoxError>(())
+                }
+            })
+        };
+        let TestLane {
+            queue,
+            stop: _stop,
+            task: lane,
+            ctx,
+            mut reports,
+        } = start_lane(handler);
+        // Epoch 1 is `kept` (granted by `context`), epoch 2 `revoked`.
+        ctx.ownership.grant(2);
+        let of = |tp: &TopicPartition, offset: i64, epoch: u64| Work {
+            epoch,
+            ..work(tp, offset)
+        };
+        queue
+            .send(vec![
+                of(&revoked, 0, 2),
+                of(&kept, 0, 1),
+                of(&revoked, 1, 2),
+                of(&kept, 1, 1),
+            ])
+            .await
+            .unwrap();
+        // Revoked while its first message runs: that one finishes and is
+        // reported at once (the barrier commits it); the queued one is dropped.
+        started.notified().await;
+        ctx.ownership.withdraw(&[2]);
+        let first = reports.recv().await.unwrap();
+        assert_eq!(
+            first.iter().map(|c| (c.tp.partition, c.offset)).collect::<Vec<_>>(),
+            [(1, 0)]
+        );
+        drop(queue);
+        lane.await.unwrap();
+        assert_eq!(*handled.lock().unwrap(), [(1, 0), (0, 0), (0, 1)]);
+        assert_eq!(ctx.metrics.snapshot().revoked_dropped, 1);
+        assert!(ctx.ownership.wait_reported(Duration::ZERO), "a lane still holds completions");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn completions_come_back_in_order_in_batches() {
         let tp = TopicPartition::new("t", 0);
         let handled = Arc::new(Mutex::new(Vec::new()));

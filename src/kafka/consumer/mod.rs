@@ -60,6 +60,35 @@
 //!   past the last message handed to a worker: nothing is skipped, and re-fetched
 //!   duplicates are dropped by the tracker. Messages already queued in lanes are
 //!   still handled after a pause.
+//! - **Rebalances: revocation is a barrier** (see `ownership.rs`). When partitions
+//!   are revoked, the rebalance callback (on the poll thread) withdraws them before
+//!   librdkafka lets them go: lanes drop their queued messages of those partitions
+//!   unhandled (counted in `revoked_dropped`; the new owner handles them),
+//!   handlers still running on them get up to
+//!   [`revoke_timeout`](KafkaConsumerBuilder::revoke_timeout) (10 s) to finish
+//!   (later ones are abandoned, uncommitted, counted in `revoke_abandoned`), lanes
+//!   report what they finished, and the finished positions are stored and committed
+//!   synchronously; the offset tracker, the backpressure rewind positions and
+//!   pending re-seeks forget the partitions. So two members never handle one
+//!   partition at the same time, and a new owner starts where the old one
+//!   finished. A rebalance error forgets every partition no longer assigned. A
+//!   seek before resume that fails keeps its partition paused (counted in
+//!   `seek_failures`) and is retried every 100 ms, instead of resuming after
+//!   messages librdkafka dropped.
+//! - **Assignment protocols**: all three are tested against Kafka 4.1
+//!   (`tests/kafka_rebalance.rs`), set through the client config:
+//!   the classic protocol with librdkafka's default eager strategies
+//!   (`range,roundrobin`: every partition revoked on each rebalance),
+//!   `partition.assignment.strategy=cooperative-sticky` (incremental: only moved
+//!   partitions are revoked; rdkafka 0.39 calls `incremental_assign` /
+//!   `incremental_unassign` for it and keel's callbacks handle the incremental
+//!   lists), and the KIP-848 consumer group protocol, `group.protocol=consumer`
+//!   (librdkafka 2.12.1 of rdkafka-sys 4.10, enabled by default in Kafka 4.x):
+//!   the broker assigns, incrementally. With it, `session.timeout.ms` and
+//!   `heartbeat.interval.ms` are broker-side group settings
+//!   (`group.consumer.session.timeout.ms` ...) and `partition.assignment.strategy`
+//!   is replaced by `group.remote.assignor`: librdkafka refuses to create a
+//!   consumer that sets them ([`ConsumerError::Kafka`] from `start`).
 //! - **Shutdown** with a timeout: stop fetching, let each lane finish its current
 //!   message, commit, close. Work still running at the deadline is abandoned
 //!   uncommitted (delivered again later) and the call returns

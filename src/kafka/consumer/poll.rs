@@ -949,3 +949,78 @@ impl PollLoop {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared(lanes: usize) -> (Shared, mpsc::UnboundedSender<Vec<Completion>>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let shared = Shared::new(
+            rx,
+            Arc::default(),
+            false,
+            Arc::new(Ownership::new(lanes)),
+            Duration::from_millis(50),
+        );
+        (shared, tx)
+    }
+
+    #[test]
+    fn revoke_commits_finished_work_forgets_the_partition_and_its_rewind() {
+        let (shared, completions) = shared(1);
+        let (gone, kept) = (TopicPartition::new("t", 0), TopicPartition::new("t", 1));
+        let (e_gone, e_kept) = {
+            let mut t = shared.tracker();
+            (t.assign(gone.clone()), t.assign(kept.clone()))
+        };
+        shared.ownership.grant(e_gone);
+        shared.ownership.grant(e_kept);
+        {
+            let mut t = shared.tracker();
+            for o in 0..4 {
+                t.dispatch(&gone, o);
+            }
+            t.dispatch(&kept, 0);
+            // Stored before (auto-commit mode): still committed again on revoke.
+            let _ = t.take_commits();
+        }
+        shared.rewind().insert(gone.clone(), 2);
+        shared.rewind().insert(kept.clone(), 1);
+        shared.reseek().insert(gone.clone(), 2);
+        // Offsets 0 and 1 finished; 2 and 3 were queued (dropped by the lane).
+        completions
+            .send(vec![
+                Completion { tp: gone.clone(), epoch: e_gone, offset: 0 },
+                Completion { tp: gone.clone(), epoch: e_gone, offset: 1 },
+            ])
+            .unwrap();
+        let commits = shared.revoke(std::slice::from_ref(&gone));
+        assert_eq!(commits, [(gone.clone(), 2)], "finished work, up to the first unfinished");
+        assert!(!shared.ownership.owns(e_gone));
+        assert!(shared.ownership.owns(e_kept));
+        let t = shared.tracker();
+        assert_eq!(t.partitions().cloned().collect::<Vec<_>>(), [kept.clone()]);
+        assert!(!shared.rewind().contains_key(&gone), "stale rewind position kept");
+        assert_eq!(shared.rewind().get(&kept), Some(&1));
+        assert!(shared.reseek().is_empty());
+    }
+
+    #[test]
+    fn revoke_waits_for_a_running_handler_then_abandons_it_at_the_timeout() {
+        let (shared, _completions) = shared(1);
+        let tp = TopicPartition::new("t", 0);
+        let epoch = shared.tracker().assign(tp.clone());
+        shared.ownership.grant(epoch);
+        shared.tracker().dispatch(&tp, 0);
+        let mut view = shared.ownership.view();
+        assert!(shared.ownership.begin(0, epoch, &mut view));
+        // The handler never ends: abandoned after `revoke_timeout` (50 ms), its
+        // offset not committed.
+        let started = Instant::now();
+        let commits = shared.revoke(std::slice::from_ref(&tp));
+        assert!(started.elapsed() >= Duration::from_millis(50));
+        assert_eq!(commits, [(tp, 0)]);
+        assert_eq!(shared.metrics.snapshot().revoke_abandoned, 1);
+    }
+}
