@@ -421,9 +421,7 @@ async fn three_consumer_processes_one_killed_one_added_lose_nothing_and_keep_key
     let sent = produce(&brokers, &topic, EVENTS, 60).await;
 
     let mut procs = Processes::new(&brokers, &topic, &unique("group-group"));
-    let members: Vec<usize> = (0..3)
-        .map(|_| procs.spawn(GROUP_HANDLER_MS, 2))
-        .collect();
+    let members: Vec<usize> = (0..3).map(|_| procs.spawn(GROUP_HANDLER_MS, 2)).collect();
     // All three handle before one is killed.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {

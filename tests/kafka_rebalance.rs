@@ -239,7 +239,10 @@ fn order_violations(records: &[Record]) -> (Vec<String>, usize) {
         if let Some(prev) = last.insert((r.owner, &r.key), r.seq)
             && r.seq <= prev
         {
-            out.push(format!("owner {} key {}: seq {} after {prev}", r.owner, r.key, r.seq));
+            out.push(format!(
+                "owner {} key {}: seq {} after {prev}",
+                r.owner, r.key, r.seq
+            ));
         }
     }
     (out, replays)
@@ -278,12 +281,13 @@ async fn one_joins_one_leaves(scenario: Scenario) {
     let first_metrics = first.metrics();
     first.shutdown(Duration::from_secs(20)).await.unwrap();
     let left = Instant::now();
-    wait_until(
-        "every event handled",
-        Duration::from_secs(120),
-        &log,
-        |r| r.iter().map(|r| r.id.as_str()).collect::<HashSet<_>>().len() >= events,
-    )
+    wait_until("every event handled", Duration::from_secs(120), &log, |r| {
+        r.iter()
+            .map(|r| r.id.as_str())
+            .collect::<HashSet<_>>()
+            .len()
+            >= events
+    })
     .await;
     let finished = left.elapsed();
     let second_metrics = second.metrics();
@@ -291,7 +295,10 @@ async fn one_joins_one_leaves(scenario: Scenario) {
 
     let records = log.lock().unwrap().clone();
     let handled: HashSet<&str> = records.iter().map(|r| r.id.as_str()).collect();
-    let lost = sent.iter().filter(|id| !handled.contains(id.as_str())).count();
+    let lost = sent
+        .iter()
+        .filter(|id| !handled.contains(id.as_str()))
+        .count();
     let by_owner = |o: usize| -> HashSet<&str> {
         records
             .iter()
@@ -323,7 +330,10 @@ async fn one_joins_one_leaves(scenario: Scenario) {
         overlapping.is_empty(),
         "two owners handled one partition at once: {overlapping:?}"
     );
-    assert!(violations.is_empty(), "per-key order broken: {violations:?}");
+    assert!(
+        violations.is_empty(),
+        "per-key order broken: {violations:?}"
+    );
     // At-least-once allows an event to be handled again (one after the other,
     // never at once): what a lane finished just as the partition went, or an
     // offset stored but not yet committed. What the old owner finished is
@@ -333,7 +343,10 @@ async fn one_joins_one_leaves(scenario: Scenario) {
         both + replays <= events / 100,
         "{both} events handled by both owners and {replays} replays within one owner: more than 1 %"
     );
-    assert!(!b.is_empty() && !a.is_empty(), "both owners must have handled events");
+    assert!(
+        !b.is_empty() && !a.is_empty(),
+        "both owners must have handled events"
+    );
     if scenario.expect_drops {
         assert!(
             first_metrics.revoked_dropped + second_metrics.revoked_dropped > 0,

@@ -524,7 +524,10 @@ mod tests {
                 async move {
                     started.notify_one();
                     tokio::time::sleep(Duration::from_millis(50)).await;
-                    handled.lock().unwrap().push((event.partition(), event.offset()));
+                    handled
+                        .lock()
+                        .unwrap()
+                        .push((event.partition(), event.offset()));
                     Ok::<_, BoxError>(())
                 }
             })
@@ -557,14 +560,20 @@ mod tests {
         ctx.ownership.withdraw(&[2]);
         let first = reports.recv().await.unwrap();
         assert_eq!(
-            first.iter().map(|c| (c.tp.partition, c.offset)).collect::<Vec<_>>(),
+            first
+                .iter()
+                .map(|c| (c.tp.partition, c.offset))
+                .collect::<Vec<_>>(),
             [(1, 0)]
         );
         drop(queue);
         lane.await.unwrap();
         assert_eq!(*handled.lock().unwrap(), [(1, 0), (0, 0), (0, 1)]);
         assert_eq!(ctx.metrics.snapshot().revoked_dropped, 1);
-        assert!(ctx.ownership.wait_reported(Duration::ZERO), "a lane still holds completions");
+        assert!(
+            ctx.ownership.wait_reported(Duration::ZERO),
+            "a lane still holds completions"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -178,9 +178,10 @@ impl Shared {
         // Completions other lanes finished but have not reported yet come at their
         // next message; a short wait for them saves redoing them (not needed for
         // correctness, so bounded by `REPORT_GRACE`).
-        if !self.ownership.wait_reported(
-            REPORT_GRACE.min(wait.saturating_sub(started.elapsed())),
-        ) {
+        if !self
+            .ownership
+            .wait_reported(REPORT_GRACE.min(wait.saturating_sub(started.elapsed())))
+        {
             tracing::debug!("a lane did not report its finished offsets before the revoke");
         }
         if abandoned > 0 {
@@ -991,17 +992,35 @@ mod tests {
         // Offsets 0 and 1 finished; 2 and 3 were queued (dropped by the lane).
         completions
             .send(vec![
-                Completion { tp: gone.clone(), epoch: e_gone, offset: 0 },
-                Completion { tp: gone.clone(), epoch: e_gone, offset: 1 },
+                Completion {
+                    tp: gone.clone(),
+                    epoch: e_gone,
+                    offset: 0,
+                },
+                Completion {
+                    tp: gone.clone(),
+                    epoch: e_gone,
+                    offset: 1,
+                },
             ])
             .unwrap();
         let commits = shared.revoke(std::slice::from_ref(&gone));
-        assert_eq!(commits, [(gone.clone(), 2)], "finished work, up to the first unfinished");
+        assert_eq!(
+            commits,
+            [(gone.clone(), 2)],
+            "finished work, up to the first unfinished"
+        );
         assert!(!shared.ownership.owns(e_gone));
         assert!(shared.ownership.owns(e_kept));
         let t = shared.tracker();
-        assert_eq!(t.partitions().cloned().collect::<Vec<_>>(), [kept.clone()]);
-        assert!(!shared.rewind().contains_key(&gone), "stale rewind position kept");
+        assert_eq!(
+            t.partitions().cloned().collect::<Vec<_>>(),
+            std::slice::from_ref(&kept)
+        );
+        assert!(
+            !shared.rewind().contains_key(&gone),
+            "stale rewind position kept"
+        );
         assert_eq!(shared.rewind().get(&kept), Some(&1));
         assert!(shared.reseek().is_empty());
     }
