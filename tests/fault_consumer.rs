@@ -29,11 +29,11 @@ use serde_json::json;
 /// How far back a crash may send the group: events that a killed consumer
 /// process handled in the last `REDO_WINDOW` before it died may be handled again
 /// by its successor (their offsets were not committed yet); anything handled
-/// earlier must not be. Today keel stores finished offsets and librdkafka commits
-/// them every `auto.commit.interval.ms` (5 s by default), plus what is in flight,
-/// so the window is 5 s and a margin for a commit that was under way. Tighten it
-/// when commits follow completions promptly (issue 11, item 8).
-const REDO_WINDOW: Duration = Duration::from_millis(6_500);
+/// earlier must not be. Lanes report finished offsets within 10 ms and keel
+/// commits them every `commit_interval` (200 ms by default, also in auto-commit
+/// mode), so the window is ~210 ms plus a commit under way; 1.5 s leaves room
+/// for a poll thread or a commit delayed on a loaded machine.
+const REDO_WINDOW: Duration = Duration::from_millis(1_500);
 
 /// Handler time per event (ms) of a consumer process that is to be killed: slow
 /// enough that the stream lasts a few seconds and the kill lands in its middle.

@@ -719,3 +719,84 @@ async fn shutdown_while_a_partition_is_stuck_is_prompt_and_commits_nothing_past_
     // Offset 0 was handled; 1 never reached the DLQ; 2 was handled but is past it.
     assert_eq!(committed(&brokers, &group, &topic, 1).await[&0], 1);
 }
+
+/// Issue 11 item 1: ten events finish, the eleventh runs for a long time; the
+/// ten must be committed (and the lag must show it) while the eleventh runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_offsets_are_committed_while_a_slow_message_runs() {
+    let brokers = support::kafka_brokers();
+    let topic = unique("slow-one");
+    create_topics(&brokers, &[(&topic, 1)]).await;
+    let group = unique("slow-one");
+    let mut events: Vec<EventEnvelope> = (0..10).map(order).collect();
+    events.push(EventEnvelope::new(
+        "order.created",
+        json!({"order": 10, "slow": true}),
+    ));
+    produce_to(&brokers, &topic, 0, &events).await;
+
+    let release = Arc::new(tokio::sync::Notify::new());
+    let handled = Handled::default();
+    let registry = {
+        let (release, handled) = (release.clone(), handled.clone());
+        HandlerRegistry::builder()
+            .handler_fn("order.created", move |event: ConsumedEvent| {
+                let (release, handled) = (release.clone(), handled.clone());
+                async move {
+                    if event.envelope().payload()["slow"] == json!(true) {
+                        release.notified().await;
+                    }
+                    handled
+                        .lock()
+                        .unwrap()
+                        .push((event.partition(), event.offset()));
+                    Ok::<(), BoxError>(())
+                }
+            })
+            .build()
+            .unwrap()
+    };
+    let consumer = KafkaConsumer::builder(client(&brokers), group.clone())
+        .start(
+            StartOptions::new([topic.as_str()]).from_beginning(true),
+            registry,
+        )
+        .unwrap();
+    wait_until("the ten fast events", Duration::from_secs(60), || {
+        handled.lock().unwrap().len() == 10
+    })
+    .await;
+    let started = Instant::now();
+    // Read by an independent client of the group's committed offsets.
+    let mut committed_at = None;
+    while started.elapsed() < Duration::from_secs(8) {
+        if committed(&brokers, &group, &topic, 1).await[&0] == 10 {
+            committed_at = Some(started.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let committed_at = committed_at
+        .expect("the ten finished events were not committed while the eleventh was still running");
+    let lag = consumer.lag(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(
+        lag[0].lag,
+        Some(1),
+        "only the running event is lag: {lag:?}"
+    );
+    eprintln!(
+        "figure: ten finished offsets committed {committed_at:?} after they finished, the eleventh still running"
+    );
+    assert_eq!(
+        handled.lock().unwrap().len(),
+        10,
+        "the slow one is still running"
+    );
+    release.notify_one();
+    wait_until("the slow event", Duration::from_secs(10), || {
+        handled.lock().unwrap().len() == 11
+    })
+    .await;
+    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(committed(&brokers, &group, &topic, 1).await[&0], 11);
+}

@@ -61,9 +61,10 @@ async fn handle(event_type: &'static str, event: ConsumedEvent) -> Result<(), Ha
         partition = event.partition(),
         offset = event.offset(),
         attempt = event.attempts_made(),
-        payload = %envelope.payload(),
         "event handled"
     );
+    // Payloads are user data: never at info.
+    tracing::debug!(target: "gateway::consumer", event_id = %envelope.event_id(), payload = %envelope.payload(), "event payload");
     Ok(())
 }
 

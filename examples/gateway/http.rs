@@ -1,15 +1,18 @@
 //! The HTTP side: routes, error mapping, and keel's layers around the axum router.
 
+use std::collections::HashSet;
 use std::convert::Infallible;
+use std::future::Future;
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::error_handling::HandleErrorLayer;
 use axum::extract::{Path, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
@@ -21,6 +24,7 @@ use keel::kafka::error::{KafkaProducerError, ProducerErrorKind};
 use keel::kafka::producer::{
     BatchAck, PublishAck, PublishBatchRequest, PublishRequest, PublishStack,
 };
+use keel::kafka::topic::TopicName;
 use keel::layers::circuit_breaker::{CircuitBreakerHandle, CircuitBreakerLayer};
 use keel::layers::classify::TowerHttp;
 use keel::layers::logging::LoggingLayer;
@@ -29,12 +33,18 @@ use keel::s3::upload::{ProgressListener, UploadProgress};
 use keel::s3::{S3, S3ErrorKind, S3ServiceError, UploadBody, UploadOptions};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use subtle::ConstantTimeEq;
 use tokio::sync::RwLock;
 use tower::util::BoxCloneSyncService;
 use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
-use tower_http::classify::ServerErrorsAsFailures;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use uuid::Uuid;
 
+use crate::breaker::ApiClassifier;
+use crate::idempotency::{self, Begin, IdempotencyCache};
+use crate::problem::{self, Problem};
 use crate::prom;
+use crate::serve;
 
 /// keel's single-event publish stack, boxed.
 pub type EventStack = BoxCloneSyncService<PublishRequest, PublishAck, BoxError>;
@@ -67,6 +77,31 @@ pub struct AppState {
     pub consumer_lag: Arc<std::sync::Mutex<Vec<(String, i32, i64)>>>,
     /// Circuit breakers by name, for `/metrics`.
     pub breakers: Vec<(&'static str, CircuitBreakerHandle)>,
+    /// The topics `POST /events/{topic}` may publish to (never a `.dlq`).
+    pub publish_topics: Arc<HashSet<String>>,
+    /// Sizes the API accepts.
+    pub limits: ApiLimits,
+    /// Answers kept by `Idempotency-Key`.
+    pub idempotency: IdempotencyCache,
+    /// The optional bearer token every route but `/health/*` requires.
+    pub token: Option<Arc<str>>,
+    /// Refuse publish, upload and delete.
+    pub read_only: bool,
+    /// Places for uploads in flight: each holds a few parts in memory.
+    pub uploads: Arc<tokio::sync::Semaphore>,
+}
+
+/// Sizes the API accepts (see main.rs for their variables and defaults).
+#[derive(Clone, Copy, Debug)]
+pub struct ApiLimits {
+    /// Largest event, encoded (envelope JSON plus key), in bytes.
+    pub max_event_bytes: usize,
+    /// Most events in one batch.
+    pub max_batch_events: usize,
+    /// Largest request body of `POST /events/{topic}/batch`, in bytes.
+    pub max_batch_body_bytes: usize,
+    /// API requests served at once; more are shed (503).
+    pub max_in_flight: usize,
 }
 
 /// keel's default publish stack (logging, metrics, batch size, circuit breaker,
@@ -95,10 +130,11 @@ pub fn publish_stacks(
 }
 
 /// The whole app: routes, per-route metrics, the API behind a breaker that counts
-/// 5xx, and logging + metrics around everything.
+/// the server's own failures, optional bearer token and read-only mode, and every
+/// error as a problem.
 pub fn app(
     state: AppState,
-    api_breaker: CircuitBreakerLayer<TowerHttp<ServerErrorsAsFailures>>,
+    api_breaker: CircuitBreakerLayer<ApiClassifier>,
 ) -> Result<Router, BoxError> {
     let registry = state.metrics.clone();
     let route_metrics = |name: &str| -> Result<_, BoxError> {
@@ -106,6 +142,7 @@ pub fn app(
         registry.register(format!("http_route_{name}"), layer.handle())?;
         Ok(layer)
     };
+    let limits = state.limits;
 
     let api = Router::new()
         .route(
@@ -123,15 +160,21 @@ pub fn app(
                 .merge(put(upload).route_layer(route_metrics("upload")?))
                 .merge(axum::routing::delete(delete).route_layer(route_metrics("delete")?)),
         )
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state.clone());
     // The API as one service behind keel's layers: layer errors become responses.
     let api = ServiceBuilder::new()
         .layer(HandleErrorLayer::new(layer_error))
+        // tower's own: beyond `max_in_flight` requests at once, answer 503 at
+        // once rather than queue until memory runs out.
+        .load_shed()
+        .concurrency_limit(limits.max_in_flight)
         .map_err(BoxError::from)
         .layer(api_breaker)
         .service(api);
 
-    let app = Router::new()
+    let mut app = Router::new()
         .route(
             "/health/live",
             get(live).route_layer(route_metrics("health_live")?),
@@ -143,15 +186,71 @@ pub fn app(
         .route(
             "/metrics",
             get(metrics_text).route_layer(route_metrics("metrics")?),
-        )
+        );
+    if state.token.is_some() {
+        app = app.route("/debug/health", get(debug_health));
+    }
+    let app = app
         .fallback_service(api)
+        .layer(middleware::from_fn_with_state(state.clone(), guard))
+        .layer(middleware::from_fn(problem::uniform_errors))
         .with_state(state);
 
     Ok(app)
 }
 
-/// keel's layers around the whole router: a span and a completion log per request,
-/// and metrics (`http_*`) with 5xx counted as failures.
+async fn not_found() -> Problem {
+    Problem::new(StatusCode::NOT_FOUND, "not-found", "no such route")
+}
+
+async fn method_not_allowed() -> Problem {
+    Problem::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method-not-allowed",
+        "this route does not take that method",
+    )
+}
+
+/// The optional bearer token (every route but `/health/*`) and read-only mode.
+///
+/// This is the minimum for a gateway on a trusted network; real authentication
+/// (OIDC, mTLS, per-client keys) belongs in a tower layer in front of `app`.
+async fn guard(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    let open = path == "/health/live" || path == "/health/ready";
+    if let (Some(token), false) = (&state.token, open) {
+        let presented = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .unwrap_or("");
+        // Constant time over the token's bytes (only a length mismatch ends early).
+        if !bool::from(presented.as_bytes().ct_eq(token.as_bytes())) {
+            return Problem::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "a valid bearer token is required",
+            )
+            .into_response();
+        }
+    }
+    let writes = path.starts_with("/events/") || path.starts_with("/files/");
+    if state.read_only && writes && !matches!(*req.method(), Method::GET | Method::HEAD) {
+        return Problem::new(
+            StatusCode::FORBIDDEN,
+            "read-only",
+            "this gateway runs read-only",
+        )
+        .into_response();
+    }
+    next.run(req).await
+}
+
+/// keel's layers around the whole router: a request id (`x-request-id`, taken
+/// from the client or generated, echoed back), a span and a completion log per
+/// request carrying it, and metrics (`http_*`) with 5xx counted as failures.
 pub fn wrap(
     app: Router,
     registry: &MetricsRegistry,
@@ -166,190 +265,565 @@ pub fn wrap(
     let all = MetricsLayer::new().classify(TowerHttp::server_errors());
     registry.register("http", all.handle())?;
     Ok(ServiceBuilder::new()
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(PropagateRequestIdLayer::x_request_id())
         .layer(
             LoggingLayer::new("http", "request")
                 .classify(TowerHttp::server_errors())
                 .fields(|req: &Request| {
-                    tracing::info_span!("http", method = %req.method(), path = %req.uri().path())
+                    let id = req
+                        .headers()
+                        .get("x-request-id")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("");
+                    tracing::info_span!("http", method = %req.method(), path = %req.uri().path(), request_id = %id)
                 }),
         )
         .layer(all)
         .service(app))
 }
 
-/// Maps a layer error (breaker open, ...) to a response.
+/// Maps a layer error (the API breaker open, a timeout) to a problem.
 async fn layer_error(err: BoxError) -> Response {
-    let message = err.to_string();
-    tracing::warn!(target: "gateway::http", error = %message, "request refused by a layer");
-    (
+    if err.is::<tower::load_shed::error::Overloaded>() {
+        tracing::info!(target: "gateway::http", "request shed: too many in flight");
+        return Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "too many requests in flight",
+        )
+        .retry_after(1)
+        .into_response();
+    }
+    tracing::warn!(target: "gateway::http", error = %err, "request refused by a layer");
+    if err.is::<tower::timeout::error::Elapsed>() {
+        return Problem::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "dependency-timeout",
+            "the request did not finish in time",
+        )
+        .into_response();
+    }
+    Problem::new(
         StatusCode::SERVICE_UNAVAILABLE,
-        [(header::RETRY_AFTER, "5")],
-        Json(json!({ "error": message })),
+        "unavailable",
+        "the API is failing and refuses requests for a moment",
     )
-        .into_response()
+    .retry_after(5)
+    .into_response()
 }
 
-/// An error answered as JSON with a status.
-pub struct ApiError {
-    status: StatusCode,
-    message: String,
-}
-
-impl ApiError {
-    fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            message: message.into(),
-        }
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (self.status, Json(json!({ "error": self.message }))).into_response()
-    }
-}
-
-fn producer_status(e: &KafkaProducerError) -> StatusCode {
+/// What Kafka's error means for the client. The detail never carries the
+/// error's own text (it goes to the log).
+fn producer_problem(e: &KafkaProducerError) -> Problem {
+    use ProducerErrorKind as K;
+    let unavailable = |detail: &str, secs| {
+        Problem::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", detail).retry_after(secs)
+    };
     match e.kind() {
-        ProducerErrorKind::BatchTooLarge { .. } | ProducerErrorKind::MessageTooLarge => {
-            StatusCode::PAYLOAD_TOO_LARGE
+        K::BatchTooLarge { .. } | K::MessageTooLarge => Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload-too-large",
+            "the event or batch is larger than Kafka accepts",
+        ),
+        K::Serialization => Problem::invalid("the event could not be encoded"),
+        K::UnknownTopic => Problem::new(
+            StatusCode::BAD_GATEWAY,
+            "dependency-failed",
+            "the topic does not exist on the broker",
+        ),
+        K::Timeout | K::OutcomeUnknown => Problem::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "dependency-timeout",
+            "Kafka did not confirm in time: the event may or may not be published; \
+             retry with the same Idempotency-Key or eventId",
+        )
+        .server_fault(),
+        K::QueueFull => Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "the publish queue is full",
+        )
+        .retry_after(1),
+        K::CircuitOpen => unavailable("Kafka is failing; publishing is paused", 10),
+        K::Transport => unavailable("Kafka cannot be reached", 5).server_fault(),
+        K::ShuttingDown | K::Disabled | K::Canceled => {
+            unavailable("the gateway is shutting down", 5)
         }
-        ProducerErrorKind::Serialization | ProducerErrorKind::UnknownTopic => {
-            StatusCode::BAD_REQUEST
-        }
-        ProducerErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
-        ProducerErrorKind::QueueFull
-        | ProducerErrorKind::CircuitOpen
-        | ProducerErrorKind::Transport
-        | ProducerErrorKind::ShuttingDown
-        | ProducerErrorKind::Disabled => StatusCode::SERVICE_UNAVAILABLE,
-        _ => StatusCode::BAD_GATEWAY,
+        _ => Problem::new(
+            StatusCode::BAD_GATEWAY,
+            "dependency-failed",
+            "Kafka refused the event",
+        )
+        .server_fault(),
     }
 }
 
-fn s3_status(e: &S3ServiceError) -> StatusCode {
+/// What S3's error means for the client.
+fn s3_problem(e: &S3ServiceError) -> Problem {
+    let unavailable = |detail: &str, secs| {
+        Problem::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", detail).retry_after(secs)
+    };
     match e.kind() {
-        S3ErrorKind::NotFound => StatusCode::NOT_FOUND,
-        S3ErrorKind::InvalidKey(_) | S3ErrorKind::InvalidRequest => StatusCode::BAD_REQUEST,
-        S3ErrorKind::AccessDenied => StatusCode::BAD_GATEWAY,
-        S3ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
-        S3ErrorKind::Throttled { .. }
-        | S3ErrorKind::CircuitOpen
-        | S3ErrorKind::ShuttingDown
-        | S3ErrorKind::Transport => StatusCode::SERVICE_UNAVAILABLE,
-        _ => StatusCode::BAD_GATEWAY,
+        S3ErrorKind::NotFound => Problem::new(StatusCode::NOT_FOUND, "not-found", "no such object"),
+        S3ErrorKind::InvalidKey(rule) => Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid-key",
+            format!("invalid object key: {rule}"),
+        )
+        .with_extra(json!({ "rule": rule.as_str() })),
+        S3ErrorKind::InvalidRequest => Problem::invalid("S3 refused the request as invalid"),
+        // The client's own body failed (dropped, short, long): its fault, not ours.
+        S3ErrorKind::Body => {
+            Problem::invalid("the request body failed or ended before it was complete")
+        }
+        S3ErrorKind::Timeout => Problem::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "dependency-timeout",
+            "S3 did not answer in time",
+        )
+        .server_fault(),
+        S3ErrorKind::Throttled { .. } => Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "S3 asks to slow down",
+        )
+        .retry_after(1),
+        S3ErrorKind::CircuitOpen => unavailable("S3 is failing; requests are paused", 10),
+        S3ErrorKind::ShuttingDown => unavailable("the gateway is shutting down", 5),
+        S3ErrorKind::Transport => unavailable("S3 cannot be reached", 5).server_fault(),
+        _ => Problem::new(
+            StatusCode::BAD_GATEWAY,
+            "dependency-failed",
+            "S3 failed the request",
+        )
+        .server_fault(),
     }
 }
 
-impl From<BoxError> for ApiError {
-    fn from(err: BoxError) -> Self {
-        let status = if let Some(e) = err.downcast_ref::<KafkaProducerError>() {
-            producer_status(e)
-        } else if let Some(e) = err.downcast_ref::<S3ServiceError>() {
-            s3_status(e)
-        } else {
-            StatusCode::INTERNAL_SERVER_ERROR
-        };
-        ApiError::new(status, err.to_string())
-    }
+/// A service error as a problem; the cause goes to the log.
+fn failed(err: BoxError) -> Problem {
+    let problem = if let Some(e) = err.downcast_ref::<KafkaProducerError>() {
+        producer_problem(e)
+    } else if let Some(e) = err.downcast_ref::<S3ServiceError>() {
+        s3_problem(e)
+    } else if err.is::<tower::timeout::error::Elapsed>() {
+        Problem::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "dependency-timeout",
+            "the dependency did not answer in time; the outcome is unknown",
+        )
+        .server_fault()
+    } else {
+        Problem::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error",
+        )
+    };
+    log_failure(&problem, &err);
+    problem
 }
 
-impl From<S3ServiceError> for ApiError {
-    fn from(err: S3ServiceError) -> Self {
-        ApiError::new(s3_status(&err), err.to_string())
+fn s3_failed(err: S3ServiceError) -> Problem {
+    let problem = if *err.kind() == S3ErrorKind::Body && serve::body_stalled(&err) {
+        serve::body_stalled_problem()
+    } else {
+        s3_problem(&err)
+    };
+    log_failure(&problem, &err);
+    problem
+}
+
+fn log_failure(problem: &Problem, err: &dyn std::fmt::Display) {
+    if problem.status.is_server_error() {
+        tracing::warn!(target: "gateway::http", status = problem.status.as_u16(), error = %err, "request failed");
+    } else {
+        tracing::info!(target: "gateway::http", status = problem.status.as_u16(), error = %err, "request refused");
     }
 }
 
 /// The body of `POST /events/{topic}`.
 #[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EventBody {
     event_type: String,
     #[serde(default = "default_version")]
     version: String,
-    #[serde(default)]
-    payload: Value,
+    /// Required: an event without a payload is a client's mistake. (`Value`'s
+    /// `null` is kept apart from a missing field by the `Option`.)
+    #[serde(default, deserialize_with = "present")]
+    payload: Option<Value>,
     #[serde(default)]
     key: Option<String>,
+    /// The client's id for the event: a retry with the same id can be
+    /// deduplicated by consumers.
+    #[serde(default)]
+    event_id: Option<Uuid>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
 }
 
 fn default_version() -> String {
     "1".to_string()
 }
 
+/// Longest `eventType` and `version`.
+const MAX_NAME_LEN: usize = 256;
+
 impl EventBody {
-    fn into_envelope(self) -> Result<EventEnvelope, ApiError> {
-        if self.event_type.trim().is_empty() {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "eventType must not be empty",
-            ));
+    fn into_envelope(self, limits: &ApiLimits) -> Result<EventEnvelope, Problem> {
+        let event_type = self.event_type.trim();
+        if event_type.is_empty() || event_type.len() > MAX_NAME_LEN {
+            return Err(Problem::invalid(format!(
+                "eventType must be 1 to {MAX_NAME_LEN} characters"
+            )));
         }
-        let mut envelope =
-            EventEnvelope::new(self.event_type, self.payload).with_version(self.version);
+        if self.version.is_empty() || self.version.len() > MAX_NAME_LEN {
+            return Err(Problem::invalid(format!(
+                "version must be 1 to {MAX_NAME_LEN} characters"
+            )));
+        }
+        let payload = match self.payload {
+            None | Some(Value::Null) => return Err(Problem::invalid("payload is required")),
+            Some(p) => p,
+        };
+        let mut envelope = EventEnvelope::new(self.event_type, payload).with_version(self.version);
         if let Some(key) = self.key {
             envelope = envelope.with_key(key);
+        }
+        if let Some(id) = self.event_id {
+            envelope = envelope.with_event_id(id);
+        }
+        // Checked here, before anything is enqueued: Kafka would refuse it after
+        // the events before it in a batch were sent.
+        let size = envelope
+            .encode_value()
+            .map_err(|_| Problem::invalid("the event could not be encoded"))?
+            .len()
+            + envelope.key().map_or(0, <[u8]>::len);
+        if size > limits.max_event_bytes {
+            return Err(Problem::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload-too-large",
+                format!(
+                    "the event is {size} bytes encoded; at most {} are accepted",
+                    limits.max_event_bytes
+                ),
+            ));
         }
         Ok(envelope)
     }
 }
 
-fn refuse_when_stopping(state: &AppState) -> Result<(), ApiError> {
-    if state.shutting_down.load(Ordering::Acquire) {
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the gateway is shutting down",
+/// Reads a request body of at most `limit` bytes: 413 at once when
+/// `Content-Length` says more (nothing read), or as soon as more arrives; 408
+/// when it stalls; 400 when the client's connection fails.
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, Problem> {
+    let too_large = || {
+        Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload-too-large",
+            format!("the request body is larger than {limit} bytes"),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let cause = e.into_inner();
+        if serve::caused_by::<http_body_util::LengthLimitError>(cause.as_ref()) {
+            too_large()
+        } else if serve::body_stalled(cause.as_ref()) {
+            serve::body_stalled_problem()
+        } else {
+            tracing::info!(target: "gateway::http", error = %cause, "request body failed");
+            Problem::invalid("the request body failed before it was complete")
+        }
+    })
+}
+
+/// Parses a JSON body with problems, not axum's plain-text rejections.
+fn json_body<T: serde::de::DeserializeOwned>(
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<T, Problem> {
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|v| v.trim().to_ascii_lowercase())
+        .is_some_and(|v| {
+            v == "application/json" || (v.starts_with("application/") && v.ends_with("+json"))
+        });
+    if !json {
+        return Err(Problem::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported-media-type",
+            "the body must be application/json",
         ));
     }
+    if body.is_empty() {
+        return Err(Problem::invalid("the request body is empty"));
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        let mut detail = format!("the body is not valid: {e}");
+        if detail.len() > 300 {
+            let mut cut = 300;
+            while !detail.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            detail.truncate(cut);
+            detail.push('…');
+        }
+        Problem::invalid(detail)
+    })
+}
+
+/// The topic of a publish: a valid name this gateway publishes to.
+fn allowed_topic(state: &AppState, topic: &str) -> Result<TopicName, Problem> {
+    let topic = TopicName::new(topic).map_err(|e| {
+        Problem::new(StatusCode::BAD_REQUEST, "invalid-topic", e.to_string())
+            .with_extra(json!({ "rule": e.rule.as_str() }))
+    })?;
+    if topic.is_dead_letter() || !state.publish_topics.contains(topic.as_str()) {
+        return Err(Problem::new(
+            StatusCode::FORBIDDEN,
+            "forbidden-topic",
+            "this gateway does not publish to that topic",
+        ));
+    }
+    Ok(topic)
+}
+
+fn refuse_when_stopping(state: &AppState) -> Result<(), Problem> {
+    if state.shutting_down.load(Ordering::Acquire) {
+        return Err(Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the gateway is shutting down",
+        )
+        .retry_after(5));
+    }
     Ok(())
+}
+
+/// Runs `publish` once per `Idempotency-Key` (see [`crate::idempotency`]).
+async fn idempotent<F>(
+    state: &AppState,
+    scope: &str,
+    headers: &HeaderMap,
+    body: &Bytes,
+    publish: F,
+) -> Response
+where
+    F: Future<Output = Response>,
+{
+    let key = match idempotency::key_of(headers) {
+        Ok(Some(key)) => key,
+        Ok(None) => return publish.await,
+        Err(problem) => return problem.into_response(),
+    };
+    let claim = match state.idempotency.begin(scope, &key, body) {
+        Begin::Answer(res) => return res,
+        Begin::New(claim) => claim,
+    };
+    let res = publish.await;
+    if !res.status().is_success() {
+        claim.finish(res.status(), &Bytes::new());
+        return res;
+    }
+    let (parts, body) = res.into_parts();
+    let bytes = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .unwrap_or_default();
+    claim.finish(parts.status, &bytes);
+    Response::from_parts(parts, Body::from(bytes))
 }
 
 async fn publish_one(
     State(state): State<AppState>,
     Path(topic): Path<String>,
-    Json(body): Json<EventBody>,
-) -> Result<(StatusCode, Json<PublishAck>), ApiError> {
-    refuse_when_stopping(&state)?;
-    let envelope = body.into_envelope()?;
-    let ack = state
-        .publish
-        .clone()
-        .oneshot(PublishRequest::new(topic, envelope))
-        .await?;
-    Ok((StatusCode::ACCEPTED, Json(ack)))
+    read: Option<axum::Extension<serve::BodyRead>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    // Room for the JSON around the largest event; its encoded size is checked
+    // again after parsing.
+    let body = match read_body(&headers, body, state.limits.max_event_bytes + 64 * 1024).await {
+        Ok(b) => b,
+        Err(p) => return p.into_response(),
+    };
+    if let Some(axum::Extension(read)) = read {
+        read.set();
+    }
+    let prepared = (|| {
+        refuse_when_stopping(&state)?;
+        let topic = allowed_topic(&state, &topic)?;
+        let event: EventBody = json_body(&headers, &body)?;
+        Ok::<_, Problem>((topic, event.into_envelope(&state.limits)?))
+    })();
+    let (topic, envelope) = match prepared {
+        Ok(p) => p,
+        Err(problem) => return problem.into_response(),
+    };
+    let scope = format!("event\n{topic}");
+    idempotent(&state, &scope, &headers, &body, async {
+        match state
+            .publish
+            .clone()
+            .oneshot(PublishRequest::new(topic.into_string(), envelope))
+            .await
+        {
+            Ok(ack) => (StatusCode::ACCEPTED, Json(ack)).into_response(),
+            Err(e) => failed(e).into_response(),
+        }
+    })
+    .await
 }
 
 /// `POST /events/{topic}/batch` takes a JSON array of events, or `{"events": [...]}`.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 pub enum BatchBody {
-    List(Vec<EventBody>),
-    Wrapped { events: Vec<EventBody> },
+    /// `[event, ...]`
+    List(Vec<Value>),
+    /// `{"events": [event, ...]}`
+    Wrapped {
+        /// The events.
+        events: Vec<Value>,
+    },
+}
+
+/// Checks every event of a batch before any is sent: all or nothing.
+fn batch_envelopes(limits: &ApiLimits, events: Vec<Value>) -> Result<Vec<EventEnvelope>, Problem> {
+    if events.is_empty() {
+        return Err(Problem::invalid("the batch is empty"));
+    }
+    if events.len() > limits.max_batch_events {
+        return Err(Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload-too-large",
+            format!(
+                "the batch has {} events; at most {} are accepted",
+                events.len(),
+                limits.max_batch_events
+            ),
+        ));
+    }
+    let mut envelopes = Vec::with_capacity(events.len());
+    let mut errors = Vec::new();
+    let mut too_large = true;
+    for (index, event) in events.into_iter().enumerate() {
+        let checked = serde_json::from_value::<EventBody>(event)
+            .map_err(|e| Problem::invalid(format!("not a valid event: {e}")))
+            .and_then(|e| e.into_envelope(limits));
+        match checked {
+            Ok(envelope) => envelopes.push(envelope),
+            Err(p) => {
+                too_large &= p.status == StatusCode::PAYLOAD_TOO_LARGE;
+                errors.push(
+                    json!({ "index": index, "status": p.status.as_u16(), "detail": p.detail }),
+                );
+            }
+        }
+    }
+    if errors.is_empty() {
+        return Ok(envelopes);
+    }
+    let (status, slug) = if too_large {
+        (StatusCode::PAYLOAD_TOO_LARGE, "payload-too-large")
+    } else {
+        (StatusCode::BAD_REQUEST, "invalid-request")
+    };
+    Err(Problem::new(
+        status,
+        slug,
+        format!(
+            "{} of the batch's events are invalid; none was published",
+            errors.len()
+        ),
+    )
+    .with_extra(json!({ "errors": errors })))
 }
 
 async fn publish_batch(
     State(state): State<AppState>,
     Path(topic): Path<String>,
-    Json(body): Json<BatchBody>,
-) -> Result<(StatusCode, Json<BatchAck>), ApiError> {
-    refuse_when_stopping(&state)?;
-    let events = match body {
-        BatchBody::List(events) | BatchBody::Wrapped { events } => events,
+    read: Option<axum::Extension<serve::BodyRead>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let body = match read_body(&headers, body, state.limits.max_batch_body_bytes).await {
+        Ok(b) => b,
+        Err(p) => return p.into_response(),
     };
-    if events.is_empty() {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "the batch is empty"));
+    if let Some(axum::Extension(read)) = read {
+        read.set();
     }
-    let envelopes = events
-        .into_iter()
-        .map(EventBody::into_envelope)
-        .collect::<Result<Vec<_>, _>>()?;
-    let ack = state
-        .publish_batch
-        .clone()
-        .oneshot(PublishBatchRequest::new(topic, envelopes))
-        .await?;
-    Ok((StatusCode::ACCEPTED, Json(ack)))
+    let prepared = (|| {
+        refuse_when_stopping(&state)?;
+        let topic = allowed_topic(&state, &topic)?;
+        let events = match json_body::<BatchBody>(&headers, &body)? {
+            BatchBody::List(events) | BatchBody::Wrapped { events } => events,
+        };
+        Ok::<_, Problem>((topic, batch_envelopes(&state.limits, events)?))
+    })();
+    let (topic, envelopes) = match prepared {
+        Ok(p) => p,
+        Err(problem) => return problem.into_response(),
+    };
+    let scope = format!("batch\n{topic}");
+    idempotent(&state, &scope, &headers, &body, async {
+        let request = PublishBatchRequest::new(topic.into_string(), envelopes);
+        match state.publish_batch.clone().oneshot(request).await {
+            Ok(ack) => (StatusCode::ACCEPTED, Json(ack)).into_response(),
+            Err(err) => partial_or_failed(err),
+        }
+    })
+    .await
+}
+
+/// A batch that failed part way is answered 207 with every event's outcome
+/// (delivered, failed, notSent, unknown), so the client resends exactly the
+/// events that are safe to resend; one that delivered nothing is a problem.
+fn partial_or_failed(err: BoxError) -> Response {
+    let outcome = err
+        .downcast_ref::<KafkaProducerError>()
+        .and_then(|e| e.batch())
+        .filter(|b| b.delivered + b.unknown > 0)
+        .cloned();
+    let Some(outcome) = outcome else {
+        return failed(err).into_response();
+    };
+    tracing::warn!(target: "gateway::http", error = %err, "batch published in part");
+    let events: Vec<Value> = outcome
+        .events
+        .iter()
+        .enumerate()
+        .map(|(index, e)| {
+            let mut v = serde_json::to_value(e).unwrap_or(Value::Null);
+            v["index"] = json!(index);
+            v
+        })
+        .collect();
+    (
+        StatusCode::MULTI_STATUS,
+        Json(json!({
+            "total": outcome.total,
+            "delivered": outcome.delivered,
+            "failed": outcome.failed,
+            "unknown": outcome.unknown,
+            "events": events,
+        })),
+    )
+        .into_response()
 }
 
 async fn upload(
@@ -357,8 +831,17 @@ async fn upload(
     Path(key): Path<String>,
     headers: HeaderMap,
     body: Body,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<Value>), Problem> {
     refuse_when_stopping(&state)?;
+    // Bounded: each upload buffers up to a few parts (5 MiB or more each).
+    let _place = state.uploads.clone().try_acquire_owned().map_err(|_| {
+        Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "too many uploads in flight",
+        )
+        .retry_after(1)
+    })?;
     let mut options = UploadOptions::new();
     if let Some(ct) = headers
         .get(header::CONTENT_TYPE)
@@ -385,7 +868,8 @@ async fn upload(
     let out = state
         .s3
         .upload_with_progress(key.as_str(), UploadBody::stream(stream), options, progress)
-        .await?;
+        .await
+        .map_err(s3_failed)?;
     Ok((
         StatusCode::CREATED,
         Json(json!({
@@ -403,17 +887,19 @@ async fn upload(
 async fn download(
     State(state): State<AppState>,
     Path(key): Path<String>,
-) -> Result<Response, ApiError> {
-    if !state.s3.exists(key.as_str()).await? {
-        return Err(ApiError::new(
+) -> Result<Response, Problem> {
+    if !state.s3.exists(key.as_str()).await.map_err(s3_failed)? {
+        return Err(Problem::new(
             StatusCode::NOT_FOUND,
-            format!("no object {key}"),
+            "not-found",
+            "no such object",
         ));
     }
     let url = state
         .s3
         .presign_get(key.as_str(), state.presign_expiry)
-        .await?;
+        .await
+        .map_err(s3_failed)?;
     Ok((
         StatusCode::TEMPORARY_REDIRECT,
         [(header::LOCATION, url.url)],
@@ -424,9 +910,9 @@ async fn download(
 async fn delete(
     State(state): State<AppState>,
     Path(key): Path<String>,
-) -> Result<StatusCode, ApiError> {
+) -> Result<StatusCode, Problem> {
     refuse_when_stopping(&state)?;
-    state.s3.delete(key.as_str()).await?;
+    state.s3.delete(key.as_str()).await.map_err(s3_failed)?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -434,7 +920,9 @@ async fn live() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
 
-async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
+/// Readiness with the dependencies' full details: for `/debug/health` (behind the
+/// token) and the log, never for `/health/ready`.
+async fn health_details(state: &AppState) -> (bool, Value) {
     let stopping = state.shutting_down.load(Ordering::Acquire);
     let (kafka, s3) = tokio::join!(
         state.kafka.health_check(state.health_timeout),
@@ -445,7 +933,10 @@ async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
             h.is_healthy,
             serde_json::to_value(&h).unwrap_or(Value::Null),
         ),
-        Err(e) => (false, json!({ "isHealthy": false, "error": e.to_string() })),
+        Err(e) => (
+            false,
+            json!({ "isHealthy": false, "lastError": e.to_string() }),
+        ),
     };
     let (s3_ok, s3_json) = match s3 {
         Ok(h) => (h.healthy, serde_json::to_value(&h).unwrap_or(Value::Null)),
@@ -491,21 +982,57 @@ async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
         None => (true, json!({ "running": false })),
     };
     let is_ready = kafka_ok && s3_ok && consumer_ok && !stopping;
-    let status = if is_ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
     (
-        status,
-        Json(json!({
+        is_ready,
+        json!({
             "ready": is_ready,
             "shuttingDown": stopping,
             "kafka": kafka_json,
             "s3": s3_json,
             "consumer": consumer,
-        })),
+        }),
     )
+}
+
+/// Keeps states and counts; drops what names the infrastructure (endpoints,
+/// buckets, brokers) and raw error text, which may carry either.
+fn redact_health(mut v: Value) -> Value {
+    const HIDDEN: &[&str] = &["endpoint", "bucket"];
+    fn walk(v: &mut Value) {
+        match v {
+            Value::Object(map) => {
+                map.retain(|k, _| !HIDDEN.contains(&k.as_str()));
+                for (k, child) in map.iter_mut() {
+                    let is_error = k == "lastError" || k == "failure" || k == "error";
+                    if is_error && !child.is_null() {
+                        *child = Value::String("see the log or /debug/health".into());
+                    } else {
+                        walk(child);
+                    }
+                }
+            }
+            Value::Array(items) => items.iter_mut().for_each(walk),
+            _ => {}
+        }
+    }
+    walk(&mut v);
+    v
+}
+
+async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
+    let (is_ready, details) = health_details(&state).await;
+    let status = if is_ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(redact_health(details)))
+}
+
+/// The whole readiness report, internals included; routed only when a token
+/// is set (and then behind it).
+async fn debug_health(State(state): State<AppState>) -> Json<Value> {
+    Json(health_details(&state).await.1)
 }
 
 /// Samples the consumer's lag every `every` into `state.consumer_lag`, until

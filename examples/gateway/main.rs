@@ -13,6 +13,18 @@
 //! |---|---|---|
 //! | `KEEL_GATEWAY_ADDR` | `127.0.0.1:8080` | listen address (port 0: any free port) |
 //! | `KEEL_GATEWAY_TOPICS` | `orders,users` | topics the in-process consumer handles |
+//! | `KEEL_GATEWAY_PUBLISH_TOPICS` | `KEEL_GATEWAY_TOPICS` | the only topics `POST /events/{topic}` publishes to (never a `.dlq`) |
+//! | `KEEL_GATEWAY_MAX_EVENT_BYTES` | `1000000` | largest event, encoded (Kafka's default `message.max.bytes` is 1048588) |
+//! | `KEEL_GATEWAY_MAX_BATCH_EVENTS` | `1000` | most events in one batch |
+//! | `KEEL_GATEWAY_MAX_BATCH_BYTES` | `16777216` | largest batch request body |
+//! | `KEEL_GATEWAY_TOKEN` | unset | when set, every route but `/health/*` needs `Authorization: Bearer <token>` |
+//! | `KEEL_GATEWAY_READ_ONLY` | `false` | refuse publish, upload and delete (403) |
+//! | `KEEL_GATEWAY_HEADER_TIMEOUT_MS` | `10000` | a connection must send a request's headers within this |
+//! | `KEEL_GATEWAY_BODY_IDLE_TIMEOUT_MS` | `15000` | a request body that sends nothing this long fails (408) |
+//! | `KEEL_GATEWAY_REQUEST_TIMEOUT_MS` | `30000` | whole-request bound of every route but uploads (which get the idle bound): 408 while the body arrives, 504 after |
+//! | `KEEL_GATEWAY_MAX_IN_FLIGHT` | `512` | API requests at once; more are shed (503 + `Retry-After`) |
+//! | `KEEL_GATEWAY_MAX_UPLOADS` | `16` | uploads at once (each buffers a few parts); more get 503 |
+//! | `KEEL_GATEWAY_DRAIN_SECS` | half of `KEEL_SHUTDOWN_TIMEOUT_SECS` | on SIGTERM, time for requests in flight; then connections are closed |
 //! | `KEEL_GATEWAY_MAX_RETRIES` | `3` | handler retries before the DLQ |
 //! | `KEEL_GATEWAY_RETRY_INITIAL_MS` | `1000` | first retry delay (doubles, capped at 30 s) |
 //! | `KEEL_GATEWAY_PUBLISH_TIMEOUT_MS` | delivery timeout + 5 s | timeout layer around one publish |
@@ -28,7 +40,10 @@ mod breaker;
 mod consume;
 mod embedded;
 mod http;
+mod idempotency;
+mod problem;
 mod prom;
+mod serve;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -36,10 +51,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use axum::ServiceExt;
-use axum::extract::Request;
 use keel::kafka::client::KafkaClient;
 use keel::kafka::config::{KafkaConfig, KafkaConfigBuilder, KafkaLogLevel};
+use keel::kafka::topic::TopicName;
 use keel::layers::logging::json_layer;
 use keel::layers::metrics::{MetricsLayer, MetricsRegistry};
 use keel::s3::facade::DefaultLayers;
@@ -62,6 +76,12 @@ struct Settings {
     create_bucket: bool,
     shutdown_timeout: Duration,
     embedded: bool,
+    publish_topics: Vec<String>,
+    limits: http::ApiLimits,
+    token: Option<String>,
+    read_only: bool,
+    transport: serve::Transport,
+    drain_timeout: Duration,
 }
 
 fn var(name: &str) -> Option<String> {
@@ -92,7 +112,55 @@ impl Settings {
         if topics.is_empty() {
             return Err("KEEL_GATEWAY_TOPICS names no topic".into());
         }
+        for topic in &topics {
+            TopicName::new(topic.as_str())
+                .map_err(|e| format!("KEEL_GATEWAY_TOPICS: {topic:?}: {e}"))?;
+        }
+        let publish_topics: Vec<String> = match var("KEEL_GATEWAY_PUBLISH_TOPICS") {
+            None => topics.clone(),
+            Some(list) => list
+                .split(',')
+                .map(|t| t.trim().to_string())
+                .filter(|t| !t.is_empty())
+                .collect(),
+        };
+        for topic in &publish_topics {
+            let name = TopicName::new(topic.as_str())
+                .map_err(|e| format!("KEEL_GATEWAY_PUBLISH_TOPICS: {topic:?}: {e}"))?;
+            if name.is_dead_letter() {
+                return Err(format!(
+                    "KEEL_GATEWAY_PUBLISH_TOPICS: {topic:?} is a dead-letter topic; the gateway never publishes to one"
+                )
+                .into());
+            }
+        }
+        let shutdown_timeout = Duration::from_secs(parsed("KEEL_SHUTDOWN_TIMEOUT_SECS", 20)?);
+        let ms = |name: &str, default: u64| parsed(name, default).map(Duration::from_millis);
+        let transport = serve::Transport {
+            header_timeout: ms("KEEL_GATEWAY_HEADER_TIMEOUT_MS", 10_000)?,
+            body_idle_timeout: ms("KEEL_GATEWAY_BODY_IDLE_TIMEOUT_MS", 15_000)?,
+            request_timeout: ms("KEEL_GATEWAY_REQUEST_TIMEOUT_MS", 30_000)?,
+            max_in_flight: parsed("KEEL_GATEWAY_MAX_IN_FLIGHT", 512)?,
+            max_uploads: parsed("KEEL_GATEWAY_MAX_UPLOADS", 16)?,
+        };
+        if transport.max_in_flight == 0 {
+            return Err("KEEL_GATEWAY_MAX_IN_FLIGHT must be at least 1".into());
+        }
         Ok(Settings {
+            publish_topics,
+            limits: http::ApiLimits {
+                max_event_bytes: parsed("KEEL_GATEWAY_MAX_EVENT_BYTES", 1_000_000)?,
+                max_batch_events: parsed("KEEL_GATEWAY_MAX_BATCH_EVENTS", 1000)?,
+                max_batch_body_bytes: parsed("KEEL_GATEWAY_MAX_BATCH_BYTES", 16 * 1024 * 1024)?,
+                max_in_flight: transport.max_in_flight,
+            },
+            token: var("KEEL_GATEWAY_TOKEN"),
+            read_only: parsed("KEEL_GATEWAY_READ_ONLY", false)?,
+            transport,
+            drain_timeout: match var("KEEL_GATEWAY_DRAIN_SECS") {
+                Some(_) => Duration::from_secs(parsed("KEEL_GATEWAY_DRAIN_SECS", 10)?),
+                None => shutdown_timeout / 2,
+            },
             addr: parsed(
                 "KEEL_GATEWAY_ADDR",
                 SocketAddr::from(([127, 0, 0, 1], 8080)),
@@ -105,7 +173,7 @@ impl Settings {
                 .transpose()?,
             presign_expiry: Duration::from_secs(parsed("KEEL_GATEWAY_PRESIGN_SECS", 900)?),
             create_bucket: parsed("KEEL_GATEWAY_CREATE_BUCKET", false)?,
-            shutdown_timeout: Duration::from_secs(parsed("KEEL_SHUTDOWN_TIMEOUT_SECS", 20)?),
+            shutdown_timeout,
             embedded: var("KEEL_EMBEDDED").is_none_or(|v| v != "off"),
         })
     }
@@ -259,10 +327,20 @@ async fn run() -> Result<ExitCode, BoxError> {
             ("kafka_publish", publish_breaker),
             ("s3", s3_breaker_handle),
         ],
+        publish_topics: Arc::new(settings.publish_topics.iter().cloned().collect()),
+        limits: settings.limits,
+        idempotency: Default::default(),
+        token: settings.token.as_deref().map(Arc::from),
+        read_only: settings.read_only,
+        uploads: Arc::new(tokio::sync::Semaphore::new(settings.transport.max_uploads)),
     };
     // Holds a clone of the state (so of the Kafka clients) until it is stopped.
     let lag_sampler = tokio::spawn(http::sample_lag(state.clone(), Duration::from_secs(5)));
-    let app = http::wrap(http::app(state.clone(), api_breaker)?, &metrics)?;
+    let app = http::app(state.clone(), api_breaker)?.layer(axum::middleware::from_fn_with_state(
+        settings.transport,
+        serve::request_bounds,
+    ));
+    let app = http::wrap(app, &metrics)?;
 
     let addr = listener.local_addr()?;
     banner(
@@ -272,14 +350,15 @@ async fn run() -> Result<ExitCode, BoxError> {
         &settings.topics,
     );
 
-    let (stop_tx, mut stop_rx) = watch::channel(false);
-    let server = tokio::spawn(
-        axum::serve(listener, ServiceExt::<Request>::into_make_service(app))
-            .with_graceful_shutdown(async move {
-                let _ = stop_rx.changed().await;
-            })
-            .into_future(),
-    );
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let drain = settings.drain_timeout.min(settings.shutdown_timeout);
+    let server = tokio::spawn(serve::serve(
+        listener,
+        app,
+        settings.transport,
+        stop_rx,
+        drain,
+    ));
 
     let signal = shutdown_signal().await;
     let deadline = Instant::now() + settings.shutdown_timeout;
@@ -287,37 +366,64 @@ async fn run() -> Result<ExitCode, BoxError> {
         target: "gateway",
         signal,
         timeout_ms = settings.shutdown_timeout.as_millis() as u64,
+        drain_ms = drain.as_millis() as u64,
         "shutting down: no new connections, finishing requests in flight"
     );
     shutting_down.store(true, Ordering::Release);
     let _ = stop_tx.send(true);
     let mut clean = true;
 
-    match tokio::time::timeout_at(deadline, server).await {
-        Ok(Ok(Ok(()))) => tracing::info!(target: "gateway", "HTTP server drained"),
-        Ok(Ok(Err(e))) => {
-            clean = false;
-            tracing::error!(target: "gateway", error = %e, "HTTP server failed")
+    // Requests get the drain budget; what is still open then is closed. The
+    // consumer drains meanwhile (it does not depend on HTTP), with the whole
+    // budget; the producer flush and S3 keep the rest.
+    let consumer = state.consumer.write().await.take();
+    let consumer_drained = async {
+        match consumer {
+            Some(consumer) => Some(consumer.shutdown(remaining(deadline)).await),
+            None => None,
         }
-        Ok(Err(e)) => {
+    };
+    let (served, consumer_drained) = tokio::join!(server, consumer_drained);
+    match consumer_drained {
+        Some(Ok(())) => tracing::info!(target: "gateway", "consumer drained and committed"),
+        Some(Err(e)) => {
+            clean = false;
+            tracing::warn!(target: "gateway", error = %e, "consumer shutdown incomplete")
+        }
+        None => {}
+    }
+    match served {
+        Ok(drained) if drained.closed_at_deadline == 0 => {
+            tracing::info!(target: "gateway", "HTTP server drained")
+        }
+        Ok(drained) => tracing::warn!(
+            target: "gateway",
+            closed = drained.closed_at_deadline,
+            "stalled connections closed at the drain deadline (nothing they sent was accepted)"
+        ),
+        Err(e) => {
             clean = false;
             tracing::error!(target: "gateway", error = %e, "HTTP server task failed")
         }
-        Err(_) => {
-            clean = false;
-            tracing::warn!(target: "gateway", "requests still in flight at the shutdown deadline")
-        }
+    }
+    // Multipart uploads whose request was cut: abort them now rather than leave
+    // their parts billed and invisible.
+    let aborted = s3
+        .abort_in_flight_uploads(remaining(deadline).min(Duration::from_secs(10)))
+        .await;
+    if aborted.aborted + aborted.failed + aborted.left > 0 {
+        tracing::info!(
+            target: "gateway",
+            aborted = aborted.aborted,
+            failed = aborted.failed,
+            left = aborted.left,
+            "multipart uploads in flight at shutdown aborted"
+        );
+    }
+    if aborted.failed + aborted.left > 0 {
+        clean = false;
     }
 
-    if let Some(consumer) = state.consumer.write().await.take() {
-        match consumer.shutdown(remaining(deadline)).await {
-            Ok(()) => tracing::info!(target: "gateway", "consumer drained and committed"),
-            Err(e) => {
-                clean = false;
-                tracing::warn!(target: "gateway", error = %e, "consumer shutdown incomplete")
-            }
-        }
-    }
     match kafka.disconnect(remaining(deadline)).await {
         Ok(()) => tracing::info!(target: "gateway", "producer flushed, Kafka client closed"),
         Err(e) => {

@@ -583,9 +583,19 @@ impl<T: DeserializeOwned> EventEnvelope<T> {
             }
             None => match kafka_timestamp.to_millis() {
                 Some(ms) => OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
-                    .map_err(|e| DecodeError::InvalidField {
+                    .map_err(|e| e.to_string())
+                    // RFC 3339 has four-digit years: an envelope dated outside them
+                    // could never be encoded again (forwarded, replayed), so refuse
+                    // it here, typed, rather than fail later (found by fuzzing).
+                    .and_then(|t| {
+                        (0..=9999)
+                            .contains(&t.year())
+                            .then_some(t)
+                            .ok_or_else(|| format!("{ms} ms is outside the years 0 to 9999"))
+                    })
+                    .map_err(|reason| DecodeError::InvalidField {
                         field: "timestamp",
-                        reason: e.to_string(),
+                        reason,
                     })?,
                 None => return Err(DecodeError::MissingField("timestamp")),
             },
@@ -792,5 +802,57 @@ mod tests {
             a: u32,
         }
         assert_eq!(e.decode_payload::<A>().unwrap().payload(), &A { a: 1 });
+    }
+
+    #[test]
+    fn a_message_timestamp_outside_rfc3339_years_is_a_typed_error() {
+        // Found by fuzzing (fuzz/corpus/envelope_decode/kafka_ts_year_zero): a
+        // Kafka timestamp before year 0 decoded into an envelope that could not be
+        // encoded again.
+        let id = Uuid::new_v4().to_string();
+        let body = json!({"eventId": id, "eventType": "t", "version": "1", "payload": {}});
+        let body = body.to_string();
+        for ms in [
+            -62_167_219_201_000_i64,
+            253_402_300_800_000,
+            i64::MIN,
+            i64::MAX,
+        ] {
+            let m = OwnedMessage::new(
+                Some(body.as_bytes().to_vec()),
+                None,
+                "t".into(),
+                Timestamp::CreateTime(ms),
+                0,
+                0,
+                None,
+            );
+            let decoded = EventEnvelope::<serde_json::Value>::from_message(&m);
+            assert!(
+                matches!(
+                    decoded,
+                    Err(DecodeError::InvalidField {
+                        field: "timestamp",
+                        ..
+                    })
+                ),
+                "{ms}: {decoded:?}"
+            );
+        }
+        // The edges are accepted and encode again.
+        for ms in [-62_167_219_200_000_i64, 253_402_300_799_999] {
+            let m = OwnedMessage::new(
+                Some(body.as_bytes().to_vec()),
+                None,
+                "t".into(),
+                Timestamp::LogAppendTime(ms),
+                0,
+                0,
+                None,
+            );
+            let e = EventEnvelope::<serde_json::Value>::from_message(&m).unwrap();
+            assert_eq!(e.timestamp_ms(), ms);
+            assert!(e.encode().is_ok());
+        }
     }
 }

@@ -13,6 +13,12 @@
 //! Every message is acknowledged by the broker (`acks=all`,
 //! idempotent) before it counts.
 //!
+//! With `--features otel` (keel's `otel` feature) a fifth variant runs the
+//! default stack with an OpenTelemetry layer installed on the publishing thread
+//! (`tracing-opentelemetry` over an SDK tracer provider, every span sampled, no
+//! exporter, INFO filter): each publish then makes its `send` span and writes
+//! `traceparent`. The other variants run without any subscriber, as before.
+//!
 //! Run: `scripts/bench-kafka-publish` (also runs Apache Kafka's
 //! ProducerPerformance beside it), or
 //! `cargo bench -p keel-benches --bench kafka_publish`.
@@ -180,7 +186,29 @@ fn wanted(v: usize) -> bool {
     }
 }
 
-const TAGS: [&str; 4] = ["raw", "keel_bare", "keel_stack", "keel_stack_batch"];
+const TAGS: [&str; 5] = [
+    "raw",
+    "keel_bare",
+    "keel_stack",
+    "keel_stack_batch",
+    "keel_stack_otel",
+];
+
+/// How many variants this build runs (the OpenTelemetry one with `otel` only).
+const VARIANTS: usize = if cfg!(feature = "otel") { 5 } else { 4 };
+
+/// A subscriber that makes OpenTelemetry spans of INFO and above (keel's
+/// `send` spans; not the stack's DEBUG `publish` span), all sampled, exported
+/// nowhere: the cost of the spans and of the `traceparent` header alone.
+#[cfg(feature = "otel")]
+fn otel_subscriber() -> impl tracing::Subscriber + Send + Sync {
+    use opentelemetry::trace::TracerProvider as _;
+    use tracing_subscriber::layer::SubscriberExt;
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::filter::LevelFilter::INFO)
+        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("keel-bench")))
+}
 
 struct Variant {
     name: &'static str,
@@ -247,14 +275,16 @@ async fn run_size(
         Variant::new("keel PublishEvent (bare service)"),
         Variant::new("keel PublishEvent through the default stack"),
         Variant::new("keel PublishBatch x1000 through the default stack"),
+        Variant::new("keel PublishEvent through the default stack, OpenTelemetry layer on"),
     ];
+    variants.truncate(VARIANTS);
     // Warm-up rounds first (not counted): the broker's JVM compiles its hot
     // paths during the first seconds, which otherwise favours later variants.
     let warmup = env_usize("KEEL_BENCH_WARMUP", 1);
     for round in 0..warmup + rounds {
         // Rotate the order every round so no variant always runs first or last.
-        for k in 0..4 {
-            let v = (k + round) % 4;
+        for k in 0..VARIANTS {
+            let v = (k + round) % VARIANTS;
             if !wanted(v) {
                 continue;
             }
@@ -273,6 +303,15 @@ async fn run_size(
                 }
                 1 => single_events(client.publisher(), topic, &payload, n, window).await,
                 2 => single_events(single_stack.clone(), topic, &payload, n, window).await,
+                #[cfg(feature = "otel")]
+                4 => {
+                    // On this thread only (the runtime has one), for this variant only.
+                    let _otel = tracing::subscriber::set_default(otel_subscriber());
+                    use tracing::Instrument;
+                    single_events(single_stack.clone(), topic, &payload, n, window)
+                        .instrument(tracing::info_span!("bench_round"))
+                        .await
+                }
                 _ => {
                     let mut svc = batch_stack.clone();
                     let batches = n / 1000;

@@ -1,8 +1,8 @@
 //! A lane: one task draining one bounded queue of batches, one message at a time.
 //!
 //! The lane reports finished offsets to the poll thread in batches too: after each
-//! batch when the queue runs empty, and during a long batch at least every 10 ms,
-//! so commits never wait long behind slow handlers.
+//! batch when the queue runs empty, and during a long batch at least every 10 ms —
+//! also while one slow message runs — so commits never wait behind slow handlers.
 
 use super::attempts::CountAttempts;
 use super::error::HandlerErrors;
@@ -47,6 +47,9 @@ pub(crate) struct LaneContext {
     pub(crate) stop: watch::Receiver<bool>,
     /// The assignments still owned: messages of revoked ones are dropped.
     pub(crate) ownership: Arc<Ownership>,
+    /// The consumer group, for the `process` spans' `messaging.consumer.group.name`.
+    #[cfg(feature = "otel")]
+    pub(crate) group: Arc<str>,
 }
 
 impl<S> Stack<S>
@@ -93,6 +96,15 @@ impl Finished {
             self.since = at;
         }
         self.completions.push(completion);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.completions.is_empty()
+    }
+
+    /// When the oldest unreported completion is due to be reported.
+    fn due(&self) -> Instant {
+        self.since + REPORT_INTERVAL
     }
 
     /// Whether, at `now`, the oldest unreported completion waited
@@ -167,6 +179,11 @@ pub(crate) async fn run_lane<S>(
                 tracing::debug!(tp = %work.tp, offset, "message of a revoked partition dropped");
                 continue;
             }
+            // With `otel`: the same span, named `process <topic>` for OpenTelemetry
+            // and the child of the producer's context found in the headers.
+            #[cfg(feature = "otel")]
+            let span = crate::kafka::otel::process_span(&work.message, &ctx.group);
+            #[cfg(not(feature = "otel"))]
             let span = tracing::info_span!(
                 "kafka_message",
                 topic = %work.tp.topic,
@@ -180,10 +197,24 @@ pub(crate) async fn run_lane<S>(
             };
             // `None`: its dead-letter publish goes on outside the lane, which
             // reports the completion once the message is out.
-            let Some(done) = process(&mut stack, &ctx, &completion, work.message)
-                .instrument(span)
-                .await
-            else {
+            let handled = process(&mut stack, &ctx, &completion, work.message).instrument(span);
+            let done = if finished.is_empty() {
+                handled.await
+            } else {
+                // A slow message must not hold back what finished before it:
+                // report that when it is due, then go on waiting.
+                tokio::pin!(handled);
+                tokio::select! {
+                    biased;
+                    done = &mut handled => done,
+                    _ = tokio::time::sleep_until(finished.due()) => {
+                        finished.report(&ctx.completions);
+                        ctx.ownership.holding(index, false);
+                        handled.await
+                    }
+                }
+            };
+            let Some(done) = done else {
                 ctx.ownership.end(index);
                 continue;
             };
@@ -238,6 +269,8 @@ where
     let envelope = match decoded {
         Ok(envelope) => envelope,
         Err(reason) => {
+            #[cfg(feature = "otel")]
+            crate::kafka::otel::record_process_error(&reason.error_type);
             ctx.metrics.record_decode_error();
             tracing::warn!(
                 topic = message.topic(),
@@ -268,6 +301,8 @@ where
         }
         Err(error) => error,
     };
+    #[cfg(feature = "otel")]
+    crate::kafka::otel::record_process_error(handler_error_type(error.as_ref()));
     match &ctx.dlq {
         Some(publisher) => {
             let reason = reason_for(error, event.attempts_made().max(1));
@@ -288,6 +323,18 @@ where
             ctx.metrics.record(Ending::Failed, retries, done - started);
             Some(done)
         }
+    }
+}
+
+/// The `error.type` of a failed handler: the [`HandlerError`]'s type when the
+/// handler gave one, else its class (`transient`, `permanent`, ...).
+///
+/// [`HandlerError`]: crate::kafka::consumer::HandlerError
+#[cfg(feature = "otel")]
+fn handler_error_type(error: &(dyn std::error::Error + 'static)) -> &'static str {
+    match error.downcast_ref::<super::HandlerError>() {
+        Some(h) => h.error_type(),
+        None => HandlerErrors::classify_error(error).class,
     }
 }
 
@@ -461,6 +508,8 @@ mod tests {
                 ownership.grant(1);
                 Arc::new(ownership)
             },
+            #[cfg(feature = "otel")]
+            group: Arc::from("test-group"),
         };
         (Arc::new(ctx), rx)
     }
@@ -511,7 +560,8 @@ mod tests {
     }
 
     /// A batch of slow messages (4 ms each, paused clock) is reported in order:
-    /// every 10 ms while the batch runs, the rest once the queue is empty.
+    /// at most 10 ms after the oldest finished (also while a message runs), the
+    /// rest once the queue is empty.
     #[tokio::test(start_paused = true)]
     async fn queued_messages_of_a_revoked_partition_are_dropped_and_the_running_one_reported() {
         let (kept, revoked) = (TopicPartition::new("t", 0), TopicPartition::new("t", 1));
@@ -598,13 +648,20 @@ mod tests {
             ctx,
             mut reports,
         } = start_lane(handler);
+        let start = tokio::time::Instant::now();
         queue
             .send((0..5).map(|o| work(&tp, o)).collect())
             .await
             .unwrap();
-        // Finished at 4, 8, 12, 16 ms: the fourth is 12 ms after the first.
-        assert_eq!(offsets(&reports.recv().await.unwrap()), [0, 1, 2, 3]);
-        assert_eq!(offsets(&reports.recv().await.unwrap()), [4]);
+        // Finished at 4, 8, 12 ms; at 14 ms, while the fourth still runs, the
+        // first has waited 10 ms: 0-2 are reported then, not when the fourth ends.
+        assert_eq!(offsets(&reports.recv().await.unwrap()), [0, 1, 2]);
+        assert_eq!(
+            tokio::time::Instant::now().duration_since(start),
+            Duration::from_millis(14)
+        );
+        // 3 and 4 finish at 16 and 20 ms, reported when the queue runs empty.
+        assert_eq!(offsets(&reports.recv().await.unwrap()), [3, 4]);
         queue.send(vec![work(&tp, 5)]).await.unwrap();
         assert_eq!(offsets(&reports.recv().await.unwrap()), [5]);
         drop(queue);

@@ -24,10 +24,12 @@
 //!   for its share; lanes report completions a batch at a time too. A full lane
 //!   holds up the poll thread (which still serves
 //!   pause, resume and stop) for at most `backpressure_after` (500 ms); if it is
-//!   still full, the poll thread holds the unsent batches and pauses fetching, yet
-//!   keeps polling, so rebalances and `max.poll.interval.ms` are
-//!   served however slow the handler is; when the lane is half empty it seeks back to
-//!   the next undispatched offset and resumes. librdkafka's prefetch is capped by
+//!   still full, the poll thread holds that lane's unsent batches and pauses
+//!   fetching of only the partitions that feed it (one stuck partition does not
+//!   stall the others), yet keeps polling, so rebalances and
+//!   `max.poll.interval.ms` are served however slow the handler is; when the lane
+//!   is half empty it seeks those partitions back to the next undispatched offset
+//!   and resumes them. librdkafka's prefetch is capped by
 //!   `queued.max.messages.kbytes` (16 MiB unless you set it).
 //! - **Ordering** ([`ProcessingOrder`]): by default one message at a time per
 //!   partition. Opt-in key-ordered mode handles one partition on `workers` lanes
@@ -53,8 +55,12 @@
 //!   ([`tracker::OffsetTracker`]); on partition revocation the finished part is
 //!   committed synchronously before the partition goes. In auto-commit mode keel
 //!   *stores* those offsets (`enable.auto.offset.store=false`) and librdkafka commits
-//!   them every `auto.commit.interval.ms`; in manual mode keel commits them itself
-//!   every `commit_interval`. Either way only finished offsets are ever committed.
+//!   them every `auto.commit.interval.ms` (keel's default: every 200 ms, its
+//!   `commit_interval`, not librdkafka's 5 s); in manual mode keel commits them
+//!   itself every `commit_interval`. Either way only finished offsets are ever
+//!   committed, and a crash redoes at most what was in flight plus what finished
+//!   in the last interval. Lanes report finished offsets within 10 ms, also while
+//!   a slow message of their batch still runs.
 //! - **Pause / resume** of everything or one partition. librdkafka drops prefetched
 //!   messages of a paused partition, so resume first seeks each partition to one
 //!   past the last message handed to a worker: nothing is skipped, and re-fetched
@@ -171,6 +177,7 @@
 //! ```
 
 mod attempts;
+mod backpressure;
 mod control;
 mod error;
 pub(crate) mod event;
@@ -198,6 +205,7 @@ pub use tracker::TopicPartition;
 use crate::kafka::client::{ConnectionTracker, ConsumerRegistration, KafkaClient};
 use crate::kafka::config::{KafkaConfig, KafkaLogLevel};
 use crate::kafka::dead_letter::{DEFAULT_SUFFIX, DeadLetterPublisher, DeadLetterTopics};
+use backpressure::Backpressure;
 use control::{ConsumerControl, RegisteredConsumer};
 use keel_layers::retry::RetryPolicy;
 use lane::{LaneContext, Stack, run_lane};
@@ -213,6 +221,9 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tower::Service;
 
+/// Default of [`KafkaConsumerBuilder::commit_interval`].
+pub const DEFAULT_COMMIT_INTERVAL: Duration = Duration::from_millis(200);
+
 /// What to consume and how; the seed's `start({ topics, fromBeginning, autoCommit,
 /// maxRetries, enableDLQ })`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -223,7 +234,7 @@ pub struct StartOptions {
     /// (`auto.offset.reset=earliest`); otherwise from the latest. Default `false`.
     pub from_beginning: bool,
     /// `true` (default): keel stores finished offsets and librdkafka commits them
-    /// periodically. `false`: keel commits finished offsets itself every
+    /// every `commit_interval` (200 ms by default). `false`: keel commits finished offsets itself every
     /// `commit_interval`. Both commit only finished offsets.
     pub auto_commit: bool,
     /// Retries per message after the first attempt. Default 3.
@@ -339,7 +350,12 @@ impl KafkaConsumerBuilder {
         self.dlq_suffix = suffix.into();
         self
     }
-    /// How often manual-commit mode commits (default 1 s; zero commits after every poll).
+    /// How often finished offsets are committed (default 200 ms). In manual-commit
+    /// mode keel commits every `interval` (zero: after every poll); in auto-commit
+    /// mode it becomes librdkafka's `auto.commit.interval.ms` unless the client
+    /// configuration sets that. A crashed consumer's successor redoes at most what
+    /// was finished in the last `interval` (plus a commit under way) and what was
+    /// in flight.
     pub fn commit_interval(mut self, interval: Duration) -> Self {
         self.commit_interval = interval;
         self
@@ -351,8 +367,9 @@ impl KafkaConsumerBuilder {
         self
     }
 
-    /// How long a full lane may hold up polling before fetching is paused instead
-    /// (default 500 ms). Short bursts wait; sustained backpressure pauses, so
+    /// How long a full lane may hold up polling before fetching of the partitions
+    /// that feed it is paused instead (default 500 ms). Short bursts wait;
+    /// sustained backpressure pauses only those partitions (the others go on), so
     /// rebalances and `max.poll.interval.ms` are served however slow the handler.
     pub fn backpressure_after(mut self, patience: Duration) -> Self {
         self.backpressure_after = patience;
@@ -473,6 +490,18 @@ impl KafkaConsumerBuilder {
         if config.get("queued.max.messages.kbytes").is_none() {
             config.set("queued.max.messages.kbytes", "16384");
         }
+        // librdkafka's 5 s default lets a crash redo up to 5 s of finished work;
+        // commit what is finished promptly (librdkafka skips a commit when no
+        // stored offset moved, so an idle consumer sends none).
+        if options.auto_commit && config.get("auto.commit.interval.ms").is_none() {
+            config.set(
+                "auto.commit.interval.ms",
+                self.commit_interval
+                    .as_millis()
+                    .clamp(1, 86_400_000)
+                    .to_string(),
+            );
+        }
         let connection = ConnectionTracker::new("consumer", self.log_level);
         let consumer: KeelBaseConsumer = config
             .create_with_context(KeelConsumerContext {
@@ -511,6 +540,8 @@ impl KafkaConsumerBuilder {
             state: state.clone(),
             stop: lane_stop_rx.clone(),
             ownership,
+            #[cfg(feature = "otel")]
+            group: Arc::from(self.group_id.as_str()),
         });
         let mut lanes = Vec::with_capacity(self.workers);
         let mut lane_tasks = Vec::with_capacity(self.workers);
@@ -539,9 +570,9 @@ impl KafkaConsumerBuilder {
             last_tp: None,
             topics: HashMap::new(),
             backpressure_after: self.backpressure_after,
-            held: Vec::new(),
-            held_lane: 0,
+            backpressure: Backpressure::new(self.workers),
             last_reseek: std::time::Instant::now(),
+            seen_generation: 0,
         };
         let weak = Arc::downgrade(&consumer);
         drop(consumer);
@@ -638,7 +669,7 @@ impl KafkaConsumer {
             lane_capacity: 256,
             retry_policy: RetryPolicy::kafka().without_budget(),
             dlq_suffix: DEFAULT_SUFFIX.to_string(),
-            commit_interval: Duration::from_secs(1),
+            commit_interval: DEFAULT_COMMIT_INTERVAL,
             poll_timeout: Duration::from_millis(50),
             backpressure_after: Duration::from_millis(500),
             revoke_timeout: Duration::from_secs(10),

@@ -89,6 +89,11 @@ impl Ownership {
         self.live().contains(&epoch)
     }
 
+    /// The current generation (moves on every grant and withdrawal).
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(SeqCst)
+    }
+
     /// A lane's first view (nothing live until refreshed).
     pub(crate) fn view(&self) -> LaneView {
         LaneView {

@@ -9,14 +9,17 @@
 //! [`MAX_BATCH`] messages, without waiting) and hands each lane its share at once,
 //! so a lane is woken once per batch rather than once per message. A full lane
 //! holds the thread up to `backpressure_after` (serving commands meanwhile); if it
-//! stays full, the thread holds the unsent batches and pauses fetching (librdkafka
-//! `pause`) but keeps polling, so rebalances and `max.poll.interval.ms` are served
-//! however slow the handler; once the lane is half empty it seeks every partition
-//! back to the next undispatched offset and resumes. Completions come back on a
+//! stays full, the thread holds that lane's unsent batches and pauses fetching of
+//! the partitions that feed it (librdkafka `pause`; [`super::backpressure`]), while
+//! the other partitions go on; it keeps polling, so rebalances and
+//! `max.poll.interval.ms` are served however slow the handler; once the lane is
+//! half empty it seeks those partitions back to the next undispatched offset and
+//! resumes them. Completions come back on a
 //! channel, a batch at a time, and become commits: stored offsets (auto-commit
 //! mode) or explicit commits (manual mode), always only up to the lowest unfinished
 //! offset of each partition.
 
+use super::backpressure::Backpressure;
 use super::error::ConsumerError;
 use super::event::{CopiedSpans, CopyBuffer, ReceivedMessage};
 use super::metrics::ConsumerMetrics;
@@ -102,8 +105,8 @@ pub(crate) struct Shared {
     pub(crate) paused_all: AtomicBool,
     pub(crate) paused: Mutex<HashSet<TopicPartition>>,
     pub(crate) aborted: AtomicBool,
-    /// Fetching is paused because a lane is full.
-    pub(crate) backpressure: AtomicBool,
+    /// Partitions whose fetching is paused because a lane they feed is full.
+    pub(crate) backpressured: Mutex<HashSet<TopicPartition>>,
     pub(crate) manual_commit: bool,
     /// The assignments still owned (the revocation barrier).
     pub(crate) ownership: Arc<Ownership>,
@@ -138,7 +141,7 @@ impl Shared {
             paused_all: AtomicBool::new(false),
             paused: Mutex::new(HashSet::new()),
             aborted: AtomicBool::new(false),
-            backpressure: AtomicBool::new(false),
+            backpressured: Mutex::new(HashSet::new()),
             manual_commit,
             ownership,
             revoke_timeout,
@@ -195,9 +198,13 @@ impl Shared {
         {
             let mut rewind = self.rewind();
             let mut reseek = self.reseek();
+            let mut backpressured = lock(&self.backpressured);
             for tp in revoked {
                 rewind.remove(tp);
                 reseek.remove(tp);
+                // A partition assigned again starts unpaused: the old assignment's
+                // full lane no longer counts for it.
+                backpressured.remove(tp);
             }
         }
         let mut tracker = self.tracker();
@@ -308,15 +315,15 @@ impl ConsumerContext for KeelConsumerContext {
             Rebalance::Assign(assigned) => {
                 // The group coordinator answered: connected.
                 self.connection.confirm_connected();
-                let paused_all = self.shared.paused_all.load(Ordering::SeqCst)
-                    || self.shared.backpressure.load(Ordering::SeqCst);
+                let paused_all = self.shared.paused_all.load(Ordering::SeqCst);
                 let paused = self.shared.paused();
+                let backpressured = lock(&self.shared.backpressured);
                 let mut to_pause = TopicPartitionList::new();
                 {
                     let mut tracker = self.shared.tracker();
                     for e in assigned.elements() {
                         let tp = TopicPartition::new(e.topic(), e.partition());
-                        if paused_all || paused.contains(&tp) {
+                        if paused_all || paused.contains(&tp) || backpressured.contains(&tp) {
                             to_pause.add_partition(e.topic(), e.partition());
                         }
                         let epoch = tracker.assign(tp);
@@ -407,12 +414,12 @@ pub(crate) struct PollLoop {
     pub(crate) topics: HashMap<String, Arc<str>>,
     /// How long a full lane may block polling before fetching is paused instead.
     pub(crate) backpressure_after: Duration,
-    /// Batches whose lanes stayed full, with their lanes (sent once there is room).
-    pub(crate) held: Vec<(usize, Batch)>,
-    /// The lane that was full last.
-    pub(crate) held_lane: usize,
+    /// Batches held for lanes that stayed full, and the partitions paused for them.
+    pub(crate) backpressure: Backpressure,
     /// When a failed seek was last retried.
     pub(crate) last_reseek: Instant,
+    /// The ownership generation whose revocations were applied to `backpressure`.
+    pub(crate) seen_generation: u64,
 }
 
 enum Next {
@@ -529,9 +536,16 @@ impl PollLoop {
                 self.shared.paused().remove(tp);
             }
         }
-        // Under backpressure the fetch stays paused; relieving it resumes these.
-        if tpl.count() > 0 && !self.shared.backpressure.load(Ordering::SeqCst) {
-            self.seek_and_resume(&tpl);
+        // Partitions paused for a full lane stay paused; relieving it resumes them.
+        let mut resume = TopicPartitionList::new();
+        for e in tpl.elements() {
+            let tp = TopicPartition::new(e.topic(), e.partition());
+            if !self.backpressure.is_paused(&tp) {
+                resume.add_partition(e.topic(), e.partition());
+            }
+        }
+        if resume.count() > 0 {
+            self.seek_and_resume(&resume);
         }
         tracing::info!(partition = ?tp, "consumption resumed");
         Ok(())
@@ -624,12 +638,12 @@ impl PollLoop {
         if pending.is_empty() {
             return;
         }
-        let held = self.shared.backpressure.load(Ordering::SeqCst)
-            || self.shared.paused_all.load(Ordering::SeqCst);
-        if held {
+        if self.shared.paused_all.load(Ordering::SeqCst) {
             return; // the resume that ends the pause seeks them
         }
-        let user_paused = self.shared.paused().clone();
+        // Partitions held by the user or by a full lane: their resume seeks them.
+        let mut user_paused = self.shared.paused().clone();
+        user_paused.extend(self.backpressure.paused().iter().cloned());
         let tried: Vec<TopicPartition> = pending.iter().map(|(tp, _)| tp.clone()).collect();
         let pending: Vec<(TopicPartition, i64)> = pending
             .into_iter()
@@ -691,12 +705,46 @@ impl PollLoop {
         }
     }
 
+    /// After a revocation: held batches lose the messages of revoked assignments
+    /// (the lanes would drop them anyway), and partitions no longer assigned stop
+    /// counting as paused for a full lane (they are not resumed or sought later).
+    fn forget_revoked(&mut self) {
+        let generation = self.shared.ownership.generation();
+        if generation == self.seen_generation {
+            return;
+        }
+        self.seen_generation = generation;
+        if !self.backpressure.any() {
+            return;
+        }
+        let ownership = &self.shared.ownership;
+        for held in &mut self.backpressure.held {
+            for batch in held.iter_mut() {
+                batch.retain(|work| ownership.owns(work.epoch));
+            }
+            held.retain(|batch| !batch.is_empty());
+        }
+        let gone: Vec<TopicPartition> = {
+            let tracker = self.shared.tracker();
+            self.backpressure
+                .paused()
+                .iter()
+                .filter(|tp| tracker.epoch(tp).is_none())
+                .cloned()
+                .collect()
+        };
+        if !gone.is_empty() {
+            self.backpressure.forget(&gone);
+            self.publish_backpressured();
+        }
+    }
+
     fn poll_once(&mut self) -> Next {
+        self.forget_revoked();
         if let Some(next) = self.relieve_backpressure() {
             return next;
         }
-        let held = !self.held.is_empty() || self.shared.backpressure.load(Ordering::SeqCst);
-        let timeout = if held {
+        let timeout = if self.backpressure.any() {
             // Check the full lane again soon; keep polling to serve rebalances.
             self.poll_timeout.min(Duration::from_millis(10))
         } else {
@@ -707,17 +755,6 @@ impl PollLoop {
         let Some(message) = next_message(&consumer, timeout) else {
             return Next::Continue;
         };
-        if held {
-            // Fetched before the backpressure pause took effect: not dispatched, so
-            // fetch it again when the pause ends.
-            let (tp, offset) = (self.partition_of(&message), message.offset());
-            self.shared
-                .rewind()
-                .entry(tp)
-                .and_modify(|o| *o = (*o).min(offset))
-                .or_insert(offset);
-            return Next::Continue;
-        }
         // Gather what librdkafka already has (up to `batch_max`), copying every
         // message into one buffer, then wake each lane once for its whole batch.
         let mut buffer = CopyBuffer::with_capacity(self.copy_capacity);
@@ -779,6 +816,17 @@ impl PollLoop {
         routed: &mut Vec<(usize, TopicPartition, u64, CopiedSpans)>,
     ) {
         let tp = self.partition_of(&message);
+        if self.backpressure.is_paused(&tp) {
+            // Fetched before the backpressure pause took effect: not dispatched, so
+            // fetch it again when the pause ends.
+            let offset = message.offset();
+            self.shared
+                .rewind()
+                .entry(tp)
+                .and_modify(|o| *o = (*o).min(offset))
+                .or_insert(offset);
+            return;
+        }
         let epoch = match self.shared.tracker().dispatch(&tp, message.offset()) {
             Dispatch::Accepted { epoch } => epoch,
             skipped => {
@@ -799,15 +847,16 @@ impl PollLoop {
     }
 
     /// Sends each lane its batch. A full lane is waited for (see
-    /// [`PollLoop::wait_for_room`]); once one stays full, every batch not sent yet is
-    /// held and fetching pauses.
+    /// [`PollLoop::wait_for_room`]); once one stays full, its batches are held and
+    /// only the partitions that feed it pause; the other lanes go on.
     fn hand_out(&mut self, batches: Vec<Batch>) -> Next {
         for (lane, batch) in batches.into_iter().enumerate() {
             if batch.is_empty() {
                 continue;
             }
-            if !self.held.is_empty() {
-                self.held.push((lane, batch));
+            if self.backpressure.is_blocked(lane) {
+                // Behind the batches it already holds: the lane's order is kept.
+                self.hold(lane, batch);
                 continue;
             }
             let next = match self.lanes[lane].try_send(batch) {
@@ -819,16 +868,13 @@ impl PollLoop {
                 return next;
             }
         }
-        if !self.held.is_empty() {
-            self.pause_for_backpressure();
-        }
         Next::Continue
     }
 
     /// A lane is full. Short bursts are absorbed by waiting (serving commands) up to
     /// `backpressure_after`; a lane still full after that is sustained backpressure:
-    /// hold the batch (the caller pauses fetching and goes back to polling). Pausing
-    /// on every full lane would thrash (each resume seeks and re-fetches).
+    /// hold the batch and pause its partitions. Pausing on every full lane would
+    /// thrash (each resume seeks and re-fetches).
     fn wait_for_room(&mut self, lane: usize, batch: Batch) -> Next {
         let rt = self.rt.clone();
         let sender = self.lanes[lane].clone();
@@ -859,71 +905,97 @@ impl PollLoop {
             }
         });
         if let Some(batch) = unsent {
-            self.held.push((lane, batch));
+            self.hold(lane, batch);
         }
         next
     }
 
-    /// A lane is full: pause fetching everywhere, but keep polling so rebalances
-    /// and the poll interval are served.
-    fn pause_for_backpressure(&self) {
-        if self.shared.backpressure.swap(true, Ordering::SeqCst) {
+    /// Holds `batch` until `lane` has room and pauses fetching of its partitions
+    /// (only those: the others go on), but keeps polling so rebalances and the
+    /// poll interval are served.
+    fn hold(&mut self, lane: usize, batch: Batch) {
+        let newly = self.backpressure.hold(lane, batch);
+        if newly.is_empty() {
             return;
         }
-        match self.consumer.assignment() {
-            Ok(tpl) if tpl.count() > 0 => {
-                if let Err(e) = self.consumer.pause(&tpl) {
-                    tracing::warn!(error = %e, "backpressure pause failed");
-                }
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "backpressure pause: no assignment"),
+        self.publish_backpressured();
+        let mut tpl = TopicPartitionList::new();
+        for tp in &newly {
+            tpl.add_partition(&tp.topic, tp.partition);
         }
-        tracing::debug!("lane full: fetching paused");
+        if let Err(e) = self.consumer.pause(&tpl) {
+            tracing::warn!(error = %e, "backpressure pause failed");
+        }
+        tracing::debug!(lane, partitions = ?newly, "lane full: fetching of its partitions paused");
     }
 
-    /// Sends the held batches once their lanes have room, and ends the
-    /// backpressure pause when the last lane that was full is at most half full
-    /// (hysteresis).
+    /// Shares the backpressured partitions with the rebalance callback (which keeps
+    /// them paused if they are assigned again).
+    fn publish_backpressured(&self) {
+        *lock(&self.shared.backpressured) = self.backpressure.paused().clone();
+    }
+
+    /// Sends the held batches once their lanes have room, and resumes the
+    /// partitions a lane paused once it is at most half full (hysteresis).
     fn relieve_backpressure(&mut self) -> Option<Next> {
-        let mut still_held = Vec::new();
-        for (lane, batch) in std::mem::take(&mut self.held) {
-            if !still_held.is_empty() {
-                still_held.push((lane, batch));
+        if !self.backpressure.any() {
+            return None;
+        }
+        let blocked: Vec<usize> = self.backpressure.blocked_lanes().collect();
+        for lane in blocked {
+            let sender = &self.lanes[lane];
+            let held = &mut self.backpressure.held[lane];
+            while let Some(batch) = held.pop_front() {
+                match sender.try_send(batch) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(batch)) => {
+                        held.push_front(batch);
+                        break;
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => return Some(Next::Abort),
+                }
+            }
+            if !held.is_empty() || sender.capacity() * 2 < sender.max_capacity() {
                 continue;
             }
-            match self.lanes[lane].try_send(batch) {
-                Ok(()) => self.held_lane = lane,
-                Err(mpsc::error::TrySendError::Full(batch)) => still_held.push((lane, batch)),
-                Err(mpsc::error::TrySendError::Closed(_)) => return Some(Next::Abort),
+            let freed = self.backpressure.release(lane);
+            self.publish_backpressured();
+            self.resume_after_backpressure(freed);
+        }
+        None
+    }
+
+    /// Resumes `freed` partitions that are still assigned and not paused by the
+    /// user (the user's resume seeks those).
+    fn resume_after_backpressure(&mut self, freed: Vec<TopicPartition>) {
+        if freed.is_empty() {
+            return;
+        }
+        let assigned: HashSet<TopicPartition> = match self.consumer.assignment() {
+            Ok(tpl) => tpl
+                .elements()
+                .iter()
+                .map(|e| TopicPartition::new(e.topic(), e.partition()))
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "backpressure resume: no assignment");
+                HashSet::new()
             }
-        }
-        self.held = still_held;
-        if !self.held.is_empty() || !self.shared.backpressure.load(Ordering::SeqCst) {
-            return None;
-        }
-        let lane = &self.lanes[self.held_lane];
-        if lane.capacity() * 2 < lane.max_capacity() {
-            return None;
-        }
-        self.shared.backpressure.store(false, Ordering::SeqCst);
-        if self.shared.paused_all.load(Ordering::SeqCst) {
-            return None; // the user's pause stands; their resume seeks
-        }
-        let Ok(assignment) = self.consumer.assignment() else {
-            return None;
         };
+        let paused_all = self.shared.paused_all.load(Ordering::SeqCst);
         let user_paused = self.shared.paused().clone();
         let mut tpl = TopicPartitionList::new();
-        for e in assignment.elements() {
-            let tp = TopicPartition::new(e.topic(), e.partition());
-            if !user_paused.contains(&tp) {
-                tpl.add_partition(e.topic(), e.partition());
+        for tp in &freed {
+            if !assigned.contains(tp) {
+                self.shared.rewind().remove(tp);
+            } else if !paused_all && !user_paused.contains(tp) {
+                tpl.add_partition(&tp.topic, tp.partition);
             }
         }
-        self.seek_and_resume(&tpl);
-        tracing::debug!("lane drained: fetching resumed");
-        None
+        if tpl.count() > 0 {
+            self.seek_and_resume(&tpl);
+        }
+        tracing::debug!(partitions = ?freed, "lane drained: fetching resumed");
     }
 
     /// After Stop: keep committing what lanes finish until Finish (or the handle is

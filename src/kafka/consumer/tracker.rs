@@ -140,7 +140,11 @@ impl OffsetTracker {
             return Dispatch::Duplicate;
         }
         state.pending.insert(offset);
-        state.next_offset = Some(offset + 1);
+        // Saturating: a broker can send offset i64::MAX, which has no "one past"
+        // (`+ 1` panicked the poll thread in debug builds and wrapped to a negative
+        // commit position in release). At i64::MAX the position stays on that
+        // offset, so it is delivered again rather than skipped.
+        state.next_offset = Some(offset.saturating_add(1));
         Dispatch::Accepted { epoch: state.epoch }
     }
 
@@ -310,6 +314,27 @@ mod tests {
         assert_eq!(t.commit_position(&tp(0)), None);
         let e = epoch(t.dispatch(&tp(0), 1));
         assert_eq!(e, new);
+    }
+
+    #[test]
+    fn the_last_representable_offset_does_not_overflow() {
+        // Found by tests/model_tracker.rs: dispatch(i64::MAX) overflowed `offset + 1`.
+        let mut t = OffsetTracker::new();
+        let e = t.assign(tp(0));
+        assert_eq!(
+            t.dispatch(&tp(0), i64::MAX - 1),
+            Dispatch::Accepted { epoch: e }
+        );
+        assert_eq!(
+            t.dispatch(&tp(0), i64::MAX),
+            Dispatch::Accepted { epoch: e }
+        );
+        assert_eq!(t.resume_position(&tp(0)), Some(i64::MAX));
+        assert!(t.complete(&tp(0), e, i64::MAX - 1));
+        assert_eq!(t.commit_position(&tp(0)), Some(i64::MAX));
+        assert!(t.complete(&tp(0), e, i64::MAX));
+        // Never past the end, never negative.
+        assert_eq!(t.commit_position(&tp(0)), Some(i64::MAX));
     }
 
     #[test]

@@ -191,6 +191,12 @@ impl PublishBatch {
             }));
         }
         metrics.record_batch(total);
+        // With `otel`: one PRODUCER span for the batch; every event carries its
+        // context (`Prepared` injects the current span's).
+        #[cfg(feature = "otel")]
+        let span = crate::kafka::otel::send_batch_span(&topic, total);
+        #[cfg(feature = "otel")]
+        let entered = span.clone().entered();
         let mut prepared = Vec::with_capacity(total);
         // Events of one batch are usually alike in size: size each buffer like
         // the previous event (capped, so one huge event does not inflate the rest).
@@ -225,6 +231,8 @@ impl PublishBatch {
                 }
             }
         }
+        #[cfg(feature = "otel")]
+        drop(entered);
         let ids: Vec<Uuid> = prepared.iter().map(|p| p.event_id).collect();
         // Enqueue everything we can right now, in order.
         let mut deliveries: Vec<DeliveryFuture> = Vec::with_capacity(total);
@@ -245,100 +253,101 @@ impl PublishBatch {
         // earlier with the batch's own time.
         let enqueue_deadline =
             deadline.min(tokio::time::Instant::now() + core.shared.config.delivery_timeout());
-        PublishBatchFuture {
-            inner: Box::pin(async move {
-                // The first event that could not be enqueued, and why.
-                let mut stopped: Option<KafkaProducerError> = None;
-                if let Some((err, first)) = enqueue_error {
-                    if is_queue_full(&err) {
-                        let pending = std::iter::once(first).chain(rest);
-                        if let Err(e) = enqueue_rest(
-                            &producer,
-                            &topic,
-                            pending,
-                            &mut deliveries,
-                            enqueue_deadline,
-                        )
-                        .await
-                        {
-                            stopped = Some(e);
-                        }
-                    } else {
-                        stopped = Some(KafkaProducerError::from_kafka(&*topic, err));
-                        drop(rest);
-                    }
-                }
-                let enqueued = deliveries.len();
-                let acked = await_acks(
-                    deliveries.into_iter().zip(ids.iter().copied()),
-                    &topic,
-                    Some(deadline),
-                )
-                .await;
-                let elapsed = started.elapsed();
-                let (failure, results) = match (acked, stopped) {
-                    (Ok(acks), None) => {
-                        core.metrics()
-                            .record_call(total as u64, 0, started, elapsed);
-                        core.confirm_connected();
-                        tracing::debug!(
-                            target: "keel::kafka",
-                            topic = %topic,
-                            events = total,
-                            duration_us = elapsed.as_micros() as u64,
-                            "batch published"
-                        );
-                        return Ok(BatchAck { topic, acks });
-                    }
-                    (Ok(acks), Some(e)) => {
-                        let results: Vec<EventResult> =
-                            acks.into_iter().map(EventResult::from).collect();
-                        (e, results)
-                    }
-                    (Err((first, results)), stopped) => (stopped.unwrap_or(first), results),
-                };
-                // The events after the enqueued ones: the first was refused by
-                // librdkafka, the rest never handed over.
-                let mut results = results;
-                let mut unsent = ids[enqueued..].iter().copied();
-                if let Some(event_id) = unsent.next() {
-                    results.push(EventResult {
-                        event_id,
-                        outcome: EventOutcome::Failed(failure.kind()),
-                    });
-                }
-                results.extend(unsent.map(not_sent));
-                let outcome = BatchOutcome::from_events(results);
-                // Some events may have been stored: that is what the batch's
-                // error says first (the cause keeps what stopped it).
-                let failure = if outcome.unknown > 0 && !failure.kind().may_have_been_delivered() {
-                    KafkaProducerError::with_source(
-                        &*topic,
-                        ProducerErrorKind::OutcomeUnknown,
-                        failure,
+        let future = async move {
+            // The first event that could not be enqueued, and why.
+            let mut stopped: Option<KafkaProducerError> = None;
+            if let Some((err, first)) = enqueue_error {
+                if is_queue_full(&err) {
+                    let pending = std::iter::once(first).chain(rest);
+                    if let Err(e) = enqueue_rest(
+                        &producer,
+                        &topic,
+                        pending,
+                        &mut deliveries,
+                        enqueue_deadline,
                     )
+                    .await
+                    {
+                        stopped = Some(e);
+                    }
                 } else {
-                    failure
-                };
-                core.metrics().record_call(
-                    outcome.delivered as u64,
-                    (total - outcome.delivered) as u64,
-                    started,
-                    elapsed,
-                );
-                tracing::warn!(
-                    target: "keel::kafka",
-                    topic = %topic,
-                    events = total,
-                    delivered = outcome.delivered,
-                    failed = outcome.failed,
-                    outcome_unknown = outcome.unknown,
-                    error = %failure,
-                    duration_us = elapsed.as_micros() as u64,
-                    "batch publish failed"
-                );
-                Err(failure.with_batch(outcome))
-            }),
+                    stopped = Some(KafkaProducerError::from_kafka(&*topic, err));
+                    drop(rest);
+                }
+            }
+            let enqueued = deliveries.len();
+            let acked = await_acks(
+                deliveries.into_iter().zip(ids.iter().copied()),
+                &topic,
+                Some(deadline),
+            )
+            .await;
+            let elapsed = started.elapsed();
+            let (failure, results) = match (acked, stopped) {
+                (Ok(acks), None) => {
+                    core.metrics()
+                        .record_call(total as u64, 0, started, elapsed);
+                    core.confirm_connected();
+                    tracing::debug!(
+                        target: "keel::kafka",
+                        topic = %topic,
+                        events = total,
+                        duration_us = elapsed.as_micros() as u64,
+                        "batch published"
+                    );
+                    return Ok(BatchAck { topic, acks });
+                }
+                (Ok(acks), Some(e)) => {
+                    let results: Vec<EventResult> =
+                        acks.into_iter().map(EventResult::from).collect();
+                    (e, results)
+                }
+                (Err((first, results)), stopped) => (stopped.unwrap_or(first), results),
+            };
+            // The events after the enqueued ones: the first was refused by
+            // librdkafka, the rest never handed over.
+            let mut results = results;
+            let mut unsent = ids[enqueued..].iter().copied();
+            if let Some(event_id) = unsent.next() {
+                results.push(EventResult {
+                    event_id,
+                    outcome: EventOutcome::Failed(failure.kind()),
+                });
+            }
+            results.extend(unsent.map(not_sent));
+            let outcome = BatchOutcome::from_events(results);
+            // Some events may have been stored: that is what the batch's
+            // error says first (the cause keeps what stopped it).
+            let failure = if outcome.unknown > 0 && !failure.kind().may_have_been_delivered() {
+                KafkaProducerError::with_source(&*topic, ProducerErrorKind::OutcomeUnknown, failure)
+            } else {
+                failure
+            };
+            core.metrics().record_call(
+                outcome.delivered as u64,
+                (total - outcome.delivered) as u64,
+                started,
+                elapsed,
+            );
+            tracing::warn!(
+                target: "keel::kafka",
+                topic = %topic,
+                events = total,
+                delivered = outcome.delivered,
+                failed = outcome.failed,
+                outcome_unknown = outcome.unknown,
+                error = %failure,
+                duration_us = elapsed.as_micros() as u64,
+                "batch publish failed"
+            );
+            #[cfg(feature = "otel")]
+            crate::kafka::otel::record_publish_error(&tracing::Span::current(), &failure);
+            Err(failure.with_batch(outcome))
+        };
+        #[cfg(feature = "otel")]
+        let future = tracing::Instrument::instrument(future, span);
+        PublishBatchFuture {
+            inner: Box::pin(future),
         }
     }
 }

@@ -10,7 +10,7 @@ use pin_project_lite::pin_project;
 use rdkafka::producer::DeliveryFuture;
 use uuid::Uuid;
 
-use super::{ProducerCore, PublishAck, delivery_result};
+use super::{ProducerCore, PublishAck, SendSpan, delivery_result};
 use crate::kafka::error::{KafkaProducerError, ProducerErrorKind};
 
 pin_project! {
@@ -26,6 +26,8 @@ pin_project! {
         event_id: Uuid,
         core: ProducerCore,
         started: Instant,
+        // The PRODUCER span (feature `otel`): ends when the future is dropped.
+        span: SendSpan,
     }
 }
 
@@ -46,6 +48,7 @@ impl PublishFuture {
         event_id: Uuid,
         core: ProducerCore,
         started: Instant,
+        span: SendSpan,
     ) -> Self {
         PublishFuture {
             delivery: Some(delivery),
@@ -54,10 +57,16 @@ impl PublishFuture {
             event_id,
             core,
             started,
+            span,
         }
     }
 
-    pub(crate) fn failed(error: KafkaProducerError, core: ProducerCore, started: Instant) -> Self {
+    pub(crate) fn failed(
+        error: KafkaProducerError,
+        core: ProducerCore,
+        started: Instant,
+        span: SendSpan,
+    ) -> Self {
         PublishFuture {
             delivery: None,
             topic: Cow::Owned(error.topic().to_string()),
@@ -65,6 +74,7 @@ impl PublishFuture {
             error: Some(error),
             core,
             started,
+            span,
         }
     }
 }
@@ -86,6 +96,8 @@ impl Future for PublishFuture {
         let elapsed = this.started.elapsed();
         match &result {
             Ok(ack) => {
+                #[cfg(feature = "otel")]
+                crate::kafka::otel::record_ack(this.span, ack);
                 this.core
                     .metrics()
                     .record_call(1, 0, *this.started, elapsed);
@@ -101,6 +113,8 @@ impl Future for PublishFuture {
                 );
             }
             Err(e) => {
+                #[cfg(feature = "otel")]
+                crate::kafka::otel::record_publish_error(this.span, e);
                 this.core
                     .metrics()
                     .record_call(0, 1, *this.started, elapsed);

@@ -67,6 +67,13 @@
 //! with [`ByError`](keel_layers::classify::ByError): message-too-large and
 //! serialization errors are permanent and are never retried.
 //!
+//! # Trace context (feature `otel`)
+//!
+//! With keel's `otel` feature each publish runs in an OpenTelemetry PRODUCER
+//! span `send <topic>` and writes its W3C `traceparent` into the record's headers
+//! (never over one the caller set); consumers continue the trace. See
+//! `keel::kafka::otel`.
+//!
 //! # Example
 //!
 //! ```no_run
@@ -233,7 +240,7 @@ impl Prepared {
             event_id: event.event_id(),
             value: event.encode_value()?,
             key: event.key().map(<[u8]>::to_vec),
-            headers: Some(event.kafka_headers()),
+            headers: Some(current_headers(event)),
             timestamp_ms: event.timestamp_ms(),
             partition,
         })
@@ -252,7 +259,7 @@ impl Prepared {
         Ok(Prepared {
             event_id: event.event_id(),
             value,
-            headers: Some(event.kafka_headers()),
+            headers: Some(current_headers(&event)),
             timestamp_ms: event.timestamp_ms(),
             key: event.take_key(),
             partition,
@@ -294,6 +301,30 @@ impl Prepared {
         }
     }
 }
+
+/// The event's Kafka headers; with `otel`, plus the trace context of the span
+/// current at the call (batches and transactions: one context for the whole call).
+fn current_headers<T>(event: &EventEnvelope<T>) -> OwnedHeaders {
+    #[cfg(feature = "otel")]
+    {
+        crate::kafka::otel::inject(
+            event.headers(),
+            event.kafka_headers(),
+            &tracing::Span::current(),
+        )
+    }
+    #[cfg(not(feature = "otel"))]
+    event.kafka_headers()
+}
+
+/// The OpenTelemetry PRODUCER span of one publish (feature `otel`); nothing
+/// without the feature, so the default build pays nothing for it.
+#[cfg(feature = "otel")]
+pub(crate) type SendSpan = tracing::Span;
+/// The OpenTelemetry PRODUCER span of one publish (feature `otel`); nothing
+/// without the feature, so the default build pays nothing for it.
+#[cfg(not(feature = "otel"))]
+pub(crate) type SendSpan = ();
 
 /// How long past librdkafka's delivery timeout the publish stack waits for a
 /// call, and a bare [`PublishBatch`] for a whole batch: librdkafka's own, typed
@@ -454,6 +485,10 @@ impl PublishEvent {
         let started = Instant::now();
         let event_id = req.event.event_id();
         let topic = req.topic;
+        #[cfg(feature = "otel")]
+        let span: SendSpan = crate::kafka::otel::send_span(&topic, req.event.key());
+        #[cfg(not(feature = "otel"))]
+        let span: SendSpan = ();
         let producer = match self.core.producer(&topic) {
             Ok(p) => p,
             Err(e) => {
@@ -461,23 +496,31 @@ impl PublishEvent {
                     e.with_event_id(event_id),
                     self.core.clone(),
                     started,
+                    span,
                 );
             }
         };
-        match send_encoded(producer, &topic, &req.event, req.partition) {
+        #[cfg(feature = "otel")]
+        let headers =
+            crate::kafka::otel::inject(req.event.headers(), req.event.kafka_headers(), &span);
+        #[cfg(not(feature = "otel"))]
+        let headers = req.event.kafka_headers();
+        match send_encoded(producer, &topic, &req.event, headers, req.partition) {
             Ok(delivery) => {
-                PublishFuture::waiting(delivery, topic, event_id, self.core.clone(), started)
+                PublishFuture::waiting(delivery, topic, event_id, self.core.clone(), started, span)
             }
             Err(SendError::Encode(e)) => PublishFuture::failed(
                 KafkaProducerError::with_source(topic, ProducerErrorKind::Serialization, e)
                     .with_event_id(event_id),
                 self.core.clone(),
                 started,
+                span,
             ),
             Err(SendError::Enqueue(e)) => PublishFuture::failed(
                 KafkaProducerError::from_kafka(topic, e).with_event_id(event_id),
                 self.core.clone(),
                 started,
+                span,
             ),
         }
     }
@@ -498,11 +541,12 @@ thread_local! {
     static ENCODE_BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Encodes `event` into this thread's buffer and enqueues it.
+/// Encodes `event` into this thread's buffer and enqueues it with `headers`.
 fn send_encoded<T: Serialize>(
     producer: &KeelProducer,
     topic: &str,
     event: &EventEnvelope<T>,
+    headers: OwnedHeaders,
     partition: Option<i32>,
 ) -> Result<DeliveryFuture, SendError> {
     ENCODE_BUFFER.with(|cell| {
@@ -517,7 +561,7 @@ fn send_encoded<T: Serialize>(
                 let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic)
                     .payload(&buf[..])
                     .timestamp(event.timestamp_ms())
-                    .headers(event.kafka_headers());
+                    .headers(headers);
                 if let Some(key) = event.key() {
                     record = record.key(key);
                 }

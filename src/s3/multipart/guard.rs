@@ -154,6 +154,11 @@ pub(crate) struct Abort {
     key: String,
     upload_id: String,
     retry: RetryPolicy,
+    /// Shared by every clone: the drop guard's thread and
+    /// [`UploadRegistry::abort_all`] may both try; one request is sent and both
+    /// see its outcome (a second abort of a gone upload is `NoSuchUpload` on S3,
+    /// but some servers answer 500).
+    outcome: Arc<tokio::sync::OnceCell<bool>>,
 }
 
 impl Abort {
@@ -170,13 +175,19 @@ impl Abort {
             key: key.to_string(),
             upload_id: upload_id.to_string(),
             retry,
+            outcome: Arc::default(),
         }
+    }
+
+    /// Aborts once for all clones (see `outcome`); `true` once the upload is gone.
+    pub(crate) async fn send(&self, registry: &UploadRegistry) -> bool {
+        *self.outcome.get_or_init(|| self.send_once(registry)).await
     }
 
     /// Sends AbortMultipartUpload with retries; `true` once the upload is gone
     /// (aborted now, or `NoSuchUpload`: aborted or completed already). Counts and
     /// logs the outcome.
-    pub(crate) async fn send(&self, registry: &UploadRegistry) -> bool {
+    async fn send_once(&self, registry: &UploadRegistry) -> bool {
         let counters = TransferCounters::default();
         let (bucket, key) = (self.bucket.as_str(), self.key.as_str());
         let result = with_retries(&self.retry, &counters, || async {

@@ -1,0 +1,5 @@
+//! keel's fuzz targets' bodies; see `checks.rs`.
+
+mod checks;
+
+pub use checks::*;

@@ -1,0 +1,526 @@
+//! Trace context across Kafka (feature `otel`), against the real broker started
+//! by `scripts/up`.
+//!
+//! A `tracing` subscriber with the `tracing-opentelemetry` layer over an SDK
+//! tracer provider collects every finished span in the SDK's in-memory exporter.
+//! Events are published through keel's default publish stack inside a parent
+//! span, consumed by keel's consumer, and the spans are checked: one trace from
+//! the parent through the PRODUCER `send` span to the CONSUMER `process` span,
+//! with the messaging semantic-convention attributes (semconv 1.28+).
+#![cfg(feature = "otel")]
+
+mod support;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use keel::kafka::client::KafkaClient;
+use keel::kafka::config::{KafkaConfig, KafkaLogLevel};
+use keel::kafka::consumer::{BoxError, ConsumedEvent, HandlerError, KafkaConsumer, StartOptions};
+use keel::kafka::envelope::EventEnvelope;
+use keel::kafka::error::ProducerErrorKind;
+use keel::kafka::otel::TRACEPARENT;
+use keel::kafka::producer::{PublishBatchRequest, PublishRequest, PublishStack};
+use keel::kafka::registry::HandlerRegistry;
+use opentelemetry::trace::{SpanId, SpanKind, Status, TraceContextExt, TraceId, TracerProvider};
+use opentelemetry::{Key, Value};
+use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use serde_json::json;
+use tower::ServiceExt;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::layer::SubscriberExt;
+use uuid::Uuid;
+
+/// The exporter every span of this test binary ends in. The subscriber is
+/// global: the consumer's lanes run on the runtime's worker threads.
+fn exporter() -> &'static InMemorySpanExporter {
+    static EXPORTER: OnceLock<InMemorySpanExporter> = OnceLock::new();
+    EXPORTER.get_or_init(|| {
+        let exporter = InMemorySpanExporter::default();
+        // The simple processor exports each span as it ends.
+        let provider = SdkTracerProvider::builder()
+            .with_simple_exporter(exporter.clone())
+            .build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("keel-otel-test")));
+        tracing::subscriber::set_global_default(subscriber).expect("one global subscriber");
+        exporter
+    })
+}
+
+/// The finished spans of `trace`.
+fn spans_of(trace: TraceId) -> Vec<SpanData> {
+    exporter()
+        .get_finished_spans()
+        .expect("the in-memory exporter")
+        .into_iter()
+        .filter(|s| s.span_context.trace_id() == trace)
+        .collect()
+}
+
+/// Waits (up to 60 s) for the span of `trace` named `name`.
+async fn wait_for_span(trace: TraceId, name: &str) -> SpanData {
+    for _ in 0..600 {
+        if let Some(s) = spans_of(trace).into_iter().find(|s| s.name == name) {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let names: Vec<_> = spans_of(trace).into_iter().map(|s| s.name).collect();
+    panic!("no span {name:?} in trace {trace} within 60 s; its spans: {names:?}");
+}
+
+fn attr(span: &SpanData, key: &str) -> Option<Value> {
+    span.attributes
+        .iter()
+        .find(|kv| kv.key == Key::from(key.to_string()))
+        .map(|kv| kv.value.clone())
+}
+
+/// Asserts that `span` has attribute `key` equal to `expected`.
+fn assert_attr(span: &SpanData, key: &str, expected: Value) {
+    assert_eq!(
+        attr(span, key),
+        Some(expected),
+        "attribute {key} of span {:?}; its attributes: {:?}",
+        span.name,
+        span.attributes
+    );
+}
+
+fn str_value(s: &str) -> Value {
+    Value::String(s.to_string().into())
+}
+
+fn client(brokers: &str) -> KafkaClient {
+    let config = KafkaConfig::builder()
+        .brokers(brokers.split(',').map(str::to_string))
+        .client_id("keel-otel-test")
+        .log_level(KafkaLogLevel::Warn)
+        .delivery_timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    KafkaClient::connect(config).unwrap()
+}
+
+fn unique(name: &str) -> String {
+    format!("keel-otel-{name}-{}", Uuid::new_v4())
+}
+
+/// A handler error of a type of its own, to see it as the span's `error.type`.
+#[derive(Debug)]
+struct OutOfStock;
+
+impl std::fmt::Display for OutOfStock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("out of stock")
+    }
+}
+
+impl std::error::Error for OutOfStock {}
+
+/// Reads the first record of partition 0 of `topic` with a plain rdkafka
+/// consumer; returns its headers.
+fn first_record_headers(brokers: &str, topic: &str) -> Vec<(String, Vec<u8>)> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", unique("reader"))
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Beginning)
+        .unwrap();
+    consumer.assign(&tpl).unwrap();
+    for _ in 0..60 {
+        match consumer.poll(Duration::from_secs(1)) {
+            Some(Ok(m)) => {
+                return m
+                    .headers()
+                    .map(|hs| {
+                        hs.iter()
+                            .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+            }
+            Some(Err(e)) => panic!("reading {topic}: {e}"),
+            None => {}
+        }
+    }
+    panic!("no record in {topic} within 60 s");
+}
+
+fn header<'a>(headers: &'a [(String, Vec<u8>)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| std::str::from_utf8(v).expect("UTF-8 header"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_trace_runs_from_the_publisher_through_kafka_to_the_handler() {
+    let brokers = support::kafka_brokers();
+    exporter();
+    let client = client(&brokers);
+    let topic = unique("orders");
+    let dlq_topic = format!("{topic}.dlq");
+    for t in [&topic, &dlq_topic] {
+        client
+            .create_topic(t, 1, 1, Duration::from_secs(20))
+            .await
+            .expect("create topic");
+    }
+    let group = unique("group");
+    let stack = PublishStack::new(&client);
+
+    // The caller's span: both events are published inside it.
+    let parent = tracing::info_span!("checkout");
+    let trace = parent.context().span().span_context().trace_id();
+    let parent_id = parent.context().span().span_context().span_id();
+    assert_ne!(
+        trace,
+        TraceId::INVALID,
+        "the OpenTelemetry layer is installed"
+    );
+
+    let good = EventEnvelope::new("order.created", json!({"sku": "a"})).with_key("customer-7");
+    let bad = EventEnvelope::new("order.created", json!({"sku": "gone"}));
+    let (good_ack, bad_ack) = async {
+        let good_ack = stack
+            .event_service()
+            .oneshot(PublishRequest::new(topic.clone(), good.clone()))
+            .await
+            .expect("publish the good event");
+        let bad_ack = stack
+            .event_service()
+            .oneshot(PublishRequest::new(topic.clone(), bad.clone()))
+            .await
+            .expect("publish the bad event");
+        (good_ack, bad_ack)
+    }
+    .instrument(parent.clone())
+    .await;
+    drop(parent);
+
+    // The PRODUCER spans: children of the caller's span, with the semconv attributes.
+    let sends: Vec<SpanData> = {
+        let name = format!("send {topic}");
+        wait_for_span(trace, &name).await;
+        spans_of(trace)
+            .into_iter()
+            .filter(|s| s.name == name)
+            .collect()
+    };
+    assert_eq!(sends.len(), 2, "one send span per publish: {sends:?}");
+    let send_of = |offset: i64| {
+        sends
+            .iter()
+            .find(|s| attr(s, "messaging.kafka.offset") == Some(Value::I64(offset)))
+            .unwrap_or_else(|| panic!("no send span with offset {offset}: {sends:?}"))
+    };
+    let good_send = send_of(good_ack.offset);
+    let bad_send = send_of(bad_ack.offset);
+    for send in [good_send, bad_send] {
+        assert_eq!(send.span_kind, SpanKind::Producer);
+        assert_eq!(send.span_context.trace_id(), trace);
+        assert_ne!(send.parent_span_id, SpanId::INVALID);
+        assert_attr(send, "messaging.system", str_value("kafka"));
+        assert_attr(send, "messaging.destination.name", str_value(&topic));
+        assert_attr(send, "messaging.operation.type", str_value("send"));
+        assert_attr(send, "messaging.destination.partition.id", str_value("0"));
+        assert_eq!(attr(send, "error.type"), None);
+    }
+    assert_attr(
+        good_send,
+        "messaging.kafka.message.key",
+        str_value("customer-7"),
+    );
+    assert_eq!(attr(bad_send, "messaging.kafka.message.key"), None);
+    // The stack's `publish` logging span sits between the caller's span and the
+    // send span when DEBUG is on; here every level is on.
+    let ancestors_reach_parent = |span: &SpanData| {
+        let all = spans_of(trace);
+        let mut at = span.parent_span_id;
+        for _ in 0..8 {
+            if at == parent_id {
+                return true;
+            }
+            match all.iter().find(|s| s.span_context.span_id() == at) {
+                Some(s) => at = s.parent_span_id,
+                None => return false,
+            }
+        }
+        false
+    };
+    wait_for_span(trace, "checkout").await;
+    assert!(ancestors_reach_parent(good_send), "{good_send:?}");
+
+    // The records carry the send spans' contexts.
+    let headers = first_record_headers(&brokers, &topic);
+    let sent_parent = format!("00-{trace}-{}-01", good_send.span_context.span_id());
+    assert_eq!(header(&headers, TRACEPARENT), Some(sent_parent.as_str()));
+
+    // Consume both: the good one succeeds, the bad one fails for good and is
+    // dead-lettered.
+    let handled = Arc::new(AtomicU32::new(0));
+    let registry = {
+        let handled = handled.clone();
+        HandlerRegistry::builder()
+            .handler_fn("order.created", move |event: ConsumedEvent| {
+                let handled = handled.clone();
+                async move {
+                    handled.fetch_add(1, Ordering::SeqCst);
+                    if event.envelope().payload()["sku"] == json!("gone") {
+                        return Err::<(), BoxError>(HandlerError::permanent(OutOfStock).into());
+                    }
+                    // The handler's own spans join the trace.
+                    tracing::info_span!("reserve_stock").in_scope(|| {});
+                    Ok(())
+                }
+            })
+            .build()
+            .unwrap()
+    };
+    let mut consumer_config = ClientConfig::new();
+    consumer_config.set("bootstrap.servers", &brokers);
+    let consumer = KafkaConsumer::builder(consumer_config, group.clone())
+        .start(
+            StartOptions::new([topic.as_str()])
+                .from_beginning(true)
+                .enable_dlq(true),
+            registry,
+        )
+        .unwrap();
+
+    let process_name = format!("process {topic}");
+    let mut processes = Vec::new();
+    for _ in 0..600 {
+        processes = spans_of(trace)
+            .into_iter()
+            .filter(|s| s.name == process_name)
+            .collect();
+        if processes.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(processes.len(), 2, "two process spans: {processes:?}");
+    assert_eq!(handled.load(Ordering::SeqCst), 2);
+
+    let process_of = |offset: i64| {
+        processes
+            .iter()
+            .find(|s| attr(s, "messaging.kafka.offset") == Some(Value::I64(offset)))
+            .unwrap_or_else(|| panic!("no process span with offset {offset}: {processes:?}"))
+    };
+    for (ack, send) in [(&good_ack, good_send), (&bad_ack, bad_send)] {
+        let process = process_of(ack.offset);
+        assert_eq!(process.span_kind, SpanKind::Consumer);
+        // The child of the producer's span, in the caller's trace.
+        assert_eq!(process.span_context.trace_id(), trace);
+        assert_eq!(process.parent_span_id, send.span_context.span_id());
+        assert!(process.parent_span_is_remote);
+        assert_attr(process, "messaging.system", str_value("kafka"));
+        assert_attr(process, "messaging.destination.name", str_value(&topic));
+        assert_attr(process, "messaging.operation.type", str_value("process"));
+        assert_attr(process, "messaging.consumer.group.name", str_value(&group));
+        assert_attr(
+            process,
+            "messaging.destination.partition.id",
+            str_value(&ack.partition.to_string()),
+        );
+    }
+    let good_process = process_of(good_ack.offset);
+    assert_eq!(attr(good_process, "error.type"), None);
+    assert_attr(
+        good_process,
+        "messaging.kafka.message.key",
+        str_value("customer-7"),
+    );
+    assert_ne!(good_process.status, Status::error(""));
+    // The handler's span is the process span's child.
+    let reserve = wait_for_span(trace, "reserve_stock").await;
+    assert_eq!(reserve.parent_span_id, good_process.span_context.span_id());
+
+    let bad_process = process_of(bad_ack.offset);
+    assert_attr(
+        bad_process,
+        "error.type",
+        str_value(std::any::type_name::<OutOfStock>()),
+    );
+    assert!(
+        matches!(bad_process.status, Status::Error { .. }),
+        "{:?}",
+        bad_process.status
+    );
+
+    // The dead-letter record keeps the original context.
+    let dead = first_record_headers(&brokers, &dlq_topic);
+    let bad_parent = format!("00-{trace}-{}-01", bad_send.span_context.span_id());
+    assert_eq!(header(&dead, TRACEPARENT), Some(bad_parent.as_str()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_traceparent_set_by_the_caller_is_kept_and_continued_by_the_consumer() {
+    let brokers = support::kafka_brokers();
+    exporter();
+    let client = client(&brokers);
+    let topic = unique("caller");
+    client
+        .create_topic(&topic, 1, 1, Duration::from_secs(20))
+        .await
+        .expect("create topic");
+
+    // Published inside a span of another trace: the caller's header still wins.
+    let caller_trace = TraceId::from(u128::from_be_bytes(*Uuid::new_v4().as_bytes()));
+    let caller_span = SpanId::from(0x00f067aa0ba902b7_u64);
+    let traceparent = format!("00-{caller_trace}-{caller_span}-01");
+    let event = EventEnvelope::new("order.created", json!({"sku": "b"}))
+        .with_header(TRACEPARENT, traceparent.clone());
+    let other = tracing::info_span!("unrelated");
+    let other_trace = other.context().span().span_context().trace_id();
+    assert_ne!(other_trace, TraceId::INVALID);
+    PublishStack::new(&client)
+        .event_service()
+        .oneshot(PublishRequest::new(topic.clone(), event))
+        .instrument(other)
+        .await
+        .expect("publish");
+
+    let headers = first_record_headers(&brokers, &topic);
+    let traceparents: Vec<_> = headers.iter().filter(|(n, _)| n == TRACEPARENT).collect();
+    assert_eq!(traceparents.len(), 1, "{headers:?}");
+    assert_eq!(header(&headers, TRACEPARENT), Some(traceparent.as_str()));
+
+    let registry = HandlerRegistry::builder()
+        .handler_fn("order.created", |_event: ConsumedEvent| async {
+            Ok::<_, BoxError>(())
+        })
+        .build()
+        .unwrap();
+    let mut consumer_config = ClientConfig::new();
+    consumer_config.set("bootstrap.servers", &brokers);
+    let consumer = KafkaConsumer::builder(consumer_config, unique("caller-group"))
+        .start(
+            StartOptions::new([topic.as_str()]).from_beginning(true),
+            registry,
+        )
+        .unwrap();
+    let process = wait_for_span(caller_trace, &format!("process {topic}")).await;
+    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(process.parent_span_id, caller_span);
+    assert_eq!(process.span_kind, SpanKind::Consumer);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_publish_sets_error_type_on_the_send_span() {
+    let brokers = support::kafka_brokers();
+    exporter();
+    let client = client(&brokers);
+    let topic = unique("too-large");
+    let parent = tracing::info_span!("upload");
+    let trace = parent.context().span().span_context().trace_id();
+    // Larger than librdkafka's message.max.bytes (1 MB): refused before any I/O.
+    let event = EventEnvelope::new("blob", json!({"data": "x".repeat(2 * 1024 * 1024)}));
+    let err = PublishStack::new(&client)
+        .event_service()
+        .oneshot(PublishRequest::new(topic.clone(), event))
+        .instrument(parent)
+        .await
+        .expect_err("a 2 MB event is refused");
+    assert_eq!(err.kind(), ProducerErrorKind::MessageTooLarge);
+
+    let send = wait_for_span(trace, &format!("send {topic}")).await;
+    assert_eq!(send.span_kind, SpanKind::Producer);
+    assert_attr(&send, "error.type", str_value("MessageTooLarge"));
+    assert_attr(&send, "messaging.operation.type", str_value("send"));
+    assert!(
+        matches!(send.status, Status::Error { .. }),
+        "{:?}",
+        send.status
+    );
+    assert_eq!(attr(&send, "messaging.kafka.offset"), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_is_one_send_span_whose_context_every_event_carries() {
+    let brokers = support::kafka_brokers();
+    exporter();
+    let client = client(&brokers);
+    let topic = unique("batch");
+    client
+        .create_topic(&topic, 1, 1, Duration::from_secs(20))
+        .await
+        .expect("create topic");
+    let parent = tracing::info_span!("import");
+    let trace = parent.context().span().span_context().trace_id();
+    let events: Vec<_> = (0..3)
+        .map(|i| EventEnvelope::new("order.created", json!({"i": i})))
+        .collect();
+    let ack = PublishStack::new(&client)
+        .batch_service()
+        .oneshot(PublishBatchRequest::new(topic.clone(), events))
+        .instrument(parent)
+        .await
+        .expect("publish the batch");
+    assert_eq!(ack.acks.len(), 3);
+
+    let send = wait_for_span(trace, &format!("send {topic}")).await;
+    let sends = spans_of(trace)
+        .into_iter()
+        .filter(|s| s.name == send.name)
+        .count();
+    assert_eq!(sends, 1, "one send span for the batch");
+    assert_eq!(send.span_kind, SpanKind::Producer);
+    assert_attr(&send, "messaging.batch.message_count", Value::I64(3));
+    assert_attr(&send, "messaging.destination.name", str_value(&topic));
+    assert_attr(&send, "messaging.operation.type", str_value("send"));
+
+    let handled = Arc::new(AtomicU32::new(0));
+    let registry = {
+        let handled = handled.clone();
+        HandlerRegistry::builder()
+            .handler_fn("order.created", move |_event: ConsumedEvent| {
+                let handled = handled.clone();
+                async move {
+                    handled.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, BoxError>(())
+                }
+            })
+            .build()
+            .unwrap()
+    };
+    let mut consumer_config = ClientConfig::new();
+    consumer_config.set("bootstrap.servers", &brokers);
+    let consumer = KafkaConsumer::builder(consumer_config, unique("batch-group"))
+        .start(
+            StartOptions::new([topic.as_str()]).from_beginning(true),
+            registry,
+        )
+        .unwrap();
+    let process_name = format!("process {topic}");
+    let mut processes = Vec::new();
+    for _ in 0..600 {
+        processes = spans_of(trace)
+            .into_iter()
+            .filter(|s| s.name == process_name)
+            .collect();
+        if processes.len() == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(processes.len(), 3, "{processes:?}");
+    assert_eq!(handled.load(Ordering::SeqCst), 3);
+    for process in &processes {
+        assert_eq!(process.span_kind, SpanKind::Consumer);
+        assert_eq!(process.parent_span_id, send.span_context.span_id());
+    }
+}
