@@ -319,18 +319,29 @@ impl ConsumerContext for KeelConsumerContext {
                 let paused = self.shared.paused();
                 let backpressured = lock(&self.shared.backpressured);
                 let mut to_pause = TopicPartitionList::new();
+                let mut to_resume = TopicPartitionList::new();
                 {
                     let mut tracker = self.shared.tracker();
                     for e in assigned.elements() {
                         let tp = TopicPartition::new(e.topic(), e.partition());
                         if paused_all || paused.contains(&tp) || backpressured.contains(&tp) {
                             to_pause.add_partition(e.topic(), e.partition());
+                        } else {
+                            to_resume.add_partition(e.topic(), e.partition());
                         }
                         let epoch = tracker.assign(tp);
                         self.shared.ownership.grant(epoch);
                     }
                 }
                 tracing::info!(partitions = assigned.count(), "partitions assigned");
+                // librdkafka may keep the pause of a partition paused under its
+                // previous assignment (a full lane then); the revoke forgot that
+                // pause, so nothing would resume it: start it unpaused.
+                if to_resume.count() > 0
+                    && let Err(e) = consumer.resume(&to_resume)
+                {
+                    tracing::warn!(error = %e, "could not resume newly assigned partitions");
+                }
                 if to_pause.count() > 0
                     && let Err(e) = consumer.pause(&to_pause)
                 {
