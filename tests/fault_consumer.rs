@@ -40,6 +40,10 @@ const REDO_WINDOW: Duration = Duration::from_millis(1_500);
 /// Processes that only finish the stream handle at full speed (0).
 const SLOW_HANDLER_MS: u64 = 1;
 
+/// Handler time per event (ms) in the group test: the stream lasts long enough
+/// for a member added part way to join the group and get partitions.
+const GROUP_HANDLER_MS: u64 = 2;
+
 /// One handled event, as a consumer process wrote it.
 #[derive(Clone, Debug)]
 struct Handled {
@@ -417,7 +421,7 @@ async fn three_consumer_processes_one_killed_one_added_lose_nothing_and_keep_key
     let sent = produce(&brokers, &topic, EVENTS, 60).await;
 
     let mut procs = Processes::new(&brokers, &topic, &unique("group-group"));
-    let members: Vec<usize> = (0..3).map(|_| procs.spawn(SLOW_HANDLER_MS, 2)).collect();
+    let members: Vec<usize> = (0..3).map(|_| procs.spawn(GROUP_HANDLER_MS, 2)).collect();
     // All three handle before one is killed.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -441,12 +445,14 @@ async fn three_consumer_processes_one_killed_one_added_lose_nothing_and_keep_key
     let killed_ms = now_ms();
     let victim_pid = procs.pid(victim);
 
+    // Added while the survivors still have most of the stream to go, so that it
+    // gets partitions (joining takes a rebalance of the whole group).
     procs.wait_until(
-        "half of the events handled",
+        "40 % of the events handled",
         Duration::from_secs(120),
-        |d, _| d >= EVENTS / 2,
+        |d, _| d >= EVENTS * 2 / 5,
     );
-    let added = procs.spawn(SLOW_HANDLER_MS, 2);
+    let added = procs.spawn(GROUP_HANDLER_MS, 2);
     let added_ms = now_ms();
     procs.wait_until("every event handled", Duration::from_secs(180), |d, _| {
         d >= EVENTS
@@ -515,5 +521,13 @@ async fn three_consumer_processes_one_killed_one_added_lose_nothing_and_keep_key
     assert!(
         violations.is_empty(),
         "per-key order broken within an owner: {violations:?}"
+    );
+    // Revocation is a barrier (issue 11, item 6): a survivor drops what it had
+    // queued for partitions it loses and commits what it finished before they
+    // go, so it does not get them back at an older offset. Before the barrier
+    // this test saw 322-888 such replays in 20,000 events.
+    assert!(
+        replays <= EVENTS / 100,
+        "{replays} events handled twice by one process (more than 1 %)"
     );
 }

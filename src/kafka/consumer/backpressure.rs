@@ -84,6 +84,16 @@ impl Backpressure {
         freed
     }
 
+    /// Forgets the pauses of `tps` (revoked: nothing to resume for them).
+    pub(crate) fn forget(&mut self, tps: &[TopicPartition]) {
+        for tp in tps {
+            self.paused.remove(tp);
+            for by in &mut self.paused_by {
+                by.remove(tp);
+            }
+        }
+    }
+
     /// Lanes that hold batches or keep partitions paused.
     pub(crate) fn blocked_lanes(&self) -> impl Iterator<Item = usize> + '_ {
         (0..self.held.len()).filter(|&lane| self.is_blocked(lane))

@@ -9,6 +9,7 @@ use super::error::HandlerErrors;
 use super::error::{BoxError, error_chain};
 use super::event::{ConsumedEvent, MessageHeaders, ReceivedMessage};
 use super::metrics::{ConsumerMetrics, Ending};
+use super::ownership::Ownership;
 use super::poll::{Batch, Completion};
 use super::state::{DeadLetterFailure, StateCell, StuckPartitions};
 use super::supervise::CatchPanic;
@@ -44,6 +45,8 @@ pub(crate) struct LaneContext {
     /// The lanes' stop signal, for messages whose dead-letter publish is retried
     /// outside the lane.
     pub(crate) stop: watch::Receiver<bool>,
+    /// The assignments still owned: messages of revoked ones are dropped.
+    pub(crate) ownership: Arc<Ownership>,
     /// The consumer group, for the `process` spans' `messaging.consumer.group.name`.
     #[cfg(feature = "otel")]
     pub(crate) group: Arc<str>,
@@ -119,6 +122,7 @@ impl Finished {
 }
 
 pub(crate) async fn run_lane<S>(
+    index: usize,
     mut queue: mpsc::Receiver<Batch>,
     mut stack: Stack<S>,
     ctx: Arc<LaneContext>,
@@ -129,6 +133,7 @@ pub(crate) async fn run_lane<S>(
     S::Future: Send + 'static,
 {
     let mut finished = Finished::new();
+    let mut owned = ctx.ownership.view();
     'lane: loop {
         if *stop.borrow() {
             break;
@@ -140,6 +145,7 @@ pub(crate) async fn run_lane<S>(
             Err(mpsc::error::TryRecvError::Disconnected) => break,
             Err(mpsc::error::TryRecvError::Empty) => {
                 finished.report(&ctx.completions);
+                ctx.ownership.holding(index, false);
                 tokio::select! {
                     biased;
                     _ = stop.wait_for(|stop| *stop) => break,
@@ -159,6 +165,20 @@ pub(crate) async fn run_lane<S>(
             // starve other tasks of this worker.
             tokio::task::coop::consume_budget().await;
             let offset = work.message.offset();
+            // A revocation happened: report what finished now, so that it can
+            // still be committed for the revoked partitions (else their new owner
+            // would handle it again).
+            if ctx.ownership.moved_since(&owned) {
+                finished.report(&ctx.completions);
+                ctx.ownership.holding(index, false);
+            }
+            // Revocation barrier: a message of a partition revoked since it was
+            // queued is dropped; its new owner handles it.
+            if !ctx.ownership.begin(index, work.epoch, &mut owned) {
+                ctx.metrics.record_revoked_drop();
+                tracing::debug!(tp = %work.tp, offset, "message of a revoked partition dropped");
+                continue;
+            }
             // With `otel`: the same span, named `process <topic>` for OpenTelemetry
             // and the child of the producer's context found in the headers.
             #[cfg(feature = "otel")]
@@ -189,20 +209,28 @@ pub(crate) async fn run_lane<S>(
                     done = &mut handled => done,
                     _ = tokio::time::sleep_until(finished.due()) => {
                         finished.report(&ctx.completions);
+                        ctx.ownership.holding(index, false);
                         handled.await
                     }
                 }
             };
             let Some(done) = done else {
+                ctx.ownership.end(index);
                 continue;
             };
             finished.push(completion, done);
-            if finished.overdue(done) {
+            ctx.ownership.holding(index, true);
+            // A revocation waits for this lane: report first, so that the barrier
+            // commits this message before the partition goes.
+            if finished.overdue(done) || ctx.ownership.moved_since(&owned) {
                 finished.report(&ctx.completions);
+                ctx.ownership.holding(index, false);
             }
+            ctx.ownership.end(index);
         }
     }
     finished.report(&ctx.completions);
+    ctx.ownership.holding(index, false);
 }
 
 /// Handles one message to its end; returns when it finished, or `None` when its
@@ -390,6 +418,8 @@ async fn keep_publishing(
                 publisher.publish(&message, &reason).await
             } => Some(published),
         };
+        // Revoked meanwhile: the new owner handles (and dead-letters) it.
+        let published = published.filter(|_| ctx.ownership.owns(at.epoch));
         match published {
             None => {
                 ctx.stuck.cleared(&at.tp, at.offset);
@@ -473,6 +503,11 @@ mod tests {
             stuck: Arc::new(StuckPartitions::new()),
             state: Arc::new(StateCell::new()),
             stop: watch::channel(false).1,
+            ownership: {
+                let ownership = Ownership::new(1);
+                ownership.grant(1);
+                Arc::new(ownership)
+            },
             #[cfg(feature = "otel")]
             group: Arc::from("test-group"),
         };
@@ -502,7 +537,7 @@ mod tests {
         );
         let (queue, rx) = mpsc::channel(1);
         let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(run_lane(rx, stack, ctx.clone(), stop_rx));
+        let task = tokio::spawn(run_lane(0, rx, stack, ctx.clone(), stop_rx));
         TestLane {
             queue,
             stop,
@@ -527,6 +562,70 @@ mod tests {
     /// A batch of slow messages (4 ms each, paused clock) is reported in order:
     /// at most 10 ms after the oldest finished (also while a message runs), the
     /// rest once the queue is empty.
+    #[tokio::test(start_paused = true)]
+    async fn queued_messages_of_a_revoked_partition_are_dropped_and_the_running_one_reported() {
+        let (kept, revoked) = (TopicPartition::new("t", 0), TopicPartition::new("t", 1));
+        let handled = Arc::new(Mutex::new(Vec::new()));
+        let started = Arc::new(Notify::new());
+        let handler = {
+            let (handled, started) = (handled.clone(), started.clone());
+            tower::service_fn(move |event: ConsumedEvent| {
+                let (handled, started) = (handled.clone(), started.clone());
+                async move {
+                    started.notify_one();
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    handled
+                        .lock()
+                        .unwrap()
+                        .push((event.partition(), event.offset()));
+                    Ok::<_, BoxError>(())
+                }
+            })
+        };
+        let TestLane {
+            queue,
+            stop: _stop,
+            task: lane,
+            ctx,
+            mut reports,
+        } = start_lane(handler);
+        // Epoch 1 is `kept` (granted by `context`), epoch 2 `revoked`.
+        ctx.ownership.grant(2);
+        let of = |tp: &TopicPartition, offset: i64, epoch: u64| Work {
+            epoch,
+            ..work(tp, offset)
+        };
+        queue
+            .send(vec![
+                of(&revoked, 0, 2),
+                of(&kept, 0, 1),
+                of(&revoked, 1, 2),
+                of(&kept, 1, 1),
+            ])
+            .await
+            .unwrap();
+        // Revoked while its first message runs: that one finishes and is
+        // reported at once (the barrier commits it); the queued one is dropped.
+        started.notified().await;
+        ctx.ownership.withdraw(&[2]);
+        let first = reports.recv().await.unwrap();
+        assert_eq!(
+            first
+                .iter()
+                .map(|c| (c.tp.partition, c.offset))
+                .collect::<Vec<_>>(),
+            [(1, 0)]
+        );
+        drop(queue);
+        lane.await.unwrap();
+        assert_eq!(*handled.lock().unwrap(), [(1, 0), (0, 0), (0, 1)]);
+        assert_eq!(ctx.metrics.snapshot().revoked_dropped, 1);
+        assert!(
+            ctx.ownership.wait_reported(Duration::ZERO),
+            "a lane still holds completions"
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn completions_come_back_in_order_in_batches() {
         let tp = TopicPartition::new("t", 0);

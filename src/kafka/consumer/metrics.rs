@@ -15,6 +15,9 @@ pub struct ConsumerMetrics {
     decode_errors: AtomicU64,
     panics: AtomicU64,
     dlq_failures: AtomicU64,
+    revoked_dropped: AtomicU64,
+    revoke_abandoned: AtomicU64,
+    seek_failures: AtomicU64,
     last_processed_at_ms: AtomicU64,
     processing_nanos: AtomicU64,
     timed: AtomicU64,
@@ -32,6 +35,9 @@ impl Default for ConsumerMetrics {
             decode_errors: AtomicU64::new(0),
             panics: AtomicU64::new(0),
             dlq_failures: AtomicU64::new(0),
+            revoked_dropped: AtomicU64::new(0),
+            revoke_abandoned: AtomicU64::new(0),
+            seek_failures: AtomicU64::new(0),
             last_processed_at_ms: AtomicU64::new(0),
             processing_nanos: AtomicU64::new(0),
             timed: AtomicU64::new(0),
@@ -91,6 +97,22 @@ impl ConsumerMetrics {
         self.panics.fetch_add(1, Relaxed);
     }
 
+    /// A queued message of a revoked partition, dropped unhandled.
+    pub(crate) fn record_revoked_drop(&self) {
+        self.revoked_dropped.fetch_add(1, Relaxed);
+    }
+
+    /// Messages still in a handler when a revocation's wait ran out.
+    pub(crate) fn record_revoke_abandoned(&self, n: usize) {
+        self.revoke_abandoned.fetch_add(n as u64, Relaxed);
+    }
+
+    /// A seek before resuming a partition failed (the partition stays paused and
+    /// the seek is retried).
+    pub(crate) fn record_seek_failure(&self) {
+        self.seek_failures.fetch_add(1, Relaxed);
+    }
+
     pub(crate) fn record_dlq_failure(&self) {
         self.dlq_failures.fetch_add(1, Relaxed);
     }
@@ -123,6 +145,9 @@ impl ConsumerMetrics {
             total_decode_errors: self.decode_errors.load(Relaxed),
             total_panics: self.panics.load(Relaxed),
             dlq_failures: self.dlq_failures.load(Relaxed),
+            revoked_dropped: self.revoked_dropped.load(Relaxed),
+            revoke_abandoned: self.revoke_abandoned.load(Relaxed),
+            seek_failures: self.seek_failures.load(Relaxed),
             stuck_partitions: 0,
             longest_stuck: Duration::ZERO,
             last_processed_at: (last != 0).then(|| UNIX_EPOCH + Duration::from_millis(last)),
@@ -152,6 +177,15 @@ pub struct ConsumerMetricsSnapshot {
     /// Dead-letter publishes that failed (each is retried; see
     /// [`DeadLetterFailure`](super::DeadLetterFailure)).
     pub dlq_failures: u64,
+    /// Queued messages of revoked partitions dropped unhandled (their new owner
+    /// handles them).
+    pub revoked_dropped: u64,
+    /// Messages still in a handler when a revocation stopped waiting for them
+    /// (`revoke_timeout`): not committed, so the new owner handles them again.
+    pub revoke_abandoned: u64,
+    /// Seeks before resuming a partition that failed; the partition stayed paused
+    /// until a later seek succeeded.
+    pub seek_failures: u64,
     /// Partitions held now because a message cannot be dead-lettered (filled by
     /// [`KafkaConsumer::metrics`](super::KafkaConsumer::metrics); 0 from
     /// [`ConsumerMetrics::snapshot`]).

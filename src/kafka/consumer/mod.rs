@@ -66,6 +66,35 @@
 //!   past the last message handed to a worker: nothing is skipped, and re-fetched
 //!   duplicates are dropped by the tracker. Messages already queued in lanes are
 //!   still handled after a pause.
+//! - **Rebalances: revocation is a barrier** (see `ownership.rs`). When partitions
+//!   are revoked, the rebalance callback (on the poll thread) withdraws them before
+//!   librdkafka lets them go: lanes drop their queued messages of those partitions
+//!   unhandled (counted in `revoked_dropped`; the new owner handles them),
+//!   handlers still running on them get up to
+//!   [`revoke_timeout`](KafkaConsumerBuilder::revoke_timeout) (10 s) to finish
+//!   (later ones are abandoned, uncommitted, counted in `revoke_abandoned`), lanes
+//!   report what they finished, and the finished positions are stored and committed
+//!   synchronously; the offset tracker, the backpressure rewind positions and
+//!   pending re-seeks forget the partitions. So two members never handle one
+//!   partition at the same time, and a new owner starts where the old one
+//!   finished. A rebalance error forgets every partition no longer assigned. A
+//!   seek before resume that fails keeps its partition paused (counted in
+//!   `seek_failures`) and is retried every 100 ms, instead of resuming after
+//!   messages librdkafka dropped.
+//! - **Assignment protocols**: all three are tested against Kafka 4.1
+//!   (`tests/kafka_rebalance.rs`), set through the client config:
+//!   the classic protocol with librdkafka's default eager strategies
+//!   (`range,roundrobin`: every partition revoked on each rebalance),
+//!   `partition.assignment.strategy=cooperative-sticky` (incremental: only moved
+//!   partitions are revoked; rdkafka 0.39 calls `incremental_assign` /
+//!   `incremental_unassign` for it and keel's callbacks handle the incremental
+//!   lists), and the KIP-848 consumer group protocol, `group.protocol=consumer`
+//!   (librdkafka 2.12.1 of rdkafka-sys 4.10, enabled by default in Kafka 4.x):
+//!   the broker assigns, incrementally. With it, `session.timeout.ms` and
+//!   `heartbeat.interval.ms` are broker-side group settings
+//!   (`group.consumer.session.timeout.ms` ...) and `partition.assignment.strategy`
+//!   is replaced by `group.remote.assignor`: librdkafka refuses to create a
+//!   consumer that sets them ([`ConsumerError::Kafka`] from `start`).
 //! - **Shutdown** with a timeout: stop fetching, let each lane finish its current
 //!   message, commit, close. Work still running at the deadline is abandoned
 //!   uncommitted (delivered again later) and the call returns
@@ -154,6 +183,7 @@ mod error;
 pub(crate) mod event;
 mod lane;
 mod metrics;
+mod ownership;
 mod poll;
 pub mod scheduler;
 mod state;
@@ -264,6 +294,7 @@ pub struct KafkaConsumerBuilder {
     commit_interval: Duration,
     poll_timeout: Duration,
     backpressure_after: Duration,
+    revoke_timeout: Duration,
     kafka_client: Option<KafkaClient>,
     log_level: KafkaLogLevel,
     on_dlq_failure: DeadLetterFailure,
@@ -345,6 +376,19 @@ impl KafkaConsumerBuilder {
         self
     }
 
+    /// How long a revocation waits for handlers still running on messages of the
+    /// revoked partitions before it lets them go (default 10 s). Queued messages
+    /// of revoked partitions are dropped at once (their new owner handles them);
+    /// a handler still running at this deadline is abandoned: its message is not
+    /// committed, so the new owner handles it again, possibly while it still runs
+    /// here (counted in [`ConsumerMetricsSnapshot::revoke_abandoned`]). Keep it
+    /// below `max.poll.interval.ms` and the group's rebalance timeout: the group
+    /// waits for this member meanwhile.
+    pub fn revoke_timeout(mut self, timeout: Duration) -> Self {
+        self.revoke_timeout = timeout;
+        self
+    }
+
     /// What to do when a message cannot be dead-lettered (default
     /// [`DeadLetterFailure::KeepRetrying`]: retry the publish with backoff, only
     /// that partition held, nothing committed past the message).
@@ -417,10 +461,13 @@ impl KafkaConsumerBuilder {
 
         let metrics = Arc::new(ConsumerMetrics::default());
         let (completions_tx, completions_rx) = mpsc::unbounded_channel();
+        let ownership = Arc::new(ownership::Ownership::new(self.workers));
         let shared = Arc::new(Shared::new(
             completions_rx,
             metrics.clone(),
             !options.auto_commit,
+            ownership.clone(),
+            self.revoke_timeout,
         ));
 
         let mut config = self.client.clone();
@@ -492,6 +539,7 @@ impl KafkaConsumerBuilder {
             stuck: stuck.clone(),
             state: state.clone(),
             stop: lane_stop_rx.clone(),
+            ownership,
             #[cfg(feature = "otel")]
             group: Arc::from(self.group_id.as_str()),
         });
@@ -503,7 +551,7 @@ impl KafkaConsumerBuilder {
             let policy = self.retry_policy.clone().max_retries(options.max_retries);
             let stack = Stack::new(handler.clone(), policy, metrics.clone());
             lanes.push(tx);
-            let lane = run_lane(rx, stack, ctx.clone(), lane_stop_rx.clone());
+            let lane = run_lane(index, rx, stack, ctx.clone(), lane_stop_rx.clone());
             lane_tasks.push(rt.spawn(supervise::guard_lane(lane, index, state.clone())));
         }
 
@@ -523,7 +571,8 @@ impl KafkaConsumerBuilder {
             topics: HashMap::new(),
             backpressure_after: self.backpressure_after,
             backpressure: Backpressure::new(self.workers),
-            rewind: HashMap::new(),
+            last_reseek: std::time::Instant::now(),
+            seen_generation: 0,
         };
         let weak = Arc::downgrade(&consumer);
         drop(consumer);
@@ -623,6 +672,7 @@ impl KafkaConsumer {
             commit_interval: DEFAULT_COMMIT_INTERVAL,
             poll_timeout: Duration::from_millis(50),
             backpressure_after: Duration::from_millis(500),
+            revoke_timeout: Duration::from_secs(10),
             kafka_client: None,
             log_level: KafkaLogLevel::default(),
             on_dlq_failure: DeadLetterFailure::default(),

@@ -23,6 +23,7 @@ use super::backpressure::Backpressure;
 use super::error::ConsumerError;
 use super::event::{CopiedSpans, CopyBuffer, ReceivedMessage};
 use super::metrics::ConsumerMetrics;
+use super::ownership::Ownership;
 use super::scheduler::{ProcessingOrder, lane_for};
 use super::tracker::{Dispatch, OffsetTracker, TopicPartition};
 use crate::kafka::client::ConnectionTracker;
@@ -77,6 +78,12 @@ type Ack = oneshot::Sender<Result<(), ConsumerError>>;
 /// How often auto-commit mode hands finished offsets to librdkafka.
 const STORE_INTERVAL: Duration = Duration::from_millis(10);
 
+/// Longest a revocation waits for lanes to report what they finished.
+const REPORT_GRACE: Duration = Duration::from_millis(500);
+
+/// How often a failed seek before resume is retried.
+const RESEEK_INTERVAL: Duration = Duration::from_millis(100);
+
 /// Requests from the runtime handle to the poll thread.
 #[derive(Debug)]
 pub(crate) enum Command {
@@ -101,6 +108,17 @@ pub(crate) struct Shared {
     /// Partitions whose fetching is paused because a lane they feed is full.
     pub(crate) backpressured: Mutex<HashSet<TopicPartition>>,
     pub(crate) manual_commit: bool,
+    /// The assignments still owned (the revocation barrier).
+    pub(crate) ownership: Arc<Ownership>,
+    /// How long a revocation waits for handlers of the revoked partitions.
+    pub(crate) revoke_timeout: Duration,
+    /// Lowest offset fetched but not dispatched, per partition, during
+    /// backpressure (where to seek on resume). Shared with the rebalance callback,
+    /// which discards the positions of revoked partitions.
+    pub(crate) rewind: Mutex<HashMap<TopicPartition, i64>>,
+    /// Partitions whose seek before resume failed: they stay paused, and the seek
+    /// to this position is retried before they resume.
+    pub(crate) reseek: Mutex<HashMap<TopicPartition, i64>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -112,6 +130,8 @@ impl Shared {
         completions: mpsc::UnboundedReceiver<Vec<Completion>>,
         metrics: Arc<ConsumerMetrics>,
         manual_commit: bool,
+        ownership: Arc<Ownership>,
+        revoke_timeout: Duration,
     ) -> Self {
         Shared {
             tracker: Mutex::new(OffsetTracker::new()),
@@ -123,7 +143,84 @@ impl Shared {
             aborted: AtomicBool::new(false),
             backpressured: Mutex::new(HashSet::new()),
             manual_commit,
+            ownership,
+            revoke_timeout,
+            rewind: Mutex::new(HashMap::new()),
+            reseek: Mutex::new(HashMap::new()),
         }
+    }
+
+    pub(crate) fn rewind(&self) -> MutexGuard<'_, HashMap<TopicPartition, i64>> {
+        lock(&self.rewind)
+    }
+
+    pub(crate) fn reseek(&self) -> MutexGuard<'_, HashMap<TopicPartition, i64>> {
+        lock(&self.reseek)
+    }
+
+    /// The revocation barrier for `revoked` (see [`super::ownership`]): their
+    /// queued messages are dropped from now on, handlers still running for them
+    /// get up to `revoke_timeout` to finish (then are abandoned), and the tracker,
+    /// the backpressure rewind and the pending re-seeks forget them. Returns the
+    /// finished positions not committed yet, for the caller to commit before the
+    /// partitions go.
+    pub(crate) fn revoke(&self, revoked: &[TopicPartition]) -> Vec<(TopicPartition, i64)> {
+        let epochs: Vec<u64> = {
+            let tracker = self.tracker();
+            revoked.iter().filter_map(|tp| tracker.epoch(tp)).collect()
+        };
+        self.ownership.withdraw(&epochs);
+        // Handle dropped without a shutdown: nobody waits for the handlers.
+        let wait = if self.aborted.load(Ordering::SeqCst) {
+            Duration::ZERO
+        } else {
+            self.revoke_timeout
+        };
+        let started = Instant::now();
+        let abandoned = self.ownership.wait_idle(&epochs, wait);
+        // Completions other lanes finished but have not reported yet come at their
+        // next message; a short wait for them saves redoing them (not needed for
+        // correctness, so bounded by `REPORT_GRACE`).
+        if !self
+            .ownership
+            .wait_reported(REPORT_GRACE.min(wait.saturating_sub(started.elapsed())))
+        {
+            tracing::debug!("a lane did not report its finished offsets before the revoke");
+        }
+        if abandoned > 0 {
+            self.metrics.record_revoke_abandoned(abandoned);
+            tracing::warn!(
+                abandoned,
+                timeout = ?self.revoke_timeout,
+                "handlers of revoked partitions still running at the revoke timeout: abandoned (not committed; the new owner handles those messages again)"
+            );
+        }
+        {
+            let mut rewind = self.rewind();
+            let mut reseek = self.reseek();
+            let mut backpressured = lock(&self.backpressured);
+            for tp in revoked {
+                rewind.remove(tp);
+                reseek.remove(tp);
+                // A partition assigned again starts unpaused: the old assignment's
+                // full lane no longer counts for it.
+                backpressured.remove(tp);
+            }
+        }
+        let mut tracker = self.tracker();
+        self.drain_completions(&mut tracker);
+        // The whole finished position, even if it was handed out before: in
+        // auto-commit mode that only *stored* it (librdkafka commits it later, not
+        // necessarily before the partition goes), and an async commit may still
+        // be under way. A synchronous commit of it is what makes the barrier.
+        revoked
+            .iter()
+            .filter_map(|tp| {
+                let position = tracker.commit_position(tp);
+                tracker.revoke(tp);
+                position.map(|pos| (tp.clone(), pos))
+            })
+            .collect()
     }
 
     pub(crate) fn tracker(&self) -> MutexGuard<'_, OffsetTracker> {
@@ -184,24 +281,28 @@ impl ConsumerContext for KeelConsumerContext {
         let Rebalance::Revoke(revoked) = rebalance else {
             return;
         };
-        let commits: Vec<(TopicPartition, i64)> = {
-            let mut tracker = self.shared.tracker();
-            self.shared.drain_completions(&mut tracker);
-            revoked
-                .elements()
-                .iter()
-                .filter_map(|e| {
-                    let tp = TopicPartition::new(e.topic(), e.partition());
-                    tracker.revoke(&tp).map(|pos| (tp, pos))
-                })
-                .collect()
-        };
+        let revoked: Vec<TopicPartition> = revoked
+            .elements()
+            .iter()
+            .map(|e| TopicPartition::new(e.topic(), e.partition()))
+            .collect();
+        // Barrier first: nothing of these partitions is handled after this returns.
+        let commits = self.shared.revoke(&revoked);
         if commits.is_empty() || self.shared.aborted.load(Ordering::SeqCst) {
             return;
         }
         // Unfinished messages of revoked partitions are not committed: their new
         // owner handles them again (at-least-once).
-        match consumer.commit(&tpl_of(&commits), CommitMode::Sync) {
+        let tpl = tpl_of(&commits);
+        // In auto-commit mode librdkafka commits the *stored* offsets itself when
+        // the partitions go, after this callback: store the same positions, or it
+        // could commit an older stored one over ours (the new owner would redo).
+        if !self.shared.manual_commit
+            && let Err(e) = consumer.store_offsets(&tpl)
+        {
+            tracing::warn!(error = %e, "storing offsets on revoke failed");
+        }
+        match consumer.commit(&tpl, CommitMode::Sync) {
             Ok(()) => {
                 tracing::info!(partitions = ?commits, "committed offsets of revoked partitions")
             }
@@ -218,17 +319,29 @@ impl ConsumerContext for KeelConsumerContext {
                 let paused = self.shared.paused();
                 let backpressured = lock(&self.shared.backpressured);
                 let mut to_pause = TopicPartitionList::new();
+                let mut to_resume = TopicPartitionList::new();
                 {
                     let mut tracker = self.shared.tracker();
                     for e in assigned.elements() {
                         let tp = TopicPartition::new(e.topic(), e.partition());
                         if paused_all || paused.contains(&tp) || backpressured.contains(&tp) {
                             to_pause.add_partition(e.topic(), e.partition());
+                        } else {
+                            to_resume.add_partition(e.topic(), e.partition());
                         }
-                        tracker.assign(tp);
+                        let epoch = tracker.assign(tp);
+                        self.shared.ownership.grant(epoch);
                     }
                 }
                 tracing::info!(partitions = assigned.count(), "partitions assigned");
+                // librdkafka may keep the pause of a partition paused under its
+                // previous assignment (a full lane then); the revoke forgot that
+                // pause, so nothing would resume it: start it unpaused.
+                if to_resume.count() > 0
+                    && let Err(e) = consumer.resume(&to_resume)
+                {
+                    tracing::warn!(error = %e, "could not resume newly assigned partitions");
+                }
                 if to_pause.count() > 0
                     && let Err(e) = consumer.pause(&to_pause)
                 {
@@ -238,7 +351,29 @@ impl ConsumerContext for KeelConsumerContext {
             Rebalance::Revoke(revoked) => {
                 tracing::info!(partitions = revoked.count(), "partitions revoked");
             }
-            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+            Rebalance::Error(e) => {
+                // librdkafka gave up (part of) the assignment without a revoke
+                // callback: forget whatever is no longer assigned, so the tracker
+                // does not keep committing for it (the group generation is gone,
+                // so nothing is committed for those partitions).
+                let assigned: HashSet<TopicPartition> = match consumer.assignment() {
+                    Ok(tpl) => tpl
+                        .elements()
+                        .iter()
+                        .map(|e| TopicPartition::new(e.topic(), e.partition()))
+                        .collect(),
+                    Err(_) => HashSet::new(),
+                };
+                let lost: Vec<TopicPartition> = self
+                    .shared
+                    .tracker()
+                    .partitions()
+                    .filter(|tp| !assigned.contains(*tp))
+                    .cloned()
+                    .collect();
+                let dropped = self.shared.revoke(&lost);
+                tracing::warn!(error = %e, lost = ?lost, uncommitted = ?dropped, "rebalance error: partitions no longer assigned are forgotten");
+            }
         }
     }
 
@@ -292,8 +427,10 @@ pub(crate) struct PollLoop {
     pub(crate) backpressure_after: Duration,
     /// Batches held for lanes that stayed full, and the partitions paused for them.
     pub(crate) backpressure: Backpressure,
-    /// Lowest offset fetched but not dispatched, per partition, during backpressure.
-    pub(crate) rewind: HashMap<TopicPartition, i64>,
+    /// When a failed seek was last retried.
+    pub(crate) last_reseek: Instant,
+    /// The ownership generation whose revocations were applied to `backpressure`.
+    pub(crate) seen_generation: u64,
 }
 
 enum Next {
@@ -314,6 +451,7 @@ impl PollLoop {
                 break;
             }
             self.flush(false, &mut last_commit);
+            self.retry_seeks();
             next = self.poll_once();
         }
         let done = match next {
@@ -434,28 +572,105 @@ impl PollLoop {
     fn seek_and_resume(&mut self, tpl: &TopicPartitionList) {
         let positions: Vec<(TopicPartition, i64)> = {
             let tracker = self.shared.tracker();
+            let mut rewind = self.shared.rewind();
+            let reseek = self.shared.reseek();
             tpl.elements()
                 .iter()
                 .filter_map(|e| {
                     let tp = TopicPartition::new(e.topic(), e.partition());
-                    let rewind = self.rewind.remove(&tp);
-                    let pos = tracker.resume_position(&tp).or(rewind)?;
+                    let rewind = rewind.remove(&tp);
+                    // A seek that failed before is still owed.
+                    let pos = reseek
+                        .get(&tp)
+                        .copied()
+                        .or(tracker.resume_position(&tp))
+                        .or(rewind)?;
                     Some((tp, pos))
                 })
                 .collect()
         };
+        let mut resume = TopicPartitionList::with_capacity(tpl.count());
+        let failed = self.seek_all(positions);
+        for e in tpl.elements() {
+            let tp = TopicPartition::new(e.topic(), e.partition());
+            if !failed.contains(&tp) {
+                resume.add_partition(e.topic(), e.partition());
+            }
+        }
+        if resume.count() > 0
+            && let Err(e) = self.consumer.resume(&resume)
+        {
+            tracing::warn!(error = %e, "resume failed");
+        }
+    }
+
+    /// Seeks each partition to its position. A partition whose seek fails must
+    /// not resume (librdkafka would go on after the messages it dropped while
+    /// paused, skipping them): it stays paused, its position is kept in
+    /// `reseek`, counted, and retried by [`PollLoop::retry_seeks`]. Returns the
+    /// partitions that failed.
+    fn seek_all(&self, positions: Vec<(TopicPartition, i64)>) -> HashSet<TopicPartition> {
+        let mut failed = HashSet::new();
         for (tp, pos) in positions {
-            if let Err(e) = self.consumer.seek(
+            match self.consumer.seek(
                 &tp.topic,
                 tp.partition,
                 Offset::Offset(pos),
                 Duration::from_secs(5),
             ) {
-                tracing::warn!(%tp, offset = pos, error = %e, "seek before resume failed");
+                Ok(()) => {
+                    self.shared.reseek().remove(&tp);
+                }
+                Err(e) => {
+                    self.shared.metrics.record_seek_failure();
+                    tracing::warn!(%tp, offset = pos, error = %e, "seek before resume failed: the partition stays paused, the seek is retried");
+                    self.shared.reseek().insert(tp.clone(), pos);
+                    failed.insert(tp);
+                }
             }
         }
-        if let Err(e) = self.consumer.resume(tpl) {
-            tracing::warn!(error = %e, "resume failed");
+        failed
+    }
+
+    /// Retries the seeks that failed (every 100 ms) and resumes the partitions
+    /// whose seek now succeeds, unless a pause (the user's or backpressure) holds
+    /// them.
+    fn retry_seeks(&mut self) {
+        if self.last_reseek.elapsed() < RESEEK_INTERVAL {
+            return;
+        }
+        self.last_reseek = Instant::now();
+        let pending: Vec<(TopicPartition, i64)> = self
+            .shared
+            .reseek()
+            .iter()
+            .map(|(tp, pos)| (tp.clone(), *pos))
+            .collect();
+        if pending.is_empty() {
+            return;
+        }
+        if self.shared.paused_all.load(Ordering::SeqCst) {
+            return; // the resume that ends the pause seeks them
+        }
+        // Partitions held by the user or by a full lane: their resume seeks them.
+        let mut user_paused = self.shared.paused().clone();
+        user_paused.extend(self.backpressure.paused().iter().cloned());
+        let tried: Vec<TopicPartition> = pending.iter().map(|(tp, _)| tp.clone()).collect();
+        let pending: Vec<(TopicPartition, i64)> = pending
+            .into_iter()
+            .filter(|(tp, _)| !user_paused.contains(tp))
+            .collect();
+        let failed = self.seek_all(pending);
+        let mut resume = TopicPartitionList::new();
+        for tp in tried {
+            if !failed.contains(&tp) && !user_paused.contains(&tp) {
+                resume.add_partition(&tp.topic, tp.partition);
+            }
+        }
+        if resume.count() > 0
+            && let Err(e) = self.consumer.resume(&resume)
+        {
+            tracing::warn!(error = %e, "resume after a retried seek failed");
         }
     }
 
@@ -501,7 +716,42 @@ impl PollLoop {
         }
     }
 
+    /// After a revocation: held batches lose the messages of revoked assignments
+    /// (the lanes would drop them anyway), and partitions no longer assigned stop
+    /// counting as paused for a full lane (they are not resumed or sought later).
+    fn forget_revoked(&mut self) {
+        let generation = self.shared.ownership.generation();
+        if generation == self.seen_generation {
+            return;
+        }
+        self.seen_generation = generation;
+        if !self.backpressure.any() {
+            return;
+        }
+        let ownership = &self.shared.ownership;
+        for held in &mut self.backpressure.held {
+            for batch in held.iter_mut() {
+                batch.retain(|work| ownership.owns(work.epoch));
+            }
+            held.retain(|batch| !batch.is_empty());
+        }
+        let gone: Vec<TopicPartition> = {
+            let tracker = self.shared.tracker();
+            self.backpressure
+                .paused()
+                .iter()
+                .filter(|tp| tracker.epoch(tp).is_none())
+                .cloned()
+                .collect()
+        };
+        if !gone.is_empty() {
+            self.backpressure.forget(&gone);
+            self.publish_backpressured();
+        }
+    }
+
     fn poll_once(&mut self) -> Next {
+        self.forget_revoked();
         if let Some(next) = self.relieve_backpressure() {
             return next;
         }
@@ -581,7 +831,8 @@ impl PollLoop {
             // Fetched before the backpressure pause took effect: not dispatched, so
             // fetch it again when the pause ends.
             let offset = message.offset();
-            self.rewind
+            self.shared
+                .rewind()
                 .entry(tp)
                 .and_modify(|o| *o = (*o).min(offset))
                 .or_insert(offset);
@@ -747,7 +998,7 @@ impl PollLoop {
         let mut tpl = TopicPartitionList::new();
         for tp in &freed {
             if !assigned.contains(tp) {
-                self.rewind.remove(tp);
+                self.shared.rewind().remove(tp);
             } else if !paused_all && !user_paused.contains(tp) {
                 tpl.add_partition(&tp.topic, tp.partition);
             }
@@ -780,5 +1031,98 @@ impl PollLoop {
                 Ok(None) => return None,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared(lanes: usize) -> (Shared, mpsc::UnboundedSender<Vec<Completion>>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let shared = Shared::new(
+            rx,
+            Arc::default(),
+            false,
+            Arc::new(Ownership::new(lanes)),
+            Duration::from_millis(50),
+        );
+        (shared, tx)
+    }
+
+    #[test]
+    fn revoke_commits_finished_work_forgets_the_partition_and_its_rewind() {
+        let (shared, completions) = shared(1);
+        let (gone, kept) = (TopicPartition::new("t", 0), TopicPartition::new("t", 1));
+        let (e_gone, e_kept) = {
+            let mut t = shared.tracker();
+            (t.assign(gone.clone()), t.assign(kept.clone()))
+        };
+        shared.ownership.grant(e_gone);
+        shared.ownership.grant(e_kept);
+        {
+            let mut t = shared.tracker();
+            for o in 0..4 {
+                t.dispatch(&gone, o);
+            }
+            t.dispatch(&kept, 0);
+            // Stored before (auto-commit mode): still committed again on revoke.
+            let _ = t.take_commits();
+        }
+        shared.rewind().insert(gone.clone(), 2);
+        shared.rewind().insert(kept.clone(), 1);
+        shared.reseek().insert(gone.clone(), 2);
+        // Offsets 0 and 1 finished; 2 and 3 were queued (dropped by the lane).
+        completions
+            .send(vec![
+                Completion {
+                    tp: gone.clone(),
+                    epoch: e_gone,
+                    offset: 0,
+                },
+                Completion {
+                    tp: gone.clone(),
+                    epoch: e_gone,
+                    offset: 1,
+                },
+            ])
+            .unwrap();
+        let commits = shared.revoke(std::slice::from_ref(&gone));
+        assert_eq!(
+            commits,
+            [(gone.clone(), 2)],
+            "finished work, up to the first unfinished"
+        );
+        assert!(!shared.ownership.owns(e_gone));
+        assert!(shared.ownership.owns(e_kept));
+        let t = shared.tracker();
+        assert_eq!(
+            t.partitions().cloned().collect::<Vec<_>>(),
+            std::slice::from_ref(&kept)
+        );
+        assert!(
+            !shared.rewind().contains_key(&gone),
+            "stale rewind position kept"
+        );
+        assert_eq!(shared.rewind().get(&kept), Some(&1));
+        assert!(shared.reseek().is_empty());
+    }
+
+    #[test]
+    fn revoke_waits_for_a_running_handler_then_abandons_it_at_the_timeout() {
+        let (shared, _completions) = shared(1);
+        let tp = TopicPartition::new("t", 0);
+        let epoch = shared.tracker().assign(tp.clone());
+        shared.ownership.grant(epoch);
+        shared.tracker().dispatch(&tp, 0);
+        let mut view = shared.ownership.view();
+        assert!(shared.ownership.begin(0, epoch, &mut view));
+        // The handler never ends: abandoned after `revoke_timeout` (50 ms), its
+        // offset not committed.
+        let started = Instant::now();
+        let commits = shared.revoke(std::slice::from_ref(&tp));
+        assert!(started.elapsed() >= Duration::from_millis(50));
+        assert_eq!(commits, [(tp, 0)]);
+        assert_eq!(shared.metrics.snapshot().revoke_abandoned, 1);
     }
 }

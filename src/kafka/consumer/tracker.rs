@@ -126,6 +126,11 @@ impl OffsetTracker {
         (state.committed != Some(position)).then_some(position)
     }
 
+    /// The epoch of `tp`'s current assignment (`None` when not tracked).
+    pub fn epoch(&self, tp: &TopicPartition) -> Option<u64> {
+        self.partitions.get(tp).map(|s| s.epoch)
+    }
+
     /// Records that `offset` was fetched and is about to be handed to a worker.
     pub fn dispatch(&mut self, tp: &TopicPartition, offset: i64) -> Dispatch {
         let Some(state) = self.partitions.get_mut(tp) else {
