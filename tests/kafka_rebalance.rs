@@ -427,7 +427,10 @@ async fn queued_messages_of_revoked_partitions_are_dropped_not_handled() {
         name: "drop-eager",
         protocol: &[("session.timeout.ms", "6000")],
         order: ProcessingOrder::Partition,
-        events: 600,
+        // Enough work (about 30 s for one consumer) that the first cannot finish
+        // it all before a slow group join on a loaded machine gives the second
+        // its partitions.
+        events: 3000,
         handle: Duration::from_millis(20),
         lane_capacity: 64,
         expect_drops: true,
