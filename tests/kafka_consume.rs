@@ -5,6 +5,7 @@
 //! kcat, an independent client.
 #![cfg(feature = "kafka")]
 
+mod kafka_util;
 mod support;
 
 use keel::kafka::client::KafkaClient;
@@ -18,13 +19,13 @@ use keel::kafka::dead_letter::{DeadLetterTopicError, DeadLetterTopics, EnsuredTo
 use keel::kafka::envelope::EventEnvelope;
 use keel::kafka::registry::{HandlerRegistry, UnknownEventTypes};
 use keel::layers::retry::RetryPolicy;
+use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -117,23 +118,7 @@ async fn committed_offsets(
     topic: &str,
     partitions: i32,
 ) -> HashMap<i32, i64> {
-    let probe: BaseConsumer = client(brokers).set("group.id", group).create().unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition(topic, p);
-    }
-    let c =
-        tokio::task::spawn_blocking(move || probe.committed_offsets(tpl, Duration::from_secs(10)))
-            .await
-            .unwrap()
-            .unwrap();
-    c.elements()
-        .iter()
-        .map(|e| match e.offset() {
-            Offset::Offset(o) => (e.partition(), o),
-            _ => (e.partition(), 0),
-        })
-        .collect()
+    kafka_util::committed_offsets(brokers, group, topic, partitions).await
 }
 
 /// What a handler saw.

@@ -6,6 +6,7 @@
 //! with an independent client of the group.
 #![cfg(feature = "kafka")]
 
+mod kafka_util;
 mod support;
 
 use keel::kafka::consumer::scheduler::lane_for;
@@ -14,11 +15,10 @@ use keel::kafka::consumer::{
 };
 use keel::kafka::envelope::EventEnvelope;
 use keel::kafka::registry::HandlerRegistry;
+use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::json;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -106,23 +106,7 @@ async fn produce(brokers: &str, topic: &str, partitions: &[i32]) {
 
 /// Offsets `group` committed on every partition of `topic` (0 if none).
 async fn committed(brokers: &str, group: &str, topic: &str) -> HashMap<i32, i64> {
-    let probe: BaseConsumer = client(brokers).set("group.id", group).create().unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..PARTITIONS {
-        tpl.add_partition(topic, p);
-    }
-    let c =
-        tokio::task::spawn_blocking(move || probe.committed_offsets(tpl, Duration::from_secs(10)))
-            .await
-            .unwrap()
-            .unwrap();
-    c.elements()
-        .iter()
-        .map(|e| match e.offset() {
-            Offset::Offset(o) => (e.partition(), o),
-            _ => (e.partition(), 0),
-        })
-        .collect()
+    kafka_util::committed_offsets(brokers, group, topic, PARTITIONS).await
 }
 
 /// One partition's handler blocks until released; small lanes so that its lane is

@@ -20,12 +20,11 @@ use keel::kafka::dead_letter::headers as dlq;
 use keel::kafka::envelope::EventEnvelope;
 use keel::kafka::registry::HandlerRegistry;
 use keel::layers::retry::RetryPolicy;
+use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::OwnedMessage;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::json;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -87,23 +86,7 @@ async fn produce_to(brokers: &str, topic: &str, partition: i32, events: &[EventE
 
 /// Offsets `group` committed on partitions `0..partitions` of `topic` (0 if none).
 async fn committed(brokers: &str, group: &str, topic: &str, partitions: i32) -> HashMap<i32, i64> {
-    let probe: BaseConsumer = client(brokers).set("group.id", group).create().unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition(topic, p);
-    }
-    let c =
-        tokio::task::spawn_blocking(move || probe.committed_offsets(tpl, Duration::from_secs(10)))
-            .await
-            .unwrap()
-            .unwrap();
-    c.elements()
-        .iter()
-        .map(|e| match e.offset() {
-            Offset::Offset(o) => (e.partition(), o),
-            _ => (e.partition(), 0),
-        })
-        .collect()
+    kafka_util::committed_offsets(brokers, group, topic, partitions).await
 }
 
 async fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {

@@ -115,3 +115,34 @@ pub async fn warm_up(client: &keel::kafka::client::KafkaClient, topic: &str) {
     }
     panic!("no publish succeeded while the broker was up");
 }
+
+/// Offsets `group` committed on partitions `0..partitions` of `topic` (0 if none),
+/// read with a plain rdkafka client of the group (it does not join it).
+pub async fn committed_offsets(
+    brokers: &str,
+    group: &str,
+    topic: &str,
+    partitions: i32,
+) -> std::collections::HashMap<i32, i64> {
+    let probe: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .create()
+        .expect("a probe consumer");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let c =
+        tokio::task::spawn_blocking(move || probe.committed_offsets(tpl, Duration::from_secs(10)))
+            .await
+            .expect("probe task")
+            .expect("committed offsets");
+    c.elements()
+        .iter()
+        .map(|e| match e.offset() {
+            Offset::Offset(o) => (e.partition(), o),
+            _ => (e.partition(), 0),
+        })
+        .collect()
+}
