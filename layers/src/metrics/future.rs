@@ -1,4 +1,4 @@
-use super::handle::Shared;
+use super::handle::Recorder;
 use crate::classify::Classify;
 use pin_project_lite::pin_project;
 use std::future::Future;
@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 /// Counts a call as cancelled if its future is dropped before completing.
-pub(super) struct InFlight(pub(super) Option<Arc<Shared>>);
+pub(super) struct InFlight(pub(super) Option<Arc<Recorder>>);
 
 impl std::fmt::Debug for InFlight {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -17,8 +17,8 @@ impl std::fmt::Debug for InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        if let Some(shared) = self.0.take() {
-            shared.cancel();
+        if let Some(recorder) = self.0.take() {
+            recorder.cancel();
         }
     }
 }
@@ -46,10 +46,10 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let result = ready!(this.inner.poll(cx));
-        if let Some(shared) = this.in_flight.0.take() {
-            let now = shared.clock.now_nanos();
+        if let Some(recorder) = this.in_flight.0.take() {
+            let now = recorder.config.clock.now_nanos();
             let verdict = this.classifier.classify(result.as_ref());
-            shared.complete(verdict, *this.start, now);
+            recorder.complete(verdict, *this.start, now);
         }
         Poll::Ready(result)
     }

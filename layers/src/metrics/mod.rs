@@ -9,29 +9,45 @@
 //! - a gauge of calls in flight, decremented on completion *and* when the response
 //!   future is dropped;
 //! - the wall-clock time of the last success and of the last failure;
-//! - latency in an [HdrHistogram](https://hdrhistogram.github.io/HdrHistogram/) over a
-//!   rotating window — p50, p90, p99, p99.9, max and mean of the last one to two
-//!   intervals (default 60 s), rotated lazily by the calls and snapshots themselves,
-//!   no background task.
+//! - latency histograms by outcome with fixed bucket bounds ([`DEFAULT_BUCKETS`],
+//!   or your own), which add up across instances;
+//! - optionally ([`MetricsLayerBuilder::percentiles`]) latency percentiles in an
+//!   [HdrHistogram](https://hdrhistogram.github.io/HdrHistogram/) over a rotating
+//!   window — p50, p90, p99, p99.9, max and mean of the last one to two intervals
+//!   (default 60 s), rotated lazily, no background task.
 //!
 //! What counts as a failure is decided by a [`Classify`] (default
 //! [`ErrorsAsFailures`]), so the same layer counts an HTTP 503 inside `Ok` as a
 //! failure with [`TowerHttp`](crate::classify::TowerHttp).
 //!
 //! [`MetricsHandle::snapshot`] returns a plain [`MetricsSnapshot`] (serde
-//! `Serialize`); [`render_prometheus`] and [`MetricsRegistry`] turn named snapshots
-//! into Prometheus text.
+//! `Serialize`). [`MetricsRegistry`] gathers handles under a family name and
+//! labels; exporters read it. keel-layers has no exporter of its own: the
+//! `prometheus` feature of `keel` renders a registry as OpenMetrics text.
 //!
-//! # Cost per call
+//! # Cost per call, and why it scales
 //!
-//! Two clock readings (start and end), three relaxed atomic increments, one `Arc`
-//! clone, and at completion one uncontended `parking_lot` lock around the
-//! counters and the histogram record. Wall times are derived from the end reading
-//! and a wall-clock origin taken when the metrics were created, so no third clock
-//! read; they drift from the system clock only if the system clock is stepped.
-//! The monotonic clock is a [`LatencyClock`]: by default the CPU's time-stamp
-//! counter through `quanta`, about half the cost of `Instant::now()`;
-//! [`LatencyClock::tokio`] follows tokio's clock so tests can pause and advance time.
+//! Two clock readings (start and end), and a few relaxed atomic increments on the
+//! calling thread's own recorder: calls started, the latency's bucket, the sum,
+//! and the reference the response future holds. Each thread that calls gets its
+//! own recorder (the `thread_local` crate), and a snapshot adds them up, so two
+//! threads calling clones of one service share no lock and no written cache line
+//! (the earlier design took one lock per call; on two threads that lock made the
+//! layer 3x slower per call, see BENCHMARKS.md "Metrics layer scaling"). A
+//! failure also takes the recorder's own lock to count its class, and so does
+//! every call when percentiles are on.
+//!
+//! Wall times are derived from the end reading and a wall-clock origin taken when
+//! the metrics were created, so no third clock read; they drift from the system
+//! clock only if the system clock is stepped. The monotonic clock is a
+//! [`LatencyClock`]: by default the CPU's time-stamp counter through `quanta`,
+//! about half the cost of `Instant::now()`; [`LatencyClock::tokio`] follows tokio's
+//! clock so tests can pause and advance time.
+//!
+//! Memory: per thread that calls, 3 x (bounds + 2) counters (under 0.5 KiB with
+//! the defaults), plus about 72 KiB with percentiles on. Threads that end leave
+//! their recorder to the next thread, so the number of recorders is bounded by
+//! the number of threads alive at once.
 //!
 //! # Example
 //!
@@ -59,25 +75,25 @@
 //! # }
 //! ```
 
+mod buckets;
 mod clock;
 mod error;
 mod future;
 mod handle;
 mod layer;
-mod prometheus;
+mod registry;
 mod window;
 
+pub use buckets::{DEFAULT_BUCKETS, MAX_BUCKETS};
 pub use clock::LatencyClock;
 pub use error::RegistryError;
 pub use future::ResponseFuture;
 pub use handle::{
-    DEFAULT_SIGNIFICANT_FIGURES, DEFAULT_WINDOW, LatencySummary, MAX_FAILURE_CLASSES,
-    MetricsHandle, MetricsSnapshot, OTHER_CLASS,
+    DEFAULT_SIGNIFICANT_FIGURES, DEFAULT_WINDOW, Histogram, LatencyHistograms, LatencySummary,
+    MAX_FAILURE_CLASSES, MetricsHandle, MetricsSnapshot, OTHER_CLASS,
 };
 pub use layer::{MetricsLayer, MetricsLayerBuilder};
-pub use prometheus::{
-    MetricsRegistry, PROMETHEUS_CONTENT_TYPE, is_valid_metric_name, render_prometheus,
-};
+pub use registry::{MetricsRegistry, Registered, RegisteredSnapshot, is_valid_metric_name};
 
 use crate::classify::{Classify, ErrorsAsFailures};
 use std::task::{Context, Poll};
@@ -140,16 +156,19 @@ where
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        let start = self.handle.shared.clock.now_nanos();
+        // This thread's recorder: no other thread writes it unless a call started
+        // here ends there, so two threads calling at once share no cache line.
+        let recorder = self.handle.shared.recorder();
+        let start = recorder.config.clock.now_nanos();
         let inner = self.inner.call(req);
         // Counted once the inner call returned, so a panicking `call` leaves no
         // phantom call in flight.
-        self.handle.shared.start();
+        recorder.start();
         ResponseFuture {
             inner,
             classifier: self.classifier.clone(),
             start,
-            in_flight: future::InFlight(Some(self.handle.shared.clone())),
+            in_flight: future::InFlight(Some(recorder.clone())),
         }
     }
 }

@@ -1,6 +1,6 @@
 use super::*;
 use crate::classify::{Classification, classify_fn};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::time::Duration;
 use tower::{Layer, Service, ServiceExt, service_fn};
 
@@ -27,7 +27,10 @@ fn http_like() -> impl Classify<u16, &'static str> + Clone {
 
 /// Metrics on tokio's clock, for tests on a paused runtime.
 fn paused() -> MetricsLayer {
-    MetricsLayer::builder().clock(LatencyClock::tokio()).build()
+    MetricsLayer::builder()
+        .clock(LatencyClock::tokio())
+        .percentiles(true)
+        .build()
 }
 
 async fn run<S: Service<Req>>(svc: &mut S, req: Req) -> Result<S::Response, S::Error> {
@@ -67,7 +70,7 @@ async fn counters_exact_after_a_scripted_sequence() {
     let expected: BTreeMap<&str, u64> = [("5xx", 2), ("timeout", 2), ("io", 1)].into();
     assert_eq!(s.failures_by_class, expected);
     assert_eq!(s.completed(), 10);
-    assert_eq!(s.latency.count, 10);
+    assert_eq!(s.latency.unwrap().count, 10);
     assert_eq!(s.latency_sum, Duration::from_millis(10));
 }
 
@@ -90,7 +93,7 @@ async fn in_flight_counts_running_calls_and_drops() {
         (2, 1, 1, 0)
     );
     // The dropped call recorded no latency.
-    assert_eq!(s.latency.count, 1);
+    assert_eq!(s.latency.unwrap().count, 1);
 }
 
 fn within(actual: Duration, expected_ms: u64) -> bool {
@@ -112,7 +115,7 @@ async fn quantiles_match_recorded_latencies() {
     for ms in 1..=1000 {
         run(&mut svc, (ms, Ok(200))).await.unwrap();
     }
-    let l = handle.snapshot().latency;
+    let l = handle.snapshot().latency.unwrap();
     assert_eq!(l.count, 1000);
     for (actual, expected) in [
         (l.p50, 500),
@@ -141,20 +144,20 @@ async fn window_rotates_lazily() {
     // 1 s has passed; move into the next interval and record one fast call.
     tokio::time::advance(Duration::from_secs(60)).await;
     run(&mut svc, (1, Ok(200))).await.unwrap();
-    let l = handle.snapshot().latency;
+    let l = handle.snapshot().latency.unwrap();
     assert_eq!(l.count, 11, "previous interval still counts");
     assert!(within(l.max, 100));
 
     // One more interval: the 100 ms calls have left the window.
     tokio::time::advance(Duration::from_secs(60)).await;
-    let l = handle.snapshot().latency;
+    let l = handle.snapshot().latency.unwrap();
     assert_eq!(l.count, 1);
     assert!(within(l.max, 1));
 
     // Two more: nothing left; totals are unaffected.
     tokio::time::advance(Duration::from_secs(120)).await;
     let s = handle.snapshot();
-    assert_eq!(s.latency, LatencySummary::default());
+    assert_eq!(s.latency, Some(LatencySummary::default()));
     assert_eq!(s.calls, 11);
     assert_eq!(s.latency_sum, Duration::from_millis(1001));
 }
@@ -216,233 +219,166 @@ async fn snapshot_serializes() {
     let json = serde_json::to_value(handle.snapshot()).unwrap();
     assert_eq!(json["calls"], 1);
     assert_eq!(json["failures_by_class"]["error"], 1);
-    assert!(json["latency"]["p99"].is_f64());
+    assert!(json["latency"].is_null());
+    assert_eq!(json["histograms"]["failure"]["count"], 1);
+    assert!(json["histograms"]["bounds"][0].is_f64());
     assert!(json["last_success_unix_ms"].is_null());
 }
 
-/// A strict line-by-line check of the Prometheus text format 0.0.4: HELP and TYPE
-/// before a family's samples, each family once and contiguous, sample names
-/// belonging to the declared family, well-formed and escaped labels, float values.
-fn check_prometheus(text: &str) -> Vec<(String, BTreeMap<String, String>, f64)> {
-    let is_name = |n: &str| is_valid_metric_name(n);
-    let mut declared: HashSet<String> = HashSet::new();
-    let mut finished: HashSet<String> = HashSet::new();
-    let mut current: Option<(String, String)> = None; // (family, type)
-    let mut samples = Vec::new();
-    assert!(text.ends_with('\n'), "text must end with a newline");
-    for line in text.lines() {
-        assert!(!line.is_empty(), "empty line");
-        if let Some(rest) = line.strip_prefix("# ") {
-            let mut parts = rest.splitn(3, ' ');
-            let keyword = parts.next().unwrap();
-            let name = parts.next().expect("name after HELP/TYPE").to_string();
-            let arg = parts.next().expect("text after name");
-            assert!(is_name(&name), "bad family name {name}");
-            match keyword {
-                "HELP" => {
-                    assert!(!arg.contains('\n'));
-                    if let Some((family, _)) = &current
-                        && *family != name
-                    {
-                        finished.insert(family.clone());
-                    }
-                    assert!(!finished.contains(&name), "family {name} split");
-                }
-                "TYPE" => {
-                    assert!(
-                        ["counter", "gauge", "summary", "histogram", "untyped"].contains(&arg),
-                        "bad type {arg}"
-                    );
-                    assert!(declared.insert(name.clone()), "TYPE of {name} twice");
-                    if let Some((family, _)) = &current {
-                        finished.insert(family.clone());
-                    }
-                    current = Some((name, arg.to_string()));
-                }
-                other => panic!("unexpected comment keyword {other}"),
-            }
-            continue;
-        }
-        assert!(!line.starts_with('#'), "malformed comment {line}");
-        let (family, kind) = current.clone().expect("sample before any TYPE");
-        let (series, value) = line.rsplit_once(' ').expect("sample without value");
-        let value: f64 = match value {
-            "NaN" => f64::NAN,
-            "+Inf" => f64::INFINITY,
-            "-Inf" => f64::NEG_INFINITY,
-            v => v.parse().unwrap_or_else(|_| panic!("bad value {v}")),
-        };
-        let (name, labels) = match series.split_once('{') {
-            None => (series.to_string(), BTreeMap::new()),
-            Some((name, rest)) => {
-                let body = rest.strip_suffix('}').expect("unclosed labels");
-                (name.to_string(), parse_labels(body))
-            }
-        };
-        assert!(is_name(&name), "bad sample name {name}");
-        let allowed = match kind.as_str() {
-            "summary" => vec![
-                family.clone(),
-                format!("{family}_sum"),
-                format!("{family}_count"),
-            ],
-            _ => vec![family.clone()],
-        };
-        assert!(
-            allowed.contains(&name),
-            "sample {name} outside family {family}"
-        );
-        if kind == "summary" && name == family {
-            assert!(
-                labels.contains_key("quantile"),
-                "summary sample without quantile"
-            );
-        }
-        samples.push((name, labels, value));
-    }
-    samples
-}
-
-fn parse_labels(body: &str) -> BTreeMap<String, String> {
-    let mut labels = BTreeMap::new();
-    let mut chars = body.chars().peekable();
-    while chars.peek().is_some() {
-        let name: String = chars.by_ref().take_while(|c| *c != '=').collect();
-        assert!(
-            is_valid_metric_name(&name) && !name.contains(':'),
-            "bad label {name}"
-        );
-        assert_eq!(chars.next(), Some('"'), "label value must be quoted");
-        let mut value = String::new();
-        loop {
-            match chars.next().expect("unterminated label value") {
-                '\\' => match chars.next() {
-                    Some('\\') => value.push('\\'),
-                    Some('"') => value.push('"'),
-                    Some('n') => value.push('\n'),
-                    other => panic!("bad escape {other:?}"),
-                },
-                '"' => break,
-                '\n' => panic!("raw newline in label value"),
-                c => value.push(c),
-            }
-        }
-        assert!(labels.insert(name, value).is_none(), "duplicate label");
-        match chars.next() {
-            None => break,
-            Some(',') => {}
-            Some(c) => panic!("unexpected {c:?} after label"),
-        }
-    }
-    labels
-}
-
-fn value_of(
-    samples: &[(String, BTreeMap<String, String>, f64)],
-    name: &str,
-    label: Option<(&str, &str)>,
-) -> f64 {
-    samples
-        .iter()
-        .find(|(n, labels, _)| {
-            n == name && label.is_none_or(|(k, v)| labels.get(k).map(String::as_str) == Some(v))
-        })
-        .unwrap_or_else(|| panic!("no sample {name} {label:?}"))
-        .2
-}
-
 #[tokio::test(start_paused = true)]
-async fn prometheus_text_is_valid_and_complete() {
-    const WEIRD: &str = "we\"ird\\class\nx";
-    let publish = paused().classify(http_like());
-    let mut svc = publish.layer(scripted());
+async fn histograms_by_outcome_add_up() {
+    let layer = MetricsLayer::builder()
+        .clock(LatencyClock::tokio())
+        .buckets(&[
+            Duration::from_millis(50),
+            Duration::from_millis(10),
+            Duration::ZERO,
+            Duration::from_millis(10),
+        ])
+        .build()
+        .classify(http_like());
+    let handle = layer.handle();
+    let mut svc = layer.layer(scripted());
     for req in [
+        (5, Ok(200)),
         (10, Ok(200)),
-        (20, Err("timeout")),
-        (30, Err(WEIRD)),
-        (40, Ok(404)),
+        (20, Ok(200)),
+        (60, Ok(503)),
+        (7, Ok(404)),
     ] {
         let _ = run(&mut svc, req).await;
     }
-    let idle = MetricsLayer::new();
-
-    let registry = MetricsRegistry::new();
-    registry
-        .register("kafka_publish", publish.handle())
-        .unwrap();
-    registry.register("s3_put", idle.handle()).unwrap();
+    let s = handle.snapshot();
+    let h = &s.histograms;
+    // Zero and duplicate bounds dropped, the rest sorted.
     assert_eq!(
-        registry.register("kafka_publish", idle.handle()),
-        Err(RegistryError::Duplicate("kafka_publish".into()))
+        h.bounds,
+        [Duration::from_millis(10), Duration::from_millis(50)]
     );
-    assert!(matches!(
-        registry.register("s3-get", idle.handle()),
-        Err(RegistryError::InvalidName(_))
-    ));
-
-    let text = registry.render();
-    let samples = check_prometheus(&text);
-    let v = |name: &str| value_of(&samples, name, None);
-    assert_eq!(v("kafka_publish_calls_total"), 4.0);
-    assert_eq!(v("kafka_publish_successes_total"), 1.0);
-    assert_eq!(v("kafka_publish_ignored_total"), 1.0);
-    assert_eq!(v("kafka_publish_in_flight"), 0.0);
+    // A call of exactly a bound's latency is in that bound's bucket (`le`).
+    assert_eq!(h.success.buckets, [2, 1, 0]);
+    assert_eq!(h.failure.buckets, [0, 0, 1]);
+    assert_eq!(h.ignored.buckets, [1, 0, 0]);
+    assert_eq!(h.success.sum(), Duration::from_millis(35));
     assert_eq!(
-        value_of(
-            &samples,
-            "kafka_publish_failures_total",
-            Some(("class", "timeout"))
-        ),
-        1.0
+        (h.success.count, h.failure.count, h.ignored.count),
+        (s.successes, s.failures, s.ignored)
     );
+    assert_eq!(h.count(), s.calls);
+    let cumulative: Vec<_> = h.success.cumulative(&h.bounds).collect();
     assert_eq!(
-        value_of(
-            &samples,
-            "kafka_publish_failures_total",
-            Some(("class", WEIRD))
-        ),
-        1.0
+        cumulative,
+        [
+            (Some(Duration::from_millis(10)), 2),
+            (Some(Duration::from_millis(50)), 3),
+            (None, 3)
+        ]
     );
-    assert_eq!(v("kafka_publish_duration_seconds_count"), 4.0);
-    assert!((v("kafka_publish_duration_seconds_sum") - 0.1).abs() < 1e-9);
-    let p99 = value_of(
-        &samples,
-        "kafka_publish_duration_seconds",
-        Some(("quantile", "0.99")),
-    );
-    assert!((p99 - 0.04).abs() <= 0.04 * 0.011, "p99 {p99}");
-    assert!(v("kafka_publish_last_success_timestamp_seconds") > 1.5e9);
-    assert!(v("kafka_publish_last_failure_timestamp_seconds") > 1.5e9);
-    // The idle service: zero counters, NaN quantiles, no last-success sample.
-    assert_eq!(v("s3_put_calls_total"), 0.0);
-    assert!(
-        value_of(
-            &samples,
-            "s3_put_duration_seconds",
-            Some(("quantile", "0.5"))
-        )
-        .is_nan()
-    );
-    assert!(!text.contains("s3_put_last_success_timestamp_seconds"));
+    // Percentiles are off unless asked for.
+    assert_eq!(s.latency, None);
+    assert_eq!(s.latency_sum, Duration::from_millis(102));
 }
 
 #[test]
-fn render_sanitizes_names_and_skips_duplicates() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .build()
+fn threads_record_apart_and_the_snapshot_adds_them_up() {
+    const THREADS: u64 = 4;
+    const CALLS: u64 = 5_000;
+    let layer = MetricsLayer::new().classify(classify_fn(|r: Result<&u64, &()>| match r {
+        Ok(n) if n % 10 == 0 => Classification::failure("tenth"),
+        _ => Classification::SUCCESS,
+    }));
+    let handle = layer.handle();
+    let svc = layer.layer(service_fn(|n: u64| async move { Ok::<_, ()>(n) }));
+    std::thread::scope(|scope| {
+        for _ in 0..THREADS {
+            let mut svc = svc.clone();
+            scope.spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .build()
+                    .unwrap();
+                rt.block_on(async {
+                    for n in 0..CALLS {
+                        svc.ready().await.unwrap().call(n).await.unwrap();
+                    }
+                });
+            });
+        }
+    });
+    let s = handle.snapshot();
+    assert_eq!(s.calls, THREADS * CALLS);
+    assert_eq!(s.failures, THREADS * CALLS / 10);
+    assert_eq!(s.failures_by_class["tenth"], THREADS * CALLS / 10);
+    assert_eq!(s.successes + s.failures, s.calls);
+    assert_eq!(s.histograms.count(), s.calls);
+    assert_eq!(s.in_flight, 0);
+    assert_eq!(handle.in_flight(), 0);
+}
+
+#[tokio::test]
+async fn a_call_ending_on_another_thread_is_counted_once() {
+    let layer = MetricsLayer::new();
+    let handle = layer.handle();
+    let mut svc = layer.layer(service_fn(|()| async { Ok::<_, ()>(()) }));
+    let fut = svc.ready().await.unwrap().call(());
+    assert_eq!(handle.in_flight(), 1);
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(fut)
+    })
+    .join()
+    .unwrap()
+    .unwrap();
+    let s = handle.snapshot();
+    assert_eq!((s.calls, s.successes, s.in_flight), (1, 1, 0));
+    assert_eq!(handle.in_flight(), 0);
+}
+
+#[test]
+fn registry_takes_labels_and_refuses_duplicates() {
+    let registry = MetricsRegistry::new();
+    let a = MetricsLayer::new().handle();
+    registry
+        .register_with_labels(
+            "messaging.process.duration",
+            [("event_type", "order.created")],
+            a.clone(),
+        )
         .unwrap();
-    let snapshot = rt.block_on(async { MetricsLayer::new().handle().snapshot() });
-    let text = render_prometheus(&[
-        ("9 s3-get", &snapshot),
-        ("9_s3_get", &snapshot),
-        ("ok", &snapshot),
-    ]);
-    check_prometheus(&text);
-    assert!(text.contains("_9_s3_get_calls_total 0\n"));
-    assert_eq!(text.matches("# TYPE _9_s3_get_calls_total").count(), 1);
-    assert!(text.contains("ok_calls_total 0\n"));
+    registry
+        .register_with_labels(
+            "messaging.process.duration",
+            [("event_type", "order.paid")],
+            a.clone(),
+        )
+        .unwrap();
+    assert_eq!(
+        registry.register_with_labels(
+            "messaging.process.duration",
+            [("event_type", "order.paid")],
+            a.clone()
+        ),
+        Err(RegistryError::Duplicate(
+            "messaging.process.duration".into()
+        ))
+    );
+    assert!(matches!(
+        registry.register("s3-get", a.clone()),
+        Err(RegistryError::InvalidName(_))
+    ));
+    assert!(matches!(
+        registry.register_with_labels("ok", [("bad label", "x")], a.clone()),
+        Err(RegistryError::InvalidName(_))
+    ));
+    let snapshots = registry.snapshots();
+    assert_eq!(snapshots.len(), 2);
+    assert_eq!(
+        snapshots[1].labels,
+        [("event_type".to_string(), "order.paid".to_string())]
+    );
     assert!(
-        is_valid_metric_name("a:b_c1") && !is_valid_metric_name("1a") && !is_valid_metric_name("")
+        is_valid_metric_name("a.b_c1") && !is_valid_metric_name("1a") && !is_valid_metric_name("")
     );
 }
 
@@ -463,15 +399,15 @@ async fn tsc_clock_measures_latency_and_rotates() {
         svc.ready().await.unwrap().call(ms).await.unwrap();
     }
     let s = handle.snapshot();
-    assert_eq!(s.latency.count, 3);
-    assert!(within(s.latency.max, 30) && within(s.latency.p50, 20));
+    assert_eq!(s.latency.unwrap().count, 3);
+    assert!(within(s.latency.unwrap().max, 30) && within(s.latency.unwrap().p50, 20));
     assert_eq!(s.latency_sum, Duration::from_millis(60));
     // A 20 s call (two intervals): it ends in a fresh window, alone.
     svc.ready().await.unwrap().call(20_000).await.unwrap();
     let s = handle.snapshot();
     assert_eq!(s.calls, 4);
-    assert_eq!(s.latency.count, 1);
-    assert!(within(s.latency.max, 20_000));
+    assert_eq!(s.latency.unwrap().count, 1);
+    assert!(within(s.latency.unwrap().max, 20_000));
 }
 
 #[tokio::test]

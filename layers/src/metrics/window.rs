@@ -13,6 +13,7 @@ pub(super) const HIGHEST_TRACKABLE_NANOS: u64 = 3_600 * 1_000_000_000;
 /// Quantiles are read from `previous + current`, so a reading always covers at least
 /// one full interval (once one has passed) and at most two. Times are nanoseconds
 /// on the layer's [`LatencyClock`](super::LatencyClock).
+#[derive(Clone)]
 pub(super) struct Window {
     current: Histogram<u64>,
     previous: Histogram<u64>,
@@ -57,25 +58,38 @@ impl Window {
         self.current.saturating_record(latency);
     }
 
-    /// Latency summary over `previous + current` as of `now`.
-    pub(super) fn summary(&mut self, now: u64) -> super::LatencySummary {
+    /// Adds `previous + current` as of `now` into `into`, which must have the same
+    /// precision (the windows of one layer all do).
+    pub(super) fn add_into(&mut self, into: &mut Option<Histogram<u64>>, now: u64) {
         self.rotate(now);
-        let mut merged = self.previous.clone();
+        let into = into.get_or_insert_with(|| {
+            let mut empty = self.current.clone();
+            empty.reset();
+            empty
+        });
         // Same bounds and precision: adding cannot fail.
-        let _ = merged.add(&self.current);
-        // hdrhistogram reports a bucket's highest value; its middle is closer to
-        // what was recorded.
-        let middle = |value: u64| Duration::from_nanos(merged.median_equivalent(value));
-        let q = |quantile: f64| middle(merged.value_at_quantile(quantile));
-        super::LatencySummary {
-            count: merged.len(),
-            p50: q(0.5),
-            p90: q(0.9),
-            p99: q(0.99),
-            p999: q(0.999),
-            max: middle(merged.max()),
-            mean: Duration::from_nanos(merged.mean().round() as u64),
-        }
+        let _ = into.add(&self.previous);
+        let _ = into.add(&self.current);
+    }
+}
+
+/// Latency summary of a merged window.
+pub(super) fn summary(merged: &Histogram<u64>) -> super::LatencySummary {
+    // hdrhistogram reports a bucket's highest value; its middle is closer to
+    // what was recorded.
+    let middle = |value: u64| Duration::from_nanos(merged.median_equivalent(value));
+    let q = |quantile: f64| middle(merged.value_at_quantile(quantile));
+    if merged.is_empty() {
+        return super::LatencySummary::default();
+    }
+    super::LatencySummary {
+        count: merged.len(),
+        p50: q(0.5),
+        p90: q(0.9),
+        p99: q(0.99),
+        p999: q(0.999),
+        max: middle(merged.max()),
+        mean: Duration::from_nanos(merged.mean().round() as u64),
     }
 }
 
