@@ -11,5 +11,7 @@ pub use keel_layers as layers;
 
 #[cfg(feature = "kafka")]
 pub mod kafka;
+#[cfg(feature = "prometheus")]
+pub mod prometheus;
 #[cfg(feature = "s3")]
 pub mod s3;
