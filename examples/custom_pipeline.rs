@@ -106,6 +106,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             Err(e) => println!("{sku}: failed: {e}"),
         }
     }
-    println!("\n{}", registry.render());
+    // OpenMetrics text through prometheus-client (keel's `prometheus` feature).
+    println!(
+        "\n{}",
+        keel::prometheus::Exposition::new().layers(&registry).render()
+    );
     Ok(())
 }

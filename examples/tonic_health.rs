@@ -83,7 +83,11 @@ async fn main() -> Result<(), BoxError> {
         }
     }
 
-    println!("\n{}", registry.render());
+    // OpenMetrics text through prometheus-client (keel's `prometheus` feature).
+    println!(
+        "\n{}",
+        keel::prometheus::Exposition::new().layers(&registry).render()
+    );
     let _ = stop_tx.send(());
     server.await??;
     Ok(())

@@ -67,7 +67,7 @@ async fn scenario(mut gw: Gateway, topic: &str, embedded: bool) {
     assert!(ack["offset"].as_i64().is_some(), "{ack}");
     wait_metric(
         &gw,
-        "handler_order_created_successes_total",
+        "messaging_process_duration_seconds_count{event_type=\"order.created\",outcome=\"success\"}",
         1.0,
         Duration::from_secs(60),
     )
@@ -86,7 +86,7 @@ async fn scenario(mut gw: Gateway, topic: &str, embedded: bool) {
     assert_eq!(batch.json()["acks"].as_array().map(Vec::len), Some(2));
     wait_metric(
         &gw,
-        "handler_user_created_successes_total",
+        "messaging_process_duration_seconds_count{event_type=\"user.created\",outcome=\"success\"}",
         2.0,
         Duration::from_secs(60),
     )
@@ -104,21 +104,21 @@ async fn scenario(mut gw: Gateway, topic: &str, embedded: bool) {
     }
     wait_metric(
         &gw,
-        "handler_demo_flaky_successes_total",
+        "messaging_process_duration_seconds_count{event_type=\"demo.flaky\",outcome=\"success\"}",
         1.0,
         Duration::from_secs(60),
     )
     .await;
     wait_metric(
         &gw,
-        "kafka_consumer_dead_lettered_total",
+        "keel_kafka_consumer_messages_total{outcome=\"dead_lettered\"}",
         1.0,
         Duration::from_secs(60),
     )
     .await;
     let m = metrics(&gw).await;
     assert!(
-        m["kafka_consumer_retries_total"] >= 4.0,
+        value(&m, "keel_kafka_consumer_retries_total") >= 4.0,
         "1 flaky + 3 poison retries"
     );
     assert!(gw.output().contains("message dead-lettered"));
@@ -186,20 +186,22 @@ async fn scenario(mut gw: Gateway, topic: &str, embedded: bool) {
     // /metrics: valid Prometheus text with every service and the routes.
     let m = metrics(&gw).await;
     for series in [
-        "http_calls_total",
-        "http_route_publish_successes_total",
-        "http_route_upload_successes_total",
-        "kafka_publish_call_successes_total",
-        "kafka_publish_published_total",
-        "kafka_consumer_processed_total",
-        "s3_call_calls_total",
-        "s3_uploads_total",
-        "s3_uploaded_bytes_total",
+        "keel_http_server_duration_seconds_count",
+        "http_server_request_duration_seconds_count{http_route=\"/events/{topic}\",outcome=\"success\"}",
+        "http_server_request_duration_seconds_count{http_request_method=\"PUT\",outcome=\"success\"}",
+        "messaging_client_operation_duration_seconds_count{messaging_operation_name=\"send\",outcome=\"success\"}",
+        "messaging_client_sent_messages_total{messaging_operation_name=\"send\",!error_type}",
+        "keel_kafka_consumer_messages_total{outcome=\"processed\"}",
+        "rpc_client_call_duration_seconds_count{rpc_service=\"S3\"}",
+        "keel_s3_operations_total{operation=\"upload\"}",
+        "keel_s3_transferred_bytes_total{direction=\"upload\"}",
     ] {
-        assert!(m.contains_key(series), "{series} missing from /metrics");
+        assert!(value(&m, series) > 0.0, "{series} missing or 0 in /metrics");
     }
-    assert!(m["kafka_publish_published_total"] >= 3.0);
-    assert!(m["s3_uploaded_bytes_total"] >= data.len() as f64);
+    assert!(value(&m, "messaging_client_sent_messages_total{messaging_operation_name=\"send\",!error_type}") >= 3.0);
+    assert!(
+        value(&m, "keel_s3_transferred_bytes_total{direction=\"upload\"}") >= data.len() as f64
+    );
 
     gw.sigterm();
     let status = gw
@@ -354,8 +356,16 @@ async fn ready_turns_503_when_s3_stops() {
     assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(refused.headers.contains_key("retry-after"));
     let m = metrics(&gw).await;
-    assert_eq!(m["circuit_breaker_state{breaker=\"http_api\"}"], 1.0);
-    assert!(m["http_route_upload_failures_total{class=\"5xx\"}"] >= 5.0);
+    assert_eq!(
+        value(&m, "keel_circuit_breaker_state{breaker=\"http_api\"}"),
+        1.0
+    );
+    assert!(
+        value(
+            &m,
+            "http_server_request_failures_total{http_request_method=\"PUT\",error_type=\"5xx\"}"
+        ) >= 5.0
+    );
     assert_eq!(
         get(&gw.url("/health/ready")).await.status,
         StatusCode::SERVICE_UNAVAILABLE
@@ -431,7 +441,7 @@ async fn graceful_shutdown_under_load() {
     // Once the three uploads are being handled, ask the gateway to stop.
     wait_metric(
         &gw,
-        "http_route_upload_in_flight",
+        "http_server_request_in_flight{http_request_method=\"PUT\"}",
         3.0,
         Duration::from_secs(30),
     )

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use axum::response::Response;
-use keel::layers::circuit_breaker::{CircuitBreakerHandle, CircuitBreakerLayer, CircuitState};
+use keel::layers::circuit_breaker::CircuitBreakerLayer;
 use keel::layers::classify::{ByError, Classification, ClassifyFn, classify_fn};
 use std::convert::Infallible;
 
@@ -49,17 +49,4 @@ pub fn dependency() -> CircuitBreakerLayer<ByError> {
         .open_wait(Duration::from_secs(10))
         .classifier(ByError)
         .build()
-}
-
-/// The state as a gauge value: 0 closed, 1 open, 2 half-open, 3 forced open,
-/// 4 forced closed, 5 metrics only.
-pub fn gauge(handle: &CircuitBreakerHandle) -> f64 {
-    match handle.state() {
-        CircuitState::Closed => 0.0,
-        CircuitState::Open => 1.0,
-        CircuitState::HalfOpen => 2.0,
-        CircuitState::ForcedOpen => 3.0,
-        CircuitState::ForcedClosed => 4.0,
-        CircuitState::MetricsOnly => 5.0,
-    }
 }

@@ -20,14 +20,15 @@ pub const DEMO_FLAKY: &str = "demo.flaky";
 /// Always fails: retried, then dead-lettered to `<topic>.dlq`.
 pub const DEMO_POISON: &str = "demo.poison";
 
-/// Builds the handler registry; every handler's metrics are registered as
-/// `handler_<event type>`.
+/// Builds the handler registry; every handler's metrics are registered as the
+/// `messaging.process.duration` series of its `event_type`.
 pub fn registry(metrics: &MetricsRegistry) -> Result<HandlerRegistry, BoxError> {
     let mut builder = HandlerRegistry::builder();
     for event_type in [ORDER_CREATED, USER_CREATED, DEMO_FLAKY, DEMO_POISON] {
         let layer = MetricsLayer::new();
-        metrics.register(
-            format!("handler_{}", event_type.replace('.', "_")),
+        metrics.register_with_labels(
+            "messaging.process.duration",
+            [("messaging.system", "kafka"), ("event_type", event_type)],
             layer.handle(),
         )?;
         let handler = ServiceBuilder::new()

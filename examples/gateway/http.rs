@@ -28,7 +28,8 @@ use keel::kafka::topic::TopicName;
 use keel::layers::circuit_breaker::{CircuitBreakerHandle, CircuitBreakerLayer};
 use keel::layers::classify::TowerHttp;
 use keel::layers::logging::LoggingLayer;
-use keel::layers::metrics::{MetricsLayer, MetricsRegistry, PROMETHEUS_CONTENT_TYPE};
+use keel::layers::metrics::{MetricsLayer, MetricsRegistry};
+use keel::prometheus::{Exposition, OPENMETRICS_CONTENT_TYPE, PartitionLagSample};
 use keel::s3::upload::{ProgressListener, UploadProgress};
 use keel::s3::{S3, S3ErrorKind, S3ServiceError, UploadBody, UploadOptions};
 use serde::Deserialize;
@@ -43,7 +44,6 @@ use uuid::Uuid;
 use crate::breaker::ApiClassifier;
 use crate::idempotency::{self, Begin, IdempotencyCache};
 use crate::problem::{self, Problem};
-use crate::prom;
 use crate::serve;
 
 /// keel's single-event publish stack, boxed.
@@ -77,6 +77,8 @@ pub struct AppState {
     pub consumer_lag: Arc<std::sync::Mutex<Vec<(String, i32, i64)>>>,
     /// Circuit breakers by name, for `/metrics`.
     pub breakers: Vec<(&'static str, CircuitBreakerHandle)>,
+    /// `/metrics` also renders keel's pre-0.2 family names.
+    pub keel_metric_names: bool,
     /// The topics `POST /events/{topic}` may publish to (never a `.dlq`).
     pub publish_topics: Arc<HashSet<String>>,
     /// Sizes the API accepts.
@@ -117,8 +119,20 @@ pub fn publish_stacks(
         builder = builder.timeout(timeout);
     }
     let stack = builder.build();
-    metrics.register("kafka_publish_call", stack.event_metrics())?;
-    metrics.register("kafka_publish_batch_call", stack.batch_metrics())?;
+    for (operation, handle) in [
+        ("send", stack.event_metrics()),
+        ("send_batch", stack.batch_metrics()),
+    ] {
+        metrics.register_with_labels(
+            "messaging.client.operation.duration",
+            [
+                ("messaging.system", "kafka"),
+                ("messaging.operation.type", "send"),
+                ("messaging.operation.name", operation),
+            ],
+            handle,
+        )?;
+    }
     let publish = ServiceExt::<PublishRequest>::map_err(stack.event_service(), BoxError::from);
     let publish_batch =
         ServiceExt::<PublishBatchRequest>::map_err(stack.batch_service(), BoxError::from);
@@ -137,9 +151,14 @@ pub fn app(
     api_breaker: CircuitBreakerLayer<ApiClassifier>,
 ) -> Result<Router, BoxError> {
     let registry = state.metrics.clone();
-    let route_metrics = |name: &str| -> Result<_, BoxError> {
+    // One `http.server.request.duration` series per route and method.
+    let route_metrics = |method: &str, route: &str| -> Result<_, BoxError> {
         let layer = MetricsLayer::new().classify(TowerHttp::server_errors());
-        registry.register(format!("http_route_{name}"), layer.handle())?;
+        registry.register_with_labels(
+            "http.server.request.duration",
+            [("http.request.method", method), ("http.route", route)],
+            layer.handle(),
+        )?;
         Ok(layer)
     };
     let limits = state.limits;
@@ -147,18 +166,18 @@ pub fn app(
     let api = Router::new()
         .route(
             "/events/{topic}",
-            post(publish_one).route_layer(route_metrics("publish")?),
+            post(publish_one).route_layer(route_metrics("POST", "/events/{topic}")?),
         )
         .route(
             "/events/{topic}/batch",
-            post(publish_batch).route_layer(route_metrics("publish_batch")?),
+            post(publish_batch).route_layer(route_metrics("POST", "/events/{topic}/batch")?),
         )
         .route(
             "/files/{*key}",
             get(download)
-                .route_layer(route_metrics("download")?)
-                .merge(put(upload).route_layer(route_metrics("upload")?))
-                .merge(axum::routing::delete(delete).route_layer(route_metrics("delete")?)),
+                .route_layer(route_metrics("GET", "/files/{*key}")?)
+                .merge(put(upload).route_layer(route_metrics("PUT", "/files/{*key}")?))
+                .merge(axum::routing::delete(delete).route_layer(route_metrics("DELETE", "/files/{*key}")?)),
         )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -177,15 +196,15 @@ pub fn app(
     let mut app = Router::new()
         .route(
             "/health/live",
-            get(live).route_layer(route_metrics("health_live")?),
+            get(live).route_layer(route_metrics("GET", "/health/live")?),
         )
         .route(
             "/health/ready",
-            get(ready).route_layer(route_metrics("health_ready")?),
+            get(ready).route_layer(route_metrics("GET", "/health/ready")?),
         )
         .route(
             "/metrics",
-            get(metrics_text).route_layer(route_metrics("metrics")?),
+            get(metrics_text).route_layer(route_metrics("GET", "/metrics")?),
         );
     if state.token.is_some() {
         app = app.route("/debug/health", get(debug_health));
@@ -250,7 +269,8 @@ async fn guard(State(state): State<AppState>, req: Request, next: Next) -> Respo
 
 /// keel's layers around the whole router: a request id (`x-request-id`, taken
 /// from the client or generated, echoed back), a span and a completion log per
-/// request carrying it, and metrics (`http_*`) with 5xx counted as failures.
+/// request carrying it, and metrics of every request (`keel_http_server_*`, the
+/// routes' own are `http_server_request_*`) with 5xx counted as failures.
 pub fn wrap(
     app: Router,
     registry: &MetricsRegistry,
@@ -263,7 +283,7 @@ pub fn wrap(
     BoxError,
 > {
     let all = MetricsLayer::new().classify(TowerHttp::server_errors());
-    registry.register("http", all.handle())?;
+    registry.register("keel.http.server", all.handle())?;
     Ok(ServiceBuilder::new()
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .layer(PropagateRequestIdLayer::x_request_id())
@@ -1074,40 +1094,29 @@ pub async fn sample_lag(state: AppState, every: Duration) {
 }
 
 async fn metrics_text(State(state): State<AppState>) -> Result<Response, Infallible> {
-    let mut text = state.metrics.render();
-    let mut extra = prom::PromText::default();
+    // One scrape: every snapshot of this moment, rendered as OpenMetrics text by
+    // prometheus-client (keel::prometheus). `KEEL_GATEWAY_METRICS_KEEL_NAMES=1`
+    // adds the pre-0.2 family names for dashboards not migrated yet.
+    let mut scrape = Exposition::new();
+    scrape.keel_names(state.keel_metric_names);
+    scrape.layers(&state.metrics);
     if let Some(c) = state.consumer.read().await.as_ref() {
-        prom::consumer(&mut extra, &c.metrics(), c.in_flight());
-    }
-    let lags = state
-        .consumer_lag
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
-    if !lags.is_empty() {
-        extra.family(
-            "kafka_consumer_lag",
-            "gauge",
-            "Messages not yet handled, per assigned partition (-1: unknown yet), sampled every 5 s.",
-            lags.into_iter().map(|(topic, partition, lag)| {
-                (
-                    format!("topic=\"{topic}\",partition=\"{partition}\""),
-                    lag as f64,
-                )
-            }),
-        );
-    }
-    prom::publish(&mut extra, &state.kafka.publish_metrics());
-    prom::s3(&mut extra, &state.s3.metrics());
-    extra.family(
-        "circuit_breaker_state",
-        "gauge",
-        "0 closed, 1 open, 2 half-open, 3 forced open, 4 forced closed, 5 metrics only.",
-        state
-            .breakers
+        let lags: Vec<PartitionLagSample> = state
+            .consumer_lag
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .map(|(name, handle)| (format!("breaker=\"{name}\""), crate::breaker::gauge(handle))),
-    );
-    text.push_str(&extra.finish());
-    Ok(([(header::CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE)], text).into_response())
+            .map(|(topic, partition, lag)| PartitionLagSample {
+                topic: topic.clone(),
+                partition: *partition,
+                lag: (*lag >= 0).then_some(*lag),
+            })
+            .collect();
+        scrape.consumer(c.group_id(), &c.metrics(), c.in_flight(), &lags);
+    }
+    scrape.publish(&state.kafka.publish_metrics());
+    scrape.s3(&state.s3.metrics());
+    scrape.breakers(state.breakers.iter().map(|(name, handle)| (*name, handle)));
+    let text = scrape.render();
+    Ok(([(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)], text).into_response())
 }

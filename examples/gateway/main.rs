@@ -30,6 +30,7 @@
 //! | `KEEL_GATEWAY_PUBLISH_TIMEOUT_MS` | delivery timeout + 5 s | timeout layer around one publish |
 //! | `KEEL_GATEWAY_PRESIGN_SECS` | `900` | lifetime of the presigned GET URLs |
 //! | `KEEL_GATEWAY_CREATE_BUCKET` | `false` | create `AWS_S3_BUCKET` at start if it is missing |
+//! | `KEEL_GATEWAY_METRICS_KEEL_NAMES` | `false` | `/metrics` also renders keel's pre-0.2 family names (`kafka_consumer_processed_total`, …) |
 //! | `KEEL_SHUTDOWN_TIMEOUT_SECS` | `20` | budget for the whole graceful shutdown |
 //! | `KEEL_EMBEDDED` | `auto` | `off`: never start the embedded servers |
 //! | `RUST_LOG` | `info` | log filter (JSON lines on stdout) |
@@ -42,7 +43,6 @@ mod embedded;
 mod http;
 mod idempotency;
 mod problem;
-mod prom;
 mod serve;
 
 use std::net::SocketAddr;
@@ -80,6 +80,7 @@ struct Settings {
     limits: http::ApiLimits,
     token: Option<String>,
     read_only: bool,
+    keel_metric_names: bool,
     transport: serve::Transport,
     drain_timeout: Duration,
 }
@@ -156,6 +157,7 @@ impl Settings {
             },
             token: var("KEEL_GATEWAY_TOKEN"),
             read_only: parsed("KEEL_GATEWAY_READ_ONLY", false)?,
+            keel_metric_names: parsed("KEEL_GATEWAY_METRICS_KEEL_NAMES", false)?,
             transport,
             drain_timeout: match var("KEEL_GATEWAY_DRAIN_SECS") {
                 Some(_) => Duration::from_secs(parsed("KEEL_GATEWAY_DRAIN_SECS", 10)?),
@@ -288,7 +290,11 @@ async fn run() -> Result<ExitCode, BoxError> {
     let s3_breaker = breaker::dependency();
     let s3_breaker_handle = s3_breaker.handle();
     let s3_call_metrics = MetricsLayer::new().handle();
-    metrics.register("s3_call", s3_call_metrics.clone())?;
+    metrics.register_with_labels(
+        "rpc.client.call.duration",
+        [("rpc.system", "aws-api"), ("rpc.service", "S3")],
+        s3_call_metrics.clone(),
+    )?;
     let request_timeout = s3_client.config().request_timeout();
     let s3 = S3::builder(s3_client)
         .default_layers(
@@ -327,6 +333,7 @@ async fn run() -> Result<ExitCode, BoxError> {
             ("kafka_publish", publish_breaker),
             ("s3", s3_breaker_handle),
         ],
+        keel_metric_names: settings.keel_metric_names,
         publish_topics: Arc::new(settings.publish_topics.iter().cloned().collect()),
         limits: settings.limits,
         idempotency: Default::default(),

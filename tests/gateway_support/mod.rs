@@ -322,7 +322,7 @@ pub fn parse_prometheus(text: &str) -> HashMap<String, f64> {
         }
         if line.starts_with('#') {
             assert!(
-                line.starts_with("# HELP "),
+                line.starts_with("# HELP ") || line.starts_with("# UNIT ") || line == "# EOF",
                 "line {n}: unknown comment {line:?}"
             );
             continue;
@@ -339,7 +339,7 @@ pub fn parse_prometheus(text: &str) -> HashMap<String, f64> {
             );
         }
         let family_declared = types.contains_key(name)
-            || ["_sum", "_count", "_bucket"]
+            || ["_sum", "_count", "_bucket", "_total"]
                 .iter()
                 .any(|s| name.strip_suffix(s).is_some_and(|f| types.contains_key(f)));
         assert!(
@@ -366,8 +366,46 @@ pub async fn metrics(gw: &Gateway) -> HashMap<String, f64> {
     let answer = get(&gw.url("/metrics")).await;
     assert_eq!(answer.status, StatusCode::OK);
     let content_type = answer.headers["content-type"].to_str().unwrap().to_string();
-    assert!(content_type.starts_with("text/plain"), "{content_type}");
+    assert!(
+        content_type.starts_with("application/openmetrics-text"),
+        "{content_type}"
+    );
     parse_prometheus(&answer.text())
+}
+
+/// The sum of the samples that `query` selects: `name` alone, or
+/// `name{k="v",…}`, whose labels must all be on a sample (it may have more;
+/// `!k` in the braces: label `k` must be absent). 0 when none matches.
+pub fn value(m: &HashMap<String, f64>, query: &str) -> f64 {
+    matching(m, query).sum()
+}
+
+/// Whether any sample matches `query` (see [`value`]).
+pub fn has(m: &HashMap<String, f64>, query: &str) -> bool {
+    matching(m, query).next().is_some()
+}
+
+fn matching<'a>(m: &'a HashMap<String, f64>, query: &'a str) -> impl Iterator<Item = f64> + 'a {
+    let (name, wanted) = match query.split_once('{') {
+        Some((name, rest)) => (name, rest.trim_end_matches('}')),
+        None => (query, ""),
+    };
+    let wanted: Vec<&str> = wanted.split("\",").filter(|l| !l.is_empty()).collect();
+    m.iter().filter_map(move |(series, v)| {
+        let (n, labels) = match series.split_once('{') {
+            Some((n, rest)) => (n, rest.trim_end_matches('}')),
+            None => (series.as_str(), ""),
+        };
+        let have: Vec<&str> = labels.split("\",").collect();
+        let all = wanted.iter().all(|w| {
+            let w = w.trim_end_matches('"');
+            match w.strip_prefix('!') {
+                Some(absent) => !have.iter().any(|h| h.starts_with(&format!("{absent}="))),
+                None => have.iter().any(|h| h.trim_end_matches('"') == w),
+            }
+        });
+        (n == name && all).then_some(*v)
+    })
 }
 
 /// Polls `/metrics` until `series` reaches `at_least`.
@@ -375,13 +413,13 @@ pub async fn wait_metric(gw: &Gateway, series: &str, at_least: f64, limit: Durat
     let deadline = Instant::now() + limit;
     loop {
         let m = metrics(gw).await;
-        if m.get(series).copied().unwrap_or(0.0) >= at_least {
+        if value(&m, series) >= at_least {
             return;
         }
         if Instant::now() > deadline {
             panic!(
                 "{series} did not reach {at_least}: {:?}\ngateway output:\n{}",
-                m.get(series),
+                value(&m, series),
                 gw.output()
             );
         }
