@@ -109,7 +109,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     // OpenMetrics text through prometheus-client (keel's `prometheus` feature).
     println!(
         "\n{}",
-        keel::prometheus::Exposition::new().layers(&registry).render()
+        keel::prometheus::Exposition::new()
+            .layers(&registry)
+            .render()
     );
     Ok(())
 }

@@ -86,7 +86,9 @@ async fn main() -> Result<(), BoxError> {
     // OpenMetrics text through prometheus-client (keel's `prometheus` feature).
     println!(
         "\n{}",
-        keel::prometheus::Exposition::new().layers(&registry).render()
+        keel::prometheus::Exposition::new()
+            .layers(&registry)
+            .render()
     );
     let _ = stop_tx.send(());
     server.await??;

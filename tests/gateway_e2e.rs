@@ -198,7 +198,12 @@ async fn scenario(mut gw: Gateway, topic: &str, embedded: bool) {
     ] {
         assert!(value(&m, series) > 0.0, "{series} missing or 0 in /metrics");
     }
-    assert!(value(&m, "messaging_client_sent_messages_total{messaging_operation_name=\"send\",!error_type}") >= 3.0);
+    assert!(
+        value(
+            &m,
+            "messaging_client_sent_messages_total{messaging_operation_name=\"send\",!error_type}"
+        ) >= 3.0
+    );
     assert!(
         value(&m, "keel_s3_transferred_bytes_total{direction=\"upload\"}") >= data.len() as f64
     );

@@ -177,7 +177,10 @@ pub fn app(
             get(download)
                 .route_layer(route_metrics("GET", "/files/{*key}")?)
                 .merge(put(upload).route_layer(route_metrics("PUT", "/files/{*key}")?))
-                .merge(axum::routing::delete(delete).route_layer(route_metrics("DELETE", "/files/{*key}")?)),
+                .merge(
+                    axum::routing::delete(delete)
+                        .route_layer(route_metrics("DELETE", "/files/{*key}")?),
+                ),
         )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -66,7 +66,13 @@ impl Sample {
 fn sanitize(name: &str) -> String {
     let mut out: String = name
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     if !out.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_') {
         out.insert(0, '_');
@@ -356,7 +362,11 @@ pub(super) fn consumer(
             .push(Sample::counter(with(&base, &[("outcome", outcome)]), n));
     }
     for (name, help, n) in [
-        ("keel_kafka_consumer_retries", "Handler retries.", m.total_retries),
+        (
+            "keel_kafka_consumer_retries",
+            "Handler retries.",
+            m.total_retries,
+        ),
         (
             "keel_kafka_consumer_decode_errors",
             "Messages that were not a valid event envelope.",
@@ -424,19 +434,84 @@ pub(super) fn consumer(
     if keel_names {
         let last = since_epoch_ms(m.last_processed_at).map_or(0.0, unix_seconds);
         for (name, kind, help, v) in [
-            ("kafka_consumer_processed_total", Kind::Counter, "Messages handled successfully.", m.total_processed as f64),
-            ("kafka_consumer_failed_total", Kind::Counter, "Messages that failed after all retries.", m.total_failed as f64),
-            ("kafka_consumer_retries_total", Kind::Counter, "Handler retries.", m.total_retries as f64),
-            ("kafka_consumer_dead_lettered_total", Kind::Counter, "Messages published to a dead-letter topic.", m.total_dead_lettered as f64),
-            ("kafka_consumer_decode_errors_total", Kind::Counter, "Messages that were not a valid event envelope.", m.total_decode_errors as f64),
-            ("kafka_consumer_panics_total", Kind::Counter, "Handler panics caught (failures of class panic).", m.total_panics as f64),
-            ("kafka_consumer_dlq_failures_total", Kind::Counter, "Dead-letter publishes that failed (retried).", m.dlq_failures as f64),
-            ("kafka_consumer_stuck_partitions", Kind::Gauge, "Partitions held because a message cannot be dead-lettered.", m.stuck_partitions as f64),
-            ("kafka_consumer_longest_stuck_seconds", Kind::Gauge, "How long the longest-held of those partitions has been held.", seconds(m.longest_stuck)),
-            ("kafka_consumer_in_flight", Kind::Gauge, "Messages dispatched and not finished.", in_flight as f64),
-            ("kafka_consumer_processing_seconds_avg", Kind::Gauge, "Mean processing time (retries and DLQ included).", seconds(m.average_processing_time)),
-            ("kafka_consumer_processing_seconds_p99", Kind::Gauge, "99th percentile of the processing time.", seconds(m.p99_processing_time)),
-            ("kafka_consumer_last_processed_timestamp_seconds", Kind::Gauge, "When the last message finished (0: never).", last),
+            (
+                "kafka_consumer_processed_total",
+                Kind::Counter,
+                "Messages handled successfully.",
+                m.total_processed as f64,
+            ),
+            (
+                "kafka_consumer_failed_total",
+                Kind::Counter,
+                "Messages that failed after all retries.",
+                m.total_failed as f64,
+            ),
+            (
+                "kafka_consumer_retries_total",
+                Kind::Counter,
+                "Handler retries.",
+                m.total_retries as f64,
+            ),
+            (
+                "kafka_consumer_dead_lettered_total",
+                Kind::Counter,
+                "Messages published to a dead-letter topic.",
+                m.total_dead_lettered as f64,
+            ),
+            (
+                "kafka_consumer_decode_errors_total",
+                Kind::Counter,
+                "Messages that were not a valid event envelope.",
+                m.total_decode_errors as f64,
+            ),
+            (
+                "kafka_consumer_panics_total",
+                Kind::Counter,
+                "Handler panics caught (failures of class panic).",
+                m.total_panics as f64,
+            ),
+            (
+                "kafka_consumer_dlq_failures_total",
+                Kind::Counter,
+                "Dead-letter publishes that failed (retried).",
+                m.dlq_failures as f64,
+            ),
+            (
+                "kafka_consumer_stuck_partitions",
+                Kind::Gauge,
+                "Partitions held because a message cannot be dead-lettered.",
+                m.stuck_partitions as f64,
+            ),
+            (
+                "kafka_consumer_longest_stuck_seconds",
+                Kind::Gauge,
+                "How long the longest-held of those partitions has been held.",
+                seconds(m.longest_stuck),
+            ),
+            (
+                "kafka_consumer_in_flight",
+                Kind::Gauge,
+                "Messages dispatched and not finished.",
+                in_flight as f64,
+            ),
+            (
+                "kafka_consumer_processing_seconds_avg",
+                Kind::Gauge,
+                "Mean processing time (retries and DLQ included).",
+                seconds(m.average_processing_time),
+            ),
+            (
+                "kafka_consumer_processing_seconds_p99",
+                Kind::Gauge,
+                "99th percentile of the processing time.",
+                seconds(m.p99_processing_time),
+            ),
+            (
+                "kafka_consumer_last_processed_timestamp_seconds",
+                Kind::Gauge,
+                "When the last message finished (0: never).",
+                last,
+            ),
         ] {
             legacy(families, name, kind, help, v);
         }
@@ -480,10 +555,30 @@ pub(super) fn publish(
     .push(Sample::counter(Vec::new(), m.total_batches));
     if keel_names {
         for (name, kind, help, v) in [
-            ("kafka_publish_published_total", Kind::Counter, "Events acknowledged by the broker.", m.total_published as f64),
-            ("kafka_publish_failed_total", Kind::Counter, "Events that failed.", m.total_failed as f64),
-            ("kafka_publish_batches_total", Kind::Counter, "Batch publishes submitted.", m.total_batches as f64),
-            ("kafka_publish_average_batch_size", Kind::Gauge, "Mean events per publish call.", m.average_batch_size),
+            (
+                "kafka_publish_published_total",
+                Kind::Counter,
+                "Events acknowledged by the broker.",
+                m.total_published as f64,
+            ),
+            (
+                "kafka_publish_failed_total",
+                Kind::Counter,
+                "Events that failed.",
+                m.total_failed as f64,
+            ),
+            (
+                "kafka_publish_batches_total",
+                Kind::Counter,
+                "Batch publishes submitted.",
+                m.total_batches as f64,
+            ),
+            (
+                "kafka_publish_average_batch_size",
+                Kind::Gauge,
+                "Mean events per publish call.",
+                m.average_batch_size,
+            ),
         ] {
             legacy(families, name, kind, help, v);
         }
@@ -544,13 +639,48 @@ pub(super) fn s3(
     if keel_names {
         let last = since_epoch_ms(m.last_operation_at).map_or(0.0, unix_seconds);
         for (name, kind, help, v) in [
-            ("s3_uploads_total", Kind::Counter, "Successful uploads.", m.total_uploads as f64),
-            ("s3_downloads_total", Kind::Counter, "Successful downloads.", m.total_downloads as f64),
-            ("s3_deletes_total", Kind::Counter, "Deleted objects.", m.total_deletes as f64),
-            ("s3_failed_total", Kind::Counter, "Failed operations.", m.total_failed as f64),
-            ("s3_uploaded_bytes_total", Kind::Counter, "Bytes uploaded.", m.bytes_uploaded as f64),
-            ("s3_downloaded_bytes_total", Kind::Counter, "Bytes downloaded.", m.bytes_downloaded as f64),
-            ("s3_last_operation_timestamp_seconds", Kind::Gauge, "When the last operation ended (0: never).", last),
+            (
+                "s3_uploads_total",
+                Kind::Counter,
+                "Successful uploads.",
+                m.total_uploads as f64,
+            ),
+            (
+                "s3_downloads_total",
+                Kind::Counter,
+                "Successful downloads.",
+                m.total_downloads as f64,
+            ),
+            (
+                "s3_deletes_total",
+                Kind::Counter,
+                "Deleted objects.",
+                m.total_deletes as f64,
+            ),
+            (
+                "s3_failed_total",
+                Kind::Counter,
+                "Failed operations.",
+                m.total_failed as f64,
+            ),
+            (
+                "s3_uploaded_bytes_total",
+                Kind::Counter,
+                "Bytes uploaded.",
+                m.bytes_uploaded as f64,
+            ),
+            (
+                "s3_downloaded_bytes_total",
+                Kind::Counter,
+                "Bytes downloaded.",
+                m.bytes_downloaded as f64,
+            ),
+            (
+                "s3_last_operation_timestamp_seconds",
+                Kind::Gauge,
+                "When the last operation ended (0: never).",
+                last,
+            ),
         ] {
             legacy(families, name, kind, help, v);
         }

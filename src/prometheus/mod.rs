@@ -140,7 +140,9 @@ impl Exposition {
     {
         let family = families::family(&mut self.families, name, help, families::Kind::Gauge);
         for (labels, value) in samples {
-            family.samples.push(Sample::gauge(labels.into_iter().collect(), value));
+            family
+                .samples
+                .push(Sample::gauge(labels.into_iter().collect(), value));
         }
         self
     }
@@ -153,7 +155,9 @@ impl Exposition {
     {
         let family = families::family(&mut self.families, name, help, families::Kind::Counter);
         for (labels, value) in samples {
-            family.samples.push(Sample::counter(labels.into_iter().collect(), value));
+            family
+                .samples
+                .push(Sample::counter(labels.into_iter().collect(), value));
         }
         self
     }
@@ -193,7 +197,10 @@ impl Exposition {
     }
 
     /// The publish services' counters: messages sent (semantic conventions).
-    pub fn publish(&mut self, metrics: &crate::kafka::producer::PublishMetricsSnapshot) -> &mut Self {
+    pub fn publish(
+        &mut self,
+        metrics: &crate::kafka::producer::PublishMetricsSnapshot,
+    ) -> &mut Self {
         families::publish(&mut self.families, metrics, self.keel_names);
         self
     }
@@ -213,7 +220,12 @@ impl Exposition {
     /// 2 half-open, 3 forced open, 4 forced closed, 5 metrics only.
     pub fn breakers<'a>(
         &mut self,
-        breakers: impl IntoIterator<Item = (&'a str, &'a keel_layers::circuit_breaker::CircuitBreakerHandle)>,
+        breakers: impl IntoIterator<
+            Item = (
+                &'a str,
+                &'a keel_layers::circuit_breaker::CircuitBreakerHandle,
+            ),
+        >,
     ) -> &mut Self {
         families::breakers(&mut self.families, breakers);
         self

@@ -52,7 +52,10 @@ async fn layer_families_have_labels_buckets_and_failures() {
     // Percentiles are off by default: no window family.
     assert!(!text.contains("duration_window"));
     // Each family appears once, and the text ends as OpenMetrics requires.
-    assert_eq!(lines_with(&text, "# TYPE messaging_process_duration_seconds ").len(), 1);
+    assert_eq!(
+        lines_with(&text, "# TYPE messaging_process_duration_seconds ").len(),
+        1
+    );
     assert!(text.ends_with("# EOF\n"));
 }
 
@@ -72,9 +75,16 @@ async fn percentile_window_is_optional_and_two_series_share_a_family() {
     let mut scrape = Exposition::new();
     scrape.layers(&registry);
     let text = scrape.render();
-    assert_eq!(lines_with(&text, "# TYPE http_server_duration_seconds ").len(), 1);
-    assert!(text.contains("http_server_duration_seconds_count{route=\"/a\",outcome=\"success\"} 1"));
-    assert!(text.contains("http_server_duration_seconds_count{route=\"/b\",outcome=\"success\"} 0"));
+    assert_eq!(
+        lines_with(&text, "# TYPE http_server_duration_seconds ").len(),
+        1
+    );
+    assert!(
+        text.contains("http_server_duration_seconds_count{route=\"/a\",outcome=\"success\"} 1")
+    );
+    assert!(
+        text.contains("http_server_duration_seconds_count{route=\"/b\",outcome=\"success\"} 0")
+    );
     assert!(text.contains("http_server_duration_window_seconds{route=\"/a\",quantile=\"0.99\"}"));
     assert!(!text.contains("http_server_duration_window_seconds{route=\"/b\""));
 }
@@ -92,6 +102,9 @@ fn breakers_and_custom_families() {
         [(vec![("kind".to_string(), "x".to_string())], 3)],
     );
     let text = scrape.render();
-    assert!(text.contains("keel_circuit_breaker_state{breaker=\"kafka_publish\"} 3"), "{text}");
+    assert!(
+        text.contains("keel_circuit_breaker_state{breaker=\"kafka_publish\"} 3"),
+        "{text}"
+    );
     assert!(text.contains("app_jobs_total{kind=\"x\"} 3"));
 }

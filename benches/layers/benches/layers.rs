@@ -72,6 +72,14 @@ fn cases<R: Runner>(r: &mut R) {
     );
     r.tower("keel/timeout", TimeoutLayer::new(TIMEOUT).layer(Noop));
     r.tower("keel/metrics", MetricsLayer::new().layer(Noop));
+    // With the optional HdrHistogram window: a lock of the thread's own recorder.
+    r.tower(
+        "keel/metrics_percentiles",
+        MetricsLayer::builder()
+            .percentiles(true)
+            .build()
+            .layer(Noop),
+    );
     r.tower("keel/batch_size", BatchSizeLayer::new().layer(Noop));
     r.tower(
         "keel/logging",

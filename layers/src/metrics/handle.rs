@@ -70,8 +70,10 @@ pub(super) struct Recorder {
     pub(super) config: Arc<Config>,
     started: AtomicU64,
     cancelled: AtomicU64,
-    last_success_ms: AtomicU64,
-    last_failure_ms: AtomicU64,
+    /// End of the last success / failure on `clock`, plus one (0: never); turned
+    /// into wall time by a snapshot, so a call does no division.
+    last_success: AtomicU64,
+    last_failure: AtomicU64,
     histograms: OutcomeHistograms,
     slow: Mutex<Slow>,
 }
@@ -82,9 +84,10 @@ struct Slow {
 }
 
 impl Config {
-    #[inline]
-    fn wall_ms(&self, now: u64) -> u64 {
-        self.origin_wall_ms.saturating_add(now / 1_000_000)
+    /// Unix milliseconds of a `last_*` reading (`clock` nanoseconds plus one).
+    fn wall_ms(&self, reading: u64) -> Option<u64> {
+        let now = reading.checked_sub(1)?;
+        Some(self.origin_wall_ms.saturating_add(now / 1_000_000))
     }
 }
 
@@ -130,8 +133,8 @@ impl Recorder {
         Recorder {
             started: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
-            last_success_ms: AtomicU64::new(0),
-            last_failure_ms: AtomicU64::new(0),
+            last_success: AtomicU64::new(0),
+            last_failure: AtomicU64::new(0),
             histograms: OutcomeHistograms::new(&config.buckets),
             slow: Mutex::new(Slow {
                 failures_by_class: Vec::new(),
@@ -158,12 +161,12 @@ impl Recorder {
         let index = config.buckets.index(latency);
         match verdict.outcome {
             Outcome::Success => {
-                self.last_success_ms.store(config.wall_ms(now), Relaxed);
+                self.last_success.store(now.saturating_add(1), Relaxed);
                 self.histograms.success.record(index, latency);
             }
             Outcome::Ignored => self.histograms.ignored.record(index, latency),
             Outcome::Failure => {
-                self.last_failure_ms.store(config.wall_ms(now), Relaxed);
+                self.last_failure.store(now.saturating_add(1), Relaxed);
                 self.histograms.failure.record(index, latency);
                 self.slow.lock().count_failure(verdict.class);
             }
@@ -284,8 +287,8 @@ impl MetricsHandle {
             histograms.add(&r.histograms);
             calls += r.started.load(Relaxed);
             cancelled += r.cancelled.load(Relaxed);
-            last_success = last_success.max(r.last_success_ms.load(Relaxed));
-            last_failure = last_failure.max(r.last_failure_ms.load(Relaxed));
+            last_success = last_success.max(r.last_success.load(Relaxed));
+            last_failure = last_failure.max(r.last_failure.load(Relaxed));
             for (class, n) in &slow.failures_by_class {
                 *classes.entry(class).or_default() += n;
             }
@@ -318,8 +321,8 @@ impl MetricsHandle {
             cancelled,
             in_flight,
             failures_by_class: classes,
-            last_success_unix_ms: nonzero(last_success),
-            last_failure_unix_ms: nonzero(last_failure),
+            last_success_unix_ms: config.wall_ms(last_success),
+            last_failure_unix_ms: config.wall_ms(last_failure),
             latency_sum: Duration::from_nanos(histograms.sum_nanos()),
             latency: config
                 .percentiles
@@ -327,10 +330,6 @@ impl MetricsHandle {
             histograms,
         }
     }
-}
-
-fn nonzero(ms: u64) -> Option<u64> {
-    (ms != 0).then_some(ms)
 }
 
 /// Counters and latencies of one layer at one moment; see [`MetricsHandle::snapshot`].

@@ -1,6 +1,6 @@
 use super::Metrics;
-use super::clock::LatencyClock;
 use super::buckets::{Buckets, DEFAULT_BUCKETS};
+use super::clock::LatencyClock;
 use super::handle::{DEFAULT_SIGNIFICANT_FIGURES, DEFAULT_WINDOW, MetricsHandle, Percentiles};
 use crate::classify::ErrorsAsFailures;
 use std::time::Duration;
