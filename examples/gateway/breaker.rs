@@ -32,6 +32,7 @@ fn classify_api(result: Result<&Response, &Infallible>) -> Classification {
 /// for 10 s; then one probe request decides.
 pub fn api() -> CircuitBreakerLayer<ApiClassifier> {
     CircuitBreakerLayer::builder()
+        .name("http_api")
         .consecutive_failures(5)
         .open_wait(Duration::from_secs(10))
         .classifier(classify_fn(
@@ -43,8 +44,9 @@ pub fn api() -> CircuitBreakerLayer<ApiClassifier> {
 /// A breaker for a dependency whose errors classify themselves (keel's
 /// `KafkaProducerError`, `S3ServiceError`): permanent errors such as an invalid
 /// key or a batch too large do not count.
-pub fn dependency() -> CircuitBreakerLayer<ByError> {
+pub fn dependency(name: &str) -> CircuitBreakerLayer<ByError> {
     CircuitBreakerLayer::builder()
+        .name(name)
         .consecutive_failures(5)
         .open_wait(Duration::from_secs(10))
         .classifier(ByError)

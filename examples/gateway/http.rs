@@ -75,8 +75,8 @@ pub struct AppState {
     /// Consumer lag per (topic, partition), sampled in the background (a
     /// watermark request per partition is too slow for every scrape).
     pub consumer_lag: Arc<std::sync::Mutex<Vec<(String, i32, i64)>>>,
-    /// Circuit breakers by name, for `/metrics`.
-    pub breakers: Vec<(&'static str, CircuitBreakerHandle)>,
+    /// Circuit breakers, for `/metrics` (labelled by their names).
+    pub breakers: Vec<CircuitBreakerHandle>,
     /// `/metrics` also renders keel's pre-0.2 family names.
     pub keel_metric_names: bool,
     /// The topics `POST /events/{topic}` may publish to (never a `.dlq`).
@@ -1119,7 +1119,7 @@ async fn metrics_text(State(state): State<AppState>) -> Result<Response, Infalli
     }
     scrape.publish(&state.kafka.publish_metrics());
     scrape.s3(&state.s3.metrics());
-    scrape.breakers(state.breakers.iter().map(|(name, handle)| (*name, handle)));
+    scrape.breakers(&state.breakers);
     let text = scrape.render();
     Ok(([(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)], text).into_response())
 }

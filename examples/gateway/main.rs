@@ -287,7 +287,7 @@ async fn run() -> Result<ExitCode, BoxError> {
     // the seed's schedule, timeout per attempt; multipart uploads through the
     // engine, which retries its parts itself), with our breaker and metrics
     // handles so /metrics and the breaker gauge can read them.
-    let s3_breaker = breaker::dependency();
+    let s3_breaker = breaker::dependency("s3");
     let s3_breaker_handle = s3_breaker.handle();
     let s3_call_metrics = MetricsLayer::new().handle();
     metrics.register_with_labels(
@@ -328,11 +328,9 @@ async fn run() -> Result<ExitCode, BoxError> {
         presign_expiry: settings.presign_expiry,
         health_timeout: Duration::from_secs(3),
         consumer_lag: Arc::default(),
-        breakers: vec![
-            ("http_api", api_breaker.handle()),
-            ("kafka_publish", publish_breaker),
-            ("s3", s3_breaker_handle),
-        ],
+        // Named by their builders (`http_api`, `kafka_publish`, `s3`): the
+        // `breaker` field of their logs and label of their metrics.
+        breakers: vec![api_breaker.handle(), publish_breaker, s3_breaker_handle],
         keel_metric_names: settings.keel_metric_names,
         publish_topics: Arc::new(settings.publish_topics.iter().cloned().collect()),
         limits: settings.limits,

@@ -216,18 +216,18 @@ impl Exposition {
 }
 
 impl Exposition {
-    /// Circuit breakers' states, one series per `breaker` name: 0 closed, 1 open,
-    /// 2 half-open, 3 forced open, 4 forced closed, 5 metrics only.
+    /// Circuit breakers' states, one series per `breaker` label (the breaker's
+    /// [name](keel_layers::circuit_breaker::CircuitBreakerBuilder::name); `""` for
+    /// one without): 0 closed, 1 open, 2 half-open, 3 forced open, 4 forced
+    /// closed, 5 metrics only.
     pub fn breakers<'a>(
         &mut self,
-        breakers: impl IntoIterator<
-            Item = (
-                &'a str,
-                &'a keel_layers::circuit_breaker::CircuitBreakerHandle,
-            ),
-        >,
+        breakers: impl IntoIterator<Item = &'a keel_layers::circuit_breaker::CircuitBreakerHandle>,
     ) -> &mut Self {
-        families::breakers(&mut self.families, breakers);
+        families::breakers(
+            &mut self.families,
+            breakers.into_iter().map(|h| (h.name().unwrap_or(""), h)),
+        );
         self
     }
 }

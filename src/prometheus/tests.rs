@@ -91,11 +91,13 @@ async fn percentile_window_is_optional_and_two_series_share_a_family() {
 
 #[test]
 fn breakers_and_custom_families() {
-    let breaker = keel_layers::circuit_breaker::CircuitBreakerLayer::new();
+    let breaker = keel_layers::circuit_breaker::CircuitBreakerLayer::builder()
+        .name("kafka_publish")
+        .build();
     let handle = breaker.handle();
     handle.force_open();
     let mut scrape = Exposition::new();
-    scrape.breakers([("kafka_publish", &handle)]);
+    scrape.breakers([&handle]);
     scrape.counter(
         "app.jobs",
         "Jobs.",

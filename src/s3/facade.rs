@@ -419,7 +419,10 @@ impl DefaultLayers {
     /// `attempt_timeout` per attempt.
     pub fn new(attempt_timeout: Duration) -> Self {
         DefaultLayers {
-            breaker: CircuitBreakerLayer::builder().classifier(ByError).build(),
+            breaker: CircuitBreakerLayer::builder()
+                .name("s3")
+                .classifier(ByError)
+                .build(),
             metrics: MetricsLayer::new().handle(),
             attempt_timeout,
         }

@@ -49,6 +49,8 @@ pub(crate) struct Config {
     pub(crate) backoff: Option<(f64, Duration)>,
     pub(crate) half_open_probes: u32,
     pub(crate) hook: Option<StateHook>,
+    /// The breaker's name, in its logs and on its handle (for metrics).
+    pub(crate) name: Option<Arc<str>>,
 }
 
 impl fmt::Debug for Config {
@@ -63,6 +65,7 @@ impl fmt::Debug for Config {
             .field("backoff", &self.backoff)
             .field("half_open_probes", &self.half_open_probes)
             .field("hook", &self.hook.is_some())
+            .field("name", &self.name)
             .finish()
     }
 }
@@ -79,6 +82,7 @@ impl Default for Config {
             backoff: None,
             half_open_probes: 1,
             hook: None,
+            name: None,
         }
     }
 }
@@ -125,7 +129,7 @@ struct Transitions {
 pub(crate) struct Breaker {
     /// The state word, in a slot response futures can reach without an `Arc`.
     slot: &'static Slot,
-    config: Arc<Config>,
+    pub(crate) config: Arc<Config>,
     window: Option<Window>,
     minimum_calls: u32,
     /// Whether a call needs a start time (slow-call rule).
@@ -485,10 +489,11 @@ impl Breaker {
         self.slot.word.store(next_word(word, to, streak), Release);
 
         let key = self.key.as_deref().unwrap_or("");
+        let breaker = self.config.name.as_deref().unwrap_or("");
         if to == CircuitState::Open || to == CircuitState::ForcedOpen {
-            tracing::warn!(from = %from, to = %to, reason = %reason, key, "circuit breaker state change");
+            tracing::warn!(breaker, from = %from, to = %to, reason = %reason, key, "circuit breaker state change");
         } else {
-            tracing::info!(from = %from, to = %to, reason = %reason, key, "circuit breaker state change");
+            tracing::info!(breaker, from = %from, to = %to, reason = %reason, key, "circuit breaker state change");
         }
         self.watch.send_replace(to);
         if let Some(hook) = &self.config.hook {
@@ -497,6 +502,7 @@ impl Breaker {
                 to,
                 reason,
                 key: self.key.clone(),
+                breaker: self.config.name.clone(),
             });
         }
         drop(transitions);

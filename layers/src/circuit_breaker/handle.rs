@@ -121,6 +121,8 @@ pub struct StateChange {
     pub reason: TransitionReason,
     /// The key of a per-key breaker (its `Debug` form), `None` for a single breaker.
     pub key: Option<Arc<str>>,
+    /// The breaker's [name](super::CircuitBreakerBuilder::name), if it has one.
+    pub breaker: Option<Arc<str>>,
 }
 
 /// What a breaker currently counts.
@@ -162,6 +164,12 @@ impl CircuitBreakerHandle {
     /// next call turns it half-open.
     pub fn state(&self) -> CircuitState {
         self.breaker.state()
+    }
+
+    /// The breaker's [name](super::CircuitBreakerBuilder::name), if it has one:
+    /// the `breaker` field of its logs and the `breaker` label of its metrics.
+    pub fn name(&self) -> Option<&str> {
+        self.breaker.config.name.as_deref()
     }
 
     /// A receiver that sees every state change (the latest state is always

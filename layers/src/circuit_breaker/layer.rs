@@ -87,6 +87,7 @@ impl<S, C: Clone> Layer<S> for CircuitBreakerLayer<C> {
 /// | [`half_open_probes`](Self::half_open_probes) | 1 |
 /// | [`classifier`](Self::classifier) | [`ErrorsAsFailures`] |
 /// | [`on_state_change`](Self::on_state_change) | none (changes are still logged and sent on the watch channel) |
+/// | [`name`](Self::name) | none (logs carry an empty `breaker` field) |
 pub struct CircuitBreakerBuilder<C = ErrorsAsFailures> {
     config: Config,
     classifier: C,
@@ -188,6 +189,16 @@ impl<C> CircuitBreakerBuilder<C> {
             config: self.config,
             classifier,
         }
+    }
+
+    /// Names the breaker (`"kafka_publish"`, `"s3"`): the `breaker` field of its
+    /// state-change logs, [`StateChange::breaker`](super::StateChange::breaker), and
+    /// [`CircuitBreakerHandle::name`], which exporters use as the `breaker` label.
+    /// With [`per_key`](Self::per_key), every key's breaker has this name and its
+    /// key in `key`.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.config.name = Some(Arc::from(name.into()));
+        self
     }
 
     /// Builds the layer (one breaker).

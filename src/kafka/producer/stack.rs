@@ -600,6 +600,7 @@ impl PublishStackBuilder {
     /// Builds the stack and lets the client's health check report its breaker.
     pub fn build(self) -> PublishStack {
         let breaker = CircuitBreakerLayer::builder()
+            .name("kafka_publish")
             .consecutive_failures(self.consecutive_failures)
             .open_wait(self.open_wait)
             .classifier(KafkaOutage)
