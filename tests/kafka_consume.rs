@@ -1261,3 +1261,85 @@ async fn a_dropped_registered_consumer_is_no_longer_counted() {
     assert_eq!(health.metrics.consumer_count, 0);
     kafka.disconnect(Duration::from_secs(10)).await.unwrap();
 }
+
+/// The lag from librdkafka's statistics (no broker request) agrees with the
+/// broker's watermarks: all produced events count while the handler holds them,
+/// none once they are handled and committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statistics_lag_follows_the_handler_without_broker_requests() {
+    let brokers = support::kafka_brokers();
+    let topic = unique("stats-lag");
+    create_topics(&brokers, &[(&topic, 2)]).await;
+    let sent = keyed_events(100, 10);
+    produce(&producer(&brokers), &topic, &sent).await;
+
+    let released = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let handled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let registry = {
+        let (released, handled) = (released.clone(), handled.clone());
+        HandlerRegistry::builder()
+            .handler_fn("order.created", move |_event: ConsumedEvent| {
+                let (released, handled) = (released.clone(), handled.clone());
+                async move {
+                    while !released.load(std::sync::atomic::Ordering::Acquire) {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    handled.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                    Ok::<_, BoxError>(())
+                }
+            })
+            .build()
+            .unwrap()
+    };
+    // Statistics every second, as KafkaConfig sets them (a bare ClientConfig has none).
+    let mut config = client(&brokers);
+    config.set("statistics.interval.ms", "1000");
+    let consumer = KafkaConsumer::builder(config, unique("stats-lag"))
+        .start(
+            StartOptions::new([topic.as_str()]).from_beginning(true),
+            registry,
+        )
+        .unwrap();
+
+    // Held: every event is lag, once the statistics (every second) report the
+    // partitions' high watermarks.
+    let start = Instant::now();
+    let held = loop {
+        let lag = consumer.statistics_lag();
+        if lag.len() == 2 && lag.iter().map(|l| l.lag.unwrap_or(0)).sum::<i64>() == 100 {
+            break lag;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "statistics lag never reached 100: {lag:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(handled.load(std::sync::atomic::Ordering::Acquire), 0);
+    // The same high watermarks the broker answers when asked.
+    let asked = consumer.lag(Duration::from_secs(5)).await.unwrap();
+    for (s, a) in held.iter().zip(&asked) {
+        assert_eq!(s.partition, a.partition);
+        assert_eq!(s.high_watermark, a.high_watermark, "{held:?} vs {asked:?}");
+    }
+
+    released.store(true, std::sync::atomic::Ordering::Release);
+    wait_until("all handled", Duration::from_secs(60), || {
+        handled.load(std::sync::atomic::Ordering::Acquire) == 100
+    })
+    .await;
+    let start = Instant::now();
+    loop {
+        let lag = consumer.statistics_lag();
+        if lag.iter().all(|l| l.lag == Some(0)) {
+            assert_eq!(lag.iter().map(|l| l.high_watermark).sum::<i64>(), 100);
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "lag stays {lag:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
+}

@@ -227,6 +227,25 @@ async fn metrics_parse_with_prometheus_client_and_add_up() {
     )
     .await;
 
+    // Lag from librdkafka's statistics: a series per partition of the topic,
+    // down to 0 once everything is handled and committed.
+    let lag_query = format!("keel_kafka_consumer_lag{{topic=\"{topic}\"}}");
+    let start = std::time::Instant::now();
+    loop {
+        let m = metrics(&gw).await;
+        if has(&m, &lag_query) && value(&m, &lag_query) == 0.0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "lag of {topic} never 0: {:?}",
+            m.iter()
+                .filter(|(k, _)| k.starts_with("keel_kafka_consumer_lag"))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
     let answer = get(&gw.url("/metrics")).await;
     assert_eq!(answer.status, StatusCode::OK);
     let text = answer.text();
@@ -353,6 +372,17 @@ async fn metrics_parse_with_prometheus_client_and_add_up() {
             ]
         ),
         bodies.len() as f64
+    );
+
+    let lag = family("keel_kafka_consumer_lag");
+    assert_eq!(lag["type"], "gauge");
+    let of_topic = [("topic", topic.as_str())];
+    let partitions: Vec<&Value> = samples(lag, "keel_kafka_consumer_lag", &of_topic).collect();
+    assert!(!partitions.is_empty(), "{lag}");
+    assert!(
+        partitions
+            .iter()
+            .all(|s| s["labels"]["partition"].is_string())
     );
 
     // Breakers by name.

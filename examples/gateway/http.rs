@@ -72,9 +72,6 @@ pub struct AppState {
     pub presign_expiry: Duration,
     /// Bound on each dependency check of `/health/ready`.
     pub health_timeout: Duration,
-    /// Consumer lag per (topic, partition), sampled in the background (a
-    /// watermark request per partition is too slow for every scrape).
-    pub consumer_lag: Arc<std::sync::Mutex<Vec<(String, i32, i64)>>>,
     /// Circuit breakers, for `/metrics` (labelled by their names).
     pub breakers: Vec<CircuitBreakerHandle>,
     /// `/metrics` also renders keel's pre-0.2 family names.
@@ -1058,44 +1055,6 @@ async fn debug_health(State(state): State<AppState>) -> Json<Value> {
     Json(health_details(&state).await.1)
 }
 
-/// Samples the consumer's lag every `every` into `state.consumer_lag`, until
-/// the consumer is taken out at shutdown.
-pub async fn sample_lag(state: AppState, every: Duration) {
-    loop {
-        tokio::time::sleep(every).await;
-        if state.shutting_down.load(Ordering::Acquire) {
-            return;
-        }
-        let guard = state.consumer.read().await;
-        let Some(consumer) = guard.as_ref() else {
-            return;
-        };
-        // Bounded, so that shutdown (which takes the consumer) never waits long.
-        let sampled =
-            tokio::time::timeout(Duration::from_secs(3), consumer.lag(Duration::from_secs(1)))
-                .await;
-        drop(guard);
-        match sampled {
-            Ok(Ok(lags)) => {
-                *state.consumer_lag.lock().unwrap_or_else(|e| e.into_inner()) = lags
-                    .into_iter()
-                    .map(|l| {
-                        (
-                            l.partition.topic.to_string(),
-                            l.partition.partition,
-                            l.lag.unwrap_or(-1),
-                        )
-                    })
-                    .collect();
-            }
-            Ok(Err(e)) => {
-                tracing::debug!(target: "gateway::metrics", error = %e, "consumer lag unavailable")
-            }
-            Err(_) => tracing::debug!(target: "gateway::metrics", "consumer lag timed out"),
-        }
-    }
-}
-
 async fn metrics_text(State(state): State<AppState>) -> Result<Response, Infallible> {
     // One scrape: every snapshot of this moment, rendered as OpenMetrics text by
     // prometheus-client (keel::prometheus). `KEEL_GATEWAY_METRICS_KEEL_NAMES=1`
@@ -1104,15 +1063,14 @@ async fn metrics_text(State(state): State<AppState>) -> Result<Response, Infalli
     scrape.keel_names(state.keel_metric_names);
     scrape.layers(&state.metrics);
     if let Some(c) = state.consumer.read().await.as_ref() {
-        let lags: Vec<PartitionLagSample> = state
-            .consumer_lag
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|(topic, partition, lag)| PartitionLagSample {
-                topic: topic.clone(),
-                partition: *partition,
-                lag: (*lag >= 0).then_some(*lag),
+        // From librdkafka's statistics (every second): no broker request.
+        let lags: Vec<PartitionLagSample> = c
+            .statistics_lag()
+            .into_iter()
+            .map(|l| PartitionLagSample {
+                topic: l.partition.topic.to_string(),
+                partition: l.partition.partition,
+                lag: l.lag,
             })
             .collect();
         scrape.consumer(c.group_id(), &c.metrics(), c.in_flight(), &lags);

@@ -327,7 +327,6 @@ async fn run() -> Result<ExitCode, BoxError> {
         shutting_down: shutting_down.clone(),
         presign_expiry: settings.presign_expiry,
         health_timeout: Duration::from_secs(3),
-        consumer_lag: Arc::default(),
         // Named by their builders (`http_api`, `kafka_publish`, `s3`): the
         // `breaker` field of their logs and label of their metrics.
         breakers: vec![api_breaker.handle(), publish_breaker, s3_breaker_handle],
@@ -340,7 +339,6 @@ async fn run() -> Result<ExitCode, BoxError> {
         uploads: Arc::new(tokio::sync::Semaphore::new(settings.transport.max_uploads)),
     };
     // Holds a clone of the state (so of the Kafka clients) until it is stopped.
-    let lag_sampler = tokio::spawn(http::sample_lag(state.clone(), Duration::from_secs(5)));
     let app = http::app(state.clone(), api_breaker)?.layer(axum::middleware::from_fn_with_state(
         settings.transport,
         serve::request_bounds,
@@ -442,10 +440,8 @@ async fn run() -> Result<ExitCode, BoxError> {
         tracing::warn!(target: "gateway", still_in_flight = report.still_in_flight, "S3 operations still in flight");
     }
     // The clients go before the embedded servers they talk to: every holder of a
-    // Kafka client (the lag sampler's state too) is gone before the mock cluster
-    // stops, or librdkafka logs the brokers going down.
-    lag_sampler.abort();
-    let _ = lag_sampler.await;
+    // Kafka client is gone before the mock cluster stops, or librdkafka logs the
+    // brokers going down.
     drop((state, kafka, s3));
     if let Some(server) = embedded_s3 {
         // Downloads through presigned URLs may still be running: bounded too.

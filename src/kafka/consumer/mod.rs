@@ -189,6 +189,7 @@ pub mod scheduler;
 mod state;
 mod supervise;
 pub mod tracker;
+mod watermarks;
 
 pub use crate::kafka::envelope::{DecodeError, EventEnvelope};
 pub use attempts::{CountAttempts, CountAttemptsLayer};
@@ -822,8 +823,38 @@ impl KafkaConsumer {
         self.command(|ack| Command::Resume(Some(tp), ack)).await
     }
 
+    /// Lag per assigned partition from librdkafka's statistics: the high
+    /// watermark of the partition's last fetch response, as the last statistics
+    /// reported it (every [`statistics_interval`](crate::kafka::config::KafkaConfig::statistics_interval),
+    /// 1 s by default), minus this consumer's commit position. No broker request:
+    /// cheap enough for every `/metrics` scrape. Up to one interval old; a
+    /// partition not reported yet has `high_watermark` -1 and `lag` `None`, and
+    /// so has every partition of a consumer built from a `ClientConfig` without
+    /// `statistics.interval.ms` ([`from_config`](Self::from_config) sets it).
+    /// [`lag`](Self::lag) asks the broker instead.
+    pub fn statistics_lag(&self) -> Vec<PartitionLag> {
+        let shared = &self.control.shared;
+        let tracker = shared.current_tracker();
+        let mut lags: Vec<PartitionLag> = tracker
+            .partitions()
+            .map(|tp| {
+                let position = tracker.commit_position(tp);
+                let high = shared.watermarks.high(tp);
+                PartitionLag {
+                    partition: tp.clone(),
+                    high_watermark: high.unwrap_or(-1),
+                    position,
+                    lag: high.zip(position).map(|(h, p)| (h - p).max(0)),
+                }
+            })
+            .collect();
+        lags.sort_by(|a, b| a.partition.cmp(&b.partition));
+        lags
+    }
+
     /// Lag per assigned partition: the broker's high watermark (one request per
     /// partition, each bounded by `timeout`) minus this consumer's commit position.
+    /// [`statistics_lag`](Self::statistics_lag) reads it without a request.
     pub async fn lag(&self, timeout: Duration) -> Result<Vec<PartitionLag>, ConsumerError> {
         let positions: Vec<(TopicPartition, Option<i64>)> = {
             let tracker = self.control.shared.current_tracker();

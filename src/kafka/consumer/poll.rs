@@ -26,6 +26,7 @@ use super::metrics::ConsumerMetrics;
 use super::ownership::Ownership;
 use super::scheduler::{ProcessingOrder, lane_for};
 use super::tracker::{Dispatch, OffsetTracker, TopicPartition};
+use super::watermarks::Watermarks;
 use crate::kafka::client::ConnectionTracker;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, KafkaResult};
@@ -119,6 +120,8 @@ pub(crate) struct Shared {
     /// Partitions whose seek before resume failed: they stay paused, and the seek
     /// to this position is retried before they resume.
     pub(crate) reseek: Mutex<HashMap<TopicPartition, i64>>,
+    /// High watermarks from librdkafka's statistics, for the lag.
+    pub(crate) watermarks: Watermarks,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -147,6 +150,7 @@ impl Shared {
             revoke_timeout,
             rewind: Mutex::new(HashMap::new()),
             reseek: Mutex::new(HashMap::new()),
+            watermarks: Watermarks::default(),
         }
     }
 
@@ -269,6 +273,7 @@ pub(crate) struct KeelConsumerContext {
 impl ClientContext for KeelConsumerContext {
     fn stats_raw(&self, statistics: &[u8]) {
         self.connection.on_stats_raw(statistics);
+        self.shared.watermarks.on_stats(statistics);
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
