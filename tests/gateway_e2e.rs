@@ -193,7 +193,7 @@ async fn scenario(mut gw: Gateway, topic: &str, embedded: bool) {
         "messaging_client_sent_messages_total{messaging_operation_name=\"send\",!error_type}",
         "keel_kafka_consumer_messages_total{outcome=\"processed\"}",
         "rpc_client_call_duration_seconds_count{rpc_service=\"S3\"}",
-        "keel_s3_operations_total{operation=\"upload\"}",
+        "keel_s3_operation_duration_seconds_count{operation=\"upload\"}",
         "keel_s3_transferred_bytes_total{direction=\"upload\"}",
     ] {
         assert!(value(&m, series) > 0.0, "{series} missing or 0 in /metrics");

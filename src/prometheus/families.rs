@@ -36,7 +36,6 @@ pub(super) struct Sample {
 #[derive(Clone, Debug)]
 enum Value {
     Count(u64),
-    Seconds(f64),
     Gauge(f64),
     Histogram {
         sum: f64,
@@ -591,28 +590,42 @@ pub(super) fn s3(
     m: &crate::s3::metrics::S3MetricsSnapshot,
     keel_names: bool,
 ) {
-    let ops = family(
+    let duration = family_with_unit(
         families,
-        "keel_s3_operations",
-        "S3 facade calls finished, by operation (successes and failures).",
-        Kind::Counter,
-    );
-    for (op, l) in &m.latency {
-        ops.samples
-            .push(Sample::counter(labels(&[("operation", op)]), l.count));
-    }
-    let time = family_with_unit(
-        families,
-        "keel_s3_operation_time",
-        "Total time spent in S3 facade calls, by operation.",
-        Kind::Counter,
+        "keel_s3_operation_duration",
+        "Duration of S3 facade calls (a retried call counts once), by operation and outcome.",
+        Kind::Histogram,
         true,
     );
+    let bounds = keel_layers::metrics::DEFAULT_BUCKETS;
     for (op, l) in &m.latency {
-        time.samples.push(Sample {
+        // Failures are counted per operation but not bucketed apart: the whole
+        // histogram is labelled with the operation, the failures counted beside.
+        let buckets = l
+            .buckets
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (bounds.get(i).map_or(f64::INFINITY, |b| seconds(*b)), *n))
+            .collect();
+        duration.samples.push(Sample {
             labels: labels(&[("operation", op)]),
-            value: Value::Seconds(seconds(l.total)),
+            value: Value::Histogram {
+                sum: seconds(l.total),
+                count: l.count,
+                buckets,
+            },
         });
+    }
+    let failed = family(
+        families,
+        "keel_s3_operation_failures",
+        "Failed S3 facade calls, by operation.",
+        Kind::Counter,
+    );
+    for (op, l) in &m.latency {
+        failed
+            .samples
+            .push(Sample::counter(labels(&[("operation", op)]), l.failures));
     }
     family(
         families,
@@ -705,7 +718,6 @@ impl Collector for Collected {
                 let mut m = metric.encode_family(&s.labels)?;
                 match &s.value {
                     Value::Count(n) => m.encode_counter::<NoLabelSet, _, u64>(n, None)?,
-                    Value::Seconds(v) => m.encode_counter::<NoLabelSet, _, f64>(v, None)?,
                     Value::Gauge(v) => m.encode_gauge(v)?,
                     Value::Histogram {
                         sum,

@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::error::S3Operation;
+use keel_layers::metrics::DEFAULT_BUCKETS;
 
 /// Shared S3 counters; see the [module docs](self).
 #[derive(Clone, Debug, Default)]
@@ -59,7 +60,20 @@ pub struct LatencySummary {
     pub max: Duration,
     /// The latest.
     pub last: Duration,
+    /// Calls that failed.
+    pub failures: u64,
+    /// Calls per latency bucket: `buckets[i]` counts those at most
+    /// [`DEFAULT_BUCKETS`]`[i]` (and above the bound before); the last entry those
+    /// above every bound. Not cumulative. The bounds are the metrics layer's
+    /// defaults, so S3 histograms aggregate like the layers' do.
+    pub buckets: [u64; BUCKETS],
 }
+
+/// Entries of [`LatencySummary::buckets`]: one per bound of [`DEFAULT_BUCKETS`],
+/// plus the overflow bucket.
+pub const BUCKETS: usize = 19;
+
+const _: () = assert!(DEFAULT_BUCKETS.len() + 1 == BUCKETS);
 
 impl LatencySummary {
     /// Mean duration, zero when nothing was measured.
@@ -71,9 +85,17 @@ impl LatencySummary {
         }
     }
 
-    fn add(&mut self, d: Duration) {
+    fn add(&mut self, d: Duration, ok: bool) {
         self.min = if self.count == 0 { d } else { self.min.min(d) };
         self.count += 1;
+        if !ok {
+            self.failures += 1;
+        }
+        let bucket = DEFAULT_BUCKETS
+            .iter()
+            .position(|bound| d <= *bound)
+            .unwrap_or(DEFAULT_BUCKETS.len());
+        self.buckets[bucket] += 1;
         self.total += d;
         self.max = self.max.max(d);
         self.last = d;
@@ -125,7 +147,10 @@ impl S3Metrics {
             .max(1);
         c.last_operation_ms.fetch_max(now_ms, Ordering::Relaxed);
         let mut latency = c.latency.lock().unwrap_or_else(|p| p.into_inner());
-        latency.entry(operation.as_str()).or_default().add(elapsed);
+        latency
+            .entry(operation.as_str())
+            .or_default()
+            .add(elapsed, ok);
     }
 
     /// Counts a call refused before it reached the stack (an invalid key, an
@@ -199,5 +224,12 @@ mod tests {
         assert_eq!(up.min, Duration::from_millis(10));
         assert_eq!(up.max, Duration::from_millis(30));
         assert_eq!(s.latency["exists"].count, 1);
+        assert_eq!(s.latency["exists"].failures, 1);
+        assert_eq!(up.failures, 0);
+        // 10 ms is in the 10 ms bucket (`le`), 30 ms in the 50 ms one.
+        let at = |d: Duration| DEFAULT_BUCKETS.iter().position(|b| *b == d).unwrap();
+        assert_eq!(up.buckets[at(Duration::from_millis(10))], 1);
+        assert_eq!(up.buckets[at(Duration::from_millis(50))], 1);
+        assert_eq!(up.buckets.iter().sum::<u64>(), up.count);
     }
 }
