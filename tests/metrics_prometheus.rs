@@ -56,6 +56,28 @@ fn python() -> PathBuf {
     cache.join("venv/bin/python")
 }
 
+/// Fails at once, with the way to install it, when the Python or its
+/// prometheus_client is missing.
+fn require_prometheus_client() {
+    let python = python();
+    let out = Command::new(&python)
+        .args(["-c", "import prometheus_client.openmetrics.parser"])
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run {} ({e}): scripts/up installs it with prometheus-client; {}",
+                python.display(),
+                support::START_HINT
+            )
+        });
+    assert!(
+        out.status.success(),
+        "prometheus_client is not installed in {}: rerun scripts/up (scripts/moto-requirements.txt lists it), or point KEEL_PYTHON at a Python that has it\n{}",
+        python.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Families by name, as the Python parser saw them.
 fn parse_with_prometheus_client(text: &str) -> BTreeMap<String, Value> {
     let python = python();
@@ -72,12 +94,13 @@ fn parse_with_prometheus_client(text: &str) -> BTreeMap<String, Value> {
                 support::START_HINT
             )
         });
-    child
+    // A parser that exits early (a broken install) closes its stdin: its stderr
+    // below says why.
+    let _ = child
         .stdin
         .take()
         .expect("piped stdin")
-        .write_all(text.as_bytes())
-        .expect("write the metrics to the parser");
+        .write_all(text.as_bytes());
     let out = child.wait_with_output().expect("parser exits");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -181,6 +204,7 @@ fn check_histograms(family: &Value) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_parse_with_prometheus_client_and_add_up() {
     const ORDERS: usize = 5;
+    require_prometheus_client();
     let brokers = support::kafka_brokers();
     let s3 = support::s3s_fs();
     let topic = unique("metrics-prom");
