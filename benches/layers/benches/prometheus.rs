@@ -19,7 +19,7 @@ use keel::prometheus::Exposition;
 use keel_benches::{Batch, Noop, call_once, two_threads};
 use keel_layers::metrics::{DEFAULT_BUCKETS, MetricsLayer, MetricsRegistry};
 use prometheus_client::metrics::histogram::Histogram;
-use tower::{Layer, Service};
+use tower::Layer;
 
 const REQUEST: Batch = [1; 8];
 
