@@ -184,6 +184,11 @@ pub(super) fn layers(families: &mut Vec<Family>, snapshots: &[RegisteredSnapshot
             ("failure", &h.failure),
             ("ignored", &h.ignored),
         ] {
+            // Success and failure always (stable series for rates); `ignored`
+            // once a classifier has used it, which most never do.
+            if outcome == "ignored" && histogram.count == 0 {
+                continue;
+            }
             duration.samples.push(Sample {
                 labels: with(&base, &[("outcome", outcome)]),
                 value: histogram_value(histogram, &h.bounds),

@@ -37,8 +37,8 @@
 //!
 //! Series of one family differ by labels, never by a name prefix: the labels a
 //! handle was registered with (`event_type`, `messaging_destination_name`,
-//! `messaging_operation_name`, …) plus `outcome` (`success`, `failure`,
-//! `ignored`) on every duration histogram and `error_type` on failure counters.
+//! `messaging_operation_name`, …) plus `outcome` (`success`, `failure`, and
+//! `ignored` once a call was) on every duration histogram and `error_type` on failure counters.
 //! What the conventions do not cover keeps a `keel_` name with labels
 //! (`keel_kafka_consumer_messages_total{outcome="dead_lettered"}`,
 //! `keel_circuit_breaker_state{breaker="kafka_publish"}`, …).

@@ -49,6 +49,8 @@ async fn layer_families_have_labels_buckets_and_failures() {
         "messaging_process_failures_total{event_type=\"order.\\\"created\\\"\",error_type=\"timeout\"} 1"
     ));
     assert!(text.contains("messaging_process_in_flight{event_type=\"order.\\\"created\\\"\"} 0"));
+    // No call was ignored: no `ignored` series (success and failure always).
+    assert!(!text.contains("outcome=\"ignored\""));
     // Percentiles are off by default: no window family.
     assert!(!text.contains("duration_window"));
     // Each family appears once, and the text ends as OpenMetrics requires.
