@@ -7,7 +7,9 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Unit;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+#[cfg(any(feature = "kafka", feature = "s3"))]
+use std::time::{SystemTime, UNIX_EPOCH};
 
 type Labels = Vec<(String, String)>;
 
@@ -293,12 +295,14 @@ pub(super) fn breakers<'a>(
     }
 }
 
+#[cfg(any(feature = "kafka", feature = "s3"))]
 fn since_epoch_ms(t: Option<SystemTime>) -> Option<u64> {
     t.and_then(|t| t.duration_since(UNIX_EPOCH).ok())
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Adds one single-sample family (used by the pre-0.2 names).
+#[cfg(any(feature = "kafka", feature = "s3"))]
 fn legacy(families: &mut Vec<Family>, name: &str, kind: Kind, help: &str, value: f64) {
     let (name, value) = match kind {
         // prometheus-client appends `_total` to counters itself.
