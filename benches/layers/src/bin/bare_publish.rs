@@ -91,7 +91,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             b
         }
     };
-    let config = KafkaConfig::builder().brokers(brokers.split(',').map(str::to_string)).build()?;
+    let config = KafkaConfig::builder()
+        .brokers(brokers.split(',').map(str::to_string))
+        .build()?;
     let producer: FutureProducer = config.producer_client_config().create()?;
     let app = Router::new()
         .route("/events/{topic}", post(publish))

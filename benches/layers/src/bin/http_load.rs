@@ -30,19 +30,24 @@ struct Args {
 
 fn args() -> Result<Args, String> {
     let mut a = Args {
-        url: "http://127.0.0.1:8080/events/bench".parse().map_err(|e| format!("{e}"))?,
+        url: "http://127.0.0.1:8080/events/bench"
+            .parse()
+            .map_err(|e| format!("{e}"))?,
         connections: 32,
         secs: 10,
         warmup_secs: 2,
-        body: r#"{"eventType":"order.created","payload":{"orderId":"o-1","amount":42},"key":"o-1"}"#
-            .to_string(),
+        body:
+            r#"{"eventType":"order.created","payload":{"orderId":"o-1","amount":42},"key":"o-1"}"#
+                .to_string(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--url" => a.url = value.parse().map_err(|e| format!("--url: {e}"))?,
-            "--connections" => a.connections = value.parse().map_err(|e| format!("--connections: {e}"))?,
+            "--connections" => {
+                a.connections = value.parse().map_err(|e| format!("--connections: {e}"))?
+            }
             "--secs" => a.secs = value.parse().map_err(|e| format!("--secs: {e}"))?,
             "--warmup-secs" => {
                 a.warmup_secs = value.parse().map_err(|e| format!("--warmup-secs: {e}"))?
@@ -91,7 +96,10 @@ async fn connection(
             .header(hyper::header::CONTENT_TYPE, "application/json")
             .body(Full::new(body.clone()))
             .map_err(|e| e.to_string())?;
-        sender.ready().await.map_err(|e| format!("connection closed: {e}"))?;
+        sender
+            .ready()
+            .await
+            .map_err(|e| format!("connection closed: {e}"))?;
         let started = Instant::now();
         let response = sender
             .send_request(req)
