@@ -7,7 +7,7 @@
 use super::attempts::CountAttempts;
 use super::error::HandlerErrors;
 use super::error::{BoxError, error_chain};
-use super::event::{ConsumedEvent, MessageHeaders, ReceivedMessage};
+use super::event::{ConsumedEvent, ReceivedMessage};
 use super::metrics::{ConsumerMetrics, Ending};
 use super::ownership::Ownership;
 use super::poll::{Batch, Completion};
@@ -15,7 +15,6 @@ use super::state::{DeadLetterFailure, StateCell, StuckPartitions};
 use super::supervise::CatchPanic;
 use super::tracker::TopicPartition;
 use crate::kafka::dead_letter::{DeadLetterPublisher, DeadLetterReason, reason_for};
-use crate::kafka::envelope::EventEnvelope;
 use keel_layers::retry::{Backoff, Retry, RetryLayer, RetryPolicy};
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,6 +46,8 @@ pub(crate) struct LaneContext {
     pub(crate) stop: watch::Receiver<bool>,
     /// The assignments still owned: messages of revoked ones are dropped.
     pub(crate) ownership: Arc<Ownership>,
+    /// Dead-letter records that are not keel envelopes (else hand them over).
+    pub(crate) require_envelope: bool,
     /// The consumer group, for the `process` spans' `messaging.consumer.group.name`.
     #[cfg(feature = "otel")]
     pub(crate) group: Arc<str>,
@@ -247,25 +248,9 @@ where
     S::Future: Send + 'static,
 {
     let started = Instant::now();
-    let decoded = if message.has_unreadable_headers() {
-        Err(DeadLetterReason {
-            kind: "decode".into(),
-            error_type: "keel::kafka::consumer::UnreadableHeaders".into(),
-            message: "a header name is not valid UTF-8; the headers were dropped".into(),
-            attempts: 0,
-        })
-    } else {
-        EventEnvelope::from_parts(
-            message.payload(),
-            message.key(),
-            message
-                .headers()
-                .into_iter()
-                .flat_map(MessageHeaders::entries),
-            message.timestamp(),
-        )
-        .map_err(|error| reason_for(error, 0))
-    };
+    // keel's envelope is one decoder among others: required, a record that is
+    // not one is dead-lettered here; otherwise the handler decodes it.
+    let decoded = super::decode::envelope_of(&message, ctx.require_envelope);
     let envelope = match decoded {
         Ok(envelope) => envelope,
         Err(reason) => {
@@ -289,7 +274,10 @@ where
             };
         }
     };
-    let event = ConsumedEvent::new(envelope, message);
+    let event = match envelope {
+        Some(envelope) => ConsumedEvent::new(envelope, message),
+        None => ConsumedEvent::from_record(message),
+    };
     let result = stack.handle(event.clone()).await;
     let retries = event.attempts_made().saturating_sub(1);
     let error = match result {
@@ -508,6 +496,7 @@ mod tests {
                 ownership.grant(1);
                 Arc::new(ownership)
             },
+            require_envelope: true,
             #[cfg(feature = "otel")]
             group: Arc::from("test-group"),
         };

@@ -179,12 +179,14 @@
 mod attempts;
 mod backpressure;
 mod control;
+pub mod decode;
 mod error;
 pub(crate) mod event;
 mod lane;
 mod metrics;
 mod ownership;
 mod poll;
+mod record;
 pub mod scheduler;
 mod state;
 mod supervise;
@@ -196,6 +198,7 @@ pub(crate) use error::error_chain;
 pub use error::{BoxError, ConsumerError, HandlerError, HandlerErrors, UnknownEventType};
 pub use event::{ConsumedEvent, MessageHeaders, ReceivedMessage, Timestamp};
 pub use metrics::{ConsumerMetrics, ConsumerMetricsSnapshot};
+pub use record::Record;
 pub use scheduler::ProcessingOrder;
 pub(crate) use state::truncate_utf8;
 pub use state::{ConsumerState, DeadLetterFailure, StuckPartition};
@@ -298,6 +301,7 @@ pub struct KafkaConsumerBuilder {
     kafka_client: Option<KafkaClient>,
     log_level: KafkaLogLevel,
     on_dlq_failure: DeadLetterFailure,
+    require_envelope: bool,
 }
 
 impl fmt::Debug for KafkaConsumerBuilder {
@@ -311,6 +315,7 @@ impl fmt::Debug for KafkaConsumerBuilder {
             .field("dlq_suffix", &self.dlq_suffix)
             .field("commit_interval", &self.commit_interval)
             .field("on_dlq_failure", &self.on_dlq_failure)
+            .field("require_envelope", &self.require_envelope)
             .field("registered", &self.kafka_client.is_some())
             .finish_non_exhaustive()
     }
@@ -394,6 +399,23 @@ impl KafkaConsumerBuilder {
     /// that partition held, nothing committed past the message).
     pub fn on_dlq_failure(mut self, policy: DeadLetterFailure) -> Self {
         self.on_dlq_failure = policy;
+        self
+    }
+
+    /// Whether every record must be a keel envelope (default `true`: a record
+    /// that is not one is dead-lettered at once, class `decode`). With `false`
+    /// such records reach the handler as a [`Record`] without an envelope
+    /// ([`try_envelope`](ConsumedEvent::try_envelope) is `None`, event type
+    /// `""`) and the handler decodes them ([`decode`]): topics written by other
+    /// producers. The [`Kafka`](crate::kafka::Kafka) facade sets `false`.
+    pub fn require_envelope(mut self, required: bool) -> Self {
+        self.require_envelope = required;
+        self
+    }
+
+    /// Replaces the consumer group (the facade's `kafka.consumer(group)`).
+    pub(crate) fn group(mut self, group_id: impl Into<String>) -> Self {
+        self.group_id = group_id.into();
         self
     }
 
@@ -540,6 +562,7 @@ impl KafkaConsumerBuilder {
             state: state.clone(),
             stop: lane_stop_rx.clone(),
             ownership,
+            require_envelope: self.require_envelope,
             #[cfg(feature = "otel")]
             group: Arc::from(self.group_id.as_str()),
         });
@@ -676,6 +699,7 @@ impl KafkaConsumer {
             kafka_client: None,
             log_level: KafkaLogLevel::default(),
             on_dlq_failure: DeadLetterFailure::default(),
+            require_envelope: true,
         }
     }
 
