@@ -78,6 +78,7 @@ use tower::{Layer, Service, ServiceExt};
 
 use super::client::KafkaClient;
 use super::config::KafkaConfig;
+use super::consumer::batch::{BatchHandler, BatchOptions, BatchResult, BatchRoutes};
 use super::consumer::decode::{Decoder, RecordDecodeError, json_reason};
 use super::consumer::{
     BoxError, ConsumerError, HandlerError, KafkaConsumer, KafkaConsumerBuilder, Record,
@@ -244,6 +245,7 @@ impl Kafka {
             topics: Vec::new(),
             by_topic: HashMap::new(),
             by_type: HashMap::new(),
+            batches: Vec::new(),
             layers: Vec::new(),
             options: StartOptions::new(Vec::<String>::new()),
         }
@@ -262,6 +264,7 @@ pub struct ConsumerBuilder {
     topics: Vec<String>,
     by_topic: HashMap<String, RecordHandler>,
     by_type: HashMap<String, RecordHandler>,
+    batches: Vec<(String, BatchHandler, BatchOptions)>,
     layers: Vec<Wrap>,
     options: StartOptions,
 }
@@ -394,6 +397,27 @@ impl ConsumerBuilder {
         self
     }
 
+    /// Handles the records of `topic` in batches of one partition's records:
+    /// see [`batch`](crate::kafka::consumer::batch). The handler's
+    /// [`BatchResult`] names the records that failed; only those are retried
+    /// (one at a time) and dead-lettered.
+    pub fn on_batch<F, Fut>(mut self, topic: impl Into<String>, options: BatchOptions, handler: F) -> Self
+    where
+        F: Fn(Vec<Record>) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = BatchResult> + Send + 'static,
+    {
+        let topic = topic.into();
+        let handler = BatchHandler::new(handler);
+        // A record that failed in its batch is handled again alone, routed here.
+        self.by_topic.insert(
+            topic.clone(),
+            BoxCloneSyncService::new(handler.single()),
+        );
+        self.batches.push((topic.clone(), handler, options));
+        self.topics.push(topic);
+        self
+    }
+
     /// Stacks `layer` around the router (every handler): a timeout, metrics,
     /// your own. Layers added later wrap those added earlier.
     pub fn layer<L>(mut self, layer: L) -> Self
@@ -494,6 +518,12 @@ impl ConsumerBuilder {
         options.topics = self.subscribed();
         let mut layers = std::mem::take(&mut self.layers);
         let service = self.build_service(&mut layers);
+        let batches = std::mem::take(&mut self.batches);
+        let runtime = if batches.is_empty() {
+            runtime
+        } else {
+            runtime.batches(BatchRoutes::new(batches))
+        };
         runtime.start(options, service)
     }
 }

@@ -178,6 +178,7 @@
 
 mod attempts;
 mod backpressure;
+pub mod batch;
 mod control;
 pub mod decode;
 mod error;
@@ -302,6 +303,7 @@ pub struct KafkaConsumerBuilder {
     log_level: KafkaLogLevel,
     on_dlq_failure: DeadLetterFailure,
     require_envelope: bool,
+    batches: Option<Arc<batch::BatchRoutes>>,
 }
 
 impl fmt::Debug for KafkaConsumerBuilder {
@@ -410,6 +412,12 @@ impl KafkaConsumerBuilder {
     /// producers. The [`Kafka`](crate::kafka::Kafka) facade sets `false`.
     pub fn require_envelope(mut self, required: bool) -> Self {
         self.require_envelope = required;
+        self
+    }
+
+    /// Batch handlers by topic (the facade's `on_batch`; see [`batch`]).
+    pub(crate) fn batches(mut self, routes: batch::BatchRoutes) -> Self {
+        self.batches = Some(Arc::new(routes));
         self
     }
 
@@ -572,7 +580,11 @@ impl KafkaConsumerBuilder {
         for index in 0..self.workers {
             let (tx, rx) = mpsc::channel(lane_slots);
             let policy = self.retry_policy.clone().max_retries(options.max_retries);
-            let stack = Stack::new(handler.clone(), policy, metrics.clone());
+            let batches = self
+                .batches
+                .clone()
+                .map(|routes| batch::BatchLane::new(routes, options.max_retries));
+            let stack = Stack::new(handler.clone(), policy, metrics.clone()).with_batches(batches);
             lanes.push(tx);
             let lane = run_lane(index, rx, stack, ctx.clone(), lane_stop_rx.clone());
             lane_tasks.push(rt.spawn(supervise::guard_lane(lane, index, state.clone())));
@@ -700,6 +712,7 @@ impl KafkaConsumer {
             log_level: KafkaLogLevel::default(),
             on_dlq_failure: DeadLetterFailure::default(),
             require_envelope: true,
+            batches: None,
         }
     }
 
