@@ -506,3 +506,93 @@ async fn a_consumer_without_handlers_is_refused() {
     let err = kafka.consumer("g").topics(["t"]).start().unwrap_err();
     assert!(err.to_string().contains("no handler"), "{err}");
 }
+
+/// A batch handler over one partition's records, one of which always fails:
+/// only that record is handled again (alone, with the retries) and
+/// dead-lettered; the others are handled once; every offset is committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_with_one_failing_record_retries_and_dead_letters_only_that_one() {
+    use keel::kafka::consumer::batch::{BatchOptions, BatchResult};
+    let brokers = support::kafka_brokers();
+    let topic = unique("batch");
+    create_topics(&brokers, &topic).await;
+    let kafka = facade(&brokers);
+    for n in 0..10u64 {
+        kafka
+            .publish_json(&topic, format!("k{n}"), &Order { id: n })
+            .await
+            .unwrap();
+    }
+    let group = unique("batch-group");
+    let calls: Arc<Mutex<Vec<Vec<i64>>>> = Arc::new(Mutex::new(Vec::new()));
+    let consumer = {
+        let calls = calls.clone();
+        kafka
+            .consumer(group.clone())
+            .from_beginning(true)
+            .max_retries(2)
+            .runtime(|r| r.retry_policy(fast_retries()))
+            .on_batch(
+                &topic,
+                BatchOptions::new(4).max_wait(Duration::from_millis(300)),
+                move |records: Vec<Record>| {
+                    let calls = calls.clone();
+                    async move {
+                        calls
+                            .lock()
+                            .unwrap()
+                            .push(records.iter().map(Record::offset).collect());
+                        let mut result = BatchResult::ok();
+                        for (i, record) in records.iter().enumerate() {
+                            match record.json::<Order>() {
+                                Ok(order) if order.id == 5 => {
+                                    result = result.fail(i, "order 5 cannot be stored")
+                                }
+                                Ok(_) => {}
+                                Err(e) => result = result.fail(i, e),
+                            }
+                        }
+                        result
+                    }
+                },
+            )
+            .start()
+            .unwrap()
+    };
+    wait_until("nine records handled and one dead letter", || {
+        let m = consumer.metrics();
+        m.total_processed == 9 && m.total_dead_lettered == 1
+    })
+    .await;
+    // Offsets commit as for single records (every 200 ms): all ten.
+    let start = Instant::now();
+    while kafka_util::committed_offsets(&brokers, &group, &topic, 1).await.get(&0) != Some(&10) {
+        assert!(start.elapsed() < Duration::from_secs(30), "offset 10 never committed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop(consumer).await;
+
+    let calls = calls.lock().unwrap().clone();
+    // Batches: consecutive offsets of the partition, at most 4, and at least
+    // one with more than one record.
+    assert!(calls.iter().all(|c| !c.is_empty() && c.len() <= 4), "{calls:?}");
+    assert!(calls.iter().any(|c| c.len() > 1), "{calls:?}");
+    let mut count = std::collections::HashMap::new();
+    for offset in calls.iter().flatten() {
+        *count.entry(*offset).or_insert(0) += 1;
+    }
+    for offset in 0..10 {
+        // Offset 5 once in its batch, then alone 1 + 2 retries.
+        let expected = if offset == 5 { 4 } else { 1 };
+        assert_eq!(count.get(&offset), Some(&expected), "offset {offset}: {calls:?}");
+    }
+    assert_eq!(calls.iter().filter(|c| **c == [5]).count(), 3);
+
+    assert_eq!(dlq_count(&brokers, &topic, 1), 1, "only the failing record");
+    let records = kcat_read(&brokers, &format!("{topic}.dlq"), 1);
+    let h = kcat_headers(&records[0]);
+    assert_eq!(h[dlq::ORIGINAL_OFFSET], "5");
+    assert_eq!(h[dlq::ERROR_KIND], "error");
+    assert_eq!(h[dlq::ATTEMPTS], "4");
+    assert_eq!(records[0]["payload"], r#"{"id":5}"#);
+}
