@@ -9,12 +9,12 @@
 mod kafka_util;
 mod support;
 
+use keel::kafka::config::KafkaLogLevel;
 use keel::kafka::consumer::decode::{JsonDecoder, SchemaRegistryDecoder};
 use keel::kafka::consumer::{BoxError, KafkaConsumer, Record};
 use keel::kafka::dead_letter::headers as dlq;
 use keel::kafka::{EventEnvelope, Kafka, KafkaConfig};
 use keel::layers::retry::RetryPolicy;
-use keel::kafka::config::KafkaLogLevel;
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -104,7 +104,18 @@ fn kcat_produce(brokers: &str, topic: &str, records: &[(Option<&str>, &[u8])]) {
 /// Reads `count` records of `topic` with kcat -J.
 fn kcat_read(brokers: &str, topic: &str, count: usize) -> Vec<Value> {
     let out = std::process::Command::new(support::kcat())
-        .args(["-C", "-b", brokers, "-t", topic, "-o", "beginning", "-e", "-J", "-q"])
+        .args([
+            "-C",
+            "-b",
+            brokers,
+            "-t",
+            topic,
+            "-o",
+            "beginning",
+            "-e",
+            "-J",
+            "-q",
+        ])
         .args(["-c", &count.to_string()])
         .output()
         .unwrap();
@@ -140,7 +151,14 @@ fn kcat_headers(record: &Value) -> BTreeMap<String, String> {
 /// How many records the dead-letter topic holds, read with a plain rdkafka
 /// reader until `expected` arrived, then half a second more for extra ones.
 fn dlq_count(brokers: &str, topic: &str, expected: usize) -> usize {
-    kafka_util::read_raw(brokers, &format!("{topic}.dlq"), 1, expected, "read_uncommitted").len()
+    kafka_util::read_raw(
+        brokers,
+        &format!("{topic}.dlq"),
+        1,
+        expected,
+        "read_uncommitted",
+    )
+    .len()
 }
 
 async fn stop(consumer: KafkaConsumer) {
@@ -164,7 +182,10 @@ async fn a_typed_handler_whose_decode_fails_is_dead_lettered_once_without_retrie
     let bad = EventEnvelope::new("order.created", serde_json::json!({"id": "not a number"}));
     kafka.publish(topic.clone(), bad.clone()).await.unwrap();
     kafka
-        .publish(topic.clone(), EventEnvelope::new("order.created", Order { id: 7 }))
+        .publish(
+            topic.clone(),
+            EventEnvelope::new("order.created", Order { id: 7 }),
+        )
         .await
         .unwrap();
 
@@ -195,9 +216,16 @@ async fn a_typed_handler_whose_decode_fails_is_dead_lettered_once_without_retrie
     let metrics = consumer.metrics();
     stop(consumer).await;
     assert_eq!(*seen.lock().unwrap(), [Order { id: 7 }]);
-    assert_eq!(metrics.total_retries, 0, "a decode failure is never retried");
+    assert_eq!(
+        metrics.total_retries, 0,
+        "a decode failure is never retried"
+    );
 
-    assert_eq!(dlq_count(&brokers, &topic, 1), 1, "dead-lettered exactly once");
+    assert_eq!(
+        dlq_count(&brokers, &topic, 1),
+        1,
+        "dead-lettered exactly once"
+    );
     let records = kcat_read(&brokers, &format!("{topic}.dlq"), 1);
     let h = kcat_headers(&records[0]);
     assert_eq!(h[dlq::ERROR_KIND], "decode");
@@ -254,8 +282,12 @@ async fn plain_json_from_kcat_is_consumed_with_retries_and_the_dlq() {
                     if click.fail {
                         return Err::<(), BoxError>("the click service is down".into());
                     }
-                    let key = record.key().map(|k| String::from_utf8_lossy(k).into_owned());
-                    seen.lock().unwrap().push((key, click.page, record.offset()));
+                    let key = record
+                        .key()
+                        .map(|k| String::from_utf8_lossy(k).into_owned());
+                    seen.lock()
+                        .unwrap()
+                        .push((key, click.page, record.offset()));
                     Ok(())
                 }
             })
@@ -291,8 +323,7 @@ async fn plain_json_from_kcat_is_consumed_with_retries_and_the_dlq() {
     assert_eq!(failed[dlq::ATTEMPTS], "3");
     assert_eq!(by_offset["1"]["key"], "u2");
     assert_eq!(
-        by_offset["1"]["payload"],
-        r#"{"page":"/boom","fail":true}"#,
+        by_offset["1"]["payload"], r#"{"page":"/boom","fail":true}"#,
         "republished unchanged"
     );
     let undecodable = kcat_headers(by_offset["2"]);
@@ -300,7 +331,10 @@ async fn plain_json_from_kcat_is_consumed_with_retries_and_the_dlq() {
     assert_eq!(undecodable[dlq::ATTEMPTS], "1");
     assert_eq!(by_offset["2"]["payload"], "this is not json");
     // No keel header was added to the record itself: only provenance.
-    assert!(undecodable.keys().all(|k| k.starts_with("keel-dlq-")), "{undecodable:?}");
+    assert!(
+        undecodable.keys().all(|k| k.starts_with("keel-dlq-")),
+        "{undecodable:?}"
+    );
 }
 
 /// Text records from kcat, read as strings with their keys and positions.
@@ -332,9 +366,11 @@ async fn strings_from_kcat_are_consumed_as_text() {
                     let text = record.text()?;
                     assert!(record.headers().is_none(), "kcat wrote no headers");
                     assert!(!record.has_envelope());
-                    seen.lock()
-                        .unwrap()
-                        .push((record.key().map(<[u8]>::to_vec), text, record.partition()));
+                    seen.lock().unwrap().push((
+                        record.key().map(<[u8]>::to_vec),
+                        text,
+                        record.partition(),
+                    ));
                     Ok::<_, BoxError>(())
                 }
             })
@@ -427,7 +463,10 @@ async fn the_facade_publishes_and_consumes_its_own_records() {
     let kafka = facade(&brokers);
 
     let one = kafka
-        .publish(events.clone(), EventEnvelope::new("order.created", Order { id: 1 }).with_key("o1"))
+        .publish(
+            events.clone(),
+            EventEnvelope::new("order.created", Order { id: 1 }).with_key("o1"),
+        )
         .await
         .unwrap();
     let batch = kafka
@@ -566,8 +605,15 @@ async fn a_batch_with_one_failing_record_retries_and_dead_letters_only_that_one(
     .await;
     // Offsets commit as for single records (every 200 ms): all ten.
     let start = Instant::now();
-    while kafka_util::committed_offsets(&brokers, &group, &topic, 1).await.get(&0) != Some(&10) {
-        assert!(start.elapsed() < Duration::from_secs(30), "offset 10 never committed");
+    while kafka_util::committed_offsets(&brokers, &group, &topic, 1)
+        .await
+        .get(&0)
+        != Some(&10)
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "offset 10 never committed"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     stop(consumer).await;
@@ -575,7 +621,10 @@ async fn a_batch_with_one_failing_record_retries_and_dead_letters_only_that_one(
     let calls = calls.lock().unwrap().clone();
     // Batches: consecutive offsets of the partition, at most 4, and at least
     // one with more than one record.
-    assert!(calls.iter().all(|c| !c.is_empty() && c.len() <= 4), "{calls:?}");
+    assert!(
+        calls.iter().all(|c| !c.is_empty() && c.len() <= 4),
+        "{calls:?}"
+    );
     assert!(calls.iter().any(|c| c.len() > 1), "{calls:?}");
     let mut count = std::collections::HashMap::new();
     for offset in calls.iter().flatten() {
@@ -584,7 +633,11 @@ async fn a_batch_with_one_failing_record_retries_and_dead_letters_only_that_one(
     for offset in 0..10 {
         // Offset 5 once in its batch, then alone 1 + 2 retries.
         let expected = if offset == 5 { 4 } else { 1 };
-        assert_eq!(count.get(&offset), Some(&expected), "offset {offset}: {calls:?}");
+        assert_eq!(
+            count.get(&offset),
+            Some(&expected),
+            "offset {offset}: {calls:?}"
+        );
     }
     assert_eq!(calls.iter().filter(|c| **c == [5]).count(), 3);
 

@@ -36,7 +36,8 @@
 //! use keel::kafka::{Kafka, KafkaConfig, EventEnvelope};
 //! use keel::kafka::consumer::{BoxError, Record};
 //! use serde::{Deserialize, Serialize};
-//! //!
+//! use std::time::Duration;
+//!
 //! #[derive(Serialize, Deserialize)]
 //! struct OrderCreated { id: u64 }
 //!
@@ -401,7 +402,12 @@ impl ConsumerBuilder {
     /// see [`batch`](crate::kafka::consumer::batch). The handler's
     /// [`BatchResult`] names the records that failed; only those are retried
     /// (one at a time) and dead-lettered.
-    pub fn on_batch<F, Fut>(mut self, topic: impl Into<String>, options: BatchOptions, handler: F) -> Self
+    pub fn on_batch<F, Fut>(
+        mut self,
+        topic: impl Into<String>,
+        options: BatchOptions,
+        handler: F,
+    ) -> Self
     where
         F: Fn(Vec<Record>) -> Fut + Clone + Send + Sync + 'static,
         Fut: Future<Output = BatchResult> + Send + 'static,
@@ -409,10 +415,8 @@ impl ConsumerBuilder {
         let topic = topic.into();
         let handler = BatchHandler::new(handler);
         // A record that failed in its batch is handled again alone, routed here.
-        self.by_topic.insert(
-            topic.clone(),
-            BoxCloneSyncService::new(handler.single()),
-        );
+        self.by_topic
+            .insert(topic.clone(), BoxCloneSyncService::new(handler.single()));
         self.batches.push((topic.clone(), handler, options));
         self.topics.push(topic);
         self
@@ -464,7 +468,8 @@ impl ConsumerBuilder {
     /// ```no_run
     /// # fn f(kafka: keel::kafka::Kafka) {
     /// use keel::layers::retry::RetryPolicy;
-    ///     /// let builder = kafka.consumer("g").runtime(|r| {
+    /// use std::time::Duration;
+    /// let builder = kafka.consumer("g").runtime(|r| {
     ///     r.key_ordered(4).retry_policy(RetryPolicy::kafka().base(Duration::from_millis(200)))
     /// });
     /// # }

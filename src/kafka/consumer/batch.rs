@@ -127,7 +127,10 @@ pub struct BatchResult {
 impl fmt::Debug for BatchResult {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BatchResult")
-            .field("failed", &self.failed.iter().map(|(i, _)| i).collect::<Vec<_>>())
+            .field(
+                "failed",
+                &self.failed.iter().map(|(i, _)| i).collect::<Vec<_>>(),
+            )
             .field("all_failed", &self.all.is_some())
             .finish()
     }
@@ -262,7 +265,9 @@ pub(crate) struct BatchRoutes {
 }
 
 impl BatchRoutes {
-    pub(crate) fn new(routes: impl IntoIterator<Item = (String, BatchHandler, BatchOptions)>) -> Self {
+    pub(crate) fn new(
+        routes: impl IntoIterator<Item = (String, BatchHandler, BatchOptions)>,
+    ) -> Self {
         BatchRoutes {
             by_topic: routes
                 .into_iter()
@@ -487,7 +492,11 @@ mod tests {
             match lane.outcome(&at, false).await {
                 Some((event, result)) => {
                     assert_eq!(event.attempts_made(), 1);
-                    outcomes.push((w.tp.partition, event.offset(), result.map_err(|e| lane.rerun(&e))));
+                    outcomes.push((
+                        w.tp.partition,
+                        event.offset(),
+                        result.map_err(|e| lane.rerun(&e)),
+                    ));
                 }
                 None => assert_eq!(&*w.tp.topic, "other"),
             }
@@ -547,7 +556,9 @@ mod tests {
         assert_eq!(batch.len(), 2);
         assert_eq!(start.elapsed(), Duration::from_millis(100));
         // A full batch goes at once.
-        tx.send(vec![work(0, 4, "b"), work(0, 5, "b")]).await.unwrap();
+        tx.send(vec![work(0, 4, "b"), work(0, 5, "b")])
+            .await
+            .unwrap();
         let start = tokio::time::Instant::now();
         let batch = lane.gather(vec![work(0, 3, "b")], &mut rx, &mut stop).await;
         assert_eq!(batch.len(), 3);

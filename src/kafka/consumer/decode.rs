@@ -318,7 +318,9 @@ mod tests {
         let empty_body = record(Some(&[0, 0, 0, 0, 7]));
         assert_eq!(SchemaRegistryDecoder.decode(&empty_body).unwrap().0, 7);
         for bad in [&[1u8, 0, 0, 0, 1][..], &[0, 0, 1], &[]] {
-            let e = SchemaRegistryDecoder.decode(&record(Some(bad))).unwrap_err();
+            let e = SchemaRegistryDecoder
+                .decode(&record(Some(bad)))
+                .unwrap_err();
             assert_eq!(e.decoder(), "SchemaRegistryDecoder");
         }
         assert!(SchemaRegistryDecoder.decode(&record(None)).is_err());
@@ -374,7 +376,11 @@ mod tests {
         let rec = Record::from_record(plain);
         assert_eq!(rec.event_type(), "");
         assert_eq!(rec.envelope().event_type(), "");
-        assert!(EnvelopeDecoder::<serde_json::Value>::new().decode(&rec).is_err());
+        assert!(
+            EnvelopeDecoder::<serde_json::Value>::new()
+                .decode(&rec)
+                .is_err()
+        );
         let rec = Record::from_record(message);
         let env = EnvelopeDecoder::<serde_json::Value>::new()
             .decode(&rec)

@@ -270,7 +270,10 @@ where
 {
     let started = Instant::now();
     let batched = match &mut stack.batch {
-        Some(b) => b.outcome(&(at.tp.clone(), at.offset), ctx.require_envelope).await,
+        Some(b) => {
+            b.outcome(&(at.tp.clone(), at.offset), ctx.require_envelope)
+                .await
+        }
         None => None,
     };
     let (event, result) = match batched {
