@@ -46,7 +46,12 @@
 //!   after the last retry the message is republished unchanged to `<topic>.dlq` with
 //!   provenance headers, acknowledged before its offset may be committed. Messages
 //!   that are not a valid envelope go there too (error kind `decode`) and the
-//!   partition moves on. With the DLQ disabled, a failed message is logged, counted
+//!   partition moves on, unless the consumer takes any record
+//!   ([`require_envelope(false)`](KafkaConsumerBuilder::require_envelope): the
+//!   handler gets a [`Record`] and picks a [`decode`] decoder; keel's envelope is
+//!   one of them).
+//! - **Batch handlers** ([`batch`]): one call over up to N records of one
+//!   partition; only the records it says failed are retried and dead-lettered. With the DLQ disabled, a failed message is logged, counted
 //!   and skipped. [`KafkaConsumerBuilder::ensure_dlq_topics`] creates missing
 //!   dead-letter topics before start instead of relying on the broker's
 //!   auto-creation.
@@ -345,8 +350,8 @@ impl KafkaConsumerBuilder {
         self.lane_capacity = capacity;
         self
     }
-    /// Retry schedule (default [`RetryPolicy::kafka`] without budget: 1 s doubling
-    /// to 30 s, no jitter). Its attempt limit is replaced by the start options'
+    /// Retry schedule (default [`RetryPolicy::kafka`]: 1 s doubling to 30 s, no
+    /// jitter, no retry budget). Its attempt limit is replaced by the start options'
     /// `max_retries`. Its backoff also paces re-publishing to an unreachable DLQ.
     pub fn retry_policy(mut self, policy: RetryPolicy) -> Self {
         self.retry_policy = policy;
