@@ -253,7 +253,7 @@ impl Kafka {
     }
 }
 
-type Wrap = Box<dyn FnOnce(RecordHandler) -> RecordHandler + Send>;
+type Wrap = Arc<dyn Fn(RecordHandler) -> RecordHandler + Send + Sync>;
 
 /// Configures a consumer of the [`Kafka`] facade: topics, handlers, layers.
 ///
@@ -298,7 +298,10 @@ where
         async move {
             match decoded {
                 Ok(value) => handler(value, record).await.map_err(Into::into),
-                Err(e) => Err(BoxError::from(e)),
+                // Typed, so the dead-letter headers name the decode error.
+                Err(e) => {
+                    Err(Box::new(HandlerError::permanent(e).with_class("decode")) as BoxError)
+                }
             }
         }
     }))
@@ -426,12 +429,12 @@ impl ConsumerBuilder {
     /// your own. Layers added later wrap those added earlier.
     pub fn layer<L>(mut self, layer: L) -> Self
     where
-        L: Layer<RecordHandler> + Send + 'static,
+        L: Layer<RecordHandler> + Send + Sync + 'static,
         L::Service: Service<Record, Response = ()> + Clone + Send + Sync + 'static,
         <L::Service as Service<Record>>::Error: Into<BoxError>,
         <L::Service as Service<Record>>::Future: Send + 'static,
     {
-        self.layers.push(Box::new(move |inner| {
+        self.layers.push(Arc::new(move |inner| {
             BoxCloneSyncService::new(layer.layer(inner).map_err(Into::into))
         }));
         self
@@ -494,16 +497,12 @@ impl ConsumerBuilder {
     /// The router with its layers: a `tower::Service<Record>` to run with
     /// [`KafkaConsumer::builder`] yourself, or to test.
     pub fn service(&self) -> RecordHandler {
-        self.build_service(&mut Vec::new())
-    }
-
-    fn build_service(&self, layers: &mut Vec<Wrap>) -> RecordHandler {
         let router = Router {
             by_topic: Arc::new(self.by_topic.clone()),
             by_type: Arc::new(self.by_type.clone()),
         };
         let mut service = BoxCloneSyncService::new(router);
-        for wrap in layers.drain(..) {
+        for wrap in &self.layers {
             service = wrap(service);
         }
         service
@@ -521,8 +520,7 @@ impl ConsumerBuilder {
         }
         let mut options = self.options.clone();
         options.topics = self.subscribed();
-        let mut layers = std::mem::take(&mut self.layers);
-        let service = self.build_service(&mut layers);
+        let service = self.service();
         let batches = std::mem::take(&mut self.batches);
         let runtime = if batches.is_empty() {
             runtime
@@ -575,13 +573,167 @@ impl Service<Record> for Router {
                 let error: BoxError = if record.has_envelope() {
                     Box::new(HandlerError::unknown_event_type(record.event_type()))
                 } else {
-                    Box::new(RecordDecodeError::new(
-                        "router",
-                        "not a keel envelope and no on_topic handler for its topic",
-                    ))
+                    Box::new(
+                        HandlerError::permanent(RecordDecodeError::new(
+                            "router",
+                            "not a keel envelope and no on_topic handler for its topic",
+                        ))
+                        .with_class("decode"),
+                    )
                 };
                 Either::Right(futures::future::ready(Err(error)))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kafka::config::KafkaLogLevel;
+    use crate::kafka::consumer::ReceivedMessage;
+    use rdkafka::message::{OwnedMessage, Timestamp};
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn kafka() -> Kafka {
+        // No broker needed: nothing here is sent.
+        let config = KafkaConfig::builder()
+            .brokers(["127.0.0.1:9".to_string()])
+            .log_level(KafkaLogLevel::Nothing)
+            .build()
+            .unwrap();
+        Kafka::connect(config).unwrap()
+    }
+
+    fn record(topic: &str, value: &[u8], envelope: bool) -> Record {
+        let message = if envelope {
+            let e = EventEnvelope::new("order.created", serde_json::json!({"id": 1}));
+            e.encode().unwrap().to_owned_message(topic, 0, 0)
+        } else {
+            OwnedMessage::new(
+                Some(value.to_vec()),
+                None,
+                topic.into(),
+                Timestamp::NotAvailable,
+                0,
+                0,
+                None,
+            )
+        };
+        let message = ReceivedMessage::new(message);
+        match crate::kafka::consumer::decode::envelope_of(&message, false).unwrap() {
+            Some(envelope) => Record::new(envelope, message),
+            None => Record::from_record(message),
+        }
+    }
+
+    fn class(error: &BoxError) -> (&'static str, bool) {
+        let c = crate::kafka::consumer::HandlerErrors::classify_error(error.as_ref());
+        (c.class, c.retryable)
+    }
+
+    #[derive(serde::Deserialize)]
+    struct Order {
+        id: u64,
+    }
+
+    /// Topic routes first, then event types; what no route takes is a
+    /// permanent failure; layers wrap the router.
+    #[tokio::test]
+    async fn the_router_routes_by_topic_then_event_type_and_layers_wrap_it() {
+        let layered = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let builder = {
+            let (s1, s2) = (seen.clone(), seen.clone());
+            let layered = layered.clone();
+            kafka()
+                .consumer("g")
+                .on::<Order, _, _, _>("order.created", move |order, _| {
+                    let s = s1.clone();
+                    async move {
+                        s.lock().unwrap().push(format!("typed {}", order.id));
+                        Ok::<_, BoxError>(())
+                    }
+                })
+                .on_topic("raw", move |record: Record| {
+                    let s = s2.clone();
+                    async move {
+                        s.lock().unwrap().push(format!("raw {}", record.text()?));
+                        Ok::<_, BoxError>(())
+                    }
+                })
+                .layer(tower::layer::layer_fn(move |inner: RecordHandler| {
+                    let layered = layered.clone();
+                    tower::service_fn(move |r: Record| {
+                        layered.fetch_add(1, Ordering::SeqCst);
+                        inner.clone().oneshot(r)
+                    })
+                }))
+        };
+        let svc = builder.service();
+        svc.clone()
+            .oneshot(record("orders", b"", true))
+            .await
+            .unwrap();
+        // An envelope on a topic route goes to the topic's handler, as a record.
+        svc.clone().oneshot(record("raw", b"", true)).await.unwrap();
+        svc.clone()
+            .oneshot(record("raw", b"hello", false))
+            .await
+            .unwrap();
+        let e = svc
+            .clone()
+            .oneshot(record("raw", &[0xff], false))
+            .await
+            .unwrap_err();
+        assert_eq!(class(&e), ("decode", false));
+        let e = svc
+            .clone()
+            .oneshot(record("other", b"{}", false))
+            .await
+            .unwrap_err();
+        assert_eq!(class(&e), ("decode", false));
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 3, "{seen:?}");
+        assert_eq!(seen[0], "typed 1");
+        assert!(seen[1].starts_with("raw {") && seen[1].contains("order.created"));
+        assert_eq!(seen[2], "raw hello");
+        assert_eq!(layered.load(Ordering::SeqCst), 5);
+    }
+
+    /// A payload of the wrong shape never reaches a typed handler: permanent,
+    /// class `decode`, and the error names the decode error, not the payload.
+    #[tokio::test]
+    async fn a_typed_decode_failure_is_permanent_and_quotes_no_payload() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let svc = {
+            let calls = calls.clone();
+            kafka()
+                .consumer("g")
+                .on::<Order, _, _, _>("order.created", move |_, _| {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    async { Ok::<_, BoxError>(()) }
+                })
+                .service()
+        };
+        let e = EventEnvelope::new("order.created", serde_json::json!({"id": "secret"}));
+        let message = ReceivedMessage::new(e.encode().unwrap().to_owned_message("t", 0, 0));
+        let envelope = crate::kafka::consumer::decode::envelope_of(&message, true)
+            .unwrap()
+            .unwrap();
+        let error = svc
+            .oneshot(Record::new(envelope, message))
+            .await
+            .unwrap_err();
+        assert_eq!(class(&error), ("decode", false));
+        assert!(!error.to_string().contains("secret"), "{error}");
+        let h = error.downcast_ref::<HandlerError>().unwrap();
+        assert!(
+            h.error_type().contains("RecordDecodeError"),
+            "{}",
+            h.error_type()
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
     }
 }

@@ -165,7 +165,11 @@ pub(crate) fn json_reason(e: &serde_json::Error) -> String {
         serde_json::error::Category::Data => "JSON of another shape",
         serde_json::error::Category::Eof => "JSON cut short",
     };
-    format!("{what} at line {} column {}", e.line(), e.column())
+    match e.line() {
+        // Deserialized from a `Value` (a typed envelope payload): no position.
+        0 => what.to_string(),
+        line => format!("{what} at line {line} column {}", e.column()),
+    }
 }
 
 impl<T: DeserializeOwned + Send + 'static> Decoder for JsonDecoder<T> {
