@@ -192,7 +192,7 @@ mod lane;
 mod metrics;
 mod ownership;
 mod poll;
-mod record;
+pub mod record;
 pub mod scheduler;
 mod state;
 mod supervise;

@@ -7,8 +7,8 @@
 //! [`Kafka`](crate::kafka::Kafka) facade's choice) hands every record to its
 //! handler as a [`Record`]: key, value bytes, headers, topic, partition, offset
 //! and timestamp, plus the envelope when the record happens to be one. The
-//! handler picks a [`Decoder`](super::decode::Decoder); a value that cannot be
-//! decoded is a [`RecordDecodeError`](super::decode::RecordDecodeError), which
+//! handler picks a [`Decoder`]; a value that cannot be
+//! decoded is a [`RecordDecodeError`], which
 //! the runtime treats as permanent (class `decode`: dead-lettered at once, never
 //! retried), like an undecodable envelope.
 //!
