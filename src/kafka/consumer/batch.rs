@@ -20,7 +20,9 @@
 //! [`max_wait`](BatchOptions::max_wait) above zero the lane waits up to that
 //! long for more records before calling the handler with fewer than
 //! `max_records` (latency traded for fuller batches); meanwhile it reports what
-//! it finished, and the wait ends at once on shutdown.
+//! it finished, and the wait ends at once on shutdown. In key-ordered mode a
+//! partition's records are spread over lanes by key, so a batch holds one
+//! partition's records of the keys of its lane (still in offset order).
 //!
 //! # Offsets
 //!
