@@ -8,6 +8,11 @@
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
 pub use keel_layers as layers;
+/// The `tower` crate keel's services and layers implement, re-exported so that
+/// `ServiceExt`, `ServiceBuilder` and `Layer` need no dependency of your own.
+pub use tower;
+
+pub mod prelude;
 
 #[cfg(feature = "kafka")]
 pub mod kafka;

@@ -5,9 +5,10 @@
 //! also while one slow message runs — so commits never wait behind slow handlers.
 
 use super::attempts::CountAttempts;
+use super::batch::BatchLane;
 use super::error::HandlerErrors;
 use super::error::{BoxError, error_chain};
-use super::event::{ConsumedEvent, MessageHeaders, ReceivedMessage};
+use super::event::{ConsumedEvent, ReceivedMessage};
 use super::metrics::{ConsumerMetrics, Ending};
 use super::ownership::Ownership;
 use super::poll::{Batch, Completion};
@@ -15,7 +16,6 @@ use super::state::{DeadLetterFailure, StateCell, StuckPartitions};
 use super::supervise::CatchPanic;
 use super::tracker::TopicPartition;
 use crate::kafka::dead_letter::{DeadLetterPublisher, DeadLetterReason, reason_for};
-use crate::kafka::envelope::EventEnvelope;
 use keel_layers::retry::{Backoff, Retry, RetryLayer, RetryPolicy};
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,6 +32,8 @@ type Retried<S> = Retry<CountAttempts<CatchPanic<S>>, HandlerErrors>;
 /// handler again.
 pub(crate) struct Stack<S: Service<ConsumedEvent>> {
     retry: Retried<S>,
+    /// Batch handlers, when the consumer has some (see `batch.rs`).
+    batch: Option<BatchLane>,
 }
 
 pub(crate) struct LaneContext {
@@ -47,6 +49,8 @@ pub(crate) struct LaneContext {
     pub(crate) stop: watch::Receiver<bool>,
     /// The assignments still owned: messages of revoked ones are dropped.
     pub(crate) ownership: Arc<Ownership>,
+    /// Dead-letter records that are not keel envelopes (else hand them over).
+    pub(crate) require_envelope: bool,
     /// The consumer group, for the `process` spans' `messaging.consumer.group.name`.
     #[cfg(feature = "otel")]
     pub(crate) group: Arc<str>,
@@ -63,7 +67,13 @@ where
             &RetryLayer::new(policy).classifier(HandlerErrors),
             CountAttempts::new(CatchPanic::new(handler, metrics)),
         );
-        Stack { retry }
+        Stack { retry, batch: None }
+    }
+
+    /// Runs the records of `routes`' topics through their batch handlers.
+    pub(crate) fn with_batches(mut self, batch: Option<BatchLane>) -> Self {
+        self.batch = batch;
+        self
     }
 
     /// Runs the handler with its retries; the last error when it finally fails.
@@ -156,6 +166,18 @@ pub(crate) async fn run_lane<S>(
                 }
             }
         };
+        // Batch handlers: wait for a fuller batch if asked to, then cut batches.
+        let batch = match &stack.batch {
+            Some(b) if b.would_wait(&batch) => {
+                finished.report(&ctx.completions);
+                ctx.ownership.holding(index, false);
+                b.gather(batch, &mut queue, &mut stop).await
+            }
+            _ => batch,
+        };
+        if let Some(b) = &mut stack.batch {
+            b.prepare(&batch);
+        }
         for work in batch {
             // Stop between messages: the rest of the batch stays uncommitted.
             if *stop.borrow() {
@@ -247,25 +269,47 @@ where
     S::Future: Send + 'static,
 {
     let started = Instant::now();
-    let decoded = if message.has_unreadable_headers() {
-        Err(DeadLetterReason {
-            kind: "decode".into(),
-            error_type: "keel::kafka::consumer::UnreadableHeaders".into(),
-            message: "a header name is not valid UTF-8; the headers were dropped".into(),
-            attempts: 0,
-        })
-    } else {
-        EventEnvelope::from_parts(
-            message.payload(),
-            message.key(),
-            message
-                .headers()
-                .into_iter()
-                .flat_map(MessageHeaders::entries),
-            message.timestamp(),
-        )
-        .map_err(|error| reason_for(error, 0))
+    let batched = match &mut stack.batch {
+        Some(b) => {
+            b.outcome(&(at.tp.clone(), at.offset), ctx.require_envelope)
+                .await
+        }
+        None => None,
     };
+    let (event, result) = match batched {
+        // Failed in its batch: handled again alone with the retries, unless
+        // the failure is permanent.
+        Some((event, Err(error))) if stack.batch.as_ref().is_some_and(|b| b.rerun(&error)) => {
+            tokio::time::sleep(ctx.backoff.delay(1)).await;
+            let result = stack.handle(event.clone()).await;
+            (event, result)
+        }
+        Some(outcome) => outcome,
+        None => match decode_and_handle(stack, ctx, at, message, started).await {
+            Ok(handled) => handled,
+            Err(done) => return done,
+        },
+    };
+    finish(ctx, at, event, result, started).await
+}
+
+/// Decodes a message (dead-letters it when that fails: `Err` with the lane's
+/// answer) and runs the handler stack on it.
+async fn decode_and_handle<S>(
+    stack: &mut Stack<S>,
+    ctx: &Arc<LaneContext>,
+    at: &Completion,
+    message: ReceivedMessage,
+    started: Instant,
+) -> Result<(ConsumedEvent, Result<(), BoxError>), Option<Instant>>
+where
+    S: Service<ConsumedEvent, Response = ()> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+{
+    // keel's envelope is one decoder among others: required, a record that is
+    // not one is dead-lettered here; otherwise the handler decodes it.
+    let decoded = super::decode::envelope_of(&message, ctx.require_envelope);
     let envelope = match decoded {
         Ok(envelope) => envelope,
         Err(reason) => {
@@ -279,18 +323,32 @@ where
                 error = %reason.message,
                 "undecodable message"
             );
-            return match &ctx.dlq {
+            return Err(match &ctx.dlq {
                 Some(publisher) => dead_letter(ctx, publisher, at, message, reason, started).await,
                 None => {
                     let done = Instant::now();
                     ctx.metrics.record(Ending::Failed, 0, done - started);
                     Some(done)
                 }
-            };
+            });
         }
     };
-    let event = ConsumedEvent::new(envelope, message);
+    let event = match envelope {
+        Some(envelope) => ConsumedEvent::new(envelope, message),
+        None => ConsumedEvent::from_record(message),
+    };
     let result = stack.handle(event.clone()).await;
+    Ok((event, result))
+}
+
+/// Counts a handled message, or dead-letters (or skips) a failed one.
+async fn finish(
+    ctx: &Arc<LaneContext>,
+    at: &Completion,
+    event: ConsumedEvent,
+    result: Result<(), BoxError>,
+    started: Instant,
+) -> Option<Instant> {
     let retries = event.attempts_made().saturating_sub(1);
     let error = match result {
         Ok(()) => {
@@ -467,6 +525,7 @@ mod tests {
     use super::*;
     use crate::kafka::consumer::poll::{Work, lane_shape};
     use crate::kafka::consumer::tracker::TopicPartition;
+    use crate::kafka::envelope::EventEnvelope;
     use rdkafka::message::{OwnedMessage, Timestamp};
     use std::sync::Mutex;
     use tokio::sync::Notify;
@@ -508,6 +567,7 @@ mod tests {
                 ownership.grant(1);
                 Arc::new(ownership)
             },
+            require_envelope: true,
             #[cfg(feature = "otel")]
             group: Arc::from("test-group"),
         };
