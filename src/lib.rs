@@ -18,3 +18,9 @@ pub mod prelude;
 pub mod kafka;
 #[cfg(feature = "s3")]
 pub mod s3;
+
+/// The README's code blocks, compiled as doc tests so that the quick start
+/// never drifts from the API.
+#[cfg(all(doctest, feature = "kafka", feature = "s3"))]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
