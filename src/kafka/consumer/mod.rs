@@ -132,6 +132,10 @@
 //!   text in the dead-letter headers is cut to
 //!   [`MAX_ERROR_MESSAGE`](crate::kafka::dead_letter::MAX_ERROR_MESSAGE) (1 KiB),
 //!   so the added headers stay small next to a large message.
+//! - **A bad deploy** that fails every record: a [`PoisonGuard`]
+//!   ([`KafkaConsumerBuilder::poison_guard`], off by default) pauses or stops the
+//!   consumer when too many records go to the DLQ within a window, instead of
+//!   draining the topic into it (see [`poison_guard`]).
 //! - **Unknown event types** are dead-lettered by default (class
 //!   `unknown_event_type`), not skipped: in a rolling deploy an old consumer must
 //!   not commit past an event type only the new version knows. Skipping is an
@@ -184,6 +188,7 @@ pub(crate) mod event;
 mod lane;
 mod metrics;
 mod ownership;
+pub mod poison_guard;
 mod poll;
 pub mod scheduler;
 mod state;
@@ -196,6 +201,7 @@ pub(crate) use error::error_chain;
 pub use error::{BoxError, ConsumerError, HandlerError, HandlerErrors, UnknownEventType};
 pub use event::{ConsumedEvent, MessageHeaders, ReceivedMessage, Timestamp};
 pub use metrics::{ConsumerMetrics, ConsumerMetricsSnapshot};
+pub use poison_guard::{PoisonAction, PoisonGuard};
 pub use scheduler::ProcessingOrder;
 pub(crate) use state::truncate_utf8;
 pub use state::{ConsumerState, DeadLetterFailure, StuckPartition};
@@ -298,6 +304,7 @@ pub struct KafkaConsumerBuilder {
     kafka_client: Option<KafkaClient>,
     log_level: KafkaLogLevel,
     on_dlq_failure: DeadLetterFailure,
+    poison_guard: PoisonGuard,
 }
 
 impl fmt::Debug for KafkaConsumerBuilder {
@@ -311,6 +318,7 @@ impl fmt::Debug for KafkaConsumerBuilder {
             .field("dlq_suffix", &self.dlq_suffix)
             .field("commit_interval", &self.commit_interval)
             .field("on_dlq_failure", &self.on_dlq_failure)
+            .field("poison_guard", &self.poison_guard)
             .field("registered", &self.kafka_client.is_some())
             .finish_non_exhaustive()
     }
@@ -394,6 +402,13 @@ impl KafkaConsumerBuilder {
     /// that partition held, nothing committed past the message).
     pub fn on_dlq_failure(mut self, policy: DeadLetterFailure) -> Self {
         self.on_dlq_failure = policy;
+        self
+    }
+
+    /// Pauses or stops the consumer when too many records go to the DLQ within a
+    /// window (see [`poison_guard`]). Default: no guard.
+    pub fn poison_guard(mut self, guard: PoisonGuard) -> Self {
+        self.poison_guard = guard;
         self
     }
 
@@ -530,6 +545,7 @@ impl KafkaConsumerBuilder {
         let (lane_stop, lane_stop_rx) = watch::channel(false);
         let state = Arc::new(StateCell::new());
         let stuck = Arc::new(StuckPartitions::new());
+        let poison_guard = poison_guard::PoisonGuardState::new(self.poison_guard).map(Arc::new);
         let ctx = Arc::new(LaneContext {
             completions: completions_tx,
             metrics: metrics.clone(),
@@ -542,6 +558,7 @@ impl KafkaConsumerBuilder {
             ownership,
             #[cfg(feature = "otel")]
             group: Arc::from(self.group_id.as_str()),
+            poison_guard: poison_guard.clone(),
         });
         let mut lanes = Vec::with_capacity(self.workers);
         let mut lane_tasks = Vec::with_capacity(self.workers);
@@ -603,7 +620,14 @@ impl KafkaConsumerBuilder {
             stuck: stuck.clone(),
             finished: Default::default(),
             closed: Default::default(),
+            poison_guard: poison_guard.clone(),
         });
+        if let Some(guard) = poison_guard.filter(|g| g.action() == PoisonAction::Pause) {
+            rt.spawn(poison_guard::watch_guard(
+                Arc::downgrade(&control),
+                guard.subscribe(),
+            ));
+        }
         rt.spawn(supervise::supervise(
             Arc::downgrade(&control),
             state.subscribe(),
@@ -676,6 +700,7 @@ impl KafkaConsumer {
             kafka_client: None,
             log_level: KafkaLogLevel::default(),
             on_dlq_failure: DeadLetterFailure::default(),
+            poison_guard: PoisonGuard::default(),
         }
     }
 
