@@ -3,7 +3,7 @@
 //! ```text
 //! cargo run --example dlq_replay -- --from orders.dlq [--filter NAME=VALUE]... \
 //!     [--to orders] [--dry-run] [--rate 500/s] [--group G] [--batch 500] \
-//!     [--brokers 127.0.0.1:9092]
+//!     [--brokers 127.0.0.1:9092] [-X PROPERTY=VALUE]...
 //! ```
 //!
 //! - `--from`: the dead-letter topic.
@@ -17,6 +17,8 @@
 //! - `--batch`: records per transaction (default 500).
 //! - `--brokers`: bootstrap servers (default `$KAFKA_BROKERS`, else
 //!   `127.0.0.1:9092`).
+//! - `-X PROPERTY=VALUE`: any librdkafka property (security settings, say), for
+//!   both the consumer and the producer.
 //!
 //! The replay commits its progress in the same transaction as the records it
 //! writes, so it can be stopped (or killed) at any moment and run again: each
@@ -38,12 +40,13 @@ struct Args {
     group: Option<String>,
     batch: Option<usize>,
     brokers: String,
+    properties: Vec<(String, String)>,
 }
 
 fn usage(problem: &str) -> ! {
     eprintln!(
         "dlq_replay: {problem}\nusage: dlq_replay --from TOPIC [--filter NAME=VALUE]... [--to TOPIC] \
-         [--dry-run] [--rate N/s] [--group G] [--batch N] [--brokers B]"
+         [--dry-run] [--rate N/s] [--group G] [--batch N] [--brokers B] [-X PROPERTY=VALUE]..."
     );
     std::process::exit(2)
 }
@@ -58,6 +61,7 @@ fn parse_args() -> Args {
         group: None,
         batch: None,
         brokers: std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into()),
+        properties: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -90,6 +94,12 @@ fn parse_args() -> Args {
                 _ => usage("--batch takes a positive number"),
             },
             "--brokers" => args.brokers = value,
+            "-X" => match value.split_once('=') {
+                Some((name, v)) if !name.is_empty() => {
+                    args.properties.push((name.to_string(), v.to_string()))
+                }
+                _ => usage("-X takes PROPERTY=VALUE"),
+            },
             other => usage(&format!("unknown option {other}")),
         }
     }
@@ -104,6 +114,9 @@ async fn main() {
     let args = parse_args();
     let mut client = ClientConfig::new();
     client.set("bootstrap.servers", &args.brokers);
+    for (name, value) in &args.properties {
+        client.set(name, value);
+    }
     let dry_run = args.dry_run;
     let mut replay = Replay::new(client, &args.from)
         .dry_run(dry_run)

@@ -412,6 +412,13 @@ impl Replay {
                 .set("transactional.id", id)
                 .set("enable.idempotence", "true")
                 .set("acks", "all");
+            // Back-to-back transactions: the first request of the next one often
+            // meets CONCURRENT_TRANSACTIONS while the broker writes the last one's
+            // markers (KAFKA-5477); librdkafka's 100 ms retry backoff then adds
+            // 100 ms to a transaction of a few milliseconds.
+            if self.client.get("retry.backoff.ms").is_none() {
+                config.set("retry.backoff.ms", "10");
+            }
             let producer: BaseProducer = config
                 .create()
                 .map_err(kafka("creating the transactional producer"))?;
@@ -706,6 +713,12 @@ impl Run {
             .consumer
             .group_metadata()
             .ok_or_else(|| ReplayError::Config("the consumer has no group metadata".into()))?;
+        // rust-rdkafka's flush (inside commit_transaction) polls in steps of up to
+        // 100 ms; serving the delivery reports here first saves that wait.
+        let deadline = Instant::now() + REQUEST_TIMEOUT;
+        while producer.in_flight_count() > 0 && Instant::now() < deadline {
+            producer.poll(Duration::from_millis(1));
+        }
         producer
             .send_offsets_to_transaction(&offsets, &group, REQUEST_TIMEOUT)
             .map_err(kafka("adding the offsets to the transaction"))?;
