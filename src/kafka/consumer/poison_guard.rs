@@ -384,8 +384,9 @@ impl KafkaConsumer {
     }
 
     /// Releases a tripped [poison-rate guard](super::poison_guard) after the cause
-    /// is fixed: clears its window and resumes fetching and handling. Returns
-    /// whether it was tripped. A consumer the guard stopped
+    /// is fixed: clears its window and resumes fetching and handling (every
+    /// partition, like [`resume`](super::KafkaConsumer::resume)). Returns whether it
+    /// was tripped. A consumer the guard stopped
     /// ([`PoisonAction::Stop`]) stays stopped: start a new one.
     pub fn release_poison_guard(&self) -> Result<bool, ConsumerError> {
         match &self.control.poison_guard {

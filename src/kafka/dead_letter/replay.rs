@@ -19,7 +19,7 @@
 //! # What is written
 //!
 //! Each record keeps its key, its payload and its original headers, in order. The
-//! dead-letter provenance headers (`keel-dlq-*`, see [`headers`](super::headers))
+//! dead-letter provenance headers (`keel-dlq-*`, see [`headers`])
 //! are dropped, so the record looks as it did before it failed, and two headers are
 //! set: [`REPLAY_COUNT`](super::headers::REPLAY_COUNT) (1 on the first replay, one
 //! more each time a replayed record is dead-lettered and replayed again) and
@@ -392,6 +392,10 @@ impl Replay {
             .set("enable.partition.eof", "false")
             .set("auto.offset.reset", "earliest")
             .set("isolation.level", "read_committed");
+        // Bounded prefetch, as keel's consumer (librdkafka's default is 64 MiB).
+        if self.client.get("queued.max.messages.kbytes").is_none() {
+            consumer_config.set("queued.max.messages.kbytes", "16384");
+        }
         let consumer: BaseConsumer = consumer_config
             .create()
             .map_err(kafka("creating the consumer"))?;
