@@ -11,6 +11,7 @@ use super::error::{BoxError, error_chain};
 use super::event::{ConsumedEvent, ReceivedMessage};
 use super::metrics::{ConsumerMetrics, Ending};
 use super::ownership::Ownership;
+use super::poison_guard::PoisonGuardState;
 use super::poll::{Batch, Completion};
 use super::state::{DeadLetterFailure, StateCell, StuckPartitions};
 use super::supervise::CatchPanic;
@@ -54,6 +55,21 @@ pub(crate) struct LaneContext {
     /// The consumer group, for the `process` spans' `messaging.consumer.group.name`.
     #[cfg(feature = "otel")]
     pub(crate) group: Arc<str>,
+    /// The poison-rate guard, when one is configured.
+    pub(crate) poison_guard: Option<Arc<PoisonGuardState>>,
+}
+
+impl LaneContext {
+    /// Counts how a message ended: in the metrics, and for the poison-rate guard
+    /// (which may trip on it).
+    fn ended(&self, ending: Ending, retries: u32, took: Duration) {
+        self.metrics.record(ending, retries, took);
+        if let Some(guard) = &self.poison_guard
+            && let Some(reason) = guard.ended(ending)
+        {
+            guard.tripped_by(&reason, &self.state);
+        }
+    }
 }
 
 impl<S> Stack<S>
@@ -182,6 +198,15 @@ pub(crate) async fn run_lane<S>(
             // Stop between messages: the rest of the batch stays uncommitted.
             if *stop.borrow() {
                 break 'lane;
+            }
+            // A tripped poison-rate guard holds the lane before its next message
+            // (reporting what finished first): the message stays uncommitted.
+            if let Some(guard) = ctx.poison_guard.as_ref().filter(|g| g.is_tripped()) {
+                finished.report(&ctx.completions);
+                ctx.ownership.holding(index, false);
+                if !guard.held(&mut stop).await {
+                    break 'lane;
+                }
             }
             // Yield now and then so a queue the poll thread keeps full cannot
             // starve other tasks of this worker.
@@ -327,7 +352,7 @@ where
                 Some(publisher) => dead_letter(ctx, publisher, at, message, reason, started).await,
                 None => {
                     let done = Instant::now();
-                    ctx.metrics.record(Ending::Failed, 0, done - started);
+                    ctx.ended(Ending::Failed, 0, done - started);
                     Some(done)
                 }
             });
@@ -353,8 +378,7 @@ async fn finish(
     let error = match result {
         Ok(()) => {
             let done = Instant::now();
-            ctx.metrics
-                .record(Ending::Processed, retries, done - started);
+            ctx.ended(Ending::Processed, retries, done - started);
             return Some(done);
         }
         Err(error) => error,
@@ -378,7 +402,7 @@ async fn finish(
                 "handler failed and the DLQ is disabled: message skipped"
             );
             let done = Instant::now();
-            ctx.metrics.record(Ending::Failed, retries, done - started);
+            ctx.ended(Ending::Failed, retries, done - started);
             Some(done)
         }
     }
@@ -413,7 +437,7 @@ async fn dead_letter(
         Ok(landed) => {
             log_dead_lettered(&message, &reason, &landed.topic, landed.offset);
             let done = Instant::now();
-            ctx.metrics.record(Ending::DeadLettered, 0, done - started);
+            ctx.ended(Ending::DeadLettered, 0, done - started);
             Some(done)
         }
         Err(error) => {
@@ -486,8 +510,7 @@ async fn keep_publishing(
             Some(Ok(landed)) => {
                 ctx.stuck.cleared(&at.tp, at.offset);
                 log_dead_lettered(&message, &reason, &landed.topic, landed.offset);
-                ctx.metrics
-                    .record(Ending::DeadLettered, 0, Instant::now() - started);
+                ctx.ended(Ending::DeadLettered, 0, Instant::now() - started);
                 let _ = ctx.completions.send(vec![at]);
                 return;
             }
@@ -570,6 +593,7 @@ mod tests {
             require_envelope: true,
             #[cfg(feature = "otel")]
             group: Arc::from("test-group"),
+            poison_guard: None,
         };
         (Arc::new(ctx), rx)
     }
@@ -772,5 +796,62 @@ mod tests {
         assert_eq!(*handled.lock().unwrap(), [0, 1]);
         assert_eq!(offsets(&reports.recv().await.unwrap()), [0, 1]);
         assert!(reports.recv().await.is_none());
+    }
+
+    /// A tripped poison-rate guard holds the lane before its next message: what
+    /// finished is reported, the rest waits unhandled (uncommitted) until release.
+    #[tokio::test(start_paused = true)]
+    async fn a_tripped_poison_guard_holds_the_lane_until_released() {
+        use crate::kafka::consumer::poison_guard::{PoisonGuard, PoisonGuardState};
+        let tp = TopicPartition::new("t", 0);
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let handler = {
+            let calls = calls.clone();
+            tower::service_fn(move |event: ConsumedEvent| {
+                let calls = calls.clone();
+                async move {
+                    calls.lock().unwrap().push(event.offset());
+                    Err::<(), BoxError>(Box::new(super::super::HandlerError::permanent(
+                        std::io::Error::other("bad deploy"),
+                    )))
+                }
+            })
+        };
+        let (ctx, mut reports) = context();
+        let mut ctx = Arc::into_inner(ctx).unwrap();
+        let guard =
+            Arc::new(PoisonGuardState::new(PoisonGuard::new().max_dead_lettered(2)).unwrap());
+        ctx.poison_guard = Some(guard.clone());
+        let ctx = Arc::new(ctx);
+        let stack = Stack::new(
+            handler,
+            RetryPolicy::kafka().without_budget(),
+            ctx.metrics.clone(),
+        );
+        let (queue, rx) = mpsc::channel(1);
+        let (stop, stop_rx) = watch::channel(false);
+        let lane = tokio::spawn(run_lane(0, rx, stack, ctx.clone(), stop_rx));
+        queue
+            .send((0..5).map(|o| work(&tp, o)).collect())
+            .await
+            .unwrap();
+        assert_eq!(offsets(&reports.recv().await.unwrap()), [0, 1]);
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert_eq!(
+            *calls.lock().unwrap(),
+            [0, 1],
+            "held after the second failure"
+        );
+        assert!(guard.reason().unwrap().contains("limit 2 records"));
+        assert_eq!(ctx.metrics.snapshot().total_failed, 2);
+
+        assert!(guard.release());
+        // 2 and 3 trip it again (the window was cleared); 4 waits.
+        assert_eq!(offsets(&reports.recv().await.unwrap()), [2, 3]);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(*calls.lock().unwrap(), [0, 1, 2, 3]);
+        stop.send(true).unwrap();
+        lane.await.unwrap();
+        assert_eq!(*calls.lock().unwrap(), [0, 1, 2, 3], "stopped while held");
     }
 }

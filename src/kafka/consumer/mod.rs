@@ -137,6 +137,10 @@
 //!   text in the dead-letter headers is cut to
 //!   [`MAX_ERROR_MESSAGE`](crate::kafka::dead_letter::MAX_ERROR_MESSAGE) (1 KiB),
 //!   so the added headers stay small next to a large message.
+//! - **A bad deploy** that fails every record: a [`PoisonGuard`]
+//!   ([`KafkaConsumerBuilder::poison_guard`], off by default) pauses or stops the
+//!   consumer when too many records go to the DLQ within a window, instead of
+//!   draining the topic into it (see [`poison_guard`]).
 //! - **Unknown event types** are dead-lettered by default (class
 //!   `unknown_event_type`), not skipped: in a rolling deploy an old consumer must
 //!   not commit past an event type only the new version knows. Skipping is an
@@ -191,6 +195,7 @@ pub(crate) mod event;
 mod lane;
 mod metrics;
 mod ownership;
+pub mod poison_guard;
 mod poll;
 pub mod record;
 pub mod scheduler;
@@ -205,6 +210,7 @@ pub use error::{BoxError, ConsumerError, HandlerError, HandlerErrors, UnknownEve
 pub use event::{ConsumedEvent, MessageHeaders, ReceivedMessage, Timestamp};
 pub use metrics::{ConsumerMetrics, ConsumerMetricsSnapshot};
 pub use record::Record;
+pub use poison_guard::{PoisonAction, PoisonGuard};
 pub use scheduler::ProcessingOrder;
 pub(crate) use state::truncate_utf8;
 pub use state::{ConsumerState, DeadLetterFailure, StuckPartition};
@@ -309,6 +315,7 @@ pub struct KafkaConsumerBuilder {
     on_dlq_failure: DeadLetterFailure,
     require_envelope: bool,
     batches: Option<Arc<batch::BatchRoutes>>,
+    poison_guard: PoisonGuard,
 }
 
 impl fmt::Debug for KafkaConsumerBuilder {
@@ -323,6 +330,7 @@ impl fmt::Debug for KafkaConsumerBuilder {
             .field("commit_interval", &self.commit_interval)
             .field("on_dlq_failure", &self.on_dlq_failure)
             .field("require_envelope", &self.require_envelope)
+            .field("poison_guard", &self.poison_guard)
             .field("registered", &self.kafka_client.is_some())
             .finish_non_exhaustive()
     }
@@ -429,6 +437,13 @@ impl KafkaConsumerBuilder {
     /// Replaces the consumer group (the facade's `kafka.consumer(group)`).
     pub(crate) fn group(mut self, group_id: impl Into<String>) -> Self {
         self.group_id = group_id.into();
+        self
+    }
+
+    /// Pauses or stops the consumer when too many records go to the DLQ within a
+    /// window (see [`poison_guard`]). Default: no guard.
+    pub fn poison_guard(mut self, guard: PoisonGuard) -> Self {
+        self.poison_guard = guard;
         self
     }
 
@@ -565,6 +580,7 @@ impl KafkaConsumerBuilder {
         let (lane_stop, lane_stop_rx) = watch::channel(false);
         let state = Arc::new(StateCell::new());
         let stuck = Arc::new(StuckPartitions::new());
+        let poison_guard = poison_guard::PoisonGuardState::new(self.poison_guard).map(Arc::new);
         let ctx = Arc::new(LaneContext {
             completions: completions_tx,
             metrics: metrics.clone(),
@@ -578,6 +594,7 @@ impl KafkaConsumerBuilder {
             require_envelope: self.require_envelope,
             #[cfg(feature = "otel")]
             group: Arc::from(self.group_id.as_str()),
+            poison_guard: poison_guard.clone(),
         });
         let mut lanes = Vec::with_capacity(self.workers);
         let mut lane_tasks = Vec::with_capacity(self.workers);
@@ -643,7 +660,14 @@ impl KafkaConsumerBuilder {
             stuck: stuck.clone(),
             finished: Default::default(),
             closed: Default::default(),
+            poison_guard: poison_guard.clone(),
         });
+        if let Some(guard) = poison_guard.filter(|g| g.action() == PoisonAction::Pause) {
+            rt.spawn(poison_guard::watch_guard(
+                Arc::downgrade(&control),
+                guard.subscribe(),
+            ));
+        }
         rt.spawn(supervise::supervise(
             Arc::downgrade(&control),
             state.subscribe(),
@@ -718,6 +742,7 @@ impl KafkaConsumer {
             on_dlq_failure: DeadLetterFailure::default(),
             require_envelope: true,
             batches: None,
+            poison_guard: PoisonGuard::default(),
         }
     }
 

@@ -25,6 +25,9 @@
 //! consumer starts: [`DeadLetterTopics`] with
 //! [`KafkaConsumerBuilder::ensure_dlq_topics`](crate::kafka::consumer::KafkaConsumerBuilder::ensure_dlq_topics).
 //!
+//! Once the cause is fixed, [`replay`] republishes dead-lettered records to their
+//! original topic, exactly once even when the replay is killed and started again.
+//!
 //! # Example
 //!
 //! ```no_run
@@ -55,6 +58,7 @@ mod future;
 pub mod headers;
 mod layer;
 mod publisher;
+pub mod replay;
 mod topics;
 
 pub use error::{DeadLetterError, DeadLetterTopicError};
