@@ -387,8 +387,8 @@ mod http_adapter {
             502 => ("bad_gateway", true),
             503 => ("service_unavailable", true),
             504 => ("gateway_timeout", true),
-            500..=599 => ("5xx", false),
-            400..=499 => ("4xx", false),
+            501 | 505..=599 => ("5xx", false),
+            400..=428 | 430..=499 => ("4xx", false),
             _ => ("http_error", false),
         }
     }

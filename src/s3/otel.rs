@@ -75,7 +75,7 @@ impl<'a> Call<'a> {
     /// The CLIENT span of this call.
     #[cfg(feature = "otel")]
     pub(crate) fn span(&self) -> tracing::Span {
-        let span = tracing::info_span!(
+        tracing::info_span!(
             target: "keel::s3",
             "s3_call",
             "otel.name" = format!("S3.{}", self.method).as_str(),
@@ -90,8 +90,7 @@ impl<'a> Call<'a> {
             "aws.s3.part_number" = self.part_number.map(i64::from),
             "aws.request_id" = Empty,
             "error.type" = Empty,
-        );
-        span
+        )
     }
 }
 
