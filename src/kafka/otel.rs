@@ -47,6 +47,13 @@
 //! | `messaging.batch.message_count` | batches | |
 //! | `error.type` | on failure (the error kind) | on failure (the error's type) |
 //!
+//! The publish stack's logging spans use the conventions' names too
+//! (`messaging.destination.name`, and the event's id and type as
+//! `cloudevents.event_id` / `cloudevents.event_type`). keel's own field names
+//! (`topic`, `partition`, `offset`, `event_type`, `event_id`) are recorded beside
+//! them only with the opt-in feature `otel-keel-fields`; without `otel` they are
+//! the only ones, as before.
+//!
 //! Keys that are not UTF-8 are written lossily. These spans are at `INFO` level,
 //! target `keel::kafka`: a filter that drops them drops the context too (the
 //! publish then injects the context of the span current at the call).
