@@ -18,7 +18,17 @@
 //!   default publish stack's event service (`ready` + `call`) beside
 //!   `Kafka::publish` (the same stack, cloned per call by `oneshot`).
 //!
+//! Every record carries a W3C `traceparent` header (as records from a traced
+//! producer do); only keel's `otel` build reads it.
+//!
+//! With keel's `otel` feature and `KEEL_BENCH_OTEL=1`, an OpenTelemetry layer
+//! (`tracing-opentelemetry` over an SDK tracer provider, every span sampled, no
+//! exporter, an `INFO` filter) is the global subscriber: keel's lane then makes a
+//! CONSUMER span `process <topic>` per message, the child of the header's context.
+//! The raw loop does not use `tracing`, so it is the same in both processes.
+//!
 //! Run: `scripts/up && cargo bench --no-default-features --features kafka --bench kafka_consume`
+//! (and `--features kafka,otel`, with and without `KEEL_BENCH_OTEL=1`)
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -231,9 +241,13 @@ async fn prepare(brokers: &str, name: &str, n: u64, keys: u64) -> String {
         let event = EventEnvelope::new("bench.event", json!({"i": i, "note": "consume bench"}))
             .with_key(format!("key-{}", i % keys));
         let encoded = event.encode().unwrap();
+        let headers = encoded.owned_headers().insert(rdkafka::message::Header {
+            key: "traceparent",
+            value: Some(&b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"[..]),
+        });
         let mut record = FutureRecord::to(&topic)
             .payload(&encoded.value)
-            .headers(encoded.owned_headers());
+            .headers(headers);
         if let Some(key) = &encoded.key {
             record = record.key(key);
         }
@@ -341,7 +355,26 @@ async fn raw_run(brokers: &str, topic: &str, n: u64) -> Duration {
     elapsed
 }
 
+/// With `otel` and `KEEL_BENCH_OTEL=1`: an OpenTelemetry layer as the global
+/// subscriber (set before any consumer starts, for the lanes' worker threads).
+#[cfg(feature = "otel")]
+fn install_otel() {
+    use opentelemetry::trace::TracerProvider as _;
+    use tracing_subscriber::layer::SubscriberExt;
+    if std::env::var("KEEL_BENCH_OTEL").as_deref() != Ok("1") {
+        return;
+    }
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+    let subscriber = tracing_subscriber::registry()
+        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("bench")))
+        .with(tracing_subscriber::filter::LevelFilter::INFO);
+    tracing::subscriber::set_global_default(subscriber).expect("one global subscriber");
+    eprintln!("kafka_consume: OpenTelemetry layer installed");
+}
+
 fn benches(c: &mut Criterion) {
+    #[cfg(feature = "otel")]
+    install_otel();
     let brokers = support::kafka_brokers();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -815,7 +815,7 @@ mod axum_router {
         assert_eq!((s.calls, s.successes, s.failures), (3, 3, 0));
         assert_eq!(breaker_handle.stats().consecutive_failures, 0);
 
-        // A 503 is a failure of class "5xx" for the metrics and for the breaker.
+        // A 503 is a failure of class "service_unavailable" for the metrics and for the breaker.
         let res = app
             .clone()
             .oneshot(get_request("/unavailable"))
@@ -824,10 +824,10 @@ mod axum_router {
         assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
         let s = stats.snapshot();
         assert_eq!((s.calls, s.successes, s.failures), (4, 3, 1));
-        assert_eq!(s.failures_by_class.get("5xx"), Some(&1));
+        assert_eq!(s.failures_by_class.get("service_unavailable"), Some(&1));
         assert!(
             render_prometheus(&[("gateway", &s)])
-                .contains("gateway_failures_total{class=\"5xx\"} 1\n")
+                .contains("gateway_failures_total{class=\"service_unavailable\"} 1\n")
         );
         assert_eq!(breaker_handle.stats().consecutive_failures, 1);
         assert_eq!(breaker_handle.state(), CircuitState::Closed);
@@ -924,7 +924,7 @@ mod axum_router {
 
         let s = stats.snapshot();
         assert_eq!((s.calls, s.successes, s.failures), (3, 1, 2));
-        assert_eq!(s.failures_by_class.get("5xx"), Some(&1));
+        assert_eq!(s.failures_by_class.get("service_unavailable"), Some(&1));
         // The breaker (outside the retry) saw one failed call, the 503.
         assert_eq!(breaker_handle.stats().consecutive_failures, 1);
     }
