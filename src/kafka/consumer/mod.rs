@@ -185,6 +185,7 @@ mod lane;
 mod metrics;
 mod ownership;
 mod poll;
+pub mod retry_topic;
 pub mod scheduler;
 mod state;
 mod supervise;
