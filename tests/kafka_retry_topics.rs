@@ -381,15 +381,18 @@ async fn run_keyed(brokers: &str, topic: &str, retries: RetryTopics) -> Vec<(Str
 async fn the_key_preserving_mode_keeps_per_key_order() {
     let _serial = support::serial().await;
     let brokers = support::kafka_brokers();
-    let topic = unique("keys");
+    // Two topics with the same records: the runs must not share retry topics.
+    let (topic, free_topic) = (unique("keys"), unique("keys-free"));
     let ladder = [Duration::from_millis(300), Duration::from_millis(600)];
-    create_topics(&brokers, &topic, &RetryTopics::delays(ladder).unwrap()).await;
     let events: Vec<(String, Value)> = (0..6u64)
         .flat_map(|seq| {
             ["a", "b", "c"].map(|k| (k.to_string(), json!({"key": k, "seq": seq})))
         })
         .collect();
-    produce(&brokers, &topic, &events).await;
+    for t in [&topic, &free_topic] {
+        create_topics(&brokers, t, &RetryTopics::delays(ladder).unwrap()).await;
+        produce(&brokers, t, &events).await;
+    }
 
     let per_key = |handled: &[(String, u64)]| {
         let mut by: BTreeMap<String, Vec<u64>> = BTreeMap::new();
@@ -409,9 +412,9 @@ async fn the_key_preserving_mode_keeps_per_key_order() {
         assert_eq!(by[key], (0..6).collect::<Vec<_>>(), "order of key {key}: {preserved:?}");
     }
     // Without it, the trade-off shows: later records of a overtake a/0.
-    let free = run_keyed(&brokers, &topic, RetryTopics::delays(ladder).unwrap()).await;
+    let free = run_keyed(&brokers, &free_topic, RetryTopics::delays(ladder).unwrap()).await;
     let by = per_key(&free);
-    assert_eq!(by["a"].len(), 6);
+    assert_eq!(by["a"].len(), 6, "{free:?}");
     assert_ne!(by["a"][0], 0, "a/0 was overtaken: {free:?}");
     assert_eq!(by["c"], (0..6).collect::<Vec<_>>());
 }
