@@ -502,6 +502,7 @@ async fn a_consumer_killed_mid_ladder_loses_nothing() {
             .spawn()
             .expect("start the consumer process")
     };
+    let started = Instant::now();
     let mut children = Children(vec![spawn(0)]);
     // Kill once records are on the second rung and some are not handled yet.
     let second = format!("{topic}.retry.2s");
@@ -519,12 +520,19 @@ async fn a_consumer_killed_mid_ladder_loses_nothing() {
     let pending: Vec<u64> = failing.iter().filter(|s| !before.contains(s)).copied().collect();
     assert!(!pending.is_empty(), "the kill came after the ladder was done");
 
+    let killed_at = started.elapsed();
     children.0.push(spawn(1));
     wait_for("every record handled", Duration::from_secs(120), || {
         let handled: HashSet<u64> = read_handled(&out).iter().map(|h| h.1).collect();
         (0..RECORDS).all(|s| handled.contains(&s))
     })
     .await;
+    let recovered_at = started.elapsed();
+    for n in 0..2 {
+        let log = std::fs::read_to_string(dir.path().join(format!("child-{n}.log"))).unwrap_or_default();
+        eprintln!("child {n} log:\n{}", log.lines().rev().take(15).collect::<Vec<_>>().join("\n"));
+    }
+    eprintln!("killed at {killed_at:?}, everything handled at {recovered_at:?}");
     let handled = read_handled(&out);
     // Each failing record succeeded after two failures, on the second rung.
     for (_, seq, from, failures) in handled.iter().filter(|h| failing.contains(&h.1)) {
