@@ -67,7 +67,11 @@ fn parse_args() -> Args {
             _ => usage(),
         }
     }
-    if args.brokers.is_empty() || args.topic.is_empty() || args.group.is_empty() || args.out.is_empty() {
+    if args.brokers.is_empty()
+        || args.topic.is_empty()
+        || args.group.is_empty()
+        || args.out.is_empty()
+    {
         usage()
     }
     args
@@ -77,7 +81,10 @@ fn parse_args() -> Args {
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = parse_args();
     let out = Arc::new(Mutex::new(
-        OpenOptions::new().create(true).append(true).open(&args.out)?,
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&args.out)?,
     ));
     let (fail_every, failures) = (args.fail_every, args.failures);
     let handler = tower::service_fn(move |event: ConsumedEvent| {
@@ -85,11 +92,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         async move {
             let seq = event.envelope().payload()["seq"].as_u64().unwrap_or(0);
             let failed = RetryState::of(&event)?.map_or(0, |s| s.history.len());
-            if seq % fail_every == 0 && failed < failures {
-                return Err::<(), BoxError>(format!("seq {seq} fails (failure {})", failed + 1).into());
+            if seq.is_multiple_of(fail_every) && failed < failures {
+                return Err::<(), BoxError>(
+                    format!("seq {seq} fails (failure {})", failed + 1).into(),
+                );
             }
             let millis = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis();
-            let text = format!("{} {millis} {seq} {} {failed}\n", std::process::id(), event.topic());
+            let text = format!(
+                "{} {millis} {seq} {} {failed}\n",
+                std::process::id(),
+                event.topic()
+            );
             out.lock()
                 .map_err(|_| "output lock poisoned")?
                 .write_all(text.as_bytes())?;
@@ -106,7 +119,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             StartOptions::new([args.topic.as_str()]).from_beginning(true),
             handler,
         )?;
-    eprintln!("retry_topic_consumer {}: consuming {}", std::process::id(), args.topic);
+    eprintln!(
+        "retry_topic_consumer {}: consuming {}",
+        std::process::id(),
+        args.topic
+    );
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = term.recv() => {}

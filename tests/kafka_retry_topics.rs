@@ -184,8 +184,7 @@ fn builder(brokers: &str, group: &str) -> keel::kafka::consumer::KafkaConsumerBu
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_record_failing_twice_is_handled_from_the_second_retry_topic_while_10000_others_pass()
-{
+async fn a_record_failing_twice_is_handled_from_the_second_retry_topic_while_10000_others_pass() {
     let _serial = support::serial().await;
     let brokers = support::kafka_brokers();
     let topic = unique("twice");
@@ -207,10 +206,15 @@ async fn a_record_failing_twice_is_handled_from_the_second_retry_topic_while_100
             handler,
         )
         .unwrap();
-    wait_for("the failing record and 10,000 others", Duration::from_secs(90), || {
-        let calls = calls.lock().unwrap();
-        calls.iter().any(|c| c.seq == 0 && c.ok) && calls.iter().filter(|c| c.seq != 0).count() >= 10_000
-    })
+    wait_for(
+        "the failing record and 10,000 others",
+        Duration::from_secs(90),
+        || {
+            let calls = calls.lock().unwrap();
+            calls.iter().any(|c| c.seq == 0 && c.ok)
+                && calls.iter().filter(|c| c.seq != 0).count() >= 10_000
+        },
+    )
     .await;
     let metrics = consumer.metrics();
     consumer.shutdown(Duration::from_secs(20)).await.unwrap();
@@ -227,7 +231,10 @@ async fn a_record_failing_twice_is_handled_from_the_second_retry_topic_while_100
         ],
         "main, first rung, second rung"
     );
-    assert_eq!(failing.iter().map(|c| c.ok).collect::<Vec<_>>(), [false, false, true]);
+    assert_eq!(
+        failing.iter().map(|c| c.ok).collect::<Vec<_>>(),
+        [false, false, true]
+    );
     let mut lateness = Vec::new();
     for (rung, call) in failing[1..].iter().enumerate() {
         let state = call.state.as_ref().expect("retry headers");
@@ -238,7 +245,11 @@ async fn a_record_failing_twice_is_handled_from_the_second_retry_topic_while_100
         assert_eq!(state.attempts as usize, rung + 1);
         assert_eq!(state.history.len(), rung + 1);
         let failed_at = state.history.last().unwrap().at_ms;
-        assert_eq!(state.due_at_ms - failed_at, delay, "due = last failure + delay");
+        assert_eq!(
+            state.due_at_ms - failed_at,
+            delay,
+            "due = last failure + delay"
+        );
         assert!(
             call.at_ms >= state.due_at_ms,
             "rung {rung} handled {} ms early",
@@ -259,13 +270,28 @@ async fn a_record_failing_twice_is_handled_from_the_second_retry_topic_while_100
     assert_eq!(distinct.len(), 10_000);
     let first_due = failing[1].state.as_ref().unwrap().due_at_ms;
     let next = main.iter().find(|c| c.seq == 1).unwrap();
-    assert!(next.at_ms < first_due, "the main partition waited for the retry");
-    let max_gap = main.windows(2).map(|w| w[1].at_ms.saturating_sub(w[0].at_ms)).max().unwrap();
-    assert!(max_gap < 1_000, "a {max_gap} ms stall on the main partition");
+    assert!(
+        next.at_ms < first_due,
+        "the main partition waited for the retry"
+    );
+    let max_gap = main
+        .windows(2)
+        .map(|w| w[1].at_ms.saturating_sub(w[0].at_ms))
+        .max()
+        .unwrap();
+    assert!(
+        max_gap < 1_000,
+        "a {max_gap} ms stall on the main partition"
+    );
     let span = main.last().unwrap().at_ms - failing[0].at_ms;
     let while_waiting = main.iter().filter(|c| c.at_ms < failing[2].at_ms).count();
     assert_eq!(
-        (metrics.hopped, metrics.moved, metrics.recovered, metrics.dead_lettered),
+        (
+            metrics.hopped,
+            metrics.moved,
+            metrics.recovered,
+            metrics.dead_lettered
+        ),
         (1, 1, 1, 0)
     );
     println!(
@@ -309,18 +335,27 @@ async fn a_record_failing_on_every_rung_ends_in_the_dlq_with_its_whole_history()
     consumer.shutdown(Duration::from_secs(20)).await.unwrap();
 
     let calls = calls.lock().unwrap().clone();
-    assert_eq!(calls.iter().filter(|c| c.seq == 2).count(), 3, "main + two rungs");
+    assert_eq!(
+        calls.iter().filter(|c| c.seq == 2).count(),
+        3,
+        "main + two rungs"
+    );
     assert_eq!(calls.iter().filter(|c| c.ok).count(), 4);
     // An independent reader (plain rdkafka) sees one dead letter.
     let dlq = kafka_util::read_raw(&brokers, &format!("{topic}.dlq"), 1, 1, "read_uncommitted");
     assert_eq!(dlq.len(), 1, "exactly one dead letter");
     let m = &dlq[0];
     let text = |name: &str| {
-        String::from_utf8(kafka_util::header(m, name).unwrap_or_else(|| panic!("header {name}")).to_vec())
-            .unwrap()
+        String::from_utf8(
+            kafka_util::header(m, name)
+                .unwrap_or_else(|| panic!("header {name}"))
+                .to_vec(),
+        )
+        .unwrap()
     };
     assert_eq!(m.key(), Some(b"k".as_slice()));
-    let envelope: EventEnvelope = EventEnvelope::from_message(m).expect("payload and event headers unchanged");
+    let envelope: EventEnvelope =
+        EventEnvelope::from_message(m).expect("payload and event headers unchanged");
     assert_eq!(envelope.payload()["seq"], 2);
     assert_eq!(text("keel-dlq-original-topic"), topic);
     assert_eq!(text("keel-dlq-original-partition"), "0");
@@ -330,7 +365,10 @@ async fn a_record_failing_on_every_rung_ends_in_the_dlq_with_its_whole_history()
     assert_eq!(text(headers::ORIGINAL_TOPIC), topic);
     assert_eq!(text(headers::ATTEMPTS), "3");
     let history: Vec<Value> = serde_json::from_str(&text(headers::HISTORY)).unwrap();
-    let hops: Vec<&str> = history.iter().map(|h| h["topic"].as_str().unwrap()).collect();
+    let hops: Vec<&str> = history
+        .iter()
+        .map(|h| h["topic"].as_str().unwrap())
+        .collect();
     assert_eq!(
         hops,
         [
@@ -339,10 +377,19 @@ async fn a_record_failing_on_every_rung_ends_in_the_dlq_with_its_whole_history()
             format!("{topic}.retry.1s")
         ]
     );
-    assert!(history.iter().all(|h| h["kind"] == "error"
-        && h["message"].as_str().unwrap().contains("fails always")));
-    let at: Vec<u64> = history.iter().map(|h| h["at_ms"].as_u64().unwrap()).collect();
-    assert!(at[1] - at[0] >= 500 && at[2] - at[1] >= 1_000, "delays between failures: {at:?}");
+    assert!(
+        history.iter().all(
+            |h| h["kind"] == "error" && h["message"].as_str().unwrap().contains("fails always")
+        )
+    );
+    let at: Vec<u64> = history
+        .iter()
+        .map(|h| h["at_ms"].as_u64().unwrap())
+        .collect();
+    assert!(
+        at[1] - at[0] >= 500 && at[2] - at[1] >= 1_000,
+        "delays between failures: {at:?}"
+    );
     assert_eq!(text(headers::FIRST_FAILURE_AT), at[0].to_string());
     assert_eq!(text(headers::LAST_FAILURE_AT), at[2].to_string());
     assert!(text(headers::FIRST_ERROR_MESSAGE).contains("k/2 fails always"));
@@ -355,7 +402,10 @@ async fn a_record_failing_on_every_rung_ends_in_the_dlq_with_its_whole_history()
 async fn run_keyed(brokers: &str, topic: &str, retries: RetryTopics) -> Vec<(String, u64)> {
     let calls: Calls = Arc::default();
     let handler = recording_handler(calls.clone(), |key, seq, failed| {
-        matches!((key, seq, failed), ("a", 0, 0 | 1) | ("a", 3, 0) | ("b", 2, 0))
+        matches!(
+            (key, seq, failed),
+            ("a", 0, 0 | 1) | ("a", 3, 0) | ("b", 2, 0)
+        )
     });
     let consumer = retries
         .start(
@@ -385,9 +435,7 @@ async fn the_key_preserving_mode_keeps_per_key_order() {
     let (topic, free_topic) = (unique("keys"), unique("keys-free"));
     let ladder = [Duration::from_millis(300), Duration::from_millis(600)];
     let events: Vec<(String, Value)> = (0..6u64)
-        .flat_map(|seq| {
-            ["a", "b", "c"].map(|k| (k.to_string(), json!({"key": k, "seq": seq})))
-        })
+        .flat_map(|seq| ["a", "b", "c"].map(|k| (k.to_string(), json!({"key": k, "seq": seq}))))
         .collect();
     for t in [&topic, &free_topic] {
         create_topics(&brokers, t, &RetryTopics::delays(ladder).unwrap()).await;
@@ -409,7 +457,11 @@ async fn the_key_preserving_mode_keeps_per_key_order() {
     .await;
     let by = per_key(&preserved);
     for key in ["a", "b", "c"] {
-        assert_eq!(by[key], (0..6).collect::<Vec<_>>(), "order of key {key}: {preserved:?}");
+        assert_eq!(
+            by[key],
+            (0..6).collect::<Vec<_>>(),
+            "order of key {key}: {preserved:?}"
+        );
     }
     // Without it, the trade-off shows: later records of a overtake a/0.
     let free = run_keyed(&brokers, &free_topic, RetryTopics::delays(ladder).unwrap()).await;
@@ -454,7 +506,19 @@ fn read_handled(file: &Path) -> Vec<(u32, u64, String, usize)> {
 /// `seq` of every record of `topic`, read with kcat from the beginning.
 fn kcat_seqs(brokers: &str, topic: &str) -> Vec<u64> {
     let out = Command::new(support::kcat())
-        .args(["-C", "-b", brokers, "-t", topic, "-o", "beginning", "-e", "-q", "-f", "%s\n"])
+        .args([
+            "-C",
+            "-b",
+            brokers,
+            "-t",
+            topic,
+            "-o",
+            "beginning",
+            "-e",
+            "-q",
+            "-f",
+            "%s\n",
+        ])
         .output()
         .expect("run kcat");
     assert!(
@@ -482,10 +546,15 @@ async fn a_consumer_killed_mid_ladder_loses_nothing() {
     create_topics(&brokers, &topic, &retries).await;
     const RECORDS: u64 = 300;
     let events: Vec<(String, Value)> = (0..RECORDS)
-        .map(|i| (format!("k{}", i % 7), json!({"key": format!("k{}", i % 7), "seq": i})))
+        .map(|i| {
+            (
+                format!("k{}", i % 7),
+                json!({"key": format!("k{}", i % 7), "seq": i}),
+            )
+        })
         .collect();
     produce(&brokers, &topic, &events).await;
-    let failing: HashSet<u64> = (0..RECORDS).filter(|s| s % 10 == 0).collect();
+    let failing: HashSet<u64> = (0..RECORDS).filter(|s| s.is_multiple_of(10)).collect();
 
     let binary = support::example_binary("retry_topic_consumer");
     let dir = tempfile::tempdir().unwrap();
@@ -494,7 +563,14 @@ async fn a_consumer_killed_mid_ladder_loses_nothing() {
         let log = std::fs::File::create(dir.path().join(format!("child-{n}.log"))).unwrap();
         Command::new(&binary)
             .args(["--brokers", &brokers, "--topic", &topic, "--group", &group])
-            .args(["--fail-every", "10", "--failures", "2", "--ladder-ms", "1000,2000"])
+            .args([
+                "--fail-every",
+                "10",
+                "--failures",
+                "2",
+                "--ladder-ms",
+                "1000,2000",
+            ])
             .arg("--out")
             .arg(&out)
             .stdout(Stdio::null())
@@ -517,8 +593,15 @@ async fn a_consumer_killed_mid_ladder_loses_nothing() {
     children.0[0].kill().unwrap(); // SIGKILL
     children.0[0].wait().unwrap();
     let before: HashSet<u64> = read_handled(&out).iter().map(|h| h.1).collect();
-    let pending: Vec<u64> = failing.iter().filter(|s| !before.contains(s)).copied().collect();
-    assert!(!pending.is_empty(), "the kill came after the ladder was done");
+    let pending: Vec<u64> = failing
+        .iter()
+        .filter(|s| !before.contains(s))
+        .copied()
+        .collect();
+    assert!(
+        !pending.is_empty(),
+        "the kill came after the ladder was done"
+    );
 
     let killed_at = started.elapsed();
     children.0.push(spawn(1));
@@ -529,18 +612,28 @@ async fn a_consumer_killed_mid_ladder_loses_nothing() {
     .await;
     let recovered_at = started.elapsed();
     for n in 0..2 {
-        let log = std::fs::read_to_string(dir.path().join(format!("child-{n}.log"))).unwrap_or_default();
-        eprintln!("child {n} log:\n{}", log.lines().rev().take(15).collect::<Vec<_>>().join("\n"));
+        let log =
+            std::fs::read_to_string(dir.path().join(format!("child-{n}.log"))).unwrap_or_default();
+        eprintln!(
+            "child {n} log:\n{}",
+            log.lines().rev().take(15).collect::<Vec<_>>().join("\n")
+        );
     }
     eprintln!("killed at {killed_at:?}, everything handled at {recovered_at:?}");
     let handled = read_handled(&out);
     // Each failing record succeeded after two failures, on the second rung.
     for (_, seq, from, failures) in handled.iter().filter(|h| failing.contains(&h.1)) {
-        assert_eq!((from.as_str(), *failures), (second.as_str(), 2), "record {seq}");
+        assert_eq!(
+            (from.as_str(), *failures),
+            (second.as_str(), 2),
+            "record {seq}"
+        );
     }
     // Independent reader: every failing record went through both rungs, and
     // nothing went to the dead-letter topic.
-    let first_rung: HashSet<u64> = kcat_seqs(&brokers, &format!("{topic}.retry.1s")).into_iter().collect();
+    let first_rung: HashSet<u64> = kcat_seqs(&brokers, &format!("{topic}.retry.1s"))
+        .into_iter()
+        .collect();
     let second_rung: HashSet<u64> = kcat_seqs(&brokers, &second).into_iter().collect();
     assert_eq!(first_rung, failing);
     assert_eq!(second_rung, failing);

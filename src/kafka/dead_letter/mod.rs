@@ -60,11 +60,11 @@ mod topics;
 pub use error::{DeadLetterError, DeadLetterTopicError};
 pub use future::{DeadLetterPublishFuture, ResponseFuture};
 pub use layer::DeadLetterLayer;
+pub(crate) use publisher::is_consumer_only;
 pub use publisher::{
     DEFAULT_SUFFIX, DeadLetterPublisher, DeadLetterReason, DeadLettered, MAX_ERROR_MESSAGE,
 };
 pub use topics::{DeadLetterTopics, EnsuredTopic};
-pub(crate) use publisher::is_consumer_only;
 
 use crate::kafka::consumer::{BoxError, ConsumedEvent, HandlerError, HandlerErrors};
 use std::task::{Context, Poll};

@@ -141,10 +141,7 @@ impl<M> Slots<M> {
     pub(crate) fn due(&mut self, now: Instant, now_ms: u64) -> Vec<(Ticket, M, u64)> {
         let mut out = Vec::new();
         for (tp, slot) in &mut self.slots {
-            let State::Holding {
-                due, due_at_ms, ..
-            } = &mut slot.state
-            else {
+            let State::Holding { due, due_at_ms, .. } = &mut slot.state else {
                 continue;
             };
             if *due > now {
@@ -229,7 +226,10 @@ mod tests {
             Duration::from_secs(1)
         );
         tokio::time::advance(Duration::from_millis(999)).await;
-        assert!(slots.due(Instant::now(), wall(start)).is_empty(), "1 ms early");
+        assert!(
+            slots.due(Instant::now(), wall(start)).is_empty(),
+            "1 ms early"
+        );
         assert_eq!(
             slots.wait(Instant::now(), Duration::from_millis(50)),
             Duration::from_millis(1)

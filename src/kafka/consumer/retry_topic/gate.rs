@@ -134,6 +134,17 @@ impl KeyGate {
         notified.await;
     }
 
+    /// Forgets every line (the retry partitions moved: the records on the
+    /// ladder may now be handled elsewhere, and a line whose head is gone would
+    /// hold its key for ever). Later records are no longer ordered against them.
+    pub(crate) fn clear(&self) {
+        let mut lines = self.lines();
+        lines.by_key.clear();
+        lines.records = 0;
+        drop(lines);
+        self.room.notify_waiters();
+    }
+
     /// Where the record at `offset` of `key` stands.
     pub(crate) fn place(&self, tp: &TopicPartition, key: &[u8], offset: i64) -> Place {
         let lines = self.lines();
@@ -195,7 +206,10 @@ mod tests {
         assert_eq!(gate.enter(&tp, b"a", 1, None), Entered::Held { rung: 0 });
         assert_eq!(gate.enter(&tp, b"b", 2, None), Entered::Free);
         // Another partition's key "a" is another key.
-        assert_eq!(gate.enter(&TopicPartition::new("orders", 1), b"a", 0, None), Entered::Free);
+        assert_eq!(
+            gate.enter(&TopicPartition::new("orders", 1), b"a", 0, None),
+            Entered::Free
+        );
         gate.moved(&tp, b"a", 0, 1);
         assert_eq!(gate.place(&tp, b"a", 1), Place::Behind { head_rung: 1 });
         assert_eq!(gate.place(&tp, b"a", 0), Place::Head);
@@ -227,5 +241,8 @@ mod tests {
         gate.leave(&tp, b"a", 0);
         waiter.await.unwrap();
         assert_eq!(gate.enter(&tp, b"a", 2, None), Entered::Held { rung: 0 });
+        gate.clear();
+        assert_eq!(gate.len(), 0);
+        assert_eq!(gate.place(&tp, b"a", 2), Place::Untracked);
     }
 }

@@ -147,12 +147,10 @@ impl RetryState {
             .to_string();
         let history = match message.header(HISTORY) {
             None => Vec::new(),
-            Some(raw) => {
-                serde_json::from_slice(raw).map_err(|e| RetryTopicError::BadHeader {
-                    header: HISTORY,
-                    problem: e.to_string(),
-                })?
-            }
+            Some(raw) => serde_json::from_slice(raw).map_err(|e| RetryTopicError::BadHeader {
+                header: HISTORY,
+                problem: e.to_string(),
+            })?,
         };
         Ok(Some(RetryState {
             original_topic,
@@ -248,9 +246,14 @@ mod tests {
         // The next hop keeps the record's own headers, replaces the retry ones.
         state.rung = 1;
         state.attempts = 2;
-        state
-            .history
-            .push(Failure::new(20, "orders.retry.1s", 1, "timeout", "T", "slow"));
+        state.history.push(Failure::new(
+            20,
+            "orders.retry.1s",
+            1,
+            "timeout",
+            "T",
+            "slow",
+        ));
         let second = message(state.headers(&first));
         assert_eq!(RetryState::from_message(&second).unwrap().unwrap(), state);
         let names: Vec<String> = second
@@ -267,7 +270,10 @@ mod tests {
 
     #[test]
     fn no_headers_is_none_and_bad_ones_are_typed_errors() {
-        assert_eq!(RetryState::from_message(&message(OwnedHeaders::new())).unwrap(), None);
+        assert_eq!(
+            RetryState::from_message(&message(OwnedHeaders::new())).unwrap(),
+            None
+        );
         let bad = OwnedHeaders::new()
             .insert(Header {
                 key: ORIGINAL_TOPIC,

@@ -2,10 +2,10 @@
 //! attempt it sends the failed record to the first retry topic and answers `Ok`
 //! only once the broker has it, so the runtime commits the main offset only then.
 
+use super::Shared;
 use super::gate::Entered;
 use super::headers::{Failure, RetryState};
 use super::publisher::now_ms;
-use super::Shared;
 use crate::kafka::consumer::{BoxError, ConsumedEvent, HandlerErrors, TopicPartition};
 use crate::kafka::dead_letter::reason_for;
 use futures::future::BoxFuture;

@@ -83,11 +83,11 @@ impl Ladder {
 /// `1h`, `10m`, `1s`, `250ms`: the largest unit that divides the delay.
 pub fn delay_name(delay: Duration) -> String {
     let ms = delay.as_millis();
-    if ms % 3_600_000 == 0 {
+    if ms.is_multiple_of(3_600_000) {
         format!("{}h", ms / 3_600_000)
-    } else if ms % 60_000 == 0 {
+    } else if ms.is_multiple_of(60_000) {
         format!("{}m", ms / 60_000)
-    } else if ms % 1_000 == 0 {
+    } else if ms.is_multiple_of(1_000) {
         format!("{}s", ms / 1_000)
     } else {
         format!("{ms}ms")

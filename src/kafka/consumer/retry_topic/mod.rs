@@ -49,9 +49,10 @@
 //!   key and an offset); when it is full, the main partition waits until a record
 //!   leaves the ladder (back-pressure, order kept). It lives in one process: the
 //!   main partition and the retry partitions of a key must be consumed by the same
-//!   process (true with one member; with several, partition the retry topics like
-//!   the main one and keep the groups' assignments alike), and after a restart
-//!   records already on the ladder are no longer ordered against new ones.
+//!   process (true with one member). When retry partitions are revoked the set is
+//!   cleared (a key never waits for a record handled elsewhere), and after a
+//!   restart or a rebalance records already on the ladder are no longer ordered
+//!   against new ones.
 //! - **Topics**: create them first with [`ensure_topics`](RetryTopics::ensure_topics)
 //!   (one per rung and source topic, partitioned like the source), or rely on the
 //!   broker's auto-creation; the retry consumer refreshes its metadata every 5 s
@@ -100,7 +101,9 @@ pub use headers::{Failure, RetryState};
 pub use hop::RetryHop;
 pub use ladder::{Ladder, MAX_RUNGS, delay_name};
 
-use super::{ConsumerError, ConsumedEvent, BoxError, KafkaConsumer, KafkaConsumerBuilder, StartOptions};
+use super::{
+    BoxError, ConsumedEvent, ConsumerError, KafkaConsumer, KafkaConsumerBuilder, StartOptions,
+};
 use crate::kafka::dead_letter::{DeadLetterTopics, EnsuredTopic};
 use gate::KeyGate;
 use publisher::RetryPublisher;
@@ -174,7 +177,11 @@ impl RetryTopics {
         let mut out = Vec::new();
         for delay in self.ladder.delays() {
             let suffix = format!(".retry.{}", delay_name(*delay));
-            out.extend(DeadLetterTopics::new().ensure(client, sources, &suffix).await?);
+            out.extend(
+                DeadLetterTopics::new()
+                    .ensure(client, sources, &suffix)
+                    .await?,
+            );
         }
         Ok(out)
     }
@@ -204,7 +211,9 @@ impl RetryTopics {
         let shared = Arc::new(Shared {
             ladder: self.ladder.clone(),
             publisher: publisher.clone(),
-            gate: self.key_preserving.then(|| Arc::new(KeyGate::new(self.max_held))),
+            gate: self
+                .key_preserving
+                .then(|| Arc::new(KeyGate::new(self.max_held))),
             in_place: self.in_place,
             enable_dlq: options.enable_dlq,
             metrics: Arc::default(),
@@ -224,7 +233,7 @@ impl RetryTopics {
         if client.get("topic.metadata.refresh.interval.ms").is_none() {
             client.set("topic.metadata.refresh.interval.ms", "5000");
         }
-        let (context, slots) = poll::new_slots();
+        let (context, slots) = poll::new_slots(shared.gate.clone());
         let consumer: rdkafka::consumer::BaseConsumer<poll::RetryContext> = client
             .create_with_context(context)
             .map_err(|e| ConsumerError::kafka("creating the retry consumer", e))?;
@@ -234,10 +243,9 @@ impl RetryTopics {
             .map_err(|e| ConsumerError::kafka("subscribing to the retry topics", e))?;
 
         options.max_retries = self.in_place - 1;
-        let main = builder.clone().start(
-            options,
-            RetryHop::new(handler.clone(), shared.clone()),
-        )?;
+        let main = builder
+            .clone()
+            .start(options, RetryHop::new(handler.clone(), shared.clone()))?;
 
         let stop = Arc::new(AtomicBool::new(false));
         let drain = Arc::new(AtomicBool::new(false));

@@ -4,16 +4,16 @@
 //! The thread never waits for a handler: a partition whose head record is not
 //! due, or is being handled, is paused while polling goes on (see `due.rs`).
 
+use super::Shared;
 use super::due::{Fetched, Slots, Ticket};
-use super::gate::Place;
+use super::gate::{KeyGate, Place};
 use super::headers::RetryState;
 use super::hop::failure_of;
 use super::publisher::now_ms;
-use super::Shared;
+use crate::kafka::consumer::supervise::panic_message;
 use crate::kafka::consumer::{
     BoxError, ConsumedEvent, HandlerError, MessageHeaders, ReceivedMessage, TopicPartition,
 };
-use crate::kafka::consumer::supervise::panic_message;
 use crate::kafka::envelope::EventEnvelope;
 use futures::FutureExt;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
@@ -36,6 +36,7 @@ fn lock(p: &Partitions) -> std::sync::MutexGuard<'_, Slots<ReceivedMessage>> {
 /// Keeps the slots in step with the assignment (callbacks run inside `poll`).
 pub(crate) struct RetryContext {
     slots: Partitions,
+    gate: Option<Arc<KeyGate>>,
 }
 
 impl ClientContext for RetryContext {}
@@ -46,6 +47,13 @@ impl ConsumerContext for RetryContext {
             let mut slots = lock(&self.slots);
             for e in tpl.elements() {
                 slots.revoke(&TopicPartition::new(e.topic(), e.partition()));
+            }
+            // Their records may be handled elsewhere now: a key must not wait
+            // here for a head that will never finish here.
+            if tpl.count() > 0
+                && let Some(gate) = &self.gate
+            {
+                gate.clear();
             }
         }
     }
@@ -84,11 +92,12 @@ pub(crate) struct RetryLoop<S> {
     pub(crate) drain: Arc<AtomicBool>,
 }
 
-pub(crate) fn new_slots() -> (RetryContext, Partitions) {
+pub(crate) fn new_slots(gate: Option<Arc<KeyGate>>) -> (RetryContext, Partitions) {
     let slots = Arc::new(Mutex::new(Slots::new()));
     (
         RetryContext {
             slots: slots.clone(),
+            gate,
         },
         slots,
     )
@@ -133,7 +142,9 @@ where
                 slots.wait(Instant::now(), max)
             };
             match self.consumer.poll(wait) {
-                Some(Ok(m)) if !draining => self.fetched(ReceivedMessage::new(m.detach()), &done_tx),
+                Some(Ok(m)) if !draining => {
+                    self.fetched(ReceivedMessage::new(m.detach()), &done_tx)
+                }
                 Some(Ok(_)) => {}
                 Some(Err(e)) => tracing::warn!(error = %e, "retry consumer poll error"),
                 None => {}
@@ -167,9 +178,17 @@ where
         }
     }
 
-    fn dispatch(&self, ticket: Ticket, message: ReceivedMessage, due_at_ms: u64, done: &mpsc::Sender<Done>) {
+    fn dispatch(
+        &self,
+        ticket: Ticket,
+        message: ReceivedMessage,
+        due_at_ms: u64,
+        done: &mpsc::Sender<Done>,
+    ) {
         if due_at_ms > 0 {
-            self.shared.metrics.lateness(now_ms().saturating_sub(due_at_ms));
+            self.shared
+                .metrics
+                .lateness(now_ms().saturating_sub(due_at_ms));
         }
         let handler = self.handler.clone();
         let work = Work {
@@ -191,7 +210,8 @@ where
             return;
         };
         let mut tpl = TopicPartitionList::new();
-        let _ = tpl.add_partition_offset(&ticket.tp.topic, ticket.tp.partition, Offset::Offset(next));
+        let _ =
+            tpl.add_partition_offset(&ticket.tp.topic, ticket.tp.partition, Offset::Offset(next));
         if let Err(e) = self.consumer.store_offsets(&tpl) {
             tracing::warn!(tp = %ticket.tp, error = %e, "storing a retry offset failed");
         }
@@ -227,7 +247,10 @@ impl Work {
         S::Error: Into<BoxError>,
         S::Future: Send + 'static,
     {
-        let (source, rung) = self.source.clone().unwrap_or_else(|| (message.topic().to_string(), 0));
+        let (source, rung) = self
+            .source
+            .clone()
+            .unwrap_or_else(|| (message.topic().to_string(), 0));
         let state = match RetryState::from_message(&message) {
             Ok(Some(state)) => state,
             bad => {
@@ -243,13 +266,24 @@ impl Work {
                     rung,
                     due_at_ms: 0,
                     held: false,
-                    history: vec![super::headers::Failure::new(now_ms(), message.topic(), 0, "decode", "keel::kafka::consumer::retry_topic::RetryTopicError", &problem)],
+                    history: vec![super::headers::Failure::new(
+                        now_ms(),
+                        message.topic(),
+                        0,
+                        "decode",
+                        "keel::kafka::consumer::retry_topic::RetryTopicError",
+                        &problem,
+                    )],
                 };
                 return self.dead_letter(&message, state).await;
             }
         };
         let tp = TopicPartition::new(state.original_topic.as_str(), state.original_partition);
-        let gate = self.shared.gate.clone().zip(message.key().map(<[u8]>::to_vec));
+        let gate = self
+            .shared
+            .gate
+            .clone()
+            .zip(message.key().map(<[u8]>::to_vec));
         if let Some((gate, key)) = &gate
             && let Place::Behind { head_rung } = gate.place(&tp, key, state.original_offset)
         {
@@ -265,7 +299,10 @@ impl Work {
         let decoded = EventEnvelope::from_parts(
             message.payload(),
             message.key(),
-            message.headers().into_iter().flat_map(MessageHeaders::entries),
+            message
+                .headers()
+                .into_iter()
+                .flat_map(MessageHeaders::entries),
             message.timestamp(),
         );
         let result: Result<(), BoxError> = match decoded {
@@ -315,15 +352,27 @@ impl Work {
     }
 
     fn delay(&self, rung: usize) -> u64 {
-        self.shared.ladder.delay(rung).unwrap_or_default().as_millis() as u64
+        self.shared
+            .ladder
+            .delay(rung)
+            .unwrap_or_default()
+            .as_millis() as u64
     }
 
     /// Publishes to the rung of `state`, retrying until acknowledged or stopped.
     async fn publish(&self, message: &ReceivedMessage, source: &str, state: RetryState) -> bool {
-        let topic = self.shared.ladder.topic(source, state.rung).unwrap_or_default();
+        let topic = self
+            .shared
+            .ladder
+            .topic(source, state.rung)
+            .unwrap_or_default();
         let headers = || state.headers(message);
         if self.keep_sending(&topic, message, headers).await {
-            let counter = if state.held { &self.shared.metrics.held } else { &self.shared.metrics.moved };
+            let counter = if state.held {
+                &self.shared.metrics.held
+            } else {
+                &self.shared.metrics.moved
+            };
             self.shared.metrics.count(counter);
             return true;
         }
@@ -331,7 +380,11 @@ impl Work {
     }
 
     async fn dead_letter(&self, message: &ReceivedMessage, state: RetryState) -> bool {
-        let gate_entry = self.shared.gate.clone().zip(message.key().map(<[u8]>::to_vec));
+        let gate_entry = self
+            .shared
+            .gate
+            .clone()
+            .zip(message.key().map(<[u8]>::to_vec));
         if !self.shared.enable_dlq {
             tracing::error!(topic = %state.original_topic, partition = state.original_partition, offset = state.original_offset, attempts = state.attempts, "record failed on every rung and the DLQ is disabled: skipped");
         } else {
@@ -340,7 +393,9 @@ impl Work {
             if !self.keep_sending(&topic, message, headers).await {
                 return false;
             }
-            self.shared.metrics.count(&self.shared.metrics.dead_lettered);
+            self.shared
+                .metrics
+                .count(&self.shared.metrics.dead_lettered);
             tracing::error!(topic = %state.original_topic, partition = state.original_partition, offset = state.original_offset, attempts = state.attempts, dlq_topic = %topic, "record failed on every rung: dead-lettered");
         }
         if let Some((gate, key)) = gate_entry {
@@ -363,7 +418,9 @@ impl Work {
             match self.shared.publisher.send(topic, message, headers()).await {
                 Ok(_) => return true,
                 Err(e) => {
-                    self.shared.metrics.count(&self.shared.metrics.publish_failures);
+                    self.shared
+                        .metrics
+                        .count(&self.shared.metrics.publish_failures);
                     tracing::error!(%topic, error = %e, "retry-topic publish failed; retrying");
                 }
             }

@@ -96,7 +96,11 @@ impl RetryPublisher {
     /// The headers of a record leaving the ladder for the dead-letter topic: its
     /// own, the retry state (whole history) and the usual `keel-dlq-*`
     /// provenance, naming the main topic, partition and offset.
-    pub(crate) fn dlq_headers(&self, message: &ReceivedMessage, state: &RetryState) -> OwnedHeaders {
+    pub(crate) fn dlq_headers(
+        &self,
+        message: &ReceivedMessage,
+        state: &RetryState,
+    ) -> OwnedHeaders {
         let mut h = state.headers(message);
         let text = |h: OwnedHeaders, key: &str, value: &str| {
             h.insert(Header {
@@ -105,7 +109,11 @@ impl RetryPublisher {
             })
         };
         h = text(h, dlq::ORIGINAL_TOPIC, &state.original_topic);
-        h = text(h, dlq::ORIGINAL_PARTITION, &state.original_partition.to_string());
+        h = text(
+            h,
+            dlq::ORIGINAL_PARTITION,
+            &state.original_partition.to_string(),
+        );
         h = text(h, dlq::ORIGINAL_OFFSET, &state.original_offset.to_string());
         h = text(h, dlq::CONSUMER_GROUP, &self.group_id);
         if let Some(last) = state.history.last() {
