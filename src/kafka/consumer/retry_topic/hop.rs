@@ -187,3 +187,124 @@ async fn hold(shared: &Shared, event: &ConsumedEvent, rung: usize) -> Result<(),
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kafka::consumer::ReceivedMessage;
+    use crate::kafka::consumer::retry_topic::gate::KeyGate;
+    use crate::kafka::consumer::retry_topic::ladder::Ladder;
+    use crate::kafka::consumer::retry_topic::publisher::RetryPublisher;
+    use crate::kafka::consumer::{HandlerError, HandlerErrors};
+    use crate::kafka::envelope::EventEnvelope;
+    use rdkafka::ClientConfig;
+    use rdkafka::message::{OwnedMessage, Timestamp};
+    use rdkafka::mocking::MockCluster;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::time::Duration;
+    use tower::ServiceExt;
+
+    fn event(key: &str, offset: i64) -> ConsumedEvent {
+        let envelope = EventEnvelope::new("e", serde_json::json!({"offset": offset}));
+        let encoded = envelope.encode().unwrap();
+        let message = ReceivedMessage::new(OwnedMessage::new(
+            Some(encoded.value.clone()),
+            Some(key.as_bytes().to_vec()),
+            "t".into(),
+            Timestamp::NotAvailable,
+            0,
+            offset,
+            Some(encoded.owned_headers()),
+        ));
+        ConsumedEvent::new(envelope, message)
+    }
+
+    /// The hop over a one-broker mock cluster with the retry topic `t.retry.1s`.
+    fn shared(
+        cluster: &MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+        in_place: u32,
+        key_preserving: bool,
+    ) -> Arc<Shared> {
+        cluster.create_topic("t.retry.1s", 1, 1).unwrap();
+        let mut base = ClientConfig::new();
+        base.set("bootstrap.servers", cluster.bootstrap_servers());
+        Arc::new(Shared {
+            ladder: Ladder::new([Duration::from_secs(1)]).unwrap(),
+            publisher: RetryPublisher::new(&base, "g", ".dlq").unwrap(),
+            gate: key_preserving.then(|| Arc::new(KeyGate::new(10))),
+            in_place,
+            enable_dlq: true,
+            metrics: Arc::default(),
+        })
+    }
+
+    /// A handler counting its calls; fails (permanently when asked) for offset 0.
+    fn handler(
+        calls: Arc<AtomicU32>,
+        permanent: bool,
+    ) -> impl Service<ConsumedEvent, Response = (), Error = BoxError, Future: Send> + Clone + Send
+    {
+        tower::service_fn(move |event: ConsumedEvent| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                match (event.offset(), permanent) {
+                    (0, true) => Err(Box::new(HandlerError::permanent("bad")) as BoxError),
+                    (0, false) => Err("transient".into()),
+                    _ => Ok(()),
+                }
+            }
+        })
+    }
+
+    /// The runtime counts attempts outside the hop; do the same.
+    async fn attempt<S>(hop: &mut RetryHop<S>, event: &ConsumedEvent) -> Result<(), BoxError>
+    where
+        RetryHop<S>: Service<ConsumedEvent, Response = (), Error = BoxError>,
+    {
+        event.count_attempt();
+        hop.ready().await?.call(event.clone()).await
+    }
+
+    #[tokio::test]
+    async fn the_hop_comes_after_the_in_place_attempts_and_skips_permanent_failures() {
+        let cluster = MockCluster::new(1).unwrap();
+        let shared = shared(&cluster, 2, false);
+        let calls = Arc::new(AtomicU32::new(0));
+        let mut hop = RetryHop::new(handler(calls.clone(), false), shared.clone());
+        let failing = event("a", 0);
+        // Attempt 1 of 2 fails in place (the runtime retries it).
+        let first = attempt(&mut hop, &failing).await.unwrap_err();
+        assert!(HandlerErrors::classify_error(first.as_ref()).retryable);
+        assert_eq!(shared.metrics.hopped.load(Ordering::SeqCst), 0);
+        // Attempt 2 fails too: published to the retry topic, answered Ok.
+        attempt(&mut hop, &failing).await.unwrap();
+        assert_eq!(shared.metrics.hopped.load(Ordering::SeqCst), 1);
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+
+        // A permanent failure is not sent along the ladder: the runtime
+        // dead-letters it.
+        let calls = Arc::new(AtomicU32::new(0));
+        let mut hop = RetryHop::new(handler(calls.clone(), true), shared.clone());
+        let error = attempt(&mut hop, &event("b", 0)).await.unwrap_err();
+        assert!(!HandlerErrors::classify_error(error.as_ref()).retryable);
+        assert_eq!(shared.metrics.hopped.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_later_record_of_a_waiting_key_is_held_without_running_the_handler() {
+        let cluster = MockCluster::new(1).unwrap();
+        let shared = shared(&cluster, 1, true);
+        let calls = Arc::new(AtomicU32::new(0));
+        let mut hop = RetryHop::new(handler(calls.clone(), false), shared.clone());
+        attempt(&mut hop, &event("a", 0)).await.unwrap();
+        assert_eq!(shared.metrics.hopped.load(Ordering::SeqCst), 1);
+        // Key "a" waits: its next record is held (sent along, handler not run).
+        attempt(&mut hop, &event("a", 1)).await.unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(shared.metrics.held.load(Ordering::SeqCst), 1);
+        // Another key goes through.
+        attempt(&mut hop, &event("b", 2)).await.unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        assert_eq!(shared.gate.as_ref().unwrap().len(), 2);
+    }
+}
