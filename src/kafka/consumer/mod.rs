@@ -42,6 +42,9 @@
 //!   backoff, inside a span carrying the topic, partition and offset. Failures
 //!   classified permanent ([`HandlerError::permanent`], decode errors) skip the
 //!   retries.
+//! - **Retry topics** (opt-in, [`retry_topic::RetryTopics`]): instead of waiting in
+//!   place, a failed record goes to `<topic>.retry.<delay>` and the partition moves
+//!   on; keel consumes the retry topics itself and dead-letters after the last rung.
 //! - **Dead-letter queue** ([`DeadLetterLayer`](crate::kafka::dead_letter::DeadLetterLayer)):
 //!   after the last retry the message is republished unchanged to `<topic>.dlq` with
 //!   provenance headers, acknowledged before its offset may be committed. Messages
@@ -198,6 +201,7 @@ mod ownership;
 pub mod poison_guard;
 mod poll;
 pub mod record;
+pub mod retry_topic;
 pub mod scheduler;
 mod state;
 mod supervise;

@@ -64,6 +64,7 @@ mod topics;
 pub use error::{DeadLetterError, DeadLetterTopicError};
 pub use future::{DeadLetterPublishFuture, ResponseFuture};
 pub use layer::DeadLetterLayer;
+pub(crate) use publisher::is_consumer_only;
 pub use publisher::{
     DEFAULT_SUFFIX, DeadLetterPublisher, DeadLetterReason, DeadLettered, MAX_ERROR_MESSAGE,
 };
