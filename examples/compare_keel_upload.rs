@@ -12,10 +12,11 @@
 //! flight, part size raised for files that would need more than 10,000
 //! parts), retries per part (1, 2, 4 s, cap 10 s; `SlowDown`/`Retry-After`
 //! honoured), a timeout per part scaled to its size, the multipart upload
-//! aborted on failure and tracked for abort at shutdown, the completed
-//! object checked against the parts' multipart ETag, a circuit breaker, key
-//! validation before any request, spans, metrics and a typed error
-//! (`S3ServiceError`: operation, bucket, key, kind).
+//! aborted on failure and tracked for abort at shutdown, after a lost
+//! CompleteMultipartUpload answer the object checked against the parts'
+//! multipart ETag, a circuit breaker, key validation before any request,
+//! spans, metrics and a typed error (`S3ServiceError`: operation, bucket,
+//! key, kind).
 
 #[path = "compare/s3_common.rs"]
 mod common;
@@ -41,5 +42,6 @@ async fn main() -> Result<(), BoxError> {
         out.size, out.location, out.etag
     );
     println!("stored size: {}", common::stored_size(&key).await?);
+    common::remove_sample(&path).await;
     Ok(())
 }

@@ -13,8 +13,8 @@
 //! - pause/resume of a partition whose queue is full; bounded in-flight memory per partition
 //! - rebalance handling: a revoked partition's record in retry is still handled and stored
 //! - shutdown within a deadline: a record in retry delays shutdown until its retries end
-//! - a DLQ write that fails ends the program (the record is re-read on restart) instead of being retried
-//! - jitter on the backoff; a retry classifier (every handler error is retried)
+//! - a DLQ write that fails ends the program (the record is re-read on restart); keel retries it with backoff, holding only that partition
+//! - a retry classifier: every handler error is retried here, keel skips retries for permanent ones
 //! - metrics (lag, handled, retried, dead-lettered), spans, health and the error message cut to a bounded length
 //! - decode errors quote the payload in the DLQ header (serde_json's message); keel's never do
 //! - the DLQ headers for the timestamp type and the error's Rust type

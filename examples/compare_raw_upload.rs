@@ -13,8 +13,8 @@
 //! Left out (what keel has and this version does not):
 //! - part size fixed at 5 MiB: files above 10,000 parts (~48.8 GiB) fail; keel raises the part size
 //! - a timeout per part scaled to its size (a fixed 30 s per attempt here) and an idle timeout on the body
-//! - uploads in flight tracked so shutdown can abort them; a sweep of stale multipart uploads
-//! - the completed object checked against the parts' multipart ETag
+//! - uploads in flight tracked so shutdown can abort them; a sweep of stale multipart uploads (`S3::abort_stale_uploads`)
+//! - after a lost CompleteMultipartUpload answer, the object checked against the parts' multipart ETag before success is reported
 //! - circuit breaker, key validation before any request, spans, metrics, progress events
 //! - a typed error naming operation, bucket and key (a boxed SDK error here)
 //! - streams of unknown length (this reads a file whose size is known)
@@ -153,5 +153,6 @@ async fn main() -> Result<(), BoxError> {
 
     println!("uploaded {} to s3://{bucket}/{key}", path.display());
     println!("stored size: {}", common::stored_size(&key).await?);
+    common::remove_sample(&path).await;
     Ok(())
 }

@@ -27,6 +27,13 @@ pub async fn sample_file() -> Result<PathBuf, BoxError> {
     Ok(path)
 }
 
+/// Deletes the sample file unless it was given as an argument.
+pub async fn remove_sample(path: &std::path::Path) {
+    if std::env::args().nth(1).is_none() {
+        let _ = tokio::fs::remove_file(path).await;
+    }
+}
+
 /// `AWS_S3_BUCKET` (default `keel-dev`, keel's development default).
 pub fn bucket() -> String {
     std::env::var("AWS_S3_BUCKET").unwrap_or_else(|_| "keel-dev".to_owned())
