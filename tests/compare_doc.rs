@@ -6,7 +6,8 @@ use std::process::Command;
 
 fn count_compare(arg: Option<&str>) -> String {
     let mut cmd = Command::new("bash");
-    cmd.arg("scripts/count-compare").current_dir(env!("CARGO_MANIFEST_DIR"));
+    cmd.arg("scripts/count-compare")
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
     if let Some(arg) = arg {
         cmd.arg(arg);
     }
