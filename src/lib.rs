@@ -8,6 +8,11 @@
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
 pub use keel_layers as layers;
+/// The `tower` crate keel's services and layers implement, re-exported so that
+/// `ServiceExt`, `ServiceBuilder` and `Layer` need no dependency of your own.
+pub use tower;
+
+pub mod prelude;
 
 #[cfg(feature = "kafka")]
 pub mod kafka;
@@ -15,3 +20,9 @@ pub mod kafka;
 pub mod prometheus;
 #[cfg(feature = "s3")]
 pub mod s3;
+
+/// The README's code blocks, compiled as doc tests so that the quick start
+/// never drifts from the API.
+#[cfg(all(doctest, feature = "kafka", feature = "s3"))]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -664,7 +664,12 @@ async fn stalled_upload(addr: &str, key: &str, declared: usize, sent: usize) -> 
     let mut left = sent;
     while left > 0 {
         let n = left.min(chunk.len());
-        s.write_all(&chunk[..n]).await.unwrap();
+        // The server may answer early (503 while the upload places are taken,
+        // their release after a dropped client being asynchronous) and close:
+        // a client that stops writing then is what this helper stands for.
+        if s.write_all(&chunk[..n]).await.is_err() {
+            break;
+        }
         left -= n;
     }
     s

@@ -524,3 +524,240 @@ async fn a_batch_is_one_send_span_whose_context_every_event_carries() {
         assert_eq!(process.parent_span_id, send.span_context.span_id());
     }
 }
+
+/// The spans of `trace` whose name is `name` and that keel made (CLIENT kind;
+/// the SDK's own spans of the same name are INTERNAL).
+fn keel_calls(trace: TraceId, name: &str) -> Vec<SpanData> {
+    spans_of(trace)
+        .into_iter()
+        .filter(|s| s.name == name && s.span_kind == SpanKind::Client)
+        .collect()
+}
+
+/// Whether `span` descends from the span `ancestor` within `trace`.
+fn descends_from(trace: TraceId, span: &SpanData, ancestor: SpanId) -> bool {
+    let all = spans_of(trace);
+    let mut at = span.parent_span_id;
+    for _ in 0..12 {
+        if at == ancestor {
+            return true;
+        }
+        match all.iter().find(|s| s.span_context.span_id() == at) {
+            Some(s) => at = s.parent_span_id,
+            None => return false,
+        }
+    }
+    false
+}
+
+/// A facade over a fresh bucket on moto (which answers with request ids), with
+/// uploads above 5 MiB in 5 MiB parts.
+async fn s3_facade(test: &str) -> (keel::s3::S3, String) {
+    use keel::s3::{S3, S3Client, S3Config};
+    let server = support::moto();
+    let bucket = format!(
+        "keel-otel-{test}-{}",
+        &Uuid::new_v4().simple().to_string()[..12]
+    );
+    let config = S3Config::builder()
+        .region(&server.region)
+        .bucket(&bucket)
+        .endpoint(&server.endpoint)
+        .credentials(&server.access_key, &server.secret_key)
+        .build()
+        .unwrap();
+    let client = S3Client::connect(config).await.unwrap();
+    client
+        .sdk()
+        .create_bucket()
+        .bucket(&bucket)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("create bucket {bucket}: {e:?}"));
+    let s3 = S3::builder(client)
+        .multipart_threshold(5 * 1024 * 1024)
+        .build();
+    (s3, bucket)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_calls_are_client_spans_with_the_aws_conventions_and_the_sdk_spans_are_their_children() {
+    use keel::s3::upload::UploadOptions;
+    exporter();
+    let (s3, bucket) = s3_facade("s3").await;
+    let parent = tracing::info_span!("store");
+    let trace = parent.context().span().span_context().trace_id();
+    let parent_id = parent.context().span().span_context().span_id();
+
+    // 6 MiB: a multipart upload of two parts (5 MiB + 1 MiB).
+    let body = vec![7u8; 6 * 1024 * 1024];
+    let missing = async {
+        let out = s3
+            .upload("dir/big.bin", body, UploadOptions::default())
+            .await
+            .expect("multipart upload");
+        assert!(s3.exists("dir/big.bin").await.expect("exists"));
+        s3.download_bytes("dir/missing.bin")
+            .await
+            .expect_err("no such object");
+        out
+    }
+    .instrument(parent)
+    .await;
+    let _ = missing;
+    wait_for_span(trace, "store").await;
+
+    let check_common = |span: &SpanData, method: &str, key: &str| {
+        assert_eq!(span.span_kind, SpanKind::Client, "{span:?}");
+        assert_attr(span, "rpc.system", str_value("aws-api"));
+        assert_attr(span, "rpc.service", str_value("S3"));
+        assert_attr(span, "rpc.method", str_value(method));
+        assert_attr(span, "aws.s3.bucket", str_value(&bucket));
+        assert_attr(span, "aws.s3.key", str_value(key));
+        assert!(
+            matches!(attr(span, "aws.request_id"), Some(Value::String(ref id)) if !id.as_str().is_empty()),
+            "aws.request_id of {span:?}"
+        );
+        assert!(descends_from(trace, span, parent_id), "{span:?}");
+    };
+
+    // The multipart upload: create, two parts, complete, with the upload id.
+    let create = keel_calls(trace, "S3.CreateMultipartUpload");
+    assert_eq!(create.len(), 1, "{create:?}");
+    check_common(&create[0], "CreateMultipartUpload", "dir/big.bin");
+    let mut parts = keel_calls(trace, "S3.UploadPart");
+    assert_eq!(parts.len(), 2, "{parts:?}");
+    parts.sort_by_key(|p| format!("{:?}", attr(p, "aws.s3.part_number")));
+    let upload_id = attr(&parts[0], "aws.s3.upload_id").expect("the upload id");
+    for (part, number) in parts.iter().zip([1, 2]) {
+        check_common(part, "UploadPart", "dir/big.bin");
+        assert_attr(part, "aws.s3.part_number", Value::I64(number));
+        assert_attr(part, "aws.s3.upload_id", upload_id.clone());
+        assert_eq!(attr(part, "error.type"), None);
+    }
+    let complete = keel_calls(trace, "S3.CompleteMultipartUpload");
+    assert_eq!(complete.len(), 1, "{complete:?}");
+    check_common(&complete[0], "CompleteMultipartUpload", "dir/big.bin");
+    assert_attr(&complete[0], "aws.s3.upload_id", upload_id.clone());
+
+    // The facade's span of the upload is the parent of all four calls.
+    let facade = spans_of(trace)
+        .into_iter()
+        .find(|s| s.name == "s3 upload")
+        .expect("the facade's span");
+    assert_attr(&facade, "rpc.system", str_value("aws-api"));
+    assert_attr(&facade, "aws.s3.key", str_value("dir/big.bin"));
+    for call in create.iter().chain(&parts).chain(&complete) {
+        assert!(descends_from(trace, call, facade.span_context.span_id()));
+    }
+    // keel's own names only with `otel-keel-fields`.
+    if cfg!(feature = "otel-keel-fields") {
+        assert_attr(&facade, "s3_operation", str_value("upload"));
+    } else {
+        assert_eq!(attr(&facade, "s3_operation"), None);
+        assert_eq!(attr(&facade, "bucket"), None);
+    }
+
+    // The SDK's own spans are children of keel's (the parts ran on their own tasks).
+    for part in &parts {
+        let sdk_child = spans_of(trace).into_iter().find(|s| {
+            s.name == "S3.UploadPart"
+                && s.span_kind == SpanKind::Internal
+                && s.parent_span_id == part.span_context.span_id()
+        });
+        assert!(
+            sdk_child.is_some(),
+            "the SDK's S3.UploadPart span is a child of keel's {:?}",
+            part.span_context.span_id()
+        );
+    }
+
+    let head = keel_calls(trace, "S3.HeadObject");
+    assert!(!head.is_empty());
+    check_common(&head[0], "HeadObject", "dir/big.bin");
+
+    // A failed call: error.type is the S3 error code, the status an error.
+    let get = keel_calls(trace, "S3.GetObject");
+    let failed = get
+        .iter()
+        .find(|s| attr(s, "aws.s3.key") == Some(str_value("dir/missing.bin")))
+        .unwrap_or_else(|| panic!("a GetObject span for the missing key: {get:?}"));
+    check_common(failed, "GetObject", "dir/missing.bin");
+    assert_attr(failed, "error.type", str_value("NoSuchKey"));
+    assert!(
+        matches!(failed.status, Status::Error { .. }),
+        "{:?}",
+        failed.status
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keel_field_names_are_only_on_spans_with_the_opt_in() {
+    let brokers = support::kafka_brokers();
+    exporter();
+    let client = client(&brokers);
+    let topic = unique("names");
+    client
+        .create_topic(&topic, 1, 1, Duration::from_secs(20))
+        .await
+        .expect("create topic");
+    let parent = tracing::info_span!("names");
+    let trace = parent.context().span().span_context().trace_id();
+    let event = EventEnvelope::new("order.created", json!({"n": 1}));
+    let event_id = event.event_id().to_string();
+    PublishStack::new(&client)
+        .event_service()
+        .oneshot(PublishRequest::new(topic.clone(), event))
+        .instrument(parent)
+        .await
+        .expect("publish");
+    let publish = wait_for_span(trace, "publish").await;
+    assert_attr(&publish, "messaging.destination.name", str_value(&topic));
+    assert_attr(
+        &publish,
+        "cloudevents.event_type",
+        str_value("order.created"),
+    );
+    assert_attr(&publish, "cloudevents.event_id", str_value(&event_id));
+
+    let registry = HandlerRegistry::builder()
+        .handler_fn("order.created", |_event: ConsumedEvent| async {
+            Ok::<_, BoxError>(())
+        })
+        .build()
+        .unwrap();
+    let mut consumer_config = ClientConfig::new();
+    consumer_config.set("bootstrap.servers", &brokers);
+    let consumer = KafkaConsumer::builder(consumer_config, unique("names-group"))
+        .start(
+            StartOptions::new([topic.as_str()]).from_beginning(true),
+            registry,
+        )
+        .unwrap();
+    let process = wait_for_span(trace, &format!("process {topic}")).await;
+    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
+
+    if cfg!(feature = "otel-keel-fields") {
+        assert_attr(&publish, "topic", str_value(&topic));
+        assert_attr(&publish, "event_type", str_value("order.created"));
+        assert_attr(&process, "topic", str_value(&topic));
+        assert_attr(&process, "offset", Value::I64(0));
+    } else {
+        for (span, key) in [
+            (&publish, "topic"),
+            (&publish, "event_type"),
+            (&publish, "event_id"),
+            (&process, "topic"),
+            (&process, "partition"),
+            (&process, "offset"),
+        ] {
+            assert_eq!(attr(span, key), None, "{key} on {:?}", span.name);
+        }
+    }
+    assert_attr(&process, "messaging.kafka.offset", Value::I64(0));
+    assert_attr(
+        &process,
+        "messaging.destination.partition.id",
+        str_value("0"),
+    );
+}

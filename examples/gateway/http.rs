@@ -182,6 +182,9 @@ pub fn app(
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state.clone());
+    // With `otel`: the route template names the SERVER span (see otel.rs).
+    #[cfg(feature = "otel")]
+    let api = api.route_layer(middleware::from_fn(crate::otel::record_route));
     // The API as one service behind keel's layers: layer errors become responses.
     let api = ServiceBuilder::new()
         .layer(HandleErrorLayer::new(layer_error))
@@ -284,7 +287,10 @@ pub fn wrap(
 > {
     let all = MetricsLayer::new().classify(TowerHttp::server_errors());
     registry.register("keel.http.server", all.handle())?;
-    Ok(ServiceBuilder::new()
+    // With `otel`: the route template names the SERVER span (see otel.rs).
+    #[cfg(feature = "otel")]
+    let app = app.route_layer(middleware::from_fn(crate::otel::record_route));
+    let service = ServiceBuilder::new()
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(
@@ -300,7 +306,11 @@ pub fn wrap(
                 }),
         )
         .layer(all)
-        .service(app))
+        .service(app);
+    // With `otel`: outermost, so every span of the request is in its trace.
+    #[cfg(feature = "otel")]
+    let service = tower::Layer::layer(&middleware::from_fn(crate::otel::server_span), service);
+    Ok(service)
 }
 
 /// Maps a layer error (the API breaker open, a timeout) to a problem.

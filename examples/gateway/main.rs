@@ -34,6 +34,8 @@
 //! | `KEEL_SHUTDOWN_TIMEOUT_SECS` | `20` | budget for the whole graceful shutdown |
 //! | `KEEL_EMBEDDED` | `auto` | `off`: never start the embedded servers |
 //! | `RUST_LOG` | `info` | log filter (JSON lines on stdout) |
+//! | `OTEL_EXPORTER_OTLP_ENDPOINT` | unset | with `--features otel`: export traces by OTLP/HTTP to `<endpoint>/v1/traces` (see `otel.rs`) |
+//! | `OTEL_SERVICE_NAME` | `keel-gateway` | with `--features otel`: the traces' `service.name` |
 //!
 //! plus keel's own `KAFKA_*` and `AWS_*` variables.
 
@@ -42,6 +44,8 @@ mod consume;
 mod embedded;
 mod http;
 mod idempotency;
+#[cfg(feature = "otel")]
+mod otel;
 mod problem;
 mod serve;
 
@@ -187,23 +191,28 @@ fn init_logging() {
             "info,rdkafka=warn,s3s=warn,s3s_fs=warn,aws=warn,hyper=warn",
         )
     });
-    let _ = tracing_subscriber::registry()
-        .with(json_layer())
-        .with(filter)
-        .try_init();
+    let registry = tracing_subscriber::registry().with(json_layer());
+    // With `otel`: spans exported by OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+    #[cfg(feature = "otel")]
+    let registry = registry.with(otel::layer());
+    let _ = registry.with(filter).try_init();
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     init_logging();
-    match run().await {
+    let code = match run().await {
         Ok(code) => code,
         Err(e) => {
             tracing::error!(target: "gateway", error = %e, "gateway failed");
             eprintln!("gateway failed: {e}");
             ExitCode::FAILURE
         }
-    }
+    };
+    // The last batched spans (the exporter blocks on its own thread).
+    #[cfg(feature = "otel")]
+    let _ = tokio::task::spawn_blocking(otel::shutdown).await;
+    code
 }
 
 async fn run() -> Result<ExitCode, BoxError> {

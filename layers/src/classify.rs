@@ -16,7 +16,9 @@
 //! - [`ClassifyFn`] (via [`classify_fn`]): any closure.
 //! - [`TowerHttp`] (feature `http`, on by default): adapts any tower-http
 //!   `ClassifyResponse`, such as `ServerErrorsAsFailures` (5xx are failures, 4xx are
-//!   not) or `GrpcErrorsAsFailures`, so the same layers work on axum and tonic.
+//!   not, but for 429) or `GrpcErrorsAsFailures`, so the same layers work on axum and
+//!   tonic. `429` and `503` are retryable, and their `Retry-After` (seconds or an HTTP
+//!   date) is the retry layer's delay floor.
 //!
 //! # Example
 //!
@@ -59,7 +61,8 @@ pub struct Classification {
     pub outcome: Outcome,
     /// Whether a retry may help. Only meaningful for failures.
     pub retryable: bool,
-    /// A short, low-cardinality label ("error", "timeout", "5xx", "circuit_open").
+    /// A short, low-cardinality label naming what failed ("error", "timeout",
+    /// "too_many_requests", "service_unavailable", "circuit_open").
     pub class: &'static str,
     /// The least time to wait before retrying, when the outcome says so.
     pub retry_after: Option<Duration>,
@@ -230,54 +233,107 @@ where
 #[cfg(feature = "http")]
 mod http_adapter {
     use super::{Classification, Classify};
-    use std::time::Duration;
+    use std::time::{Duration, SystemTime};
     use tower_http::classify::{
         ClassifiedResponse, ClassifyResponse, GrpcErrorsAsFailures, ServerErrorsAsFailures,
     };
 
+    /// The longest `Retry-After` honoured by default (see [`TowerHttp::max_retry_after`]).
+    pub const DEFAULT_MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+
     /// Adapts a tower-http [`ClassifyResponse`] (such as `ServerErrorsAsFailures` or
     /// `GrpcErrorsAsFailures`) to keel's [`Classify`].
     ///
-    /// A response that tower-http classifies as a failure is a keel failure of class
-    /// `"5xx"` / `"grpc"`; `503`, `429`, `502` and `504` and the gRPC codes
-    /// `UNAVAILABLE`, `RESOURCE_EXHAUSTED` and `DEADLINE_EXCEEDED` are retryable, and
-    /// a `Retry-After` header (in seconds) becomes the retry delay floor. Responses
-    /// whose verdict needs the end of the stream (gRPC streaming trailers) count as
-    /// successes at the head. Every `Err` is a retryable failure of class `"error"`.
+    /// What fails:
+    ///
+    /// - whatever the tower-http classifier calls a failure (5xx for
+    ///   `ServerErrorsAsFailures`, a non-OK `grpc-status` for `GrpcErrorsAsFailures`);
+    /// - and `429 Too Many Requests` whatever the inner classifier says: tower-http
+    ///   counts it as a client error, but it is the server asking to slow down.
+    ///
+    /// Retryable: `429`, `502`, `503`, `504` and the gRPC codes `UNAVAILABLE`,
+    /// `RESOURCE_EXHAUSTED` and `DEADLINE_EXCEEDED`. A `Retry-After` header, in
+    /// seconds or as an HTTP date, becomes the retry delay floor
+    /// ([`Classification::retry_after`]), which keel's retry layer honours. A
+    /// `Retry-After` longer than [`max_retry_after`](TowerHttp::max_retry_after)
+    /// (default 60 s) makes the failure not retryable: waiting less than the server
+    /// asked is pointless, and waiting minutes inside one call holds the caller.
+    ///
+    /// The class names what failed, for metrics and logs: `too_many_requests`,
+    /// `internal_server_error`, `bad_gateway`, `service_unavailable`,
+    /// `gateway_timeout`, `5xx` for the other server errors, `4xx` for client
+    /// errors a custom classifier counts as failures, `grpc_<code>` (for example
+    /// `grpc_unavailable`) for gRPC, and `error` for every `Err`. Responses whose
+    /// verdict needs the end of the stream (gRPC streaming trailers) count as
+    /// successes at the head.
     ///
     /// ```
+    /// use std::time::Duration;
     /// use keel_layers::classify::{Classify, Outcome, TowerHttp};
     ///
     /// let classifier = TowerHttp::server_errors();
-    /// let res = http::Response::builder().status(503).body(()).unwrap();
+    /// let res = http::Response::builder()
+    ///     .status(429)
+    ///     .header("retry-after", "2")
+    ///     .body(())
+    ///     .unwrap();
     /// let verdict = Classify::<_, std::convert::Infallible>::classify(&classifier, Ok(&res));
     /// assert_eq!(verdict.outcome, Outcome::Failure);
     /// assert!(verdict.retryable);
+    /// assert_eq!(verdict.class, "too_many_requests");
+    /// assert_eq!(verdict.retry_after, Some(Duration::from_secs(2)));
     /// ```
     #[derive(Clone, Debug)]
     pub struct TowerHttp<C> {
         inner: C,
+        max_retry_after: Duration,
     }
 
     impl<C> TowerHttp<C> {
         /// Wraps a tower-http classifier.
         pub fn new(inner: C) -> Self {
-            TowerHttp { inner }
+            TowerHttp {
+                inner,
+                max_retry_after: DEFAULT_MAX_RETRY_AFTER,
+            }
+        }
+
+        /// The longest `Retry-After` still retried (default 60 s); a longer one
+        /// makes the failure not retryable.
+        pub fn max_retry_after(mut self, max: Duration) -> Self {
+            self.max_retry_after = max;
+            self
         }
     }
 
     impl TowerHttp<ServerErrorsAsFailures> {
-        /// 5xx responses are failures, everything else (4xx included) is a success.
+        /// 5xx and 429 responses are failures, every other response (other 4xx
+        /// included) is a success.
         pub fn server_errors() -> Self {
             TowerHttp::new(ServerErrorsAsFailures::new())
         }
     }
 
     impl TowerHttp<GrpcErrorsAsFailures> {
-        /// gRPC responses with a non-OK `grpc-status` are failures.
+        /// gRPC responses with a non-OK `grpc-status` are failures (and HTTP 429).
         pub fn grpc_errors() -> Self {
             TowerHttp::new(GrpcErrorsAsFailures::new())
         }
+    }
+
+    /// The delay a `Retry-After` value asks for, at `now`: delta-seconds, or an
+    /// HTTP date (RFC 9110 10.2.3; a date in the past means "now"). `None` when
+    /// the value is neither.
+    pub(super) fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+        let value = value.trim();
+        if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+            // Digits too long for u64 are "a very long time".
+            return Some(Duration::from_secs(
+                value.parse::<u64>().unwrap_or(u64::MAX),
+            ));
+        }
+        let at = httpdate::parse_http_date(value).ok()?;
+        Some(at.duration_since(now).unwrap_or(Duration::ZERO))
     }
 
     fn retry_after<B>(res: &http::Response<B>) -> Option<Duration> {
@@ -286,18 +342,55 @@ mod http_adapter {
             .get(http::header::RETRY_AFTER)?
             .to_str()
             .ok()?;
-        value.trim().parse::<u64>().ok().map(Duration::from_secs)
+        parse_retry_after(value, SystemTime::now())
     }
 
-    fn grpc_retryable<B>(res: &http::Response<B>) -> bool {
-        // 4 DEADLINE_EXCEEDED, 8 RESOURCE_EXHAUSTED, 14 UNAVAILABLE
-        matches!(
-            res.headers()
-                .get("grpc-status")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<i32>().ok()),
-            Some(4 | 8 | 14)
-        )
+    /// The gRPC status of a response, from its headers (trailers-only answers).
+    fn grpc_status<B>(res: &http::Response<B>) -> Option<i32> {
+        res.headers()
+            .get("grpc-status")?
+            .to_str()
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// The class and retryability of a failed gRPC answer.
+    fn grpc_class(code: Option<i32>) -> (&'static str, bool) {
+        match code {
+            Some(1) => ("grpc_cancelled", false),
+            Some(2) => ("grpc_unknown", false),
+            Some(3) => ("grpc_invalid_argument", false),
+            Some(4) => ("grpc_deadline_exceeded", true),
+            Some(5) => ("grpc_not_found", false),
+            Some(6) => ("grpc_already_exists", false),
+            Some(7) => ("grpc_permission_denied", false),
+            Some(8) => ("grpc_resource_exhausted", true),
+            Some(9) => ("grpc_failed_precondition", false),
+            Some(10) => ("grpc_aborted", false),
+            Some(11) => ("grpc_out_of_range", false),
+            Some(12) => ("grpc_unimplemented", false),
+            Some(13) => ("grpc_internal", false),
+            Some(14) => ("grpc_unavailable", true),
+            Some(15) => ("grpc_data_loss", false),
+            Some(16) => ("grpc_unauthenticated", false),
+            _ => ("grpc", false),
+        }
+    }
+
+    /// The class and retryability of a failed HTTP answer.
+    fn http_class(status: u16) -> (&'static str, bool) {
+        match status {
+            429 => ("too_many_requests", true),
+            500 => ("internal_server_error", false),
+            502 => ("bad_gateway", true),
+            503 => ("service_unavailable", true),
+            504 => ("gateway_timeout", true),
+            501 | 505..=599 => ("5xx", false),
+            400..=428 | 430..=499 => ("4xx", false),
+            _ => ("http_error", false),
+        }
     }
 
     impl<C, B, E> Classify<http::Response<B>, E> for TowerHttp<C>
@@ -309,29 +402,31 @@ mod http_adapter {
                 Ok(res) => res,
                 Err(_) => return Classification::failure("error"),
             };
-            match self.inner.clone().classify_response(res) {
-                ClassifiedResponse::Ready(Ok(())) => Classification::SUCCESS,
-                ClassifiedResponse::RequiresEos(_) => Classification::SUCCESS,
-                ClassifiedResponse::Ready(Err(_)) => {
-                    let status = res.status().as_u16();
-                    let (class, retryable) = if res.headers().contains_key("grpc-status") {
-                        ("grpc", grpc_retryable(res))
-                    } else {
-                        ("5xx", matches!(status, 429 | 502 | 503 | 504))
-                    };
-                    let verdict = Classification::failure(class).with_retryable(retryable);
-                    match retry_after(res) {
-                        Some(delay) => verdict.with_retry_after(delay),
-                        None => verdict,
-                    }
-                }
+            let status = res.status();
+            let failed = status == http::StatusCode::TOO_MANY_REQUESTS
+                || match self.inner.clone().classify_response(res) {
+                    ClassifiedResponse::Ready(verdict) => verdict.is_err(),
+                    ClassifiedResponse::RequiresEos(_) => false,
+                };
+            if !failed {
+                return Classification::SUCCESS;
+            }
+            let (class, retryable) = match grpc_status(res) {
+                Some(code) if status.is_success() => grpc_class(Some(code)),
+                _ => http_class(status.as_u16()),
+            };
+            let verdict = Classification::failure(class).with_retryable(retryable);
+            match retry_after(res) {
+                Some(delay) if delay > self.max_retry_after => verdict.with_retryable(false),
+                Some(delay) => verdict.with_retry_after(delay),
+                None => verdict,
             }
         }
     }
 }
 
 #[cfg(feature = "http")]
-pub use http_adapter::TowerHttp;
+pub use http_adapter::{DEFAULT_MAX_RETRY_AFTER, TowerHttp};
 
 #[cfg(test)]
 mod tests {
@@ -364,43 +459,194 @@ mod tests {
     }
 
     #[cfg(feature = "http")]
+    fn response(status: u16, retry_after: Option<&str>) -> http::Response<()> {
+        let mut b = http::Response::builder().status(status);
+        if let Some(v) = retry_after {
+            b = b.header("retry-after", v);
+        }
+        b.body(()).unwrap()
+    }
+
+    #[cfg(feature = "http")]
     #[test]
     fn tower_http_server_errors() {
         let c = TowerHttp::server_errors();
-        let r503 = http::Response::builder()
-            .status(503)
-            .header("retry-after", "3")
-            .body(())
-            .unwrap();
-        let r404 = http::Response::builder().status(404).body(()).unwrap();
-        let r500 = http::Response::builder().status(500).body(()).unwrap();
-        let v = Classify::<_, ()>::classify(&c, Ok(&r503));
+        let classify = |res: &http::Response<()>| Classify::<_, ()>::classify(&c, Ok(res));
+
+        let v = classify(&response(503, Some("3")));
         assert!(v.should_retry());
+        assert_eq!(v.class, "service_unavailable");
         assert_eq!(v.retry_after, Some(Duration::from_secs(3)));
-        assert!(Classify::<_, ()>::classify(&c, Ok(&r404)).is_success());
-        let v = Classify::<_, ()>::classify(&c, Ok(&r500));
+        // 503 without Retry-After: still retryable, no floor.
+        let v = classify(&response(503, None));
+        assert!(v.should_retry());
+        assert_eq!(v.retry_after, None);
+
+        assert!(classify(&response(404, None)).is_success());
+        assert!(classify(&response(200, Some("5"))).is_success());
+
+        let v = classify(&response(500, None));
         assert!(v.is_failure() && !v.retryable);
+        assert_eq!(v.class, "internal_server_error");
+        let v = classify(&response(507, None));
+        assert!(v.is_failure() && !v.retryable);
+        assert_eq!(v.class, "5xx");
+        assert_eq!(classify(&response(502, None)).class, "bad_gateway");
+        assert_eq!(classify(&response(504, None)).class, "gateway_timeout");
+
+        let v = Classify::<http::Response<()>, ()>::classify(&c, Err(&()));
+        assert!(v.should_retry());
+        assert_eq!(v.class, "error");
+    }
+
+    #[cfg(feature = "http")]
+    #[test]
+    fn tower_http_429_is_a_retryable_failure_with_its_floor() {
+        // tower-http's ServerErrorsAsFailures calls a 429 a success.
+        let c = TowerHttp::server_errors();
+        let v = Classify::<_, ()>::classify(&c, Ok(&response(429, None)));
+        assert_eq!(v.outcome, Outcome::Failure);
+        assert!(v.retryable);
+        assert_eq!(v.class, "too_many_requests");
+        assert_eq!(v.retry_after, None);
+        let v = Classify::<_, ()>::classify(&c, Ok(&response(429, Some(" 7 "))));
+        assert!(v.should_retry());
+        assert_eq!(v.retry_after, Some(Duration::from_secs(7)));
+        // The gRPC adapter too.
+        let g = TowerHttp::grpc_errors();
+        let v = Classify::<_, ()>::classify(&g, Ok(&response(429, Some("1"))));
+        assert!(v.should_retry());
+        assert_eq!(v.class, "too_many_requests");
+    }
+
+    #[cfg(feature = "http")]
+    #[test]
+    fn retry_after_as_an_http_date() {
+        use super::http_adapter::parse_retry_after;
+        use std::time::{SystemTime, UNIX_EPOCH};
+        // Sun, 06 Nov 1994 08:49:37 GMT is 784111777 s after the epoch.
+        let date = "Sun, 06 Nov 1994 08:49:37 GMT";
+        let at = UNIX_EPOCH + Duration::from_secs(784_111_777);
+        let now = at - Duration::from_secs(42);
+        assert_eq!(parse_retry_after(date, now), Some(Duration::from_secs(42)));
+        // A date in the past: retry now.
+        assert_eq!(
+            parse_retry_after(date, at + Duration::from_secs(5)),
+            Some(Duration::ZERO)
+        );
+        // The obsolete formats RFC 9110 still requires recipients to accept.
+        assert_eq!(
+            parse_retry_after("Sunday, 06-Nov-94 08:49:37 GMT", now),
+            Some(Duration::from_secs(42))
+        );
+        assert_eq!(
+            parse_retry_after("Sun Nov  6 08:49:37 1994", now),
+            Some(Duration::from_secs(42))
+        );
+        assert_eq!(
+            parse_retry_after("120", now),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(
+            parse_retry_after("99999999999999999999999", now),
+            Some(Duration::from_secs(u64::MAX))
+        );
+        for bad in ["", "-1", "1.5", "soon", "Sun, 06 Nov 1994"] {
+            assert_eq!(parse_retry_after(bad, now), None, "{bad:?}");
+        }
+
+        // Through the classifier, against the wall clock: a date ~30 s ahead.
+        let ahead = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(30));
+        let c = TowerHttp::server_errors();
+        let v = Classify::<_, ()>::classify(&c, Ok(&response(503, Some(&ahead))));
+        assert!(v.should_retry());
+        let floor = v.retry_after.expect("a floor from the date");
+        // The date has whole seconds: 29 s < floor <= 30 s.
+        assert!(
+            floor > Duration::from_secs(28) && floor <= Duration::from_secs(30),
+            "{floor:?}"
+        );
+        // An unreadable Retry-After is ignored, the 503 stays retryable.
+        let v = Classify::<_, ()>::classify(&c, Ok(&response(503, Some("soon"))));
+        assert!(v.should_retry());
+        assert_eq!(v.retry_after, None);
+    }
+
+    #[cfg(feature = "http")]
+    #[test]
+    fn a_retry_after_beyond_the_maximum_is_not_retried() {
+        let c = TowerHttp::server_errors().max_retry_after(Duration::from_secs(10));
+        let v = Classify::<_, ()>::classify(&c, Ok(&response(503, Some("11"))));
+        assert!(v.is_failure() && !v.retryable);
+        assert_eq!(v.class, "service_unavailable");
+        let v = Classify::<_, ()>::classify(&c, Ok(&response(429, Some("10"))));
+        assert!(v.should_retry());
+        assert_eq!(v.retry_after, Some(Duration::from_secs(10)));
+        // Default: 60 s.
+        let d = TowerHttp::server_errors();
+        assert!(!Classify::<_, ()>::classify(&d, Ok(&response(429, Some("61")))).retryable);
+        assert!(Classify::<_, ()>::classify(&d, Ok(&response(429, Some("60")))).retryable);
     }
 
     #[cfg(feature = "http")]
     #[test]
     fn tower_http_grpc_errors() {
         let c = TowerHttp::grpc_errors();
-        let unavailable = http::Response::builder()
-            .header("grpc-status", "14")
-            .body(())
-            .unwrap();
-        let invalid = http::Response::builder()
-            .header("grpc-status", "3")
-            .body(())
-            .unwrap();
-        let ok = http::Response::builder()
-            .header("grpc-status", "0")
-            .body(())
-            .unwrap();
-        assert!(Classify::<_, ()>::classify(&c, Ok(&unavailable)).should_retry());
-        let v = Classify::<_, ()>::classify(&c, Ok(&invalid));
+        let grpc = |code: &str| {
+            http::Response::builder()
+                .header("grpc-status", code)
+                .body(())
+                .unwrap()
+        };
+        let v = Classify::<_, ()>::classify(&c, Ok(&grpc("14")));
+        assert!(v.should_retry());
+        assert_eq!(v.class, "grpc_unavailable");
+        let v = Classify::<_, ()>::classify(&c, Ok(&grpc("3")));
         assert!(v.is_failure() && !v.retryable);
-        assert!(Classify::<_, ()>::classify(&c, Ok(&ok)).is_success());
+        assert_eq!(v.class, "grpc_invalid_argument");
+        assert_eq!(
+            Classify::<_, ()>::classify(&c, Ok(&grpc("8"))).class,
+            "grpc_resource_exhausted"
+        );
+        assert!(Classify::<_, ()>::classify(&c, Ok(&grpc("0"))).is_success());
+    }
+
+    /// The retry layer waits at least the `Retry-After` of a 429 / 503 before
+    /// the next attempt (on the paused clock).
+    #[cfg(feature = "http")]
+    #[tokio::test(start_paused = true)]
+    async fn the_retry_layer_honours_the_retry_after_floor() {
+        use crate::retry::{Jitter, Retry, RetryPolicy};
+        use std::sync::{Arc, Mutex};
+        use tokio::time::Instant;
+        use tower::{ServiceExt, service_fn};
+
+        let answers = Arc::new(Mutex::new(vec![
+            response(200, None),
+            response(503, Some("2")),
+            response(429, Some("5")),
+        ]));
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let inner = {
+            let (answers, calls) = (answers.clone(), calls.clone());
+            service_fn(move |_req: ()| {
+                calls.lock().unwrap().push(Instant::now());
+                let res = answers.lock().unwrap().pop().unwrap();
+                async move { Ok::<_, std::convert::Infallible>(res) }
+            })
+        };
+        // Backoff 100 ms, far below the floors.
+        let policy = RetryPolicy::new()
+            .jitter(Jitter::None)
+            .without_budget()
+            .base(Duration::from_millis(100))
+            .max_attempts(5);
+        let svc = Retry::with_classifier(inner, policy, TowerHttp::server_errors());
+        let start = Instant::now();
+        let res = svc.oneshot(()).await.unwrap();
+        assert_eq!(res.status(), 200);
+        let at: Vec<Duration> = calls.lock().unwrap().iter().map(|t| *t - start).collect();
+        let s = Duration::from_secs;
+        assert_eq!(at, [s(0), s(5), s(7)]);
     }
 }

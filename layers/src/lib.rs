@@ -15,6 +15,7 @@ pub mod batch;
 pub mod builder;
 pub mod circuit_breaker;
 pub mod classify;
+mod constructors;
 pub mod logging;
 pub mod metrics;
 pub mod retry;

@@ -814,7 +814,7 @@ mod axum_router {
         assert_eq!((s.calls, s.successes, s.failures), (3, 3, 0));
         assert_eq!(breaker_handle.stats().consecutive_failures, 0);
 
-        // A 503 is a failure of class "5xx" for the metrics and for the breaker.
+        // A 503 is a failure of class "service_unavailable" for the metrics and for the breaker.
         let res = app
             .clone()
             .oneshot(get_request("/unavailable"))
@@ -823,7 +823,7 @@ mod axum_router {
         assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
         let s = stats.snapshot();
         assert_eq!((s.calls, s.successes, s.failures), (4, 3, 1));
-        assert_eq!(s.failures_by_class.get("5xx"), Some(&1));
+        assert_eq!(s.failures_by_class.get("service_unavailable"), Some(&1));
         assert_eq!(s.histograms.failure.count, 1);
         assert_eq!(breaker_handle.stats().consecutive_failures, 1);
         assert_eq!(breaker_handle.state(), CircuitState::Closed);
@@ -920,7 +920,7 @@ mod axum_router {
 
         let s = stats.snapshot();
         assert_eq!((s.calls, s.successes, s.failures), (3, 1, 2));
-        assert_eq!(s.failures_by_class.get("5xx"), Some(&1));
+        assert_eq!(s.failures_by_class.get("service_unavailable"), Some(&1));
         // The breaker (outside the retry) saw one failed call, the 503.
         assert_eq!(breaker_handle.stats().consecutive_failures, 1);
     }

@@ -2,7 +2,7 @@
 //!
 //! Random configurations (consecutive-failure threshold, an optional count window
 //! with a failure rate and minimum calls, open wait with optional backoff, probe
-//! count) and random histories — calls that succeed, fail or are ignored, calls
+//! count, optional maximum half-open wait) and random histories — calls that succeed, fail or are ignored, calls
 //! left in flight and finished or dropped later, time passing on tokio's paused
 //! clock, forced states — run against a real [`CircuitBreaker`] and against a
 //! plain reference model of the documented rules (see the module docs of
@@ -44,6 +44,8 @@ struct Conf {
     /// Backoff with multiplier 2 up to this many seconds.
     backoff_max_s: Option<u64>,
     probes: u32,
+    /// The maximum half-open wait, if any.
+    max_half_open_s: Option<u64>,
 }
 
 fn conf() -> impl Strategy<Value = Conf> {
@@ -60,14 +62,16 @@ fn conf() -> impl Strategy<Value = Conf> {
         1u64..10,
         proptest::option::of(1u64..40),
         1u32..4,
+        proptest::option::of(1u64..20),
     )
         .prop_map(
-            |(consecutive, window, open_wait_s, backoff_max_s, probes)| Conf {
+            |(consecutive, window, open_wait_s, backoff_max_s, probes, max_half_open_s)| Conf {
                 consecutive,
                 window,
                 open_wait_s,
                 backoff_max_s,
                 probes,
+                max_half_open_s,
             },
         )
 }
@@ -139,6 +143,8 @@ struct Model {
     /// Outcomes recorded in the window since it was last cleared.
     recorded: u64,
     open_until: Duration,
+    /// When a half-open breaker reopens by itself (`None`: never).
+    half_open_until: Option<Duration>,
     reopens: u32,
     probes_admitted: u32,
     probes_succeeded: u32,
@@ -155,6 +161,7 @@ impl Model {
             window: VecDeque::new(),
             recorded: 0,
             open_until: Duration::ZERO,
+            half_open_until: None,
             reopens: 0,
             probes_admitted: 0,
             probes_succeeded: 0,
@@ -188,6 +195,12 @@ impl Model {
                 };
                 self.open_until = self.now + self.open_wait();
             }
+            CircuitState::HalfOpen => {
+                self.half_open_until = self
+                    .conf
+                    .max_half_open_s
+                    .map(|s| self.now + Duration::from_secs(s));
+            }
             CircuitState::Closed | CircuitState::MetricsOnly => {
                 if to == CircuitState::Closed {
                     self.reopens = 0;
@@ -219,6 +232,15 @@ impl Model {
                 }
                 CircuitState::Open => {
                     self.transition(CircuitState::HalfOpen);
+                    continue;
+                }
+                CircuitState::HalfOpen
+                    if self.half_open_until.is_some_and(|until| self.now >= until) =>
+                {
+                    // Reopened by the half-open limit: the wait counts from the limit.
+                    let until = self.half_open_until.expect("limit");
+                    self.transition(CircuitState::Open);
+                    self.open_until = until + self.open_wait();
                     continue;
                 }
                 CircuitState::HalfOpen if self.probes_admitted >= self.conf.probes => {
@@ -359,6 +381,9 @@ fn run(conf: Conf, ops: Vec<Op>) {
             if let Some(min) = min {
                 builder = builder.minimum_calls(min);
             }
+        }
+        if let Some(s) = conf.max_half_open_s {
+            builder = builder.max_half_open_wait(Duration::from_secs(s));
         }
         if let Some(max) = conf.backoff_max_s {
             builder = builder.open_backoff(2.0, Duration::from_secs(max));

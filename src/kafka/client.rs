@@ -424,6 +424,7 @@ pub trait ManagedConsumer: Send + Sync + 'static {
             .to_string(),
             failure: None,
             stuck_partitions: Vec::new(),
+            poison_guard: None,
         }
     }
 }
@@ -443,6 +444,10 @@ pub struct ConsumerHealth {
     /// Partitions held because a message cannot be dead-lettered, each with its
     /// offset, time stuck, attempts and last error: the report is then degraded.
     pub stuck_partitions: Vec<String>,
+    /// Why the consumer's poison-rate guard tripped, while it holds the consumer
+    /// paused (the report is then degraded) or after it stopped it (then also in
+    /// `failure`).
+    pub poison_guard: Option<String>,
 }
 
 /// Keeps a consumer registered with its [`KafkaClient`]; dropping it deregisters.
@@ -846,7 +851,7 @@ impl KafkaClient {
         let consumer_failed = consumer_health.iter().any(|c| c.failure.is_some());
         let degraded = consumer_health
             .iter()
-            .any(|c| !c.stuck_partitions.is_empty());
+            .any(|c| !c.stuck_partitions.is_empty() || c.poison_guard.is_some());
         Ok(KafkaHealth {
             is_healthy: brokers > 0 && state == ConnectionState::Connected && !consumer_failed,
             state,

@@ -47,6 +47,13 @@
 //! | `messaging.batch.message_count` | batches | |
 //! | `error.type` | on failure (the error kind) | on failure (the error's type) |
 //!
+//! The publish stack's logging spans use the conventions' names too
+//! (`messaging.destination.name`, and the event's id and type as
+//! `cloudevents.event_id` / `cloudevents.event_type`). keel's own field names
+//! (`topic`, `partition`, `offset`, `event_type`, `event_id`) are recorded beside
+//! them only with the opt-in feature `otel-keel-fields`; without `otel` they are
+//! the only ones, as before.
+//!
 //! Keys that are not UTF-8 are written lossily. These spans are at `INFO` level,
 //! target `keel::kafka`: a filter that drops them drops the context too (the
 //! publish then injects the context of the span current at the call).
@@ -79,6 +86,12 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use crate::kafka::consumer::ReceivedMessage;
 use crate::kafka::error::{KafkaProducerError, ProducerErrorKind};
 use crate::kafka::producer::PublishAck;
+
+/// Whether spans also carry keel's own field names (`topic`, `partition`,
+/// `offset`, `event_type`, `event_id`, `s3_operation`, `bucket`, `key`) beside the
+/// semantic-convention attributes: the opt-in feature `otel-keel-fields`, for
+/// dashboards and log queries written against keel's names.
+pub(crate) const KEEL_FIELDS: bool = cfg!(feature = "otel-keel-fields");
 
 /// The W3C header that carries the trace and parent span ids.
 pub const TRACEPARENT: &str = "traceparent";
@@ -208,6 +221,49 @@ pub(crate) fn send_batch_span(topic: &str, count: usize) -> tracing::Span {
     )
 }
 
+/// The logging layer's span of one publish: the destination, and the event's id
+/// and type as the CloudEvents conventions name them (`cloudevents.event_id`,
+/// `cloudevents.event_type`); keel's `topic`, `event_type` and `event_id` only
+/// with `otel-keel-fields`. Never the payload, key or headers.
+pub(crate) fn publish_fields_span(
+    topic: &str,
+    event_type: &str,
+    event_id: uuid::Uuid,
+) -> tracing::Span {
+    let span = tracing::debug_span!(
+        "publish",
+        "messaging.destination.name" = topic,
+        "cloudevents.event_type" = event_type,
+        "cloudevents.event_id" = %event_id,
+        topic = Empty,
+        event_type = Empty,
+        event_id = Empty,
+    );
+    if KEEL_FIELDS && !span.is_disabled() {
+        span.record("topic", topic);
+        span.record("event_type", event_type);
+        span.record("event_id", tracing::field::display(event_id));
+    }
+    span
+}
+
+/// The logging layer's span of one batch publish (`topic` and `events` only with
+/// `otel-keel-fields`).
+pub(crate) fn publish_batch_fields_span(topic: &str, count: usize) -> tracing::Span {
+    let span = tracing::info_span!(
+        "publish_batch",
+        "messaging.destination.name" = topic,
+        "messaging.batch.message_count" = count as i64,
+        topic = Empty,
+        events = Empty,
+    );
+    if KEEL_FIELDS && !span.is_disabled() {
+        span.record("topic", topic);
+        span.record("events", count);
+    }
+    span
+}
+
 /// Records the broker's acknowledgement on a `send` span.
 pub(crate) fn record_ack(span: &tracing::Span, ack: &PublishAck) {
     // No subscriber wants the span: spare the partition's string.
@@ -241,18 +297,18 @@ fn producer_error_type(kind: ProducerErrorKind) -> Cow<'static, str> {
 }
 
 /// The CONSUMER span of one handled message, the child of the context in its
-/// headers. Named `kafka_message` for `tracing` subscribers (with keel's
-/// `topic`, `partition` and `offset` fields), `process <topic>` for
-/// OpenTelemetry.
+/// headers. Named `kafka_message` for `tracing` subscribers, `process <topic>`
+/// for OpenTelemetry. keel's own `topic`, `partition` and `offset` fields are
+/// recorded only with the feature `otel-keel-fields`.
 pub(crate) fn process_span(message: &ReceivedMessage, group: &str) -> tracing::Span {
     let topic = message.topic();
     let partition = message.partition();
     let offset = message.offset();
     let span = tracing::info_span!(
         "kafka_message",
-        topic,
-        partition,
-        offset,
+        topic = Empty,
+        partition = Empty,
+        offset = Empty,
         "otel.name" = format!("process {topic}").as_str(),
         "otel.kind" = "consumer",
         "otel.status_code" = Empty,
@@ -268,6 +324,11 @@ pub(crate) fn process_span(message: &ReceivedMessage, group: &str) -> tracing::S
     );
     if span.is_disabled() {
         return span;
+    }
+    if KEEL_FIELDS {
+        span.record("topic", topic);
+        span.record("partition", partition);
+        span.record("offset", offset);
     }
     if let Some(key) = message.key() {
         span.record(

@@ -40,6 +40,7 @@
 //! # Ok(()) }
 //! ```
 
+use crate::s3::otel::{Call, traced};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -223,12 +224,12 @@ impl RangedDownloader {
         counters: &TransferCounters,
     ) -> Result<ObjectInfo, S3ServiceError> {
         let head = with_retries(self.config.get_retry(), counters, || {
-            self.client
-                .head_object()
-                .bucket(bucket)
-                .key(key)
-                .send()
-                .map_err(sdk_error(S3Operation::Head, bucket, key))
+            let send = self.client.head_object().bucket(bucket).key(key).send();
+            traced(Call::new("HeadObject", bucket, Some(key)), send).map_err(sdk_error(
+                S3Operation::Head,
+                bucket,
+                key,
+            ))
         })
         .await?;
         let size = head
@@ -319,9 +320,8 @@ impl RangeFetcher {
                     request = request.range(format!("bytes={first}-{last}"));
                 }
             }
-            let output = request
-                .set_if_match(info.e_tag.clone())
-                .send()
+            let send = request.set_if_match(info.e_tag.clone()).send();
+            let output = traced(Call::new("GetObject", bucket, Some(key)), send)
                 .await
                 .map_err(sdk_error(operation, bucket, key))?;
             // A server that ignores Range answers with the whole object: refuse

@@ -499,6 +499,14 @@ pub struct RequestLogFields {
 
 impl keel_layers::logging::RequestFields<S3Request> for RequestLogFields {
     fn span(&self, req: &S3Request) -> tracing::Span {
+        // With `otel`: semantic-convention names (keel's behind `otel-keel-fields`).
+        #[cfg(feature = "otel")]
+        return crate::s3::otel::operation_span(
+            req.operation(),
+            &self.bucket,
+            req.key().map(ObjectKey::as_str),
+        );
+        #[cfg(not(feature = "otel"))]
         tracing::info_span!(
             "s3",
             s3_operation = req.operation().as_str(),

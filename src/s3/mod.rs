@@ -10,6 +10,8 @@
 //!   URLs, counters.
 //! - [`multipart`], [`download`]: the multipart upload engine and concurrent ranged
 //!   downloads.
+//! - `otel` (feature `otel`): every S3 call in a CLIENT span `S3.<Call>` with the
+//!   semantic conventions' `rpc.*` and `aws.s3.*` attributes.
 
 pub mod client;
 pub mod config;
@@ -19,6 +21,7 @@ pub mod facade;
 pub mod key;
 pub mod metrics;
 pub mod multipart;
+pub(crate) mod otel;
 pub mod presign;
 pub mod service;
 pub mod upload;

@@ -30,6 +30,7 @@
 //! # Ok(()) }
 //! ```
 
+use crate::s3::otel::{Call, traced};
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
@@ -736,11 +737,8 @@ async fn run(
     match request {
         S3Request::Upload(upload) => upload_one(client, multipart, upload).await,
         S3Request::Download { key } => {
-            let out = sdk
-                .get_object()
-                .bucket(bucket)
-                .key(key.as_str())
-                .send()
+            let send = sdk.get_object().bucket(bucket).key(key.as_str()).send();
+            let out = traced(Call::new("GetObject", bucket, Some(key.as_str())), send)
                 .await
                 .map_err(sdk_err(op, bucket, Some(&key)))?;
             Ok(S3Response::Downloaded(Box::new(ObjectDownload {
@@ -765,23 +763,16 @@ async fn run(
             .await
             .map(S3Response::Presigned),
         S3Request::Delete { key } => {
-            sdk.delete_object()
-                .bucket(bucket)
-                .key(key.as_str())
-                .send()
+            let send = sdk.delete_object().bucket(bucket).key(key.as_str()).send();
+            traced(Call::new("DeleteObject", bucket, Some(key.as_str())), send)
                 .await
                 .map_err(sdk_err(op, bucket, Some(&key)))?;
             Ok(S3Response::Deleted)
         }
         S3Request::DeleteMany { keys } => delete_batch(client, keys).await,
         S3Request::Exists { key } => {
-            match sdk
-                .head_object()
-                .bucket(bucket)
-                .key(key.as_str())
-                .send()
-                .await
-            {
+            let send = sdk.head_object().bucket(bucket).key(key.as_str()).send();
+            match traced(Call::new("HeadObject", bucket, Some(key.as_str())), send).await {
                 Ok(_) => Ok(S3Response::Exists(true)),
                 Err(e) => {
                     let err = sdk_err(op, bucket, Some(&key))(e);
@@ -803,14 +794,18 @@ async fn run(
                 "{from_bucket}/{}",
                 utf8_percent_encode(source.as_str(), COPY_SOURCE)
             );
-            let out = sdk
+            let send = sdk
                 .copy_object()
                 .bucket(bucket)
                 .key(destination.as_str())
                 .copy_source(copy_source)
-                .send()
-                .await
-                .map_err(sdk_err(op, bucket, Some(&destination)))?;
+                .send();
+            let out = traced(
+                Call::new("CopyObject", bucket, Some(destination.as_str())),
+                send,
+            )
+            .await
+            .map_err(sdk_err(op, bucket, Some(&destination)))?;
             Ok(S3Response::Copied(CopyOutput {
                 bucket: bucket.to_owned(),
                 etag: out.copy_object_result.and_then(|r| r.e_tag),
@@ -823,13 +818,14 @@ async fn run(
             continuation_token,
             max_keys,
         } => {
-            let out = sdk
+            let send = sdk
                 .list_objects_v2()
                 .bucket(bucket)
                 .set_prefix(prefix)
                 .set_continuation_token(continuation_token)
                 .set_max_keys(max_keys)
-                .send()
+                .send();
+            let out = traced(Call::new("ListObjectsV2", bucket, None), send)
                 .await
                 .map_err(sdk_err(op, bucket, None))?;
             let objects = out
@@ -924,10 +920,12 @@ async fn upload_one(
         .key(key.as_str())
         .content_length(i64::try_from(length).unwrap_or(i64::MAX))
         .body(body);
-    let out = put
-        .send()
-        .await
-        .map_err(|e| S3ServiceError::from_sdk(op, bucket, Some(key.as_str()), e))?;
+    let out = traced(
+        Call::new("PutObject", bucket, Some(key.as_str())),
+        put.send(),
+    )
+    .await
+    .map_err(|e| S3ServiceError::from_sdk(op, bucket, Some(key.as_str()), e))?;
     if let Some(progress) = &progress {
         progress.report(UploadProgress::new(length, Some(length), None));
     }
@@ -970,12 +968,13 @@ async fn delete_batch(
         .quiet(true)
         .build()
         .map_err(invalid)?;
-    let out = client
+    let send = client
         .sdk()
         .delete_objects()
         .bucket(bucket)
         .delete(delete)
-        .send()
+        .send();
+    let out = traced(Call::new("DeleteObjects", bucket, None), send)
         .await
         .map_err(|e| S3ServiceError::from_sdk(op, bucket, None, e))?;
     // Quiet mode: the answer lists failures only.

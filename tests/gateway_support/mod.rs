@@ -59,13 +59,17 @@ pub fn gateway_binary() -> PathBuf {
                     _ => cmd.env_remove("LD_LIBRARY_PATH"),
                 };
             }
+            cmd.args([
+                "build",
+                "--example",
+                "gateway",
+                "--message-format=json-render-diagnostics",
+            ]);
+            // The gateway of a test built with `otel` has its OTel set-up too.
+            if cfg!(feature = "otel") {
+                cmd.args(["--features", "otel"]);
+            }
             let out = cmd
-                .args([
-                    "build",
-                    "--example",
-                    "gateway",
-                    "--message-format=json-render-diagnostics",
-                ])
                 .current_dir(env!("CARGO_MANIFEST_DIR"))
                 .stderr(Stdio::inherit())
                 .output()

@@ -48,6 +48,7 @@ pub(crate) struct Config {
     pub(crate) open_wait: Duration,
     pub(crate) backoff: Option<(f64, Duration)>,
     pub(crate) half_open_probes: u32,
+    pub(crate) max_half_open_wait: Option<Duration>,
     pub(crate) hook: Option<StateHook>,
     /// The breaker's name, in its logs and on its handle (for metrics).
     pub(crate) name: Option<Arc<str>>,
@@ -64,6 +65,7 @@ impl fmt::Debug for Config {
             .field("open_wait", &self.open_wait)
             .field("backoff", &self.backoff)
             .field("half_open_probes", &self.half_open_probes)
+            .field("max_half_open_wait", &self.max_half_open_wait)
             .field("hook", &self.hook.is_some())
             .field("name", &self.name)
             .finish()
@@ -81,6 +83,7 @@ impl Default for Config {
             open_wait: Duration::from_secs(60),
             backoff: None,
             half_open_probes: 1,
+            max_half_open_wait: None,
             hook: None,
             name: None,
         }
@@ -136,6 +139,9 @@ pub(crate) struct Breaker {
     times_calls: bool,
     /// Open-until, in nanoseconds since `epoch`.
     open_until: AtomicU64,
+    /// Half-open-until (the maximum half-open wait), in nanoseconds since `epoch`;
+    /// `u64::MAX` when there is no such limit.
+    half_open_until: AtomicU64,
     epoch: Instant,
     transitions: Mutex<Transitions>,
     watch: watch::Sender<CircuitState>,
@@ -180,6 +186,7 @@ impl Breaker {
             minimum_calls: minimum_calls.max(1),
             config,
             open_until: AtomicU64::new(0),
+            half_open_until: AtomicU64::new(u64::MAX),
             epoch: Instant::now(),
             transitions: Mutex::new(Transitions::default()),
             watch: watch::Sender::new(CircuitState::Closed),
@@ -284,6 +291,18 @@ impl Breaker {
                     word = self.slot.word.load(Acquire);
                 }
                 CircuitState::HalfOpen => {
+                    // Probes that never answer must not hold the breaker half-open
+                    // for good: past the maximum wait, reopen (checked here, like
+                    // the open wait, so no timer task is needed).
+                    if self.now_nanos() >= self.half_open_until.load(Acquire) {
+                        self.transition(
+                            Some((gen_of(word), CircuitState::HalfOpen)),
+                            CircuitState::Open,
+                            TransitionReason::HalfOpenWaitElapsed,
+                        );
+                        word = self.slot.word.load(Acquire);
+                        continue;
+                    }
                     let permitted = self.config.half_open_probes;
                     if admitted_of(word) >= u64::from(permitted) {
                         return Err(Rejection::HalfOpenFull {
@@ -465,8 +484,21 @@ impl Breaker {
                 };
                 let wait = self.config.open_wait_after(transitions.reopens);
                 let wait = u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX);
-                self.open_until
-                    .store(self.now_nanos().saturating_add(wait), Release);
+                // Reopened by the half-open limit: the open wait counts from the
+                // moment the limit passed, as if a timer had fired then.
+                let since = if reason == TransitionReason::HalfOpenWaitElapsed {
+                    self.half_open_until.load(Acquire)
+                } else {
+                    self.now_nanos()
+                };
+                self.open_until.store(since.saturating_add(wait), Release);
+            }
+            CircuitState::HalfOpen => {
+                let until = self.config.max_half_open_wait.map_or(u64::MAX, |wait| {
+                    let wait = u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX);
+                    self.now_nanos().saturating_add(wait)
+                });
+                self.half_open_until.store(until, Release);
             }
             CircuitState::Closed | CircuitState::MetricsOnly => {
                 if to == CircuitState::Closed {

@@ -86,6 +86,10 @@ pub enum TransitionReason {
     ProbesSucceeded,
     /// A probe call failed (or was slow).
     ProbeFailed,
+    /// The breaker stayed half-open for the
+    /// [maximum half-open wait](super::CircuitBreakerBuilder::max_half_open_wait)
+    /// without its probes settling it, and reopened.
+    HalfOpenWaitElapsed,
     /// A call on the handle.
     Manual,
 }
@@ -105,6 +109,7 @@ impl fmt::Display for TransitionReason {
             TransitionReason::WaitElapsed => f.write_str("open wait elapsed"),
             TransitionReason::ProbesSucceeded => f.write_str("probe calls succeeded"),
             TransitionReason::ProbeFailed => f.write_str("probe call failed"),
+            TransitionReason::HalfOpenWaitElapsed => f.write_str("maximum half-open wait elapsed"),
             TransitionReason::Manual => f.write_str("manual"),
         }
     }
@@ -161,7 +166,9 @@ impl CircuitBreakerHandle {
     /// The current state (one atomic load).
     ///
     /// An open breaker whose wait has passed reports [`CircuitState::Open`] until the
-    /// next call turns it half-open.
+    /// next call turns it half-open; likewise a half-open breaker past its
+    /// [maximum half-open wait](super::CircuitBreakerBuilder::max_half_open_wait)
+    /// reports [`CircuitState::HalfOpen`] until the next call reopens it.
     pub fn state(&self) -> CircuitState {
         self.breaker.state()
     }

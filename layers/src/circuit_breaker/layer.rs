@@ -85,6 +85,7 @@ impl<S, C: Clone> Layer<S> for CircuitBreakerLayer<C> {
 /// | [`open_wait`](Self::open_wait) | 60 s |
 /// | [`open_backoff`](Self::open_backoff) | off (the wait stays the same) |
 /// | [`half_open_probes`](Self::half_open_probes) | 1 |
+/// | [`max_half_open_wait`](Self::max_half_open_wait) | none (half-open until the probes settle it) |
 /// | [`classifier`](Self::classifier) | [`ErrorsAsFailures`] |
 /// | [`on_state_change`](Self::on_state_change) | none (changes are still logged and sent on the watch channel) |
 /// | [`name`](Self::name) | none (logs carry an empty `breaker` field) |
@@ -170,6 +171,19 @@ impl<C> CircuitBreakerBuilder<C> {
     /// succeed to close, any failure reopens. Default 1.
     pub fn half_open_probes(mut self, n: u32) -> Self {
         self.config.half_open_probes = n.clamp(1, 0xffff);
+        self
+    }
+
+    /// Reopens a half-open breaker whose probes have not settled it `wait` after it
+    /// turned half-open (resilience4j's `maxWaitDurationInHalfOpenState`), so probes
+    /// that never answer cannot keep it half-open, rejecting every other call with
+    /// [`HalfOpenFull`](super::CircuitBreakerError::HalfOpenFull), for good. The
+    /// check runs when a call arrives, and the breaker then behaves as if it had
+    /// reopened the moment the wait passed: the open wait (with its backoff) counts
+    /// from then, and late probe outcomes are not counted. Default none: the breaker stays half-open until
+    /// its probes succeed or fail (then put a timeout inside the breaker).
+    pub fn max_half_open_wait(mut self, wait: Duration) -> Self {
+        self.config.max_half_open_wait = Some(wait);
         self
     }
 

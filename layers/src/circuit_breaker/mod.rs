@@ -32,7 +32,9 @@
 //!   [`CircuitBreakerError::HalfOpenFull`]. When all probes succeed the breaker
 //!   closes; the first failed (or slow) probe reopens it. A probe whose future is
 //!   dropped, or whose outcome is ignored, frees its slot for another probe. A probe
-//!   that never completes keeps the breaker half-open, so put a timeout inside it.
+//!   that never completes keeps the breaker half-open, so put a timeout inside it,
+//!   or set [`max_half_open_wait`](CircuitBreakerBuilder::max_half_open_wait): the
+//!   first call after that wait reopens the breaker.
 //! - **Manual**: a [`CircuitBreakerHandle`] forces it open, forces it closed
 //!   (disabled), switches it to metrics-only (counts, never opens) and resets it.
 //!

@@ -835,4 +835,128 @@ async fn a_named_breaker_carries_its_name_in_logs_hook_and_handle() {
     );
     // An unnamed breaker has no name.
     assert_eq!(CircuitBreakerLayer::new().handle().name(), None);
+
+/// A probe that never answers: past the maximum half-open wait the next call finds
+/// the breaker open again, with the open wait counted from the moment the limit
+/// passed, and the late probe's outcome is not counted.
+#[tokio::test(start_paused = true)]
+async fn half_open_with_unanswered_probe_reopens_after_the_maximum_wait() {
+    let (inner, calls) = counting();
+    let changes = Arc::new(Mutex::new(Vec::new()));
+    let seen = changes.clone();
+    let layer = builder()
+        .consecutive_failures(1)
+        .open_wait(Duration::from_secs(5))
+        .max_half_open_wait(Duration::from_secs(10))
+        .on_state_change(move |c| seen.lock().unwrap().push((c.from, c.to, c.reason)))
+        .build();
+    let handle = layer.handle();
+    let mut svc = layer.layer(inner);
+    open_then_wait(&mut svc, Duration::from_secs(5)).await;
+
+    svc.ready().await.unwrap();
+    // Would answer after an hour; nobody polls it until the end.
+    let hung = svc.call(Req::SlowFail(Duration::from_secs(3600)));
+    assert_eq!(handle.state(), CircuitState::HalfOpen);
+
+    tokio::time::advance(Duration::from_millis(9_999)).await;
+    assert!(matches!(
+        send(&mut svc, Req::Ok).await,
+        Err(CircuitBreakerError::HalfOpenFull {
+            permitted_probes: 1
+        })
+    ));
+    assert_eq!(handle.state(), CircuitState::HalfOpen);
+
+    // 10 s after turning half-open, plus 2 s: the open wait started 2 s ago.
+    tokio::time::advance(Duration::from_millis(2_001)).await;
+    match send(&mut svc, Req::Ok).await {
+        Err(CircuitBreakerError::Open { remaining_wait }) => {
+            assert_eq!(remaining_wait, Duration::from_secs(3))
+        }
+        other => panic!("expected open, got {other:?}"),
+    }
+    assert_eq!(handle.state(), CircuitState::Open);
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "the first failure and the probe"
+    );
+
+    // The hung probe's late failure belongs to the old half-open state.
+    tokio::time::advance(Duration::from_secs(3)).await;
+    let probe = svc.call(Req::Ok);
+    assert_eq!(handle.state(), CircuitState::HalfOpen);
+    assert!(hung.await.is_err());
+    assert_eq!(
+        handle.state(),
+        CircuitState::HalfOpen,
+        "late outcome counted"
+    );
+    probe.await.unwrap();
+    assert_eq!(handle.state(), CircuitState::Closed);
+
+    use CircuitState::*;
+    assert_eq!(
+        changes.lock().unwrap()[1..],
+        [
+            (Open, HalfOpen, TransitionReason::WaitElapsed),
+            (HalfOpen, Open, TransitionReason::HalfOpenWaitElapsed),
+            (Open, HalfOpen, TransitionReason::WaitElapsed),
+            (HalfOpen, Closed, TransitionReason::ProbesSucceeded),
+        ]
+    );
+}
+
+/// A call long after the half-open limit and the open wait that followed it goes
+/// straight through as a new probe (the open wait has passed meanwhile), and the
+/// reopening counts for the open-wait backoff.
+#[tokio::test(start_paused = true)]
+async fn half_open_limit_reopens_with_backoff_and_a_late_call_probes_again() {
+    let (inner, calls) = counting();
+    let layer = builder()
+        .consecutive_failures(1)
+        .open_wait(Duration::from_secs(4))
+        .open_backoff(2.0, Duration::from_secs(60))
+        .max_half_open_wait(Duration::from_secs(1))
+        .build();
+    let handle = layer.handle();
+    let mut svc = layer.layer(inner);
+    open_then_wait(&mut svc, Duration::from_secs(4)).await;
+    svc.ready().await.unwrap();
+    let _hung = svc.call(Req::Slow(Duration::from_secs(3600)));
+
+    // Half-open limit at 1 s, then an open wait of 4 × 2 = 8 s: due at 9 s.
+    tokio::time::advance(Duration::from_millis(8_999)).await;
+    match send(&mut svc, Req::Ok).await {
+        Err(CircuitBreakerError::Open { remaining_wait }) => {
+            assert_eq!(remaining_wait, Duration::from_millis(1))
+        }
+        other => panic!("expected open with the doubled wait, got {other:?}"),
+    }
+    tokio::time::advance(Duration::from_millis(1)).await;
+    assert_eq!(send(&mut svc, Req::Ok).await.unwrap(), "ok");
+    assert_eq!(handle.state(), CircuitState::Closed);
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+}
+
+/// Without the option (the default) an unanswered probe keeps the breaker half-open.
+#[tokio::test(start_paused = true)]
+async fn without_a_maximum_half_open_wait_the_breaker_stays_half_open() {
+    let (inner, _) = counting();
+    let layer = builder()
+        .consecutive_failures(1)
+        .open_wait(Duration::from_secs(1))
+        .build();
+    let handle = layer.handle();
+    let mut svc = layer.layer(inner);
+    open_then_wait(&mut svc, Duration::from_secs(1)).await;
+    svc.ready().await.unwrap();
+    let _hung = svc.call(Req::Slow(Duration::from_secs(3600)));
+    tokio::time::advance(Duration::from_secs(24 * 3600)).await;
+    assert!(matches!(
+        send(&mut svc, Req::Ok).await,
+        Err(CircuitBreakerError::HalfOpenFull { .. })
+    ));
+    assert_eq!(handle.state(), CircuitState::HalfOpen);
 }

@@ -59,7 +59,12 @@ impl RetryPolicy {
 
     /// The seed's Kafka schedule: waits of 1, 2, 4 and 8 s (multiplier 2, cap 30 s),
     /// so at most 5 attempts; no jitter, so the schedule is exactly the seed's;
-    /// default budget; no deadline.
+    /// **no retry budget**; no deadline.
+    ///
+    /// No budget, because this is the consumer's preset: a budget spent during an
+    /// outage would dead-letter healthy messages after their first failure. Add
+    /// one with [`budget`](Self::budget) where calls may be dropped instead (a
+    /// high-traffic request path).
     ///
     /// Raising [`max_retries`](Self::max_retries) continues the schedule with 16 s,
     /// then 30 s per retry. Keep librdkafka's own retries in mind (`retries`,
@@ -79,6 +84,7 @@ impl RetryPolicy {
                     .jitter(Jitter::None),
             )
             .max_retries(4)
+            .without_budget()
     }
 
     /// The seed's S3 schedule: 3 retries waiting 1, 2 and 4 s (multiplier 2,

@@ -225,6 +225,15 @@ async fn kafka_preset_schedule() {
     );
 }
 
+/// The consumer's preset cannot bring back the budget its docs warn against:
+/// a spent budget would dead-letter healthy messages during an outage.
+#[test]
+fn kafka_preset_has_no_budget() {
+    assert!(RetryPolicy::kafka().retry_budget().is_none());
+    assert!(RetryPolicy::kafka().max_retries(9).retry_budget().is_none());
+    assert!(RetryPolicy::s3().retry_budget().is_some());
+}
+
 #[tokio::test(start_paused = true)]
 async fn s3_preset_schedule() {
     let inner = Scripted::failing(100);

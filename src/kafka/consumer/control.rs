@@ -4,6 +4,7 @@
 //! health check counts it and whose `disconnect` closes it.
 
 use super::error::ConsumerError;
+use super::poison_guard::PoisonGuardState;
 use super::poll::{Command, Shared};
 use super::state::{ConsumerState, StateCell, StuckPartitions};
 use crate::kafka::client::{
@@ -39,6 +40,8 @@ pub(crate) struct ConsumerControl {
     /// The outcome of the shutdown that ran (`Some(timed_out)`), so a second
     /// caller waits for the first and gets its answer.
     pub(crate) closed: tokio::sync::Mutex<Option<bool>>,
+    /// The poison-rate guard, when one is configured.
+    pub(crate) poison_guard: Option<Arc<PoisonGuardState>>,
 }
 
 impl ConsumerControl {
@@ -188,6 +191,7 @@ impl ManagedConsumer for RegisteredConsumer {
                     )
                 })
                 .collect(),
+            poison_guard: self.0.poison_guard.as_ref().and_then(|g| g.reason()),
         }
     }
 

@@ -116,7 +116,7 @@ impl HandlerErrors {
     pub fn classify_error(error: &(dyn StdError + 'static)) -> Classification {
         if let Some(e) = error.downcast_ref::<HandlerError>() {
             e.classification()
-        } else if error.is::<DecodeError>() {
+        } else if error.is::<DecodeError>() || error.is::<super::decode::RecordDecodeError>() {
             Classification::permanent_failure("decode")
         } else {
             Classification::failure("error")

@@ -66,6 +66,10 @@ impl ReceivedMessage {
     pub fn payload(&self) -> Option<&[u8]> {
         Some(&self.data[self.spans.payload.clone()?])
     }
+    /// The payload as [`Bytes`] sharing the message's buffer (no copy).
+    pub fn payload_bytes(&self) -> Option<Bytes> {
+        Some(self.data.slice(self.spans.payload.clone()?))
+    }
     /// Whether the message's headers could not be read (a header name that is not
     /// UTF-8). Its [`headers`](Self::headers) are then `None`; the runtime
     /// dead-letters such a message as undecodable (class `decode`), without its
@@ -293,7 +297,9 @@ impl CopyBuffer {
 
 #[derive(Debug)]
 struct EventInner {
-    envelope: EventEnvelope,
+    /// `None`: a record that is not a keel envelope, delivered by a consumer
+    /// that does not require one (see `record.rs`).
+    envelope: Option<EventEnvelope>,
     message: ReceivedMessage,
     attempts: AtomicU32,
 }
@@ -313,7 +319,18 @@ impl ConsumedEvent {
     pub fn new(envelope: EventEnvelope, message: ReceivedMessage) -> Self {
         ConsumedEvent {
             inner: Arc::new(EventInner {
-                envelope,
+                envelope: Some(envelope),
+                message,
+                attempts: AtomicU32::new(0),
+            }),
+        }
+    }
+
+    /// A record without a keel envelope (a foreign producer's), attempt 1.
+    pub fn from_record(message: ReceivedMessage) -> Self {
+        ConsumedEvent {
+            inner: Arc::new(EventInner {
+                envelope: None,
                 message,
                 attempts: AtomicU32::new(0),
             }),
@@ -321,12 +338,30 @@ impl ConsumedEvent {
     }
 
     /// The decoded envelope.
+    ///
+    /// A consumer that does not require envelopes
+    /// ([`require_envelope(false)`](super::KafkaConsumerBuilder::require_envelope),
+    /// as the [`Kafka`](crate::kafka::Kafka) facade does) also delivers records
+    /// that are not one; for those this is an empty envelope (event type `""`,
+    /// payload `null`, nil id): tell them apart with
+    /// [`try_envelope`](Self::try_envelope).
     pub fn envelope(&self) -> &EventEnvelope {
-        &self.inner.envelope
+        self.inner
+            .envelope
+            .as_ref()
+            .unwrap_or_else(|| super::record::empty_envelope())
     }
-    /// The event type the registry routes on.
+    /// The decoded envelope, `None` for a record that is not a keel envelope.
+    pub fn try_envelope(&self) -> Option<&EventEnvelope> {
+        self.inner.envelope.as_ref()
+    }
+    /// The event type the registry routes on (`""` for a record without an
+    /// envelope).
     pub fn event_type(&self) -> &str {
-        self.inner.envelope.event_type()
+        self.inner
+            .envelope
+            .as_ref()
+            .map_or("", EventEnvelope::event_type)
     }
     /// The Kafka message the event came in.
     pub fn message(&self) -> &ReceivedMessage {

@@ -5,17 +5,18 @@
 //! also while one slow message runs — so commits never wait behind slow handlers.
 
 use super::attempts::CountAttempts;
+use super::batch::BatchLane;
 use super::error::HandlerErrors;
 use super::error::{BoxError, error_chain};
-use super::event::{ConsumedEvent, MessageHeaders, ReceivedMessage};
+use super::event::{ConsumedEvent, ReceivedMessage};
 use super::metrics::{ConsumerMetrics, Ending};
 use super::ownership::Ownership;
+use super::poison_guard::PoisonGuardState;
 use super::poll::{Batch, Completion};
 use super::state::{DeadLetterFailure, StateCell, StuckPartitions};
 use super::supervise::CatchPanic;
 use super::tracker::TopicPartition;
 use crate::kafka::dead_letter::{DeadLetterPublisher, DeadLetterReason, reason_for};
-use crate::kafka::envelope::EventEnvelope;
 use keel_layers::retry::{Backoff, Retry, RetryLayer, RetryPolicy};
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,6 +33,8 @@ type Retried<S> = Retry<CountAttempts<CatchPanic<S>>, HandlerErrors>;
 /// handler again.
 pub(crate) struct Stack<S: Service<ConsumedEvent>> {
     retry: Retried<S>,
+    /// Batch handlers, when the consumer has some (see `batch.rs`).
+    batch: Option<BatchLane>,
 }
 
 pub(crate) struct LaneContext {
@@ -47,9 +50,26 @@ pub(crate) struct LaneContext {
     pub(crate) stop: watch::Receiver<bool>,
     /// The assignments still owned: messages of revoked ones are dropped.
     pub(crate) ownership: Arc<Ownership>,
+    /// Dead-letter records that are not keel envelopes (else hand them over).
+    pub(crate) require_envelope: bool,
     /// The consumer group, for the `process` spans' `messaging.consumer.group.name`.
     #[cfg(feature = "otel")]
     pub(crate) group: Arc<str>,
+    /// The poison-rate guard, when one is configured.
+    pub(crate) poison_guard: Option<Arc<PoisonGuardState>>,
+}
+
+impl LaneContext {
+    /// Counts how a message ended: in the metrics, and for the poison-rate guard
+    /// (which may trip on it).
+    fn ended(&self, ending: Ending, retries: u32, took: Duration) {
+        self.metrics.record(ending, retries, took);
+        if let Some(guard) = &self.poison_guard
+            && let Some(reason) = guard.ended(ending)
+        {
+            guard.tripped_by(&reason, &self.state);
+        }
+    }
 }
 
 impl<S> Stack<S>
@@ -63,7 +83,13 @@ where
             &RetryLayer::new(policy).classifier(HandlerErrors),
             CountAttempts::new(CatchPanic::new(handler, metrics)),
         );
-        Stack { retry }
+        Stack { retry, batch: None }
+    }
+
+    /// Runs the records of `routes`' topics through their batch handlers.
+    pub(crate) fn with_batches(mut self, batch: Option<BatchLane>) -> Self {
+        self.batch = batch;
+        self
     }
 
     /// Runs the handler with its retries; the last error when it finally fails.
@@ -156,10 +182,31 @@ pub(crate) async fn run_lane<S>(
                 }
             }
         };
+        // Batch handlers: wait for a fuller batch if asked to, then cut batches.
+        let batch = match &stack.batch {
+            Some(b) if b.would_wait(&batch) => {
+                finished.report(&ctx.completions);
+                ctx.ownership.holding(index, false);
+                b.gather(batch, &mut queue, &mut stop).await
+            }
+            _ => batch,
+        };
+        if let Some(b) = &mut stack.batch {
+            b.prepare(&batch);
+        }
         for work in batch {
             // Stop between messages: the rest of the batch stays uncommitted.
             if *stop.borrow() {
                 break 'lane;
+            }
+            // A tripped poison-rate guard holds the lane before its next message
+            // (reporting what finished first): the message stays uncommitted.
+            if let Some(guard) = ctx.poison_guard.as_ref().filter(|g| g.is_tripped()) {
+                finished.report(&ctx.completions);
+                ctx.ownership.holding(index, false);
+                if !guard.held(&mut stop).await {
+                    break 'lane;
+                }
             }
             // Yield now and then so a queue the poll thread keeps full cannot
             // starve other tasks of this worker.
@@ -247,25 +294,47 @@ where
     S::Future: Send + 'static,
 {
     let started = Instant::now();
-    let decoded = if message.has_unreadable_headers() {
-        Err(DeadLetterReason {
-            kind: "decode".into(),
-            error_type: "keel::kafka::consumer::UnreadableHeaders".into(),
-            message: "a header name is not valid UTF-8; the headers were dropped".into(),
-            attempts: 0,
-        })
-    } else {
-        EventEnvelope::from_parts(
-            message.payload(),
-            message.key(),
-            message
-                .headers()
-                .into_iter()
-                .flat_map(MessageHeaders::entries),
-            message.timestamp(),
-        )
-        .map_err(|error| reason_for(error, 0))
+    let batched = match &mut stack.batch {
+        Some(b) => {
+            b.outcome(&(at.tp.clone(), at.offset), ctx.require_envelope)
+                .await
+        }
+        None => None,
     };
+    let (event, result) = match batched {
+        // Failed in its batch: handled again alone with the retries, unless
+        // the failure is permanent.
+        Some((event, Err(error))) if stack.batch.as_ref().is_some_and(|b| b.rerun(&error)) => {
+            tokio::time::sleep(ctx.backoff.delay(1)).await;
+            let result = stack.handle(event.clone()).await;
+            (event, result)
+        }
+        Some(outcome) => outcome,
+        None => match decode_and_handle(stack, ctx, at, message, started).await {
+            Ok(handled) => handled,
+            Err(done) => return done,
+        },
+    };
+    finish(ctx, at, event, result, started).await
+}
+
+/// Decodes a message (dead-letters it when that fails: `Err` with the lane's
+/// answer) and runs the handler stack on it.
+async fn decode_and_handle<S>(
+    stack: &mut Stack<S>,
+    ctx: &Arc<LaneContext>,
+    at: &Completion,
+    message: ReceivedMessage,
+    started: Instant,
+) -> Result<(ConsumedEvent, Result<(), BoxError>), Option<Instant>>
+where
+    S: Service<ConsumedEvent, Response = ()> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+{
+    // keel's envelope is one decoder among others: required, a record that is
+    // not one is dead-lettered here; otherwise the handler decodes it.
+    let decoded = super::decode::envelope_of(&message, ctx.require_envelope);
     let envelope = match decoded {
         Ok(envelope) => envelope,
         Err(reason) => {
@@ -279,24 +348,37 @@ where
                 error = %reason.message,
                 "undecodable message"
             );
-            return match &ctx.dlq {
+            return Err(match &ctx.dlq {
                 Some(publisher) => dead_letter(ctx, publisher, at, message, reason, started).await,
                 None => {
                     let done = Instant::now();
-                    ctx.metrics.record(Ending::Failed, 0, done - started);
+                    ctx.ended(Ending::Failed, 0, done - started);
                     Some(done)
                 }
-            };
+            });
         }
     };
-    let event = ConsumedEvent::new(envelope, message);
+    let event = match envelope {
+        Some(envelope) => ConsumedEvent::new(envelope, message),
+        None => ConsumedEvent::from_record(message),
+    };
     let result = stack.handle(event.clone()).await;
+    Ok((event, result))
+}
+
+/// Counts a handled message, or dead-letters (or skips) a failed one.
+async fn finish(
+    ctx: &Arc<LaneContext>,
+    at: &Completion,
+    event: ConsumedEvent,
+    result: Result<(), BoxError>,
+    started: Instant,
+) -> Option<Instant> {
     let retries = event.attempts_made().saturating_sub(1);
     let error = match result {
         Ok(()) => {
             let done = Instant::now();
-            ctx.metrics
-                .record(Ending::Processed, retries, done - started);
+            ctx.ended(Ending::Processed, retries, done - started);
             return Some(done);
         }
         Err(error) => error,
@@ -320,7 +402,7 @@ where
                 "handler failed and the DLQ is disabled: message skipped"
             );
             let done = Instant::now();
-            ctx.metrics.record(Ending::Failed, retries, done - started);
+            ctx.ended(Ending::Failed, retries, done - started);
             Some(done)
         }
     }
@@ -355,7 +437,7 @@ async fn dead_letter(
         Ok(landed) => {
             log_dead_lettered(&message, &reason, &landed.topic, landed.offset);
             let done = Instant::now();
-            ctx.metrics.record(Ending::DeadLettered, 0, done - started);
+            ctx.ended(Ending::DeadLettered, 0, done - started);
             Some(done)
         }
         Err(error) => {
@@ -428,8 +510,7 @@ async fn keep_publishing(
             Some(Ok(landed)) => {
                 ctx.stuck.cleared(&at.tp, at.offset);
                 log_dead_lettered(&message, &reason, &landed.topic, landed.offset);
-                ctx.metrics
-                    .record(Ending::DeadLettered, 0, Instant::now() - started);
+                ctx.ended(Ending::DeadLettered, 0, Instant::now() - started);
                 let _ = ctx.completions.send(vec![at]);
                 return;
             }
@@ -467,6 +548,7 @@ mod tests {
     use super::*;
     use crate::kafka::consumer::poll::{Work, lane_shape};
     use crate::kafka::consumer::tracker::TopicPartition;
+    use crate::kafka::envelope::EventEnvelope;
     use rdkafka::message::{OwnedMessage, Timestamp};
     use std::sync::Mutex;
     use tokio::sync::Notify;
@@ -508,8 +590,10 @@ mod tests {
                 ownership.grant(1);
                 Arc::new(ownership)
             },
+            require_envelope: true,
             #[cfg(feature = "otel")]
             group: Arc::from("test-group"),
+            poison_guard: None,
         };
         (Arc::new(ctx), rx)
     }
@@ -712,5 +796,62 @@ mod tests {
         assert_eq!(*handled.lock().unwrap(), [0, 1]);
         assert_eq!(offsets(&reports.recv().await.unwrap()), [0, 1]);
         assert!(reports.recv().await.is_none());
+    }
+
+    /// A tripped poison-rate guard holds the lane before its next message: what
+    /// finished is reported, the rest waits unhandled (uncommitted) until release.
+    #[tokio::test(start_paused = true)]
+    async fn a_tripped_poison_guard_holds_the_lane_until_released() {
+        use crate::kafka::consumer::poison_guard::{PoisonGuard, PoisonGuardState};
+        let tp = TopicPartition::new("t", 0);
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let handler = {
+            let calls = calls.clone();
+            tower::service_fn(move |event: ConsumedEvent| {
+                let calls = calls.clone();
+                async move {
+                    calls.lock().unwrap().push(event.offset());
+                    Err::<(), BoxError>(Box::new(super::super::HandlerError::permanent(
+                        std::io::Error::other("bad deploy"),
+                    )))
+                }
+            })
+        };
+        let (ctx, mut reports) = context();
+        let mut ctx = Arc::into_inner(ctx).unwrap();
+        let guard =
+            Arc::new(PoisonGuardState::new(PoisonGuard::new().max_dead_lettered(2)).unwrap());
+        ctx.poison_guard = Some(guard.clone());
+        let ctx = Arc::new(ctx);
+        let stack = Stack::new(
+            handler,
+            RetryPolicy::kafka().without_budget(),
+            ctx.metrics.clone(),
+        );
+        let (queue, rx) = mpsc::channel(1);
+        let (stop, stop_rx) = watch::channel(false);
+        let lane = tokio::spawn(run_lane(0, rx, stack, ctx.clone(), stop_rx));
+        queue
+            .send((0..5).map(|o| work(&tp, o)).collect())
+            .await
+            .unwrap();
+        assert_eq!(offsets(&reports.recv().await.unwrap()), [0, 1]);
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert_eq!(
+            *calls.lock().unwrap(),
+            [0, 1],
+            "held after the second failure"
+        );
+        assert!(guard.reason().unwrap().contains("limit 2 records"));
+        assert_eq!(ctx.metrics.snapshot().total_failed, 2);
+
+        assert!(guard.release());
+        // 2 and 3 trip it again (the window was cleared); 4 waits.
+        assert_eq!(offsets(&reports.recv().await.unwrap()), [2, 3]);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(*calls.lock().unwrap(), [0, 1, 2, 3]);
+        stop.send(true).unwrap();
+        lane.await.unwrap();
+        assert_eq!(*calls.lock().unwrap(), [0, 1, 2, 3], "stopped while held");
     }
 }

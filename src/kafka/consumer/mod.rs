@@ -42,11 +42,19 @@
 //!   backoff, inside a span carrying the topic, partition and offset. Failures
 //!   classified permanent ([`HandlerError::permanent`], decode errors) skip the
 //!   retries.
+//! - **Retry topics** (opt-in, [`retry_topic::RetryTopics`]): instead of waiting in
+//!   place, a failed record goes to `<topic>.retry.<delay>` and the partition moves
+//!   on; keel consumes the retry topics itself and dead-letters after the last rung.
 //! - **Dead-letter queue** ([`DeadLetterLayer`](crate::kafka::dead_letter::DeadLetterLayer)):
 //!   after the last retry the message is republished unchanged to `<topic>.dlq` with
 //!   provenance headers, acknowledged before its offset may be committed. Messages
 //!   that are not a valid envelope go there too (error kind `decode`) and the
-//!   partition moves on. With the DLQ disabled, a failed message is logged, counted
+//!   partition moves on, unless the consumer takes any record
+//!   ([`require_envelope(false)`](KafkaConsumerBuilder::require_envelope): the
+//!   handler gets a [`Record`] and picks a [`decode`] decoder; keel's envelope is
+//!   one of them).
+//! - **Batch handlers** ([`batch`]): one call over up to N records of one
+//!   partition; only the records it says failed are retried and dead-lettered. With the DLQ disabled, a failed message is logged, counted
 //!   and skipped. [`KafkaConsumerBuilder::ensure_dlq_topics`] creates missing
 //!   dead-letter topics before start instead of relying on the broker's
 //!   auto-creation.
@@ -132,6 +140,10 @@
 //!   text in the dead-letter headers is cut to
 //!   [`MAX_ERROR_MESSAGE`](crate::kafka::dead_letter::MAX_ERROR_MESSAGE) (1 KiB),
 //!   so the added headers stay small next to a large message.
+//! - **A bad deploy** that fails every record: a [`PoisonGuard`]
+//!   ([`KafkaConsumerBuilder::poison_guard`], off by default) pauses or stops the
+//!   consumer when too many records go to the DLQ within a window, instead of
+//!   draining the topic into it (see [`poison_guard`]).
 //! - **Unknown event types** are dead-lettered by default (class
 //!   `unknown_event_type`), not skipped: in a rolling deploy an old consumer must
 //!   not commit past an event type only the new version knows. Skipping is an
@@ -178,13 +190,18 @@
 
 mod attempts;
 mod backpressure;
+pub mod batch;
 mod control;
+pub mod decode;
 mod error;
 pub(crate) mod event;
 mod lane;
 mod metrics;
 mod ownership;
+pub mod poison_guard;
 mod poll;
+pub mod record;
+pub mod retry_topic;
 pub mod scheduler;
 mod state;
 mod supervise;
@@ -197,6 +214,8 @@ pub(crate) use error::error_chain;
 pub use error::{BoxError, ConsumerError, HandlerError, HandlerErrors, UnknownEventType};
 pub use event::{ConsumedEvent, MessageHeaders, ReceivedMessage, Timestamp};
 pub use metrics::{ConsumerMetrics, ConsumerMetricsSnapshot};
+pub use poison_guard::{PoisonAction, PoisonGuard};
+pub use record::Record;
 pub use scheduler::ProcessingOrder;
 pub(crate) use state::truncate_utf8;
 pub use state::{ConsumerState, DeadLetterFailure, StuckPartition};
@@ -299,6 +318,9 @@ pub struct KafkaConsumerBuilder {
     kafka_client: Option<KafkaClient>,
     log_level: KafkaLogLevel,
     on_dlq_failure: DeadLetterFailure,
+    require_envelope: bool,
+    batches: Option<Arc<batch::BatchRoutes>>,
+    poison_guard: PoisonGuard,
 }
 
 impl fmt::Debug for KafkaConsumerBuilder {
@@ -312,6 +334,8 @@ impl fmt::Debug for KafkaConsumerBuilder {
             .field("dlq_suffix", &self.dlq_suffix)
             .field("commit_interval", &self.commit_interval)
             .field("on_dlq_failure", &self.on_dlq_failure)
+            .field("require_envelope", &self.require_envelope)
+            .field("poison_guard", &self.poison_guard)
             .field("registered", &self.kafka_client.is_some())
             .finish_non_exhaustive()
     }
@@ -339,8 +363,8 @@ impl KafkaConsumerBuilder {
         self.lane_capacity = capacity;
         self
     }
-    /// Retry schedule (default [`RetryPolicy::kafka`] without budget: 1 s doubling
-    /// to 30 s, no jitter). Its attempt limit is replaced by the start options'
+    /// Retry schedule (default [`RetryPolicy::kafka`]: 1 s doubling to 30 s, no
+    /// jitter, no retry budget). Its attempt limit is replaced by the start options'
     /// `max_retries`. Its backoff also paces re-publishing to an unreachable DLQ.
     pub fn retry_policy(mut self, policy: RetryPolicy) -> Self {
         self.retry_policy = policy;
@@ -395,6 +419,36 @@ impl KafkaConsumerBuilder {
     /// that partition held, nothing committed past the message).
     pub fn on_dlq_failure(mut self, policy: DeadLetterFailure) -> Self {
         self.on_dlq_failure = policy;
+        self
+    }
+
+    /// Whether every record must be a keel envelope (default `true`: a record
+    /// that is not one is dead-lettered at once, class `decode`). With `false`
+    /// such records reach the handler as a [`Record`] without an envelope
+    /// ([`try_envelope`](ConsumedEvent::try_envelope) is `None`, event type
+    /// `""`) and the handler decodes them ([`decode`]): topics written by other
+    /// producers. The [`Kafka`](crate::kafka::Kafka) facade sets `false`.
+    pub fn require_envelope(mut self, required: bool) -> Self {
+        self.require_envelope = required;
+        self
+    }
+
+    /// Batch handlers by topic (the facade's `on_batch`; see [`batch`]).
+    pub(crate) fn batches(mut self, routes: batch::BatchRoutes) -> Self {
+        self.batches = Some(Arc::new(routes));
+        self
+    }
+
+    /// Replaces the consumer group (the facade's `kafka.consumer(group)`).
+    pub(crate) fn group(mut self, group_id: impl Into<String>) -> Self {
+        self.group_id = group_id.into();
+        self
+    }
+
+    /// Pauses or stops the consumer when too many records go to the DLQ within a
+    /// window (see [`poison_guard`]). Default: no guard.
+    pub fn poison_guard(mut self, guard: PoisonGuard) -> Self {
+        self.poison_guard = guard;
         self
     }
 
@@ -531,6 +585,7 @@ impl KafkaConsumerBuilder {
         let (lane_stop, lane_stop_rx) = watch::channel(false);
         let state = Arc::new(StateCell::new());
         let stuck = Arc::new(StuckPartitions::new());
+        let poison_guard = poison_guard::PoisonGuardState::new(self.poison_guard).map(Arc::new);
         let ctx = Arc::new(LaneContext {
             completions: completions_tx,
             metrics: metrics.clone(),
@@ -541,8 +596,10 @@ impl KafkaConsumerBuilder {
             state: state.clone(),
             stop: lane_stop_rx.clone(),
             ownership,
+            require_envelope: self.require_envelope,
             #[cfg(feature = "otel")]
             group: Arc::from(self.group_id.as_str()),
+            poison_guard: poison_guard.clone(),
         });
         let mut lanes = Vec::with_capacity(self.workers);
         let mut lane_tasks = Vec::with_capacity(self.workers);
@@ -550,7 +607,11 @@ impl KafkaConsumerBuilder {
         for index in 0..self.workers {
             let (tx, rx) = mpsc::channel(lane_slots);
             let policy = self.retry_policy.clone().max_retries(options.max_retries);
-            let stack = Stack::new(handler.clone(), policy, metrics.clone());
+            let batches = self
+                .batches
+                .clone()
+                .map(|routes| batch::BatchLane::new(routes, options.max_retries));
+            let stack = Stack::new(handler.clone(), policy, metrics.clone()).with_batches(batches);
             lanes.push(tx);
             let lane = run_lane(index, rx, stack, ctx.clone(), lane_stop_rx.clone());
             lane_tasks.push(rt.spawn(supervise::guard_lane(lane, index, state.clone())));
@@ -604,7 +665,14 @@ impl KafkaConsumerBuilder {
             stuck: stuck.clone(),
             finished: Default::default(),
             closed: Default::default(),
+            poison_guard: poison_guard.clone(),
         });
+        if let Some(guard) = poison_guard.filter(|g| g.action() == PoisonAction::Pause) {
+            rt.spawn(poison_guard::watch_guard(
+                Arc::downgrade(&control),
+                guard.subscribe(),
+            ));
+        }
         rt.spawn(supervise::supervise(
             Arc::downgrade(&control),
             state.subscribe(),
@@ -677,6 +745,9 @@ impl KafkaConsumer {
             kafka_client: None,
             log_level: KafkaLogLevel::default(),
             on_dlq_failure: DeadLetterFailure::default(),
+            require_envelope: true,
+            batches: None,
+            poison_guard: PoisonGuard::default(),
         }
     }
 

@@ -1130,4 +1130,128 @@ mod tests {
         assert_eq!(commits, [(tp, 0)]);
         assert_eq!(shared.metrics.snapshot().revoke_abandoned, 1);
     }
+
+    /// A consumer with keel's context on a mock cluster (topic `t`, two
+    /// partitions), neither subscribed nor assigned.
+    fn mock_consumer(
+        shared: Arc<Shared>,
+    ) -> (
+        rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+        Arc<KeelBaseConsumer>,
+    ) {
+        let mock = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
+        mock.create_topic("t", 2, 1).expect("topic");
+        let consumer: KeelBaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", mock.bootstrap_servers())
+            .set("group.id", "keel-poll-unit")
+            .set("enable.auto.commit", "false")
+            .create_with_context(KeelConsumerContext {
+                shared,
+                connection: ConnectionTracker::new(
+                    "consumer",
+                    crate::kafka::config::KafkaLogLevel::Warn,
+                ),
+            })
+            .expect("consumer");
+        (mock, Arc::new(consumer))
+    }
+
+    #[test]
+    fn a_rebalance_error_forgets_the_partitions_no_longer_assigned() {
+        let (shared, _completions) = shared(1);
+        let shared = Arc::new(shared);
+        let (_mock, consumer) = mock_consumer(shared.clone());
+        let (kept, lost) = (TopicPartition::new("t", 0), TopicPartition::new("t", 1));
+        for tp in [&kept, &lost] {
+            let epoch = shared.tracker().assign(tp.clone());
+            shared.ownership.grant(epoch);
+            shared.tracker().dispatch(tp, 0);
+        }
+        shared.rewind().insert(lost.clone(), 0);
+        // librdkafka still holds `t/0` only.
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset("t", 0, Offset::Beginning)
+            .expect("partition");
+        consumer.assign(&tpl).expect("assign");
+
+        consumer.context().post_rebalance(
+            &consumer,
+            &Rebalance::Error(KafkaError::Rebalance(
+                rdkafka::types::RDKafkaErrorCode::Fail,
+            )),
+        );
+
+        let partitions: Vec<TopicPartition> = shared.tracker().partitions().cloned().collect();
+        assert_eq!(
+            partitions,
+            std::slice::from_ref(&kept),
+            "the tracker must not keep committing for a partition the error took away"
+        );
+        assert!(
+            !shared.rewind().contains_key(&lost),
+            "stale rewind position kept"
+        );
+    }
+
+    #[test]
+    fn a_failed_seek_keeps_its_partition_paused_and_is_retried_until_it_succeeds() {
+        let (shared, _completions) = shared(1);
+        let shared = Arc::new(shared);
+        let (_mock, consumer) = mock_consumer(shared.clone());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let (_commands_tx, commands) = mpsc::unbounded_channel();
+        let mut poll = PollLoop {
+            consumer: consumer.clone(),
+            shared: shared.clone(),
+            lanes: Vec::new(),
+            batch_max: 1,
+            copy_capacity: 0,
+            order: ProcessingOrder::Partition,
+            commands,
+            rt: rt.handle().clone(),
+            poll_timeout: Duration::from_millis(10),
+            commit_interval: Duration::from_millis(200),
+            last_tp: None,
+            topics: HashMap::new(),
+            backpressure_after: Duration::from_millis(100),
+            backpressure: Backpressure::new(1),
+            last_reseek: Instant::now(),
+            seen_generation: 0,
+        };
+        let tp = TopicPartition::new("t", 1);
+
+        // Not assigned: librdkafka refuses the seek.
+        let failed = poll.seek_all(vec![(tp.clone(), 5)]);
+        assert!(
+            failed.contains(&tp),
+            "a seek of an unassigned partition must fail"
+        );
+        assert_eq!(shared.metrics.snapshot().seek_failures, 1);
+        assert_eq!(
+            shared.reseek().get(&tp),
+            Some(&5),
+            "the position is kept for a retry"
+        );
+
+        // Not yet due: nothing is tried.
+        poll.retry_seeks();
+        assert_eq!(shared.reseek().get(&tp), Some(&5));
+
+        // Assigned (and paused, as a partition waiting for its seek is): the
+        // retry succeeds, forgets the position and counts no new failure.
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset("t", 1, Offset::Beginning)
+            .expect("partition");
+        consumer.assign(&tpl).expect("assign");
+        consumer.pause(&tpl).expect("pause");
+        poll.last_reseek = Instant::now() - RESEEK_INTERVAL * 2;
+        poll.retry_seeks();
+        assert!(
+            shared.reseek().is_empty(),
+            "a seek that now succeeds must be forgotten"
+        );
+        assert_eq!(shared.metrics.snapshot().seek_failures, 1);
+    }
 }

@@ -28,3 +28,10 @@ pub const ERROR_MESSAGE: &str = "keel-dlq-error-message";
 pub const ATTEMPTS: &str = "keel-dlq-attempts";
 /// When the message was dead-lettered, milliseconds since the Unix epoch.
 pub const FAILED_AT: &str = "keel-dlq-failed-at";
+
+/// On a replayed record ([`replay`](super::replay)): how many times it was
+/// replayed (1 the first time; a record dead-lettered again keeps it among its
+/// headers, so the next replay counts on).
+pub const REPLAY_COUNT: &str = "keel-replay-count";
+/// On a replayed record: where it was replayed from, `<dlq topic>/<partition>@<offset>`.
+pub const REPLAYED_FROM: &str = "keel-replayed-from";

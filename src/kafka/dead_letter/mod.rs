@@ -25,6 +25,9 @@
 //! consumer starts: [`DeadLetterTopics`] with
 //! [`KafkaConsumerBuilder::ensure_dlq_topics`](crate::kafka::consumer::KafkaConsumerBuilder::ensure_dlq_topics).
 //!
+//! Once the cause is fixed, [`replay`] republishes dead-lettered records to their
+//! original topic, exactly once even when the replay is killed and started again.
+//!
 //! # Example
 //!
 //! ```no_run
@@ -55,11 +58,13 @@ mod future;
 pub mod headers;
 mod layer;
 mod publisher;
+pub mod replay;
 mod topics;
 
 pub use error::{DeadLetterError, DeadLetterTopicError};
 pub use future::{DeadLetterPublishFuture, ResponseFuture};
 pub use layer::DeadLetterLayer;
+pub(crate) use publisher::is_consumer_only;
 pub use publisher::{
     DEFAULT_SUFFIX, DeadLetterPublisher, DeadLetterReason, DeadLettered, MAX_ERROR_MESSAGE,
 };

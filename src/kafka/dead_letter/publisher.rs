@@ -213,7 +213,7 @@ impl DeadLetterPublisher {
     }
 }
 
-pub(super) fn is_consumer_only(key: &str) -> bool {
+pub(crate) fn is_consumer_only(key: &str) -> bool {
     key == "group.id"
         || key == "group.instance.id"
         || key.starts_with("enable.auto.")

@@ -408,6 +408,14 @@ pub struct PublishFields;
 
 impl<T> RequestFields<PublishRequest<T>> for PublishFields {
     fn span(&self, req: &PublishRequest<T>) -> tracing::Span {
+        // With `otel`: semantic-convention names (keel's behind `otel-keel-fields`).
+        #[cfg(feature = "otel")]
+        return crate::kafka::otel::publish_fields_span(
+            &req.topic,
+            req.event.event_type(),
+            req.event.event_id(),
+        );
+        #[cfg(not(feature = "otel"))]
         tracing::debug_span!(
             "publish",
             topic = %req.topic,
@@ -419,6 +427,9 @@ impl<T> RequestFields<PublishRequest<T>> for PublishFields {
 
 impl<T> RequestFields<PublishBatchRequest<T>> for PublishFields {
     fn span(&self, req: &PublishBatchRequest<T>) -> tracing::Span {
+        #[cfg(feature = "otel")]
+        return crate::kafka::otel::publish_batch_fields_span(&req.topic, req.events.len());
+        #[cfg(not(feature = "otel"))]
         tracing::info_span!("publish_batch", topic = %req.topic, events = req.events.len())
     }
 }

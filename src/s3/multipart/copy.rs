@@ -1,5 +1,6 @@
 //! Server-side copy: one CopyObject below 5 GiB, UploadPartCopy ranges above.
 
+use crate::s3::otel::{Call, traced};
 use aws_sdk_s3::Client;
 use aws_sdk_s3::operation::head_object::HeadObjectOutput;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
@@ -132,12 +133,15 @@ impl MultipartCopier {
         let counters = TransferCounters::default();
         let retry = &self.config.retry;
         let head = with_retries(retry, &counters, || {
-            self.client
-                .head_object()
+            let send = (self.client.head_object())
                 .bucket(source_bucket)
                 .key(source_key)
-                .send()
-                .map_err(sdk_error(S3Operation::Head, source_bucket, source_key))
+                .send();
+            traced(
+                Call::new("HeadObject", source_bucket, Some(source_key)),
+                send,
+            )
+            .map_err(sdk_error(S3Operation::Head, source_bucket, source_key))
         })
         .await?;
         let size = head
@@ -159,13 +163,16 @@ impl MultipartCopier {
         };
         let Some(ranges) = ranges else {
             let output = with_retries(retry, &counters, || {
-                self.client
-                    .copy_object()
+                let send = (self.client.copy_object())
                     .bucket(bucket)
                     .key(key)
                     .copy_source(&copy_source)
-                    .send()
-                    .map_err(sdk_error(S3Operation::Copy, bucket, key))
+                    .send();
+                traced(Call::new("CopyObject", bucket, Some(key)), send).map_err(sdk_error(
+                    S3Operation::Copy,
+                    bucket,
+                    key,
+                ))
             })
             .await?;
             progress.emit(TransferProgress {
@@ -187,18 +194,20 @@ impl MultipartCopier {
                 stats: counters.snapshot(),
             });
         };
-        let created = with_retries(retry, &counters, || {
-            with_source_attributes(
-                self.client
-                    .create_multipart_upload()
-                    .bucket(bucket)
-                    .key(key),
-                &head,
-            )
-            .send()
-            .map_err(sdk_error(S3Operation::CreateMultipartUpload, bucket, key))
-        })
-        .await?;
+        let created =
+            with_retries(retry, &counters, || {
+                let send = with_source_attributes(
+                    self.client
+                        .create_multipart_upload()
+                        .bucket(bucket)
+                        .key(key),
+                    &head,
+                )
+                .send();
+                traced(Call::new("CreateMultipartUpload", bucket, Some(key)), send)
+                    .map_err(sdk_error(S3Operation::CreateMultipartUpload, bucket, key))
+            })
+            .await?;
         let upload_id = created
             .upload_id()
             .ok_or_else(|| missing(S3Operation::CreateMultipartUpload, bucket, key, "upload id"))?
@@ -299,18 +308,18 @@ impl CopyJob<'_> {
             .set_parts(Some(parts))
             .build();
         let output = with_retries(self.retry, self.counters, || {
-            self.client
-                .complete_multipart_upload()
+            let send = (self.client.complete_multipart_upload())
                 .bucket(self.bucket)
                 .key(self.key)
                 .upload_id(self.upload_id)
                 .multipart_upload(upload.clone())
-                .send()
-                .map_err(sdk_error(
-                    S3Operation::CompleteMultipartUpload,
-                    self.bucket,
-                    self.key,
-                ))
+                .send();
+            let call = Call::new("CompleteMultipartUpload", self.bucket, Some(self.key));
+            traced(call.upload_id(self.upload_id), send).map_err(sdk_error(
+                S3Operation::CompleteMultipartUpload,
+                self.bucket,
+                self.key,
+            ))
         })
         .await?;
         Ok((count, output))
@@ -319,8 +328,7 @@ impl CopyJob<'_> {
     async fn copy_range(&self, range: CopyRange) -> Result<(CompletedPart, u64), S3ServiceError> {
         let _flight = self.counters.enter_flight();
         let output = with_retries(self.retry, self.counters, || {
-            self.client
-                .upload_part_copy()
+            let send = (self.client.upload_part_copy())
                 .bucket(self.bucket)
                 .key(self.key)
                 .upload_id(self.upload_id)
@@ -328,12 +336,15 @@ impl CopyJob<'_> {
                 .copy_source(self.copy_source)
                 .copy_source_range(range.header_value())
                 .set_copy_source_if_match(self.source_e_tag.map(str::to_string))
-                .send()
-                .map_err(sdk_error(
-                    S3Operation::UploadPartCopy,
-                    self.bucket,
-                    self.key,
-                ))
+                .send();
+            let call = Call::new("UploadPartCopy", self.bucket, Some(self.key))
+                .upload_id(self.upload_id)
+                .part_number(range.part_number);
+            traced(call, send).map_err(sdk_error(
+                S3Operation::UploadPartCopy,
+                self.bucket,
+                self.key,
+            ))
         })
         .await?;
         let e_tag = output

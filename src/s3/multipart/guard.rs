@@ -2,6 +2,7 @@
 //! dropped or its runtime shuts down, and keeps the list of uploads in flight so a
 //! shutdown path can abort them all ([`UploadRegistry`]).
 
+use crate::s3::otel::{Call, traced};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -191,21 +192,16 @@ impl Abort {
         let counters = TransferCounters::default();
         let (bucket, key) = (self.bucket.as_str(), self.key.as_str());
         let result = with_retries(&self.retry, &counters, || async {
-            self.client
-                .abort_multipart_upload()
+            let send = (self.client.abort_multipart_upload())
                 .bucket(bucket)
                 .key(key)
                 .upload_id(&self.upload_id)
-                .send()
-                .await
-                .map_err(|e| {
-                    S3ServiceError::from_sdk(
-                        S3Operation::AbortMultipartUpload,
-                        bucket,
-                        Some(key),
-                        e,
-                    )
-                })
+                .send();
+            let call =
+                Call::new("AbortMultipartUpload", bucket, Some(key)).upload_id(&self.upload_id);
+            traced(call, send).await.map_err(|e| {
+                S3ServiceError::from_sdk(S3Operation::AbortMultipartUpload, bucket, Some(key), e)
+            })
         })
         .await;
         match result {

@@ -1,9 +1,11 @@
 //! The upload engine: one PutObject below the threshold, concurrent multipart above.
 
+use crate::s3::otel::{Call, traced};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+use tracing::Instrument as _;
 
 use aws_sdk_s3::Client;
 use aws_sdk_s3::primitives::ByteStream;
@@ -594,6 +596,7 @@ impl MultipartEngine {
                 } else {
                     Either::Right(request.customize().disable_payload_signing().send())
                 };
+                let sent = traced(Call::new("PutObject", bucket, Some(key)), sent);
                 async move {
                     sent.await.map_err(|e| {
                         S3ServiceError::from_sdk(S3Operation::Upload, bucket, Some(key), e)
@@ -654,6 +657,7 @@ impl MultipartEngine {
                 .bucket(bucket)
                 .key(key);
             let sent = options.apply_to_create_multipart_upload(request).send();
+            let sent = traced(Call::new("CreateMultipartUpload", bucket, Some(key)), sent);
             async move {
                 sent.await
                     .map_err(|e| S3ServiceError::from_sdk(operation, bucket, Some(key), e))
@@ -777,7 +781,8 @@ impl MultipartEngine {
                     }
                     let target = Arc::clone(target);
                     let number = next_part;
-                    tasks.spawn(async move { target.upload_part(number, data).await });
+                    // The part's spans join the upload's trace.
+                    tasks.spawn(async move { target.upload_part(number, data).await }.in_current_span());
                 }
                 Some(joined) = tasks.join_next() => {
                     let (part, length) = joined.map_err(|e| {
@@ -913,6 +918,10 @@ impl PartTarget {
             } else {
                 Either::Right(request.disable_payload_signing().send())
             };
+            let call = Call::new("UploadPart", bucket, Some(key))
+                .upload_id(&self.upload_id)
+                .part_number(part_number);
+            let sent = traced(call, sent);
             let sent = async move {
                 sent.await
                     .map_err(|e| S3ServiceError::from_sdk(operation, bucket, Some(key), e))
@@ -965,6 +974,8 @@ impl PartTarget {
                 .upload_id(&self.upload_id)
                 .multipart_upload(upload.clone())
                 .send();
+            let call = Call::new("CompleteMultipartUpload", bucket, Some(key));
+            let sent = traced(call.upload_id(&self.upload_id), sent);
             let answer_lost = &answer_lost;
             async move {
                 sent.await.map_err(|e| {
@@ -1024,6 +1035,7 @@ impl PartTarget {
         };
         let head = with_retries(&self.retry, &self.counters, || {
             let sent = self.client.head_object().bucket(bucket).key(key).send();
+            let sent = traced(Call::new("HeadObject", bucket, Some(key)), sent);
             async move {
                 sent.await
                     .map_err(|e| S3ServiceError::from_sdk(S3Operation::Head, bucket, Some(key), e))
