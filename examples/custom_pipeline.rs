@@ -72,7 +72,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     });
 
     let registry = MetricsRegistry::new();
-    let metrics = MetricsLayer::new().classify(ByError);
+    let metrics = MetricsLayer::new().classifier(ByError);
     registry.register("inventory_lookup", metrics.handle())?;
     let breaker = CircuitBreakerLayer::builder()
         .consecutive_failures(5)
@@ -85,7 +85,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         .cap(Duration::from_millis(200));
 
     let pipeline = ServiceBuilder::new()
-        .layer(LoggingLayer::new("Inventory", "lookup").classify(ByError))
+        .layer(LoggingLayer::new("Inventory", "lookup").classifier(ByError))
         .layer(metrics)
         .layer(breaker)
         .layer(RetryLayer::new(retry_policy).classifier(ByError))

@@ -40,10 +40,10 @@ async fn main() -> Result<(), BoxError> {
         .await;
 
     let registry = MetricsRegistry::new();
-    let metrics = MetricsLayer::new().classify(TowerHttp::grpc_errors());
+    let metrics = MetricsLayer::new().classifier(TowerHttp::grpc_errors());
     registry.register("grpc", metrics.handle())?;
     let stack = ServiceBuilder::new()
-        .layer(LoggingLayer::new("grpc", "call").classify(TowerHttp::grpc_errors()))
+        .layer(LoggingLayer::new("grpc", "call").classifier(TowerHttp::grpc_errors()))
         .layer(metrics)
         .layer(
             CircuitBreakerLayer::builder()

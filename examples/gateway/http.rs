@@ -150,7 +150,7 @@ pub fn app(
     let registry = state.metrics.clone();
     // One `http.server.request.duration` series per route and method.
     let route_metrics = |method: &str, route: &str| -> Result<_, BoxError> {
-        let layer = MetricsLayer::new().classify(TowerHttp::server_errors());
+        let layer = MetricsLayer::new().classifier(TowerHttp::server_errors());
         registry.register_with_labels(
             "http.server.request.duration",
             [("http.request.method", method), ("http.route", route)],
@@ -285,7 +285,7 @@ pub fn wrap(
     + 'static,
     BoxError,
 > {
-    let all = MetricsLayer::new().classify(TowerHttp::server_errors());
+    let all = MetricsLayer::new().classifier(TowerHttp::server_errors());
     registry.register("keel.http.server", all.handle())?;
     // With `otel`: the route template names the SERVER span (see otel.rs).
     #[cfg(feature = "otel")]
@@ -295,7 +295,7 @@ pub fn wrap(
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(
             LoggingLayer::new("http", "request")
-                .classify(TowerHttp::server_errors())
+                .classifier(TowerHttp::server_errors())
                 .fields(|req: &Request| {
                     let id = req
                         .headers()

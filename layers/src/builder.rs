@@ -79,7 +79,7 @@
 //!     }
 //! }
 //!
-//! let metrics = MetricsLayer::new().classify(TowerHttp::server_errors());
+//! let metrics = MetricsLayer::new().classifier(TowerHttp::server_errors());
 //! let breaker = CircuitBreakerLayer::builder()
 //!     .classifier(TowerHttp::server_errors())
 //!     .build();
@@ -110,13 +110,13 @@
 //!
 //! # #[tokio::main(flavor = "current_thread", start_paused = true)]
 //! # async fn main() {
-//! let metrics = MetricsLayer::new().classify(ByError);
+//! let metrics = MetricsLayer::new().classifier(ByError);
 //! let stats = metrics.handle();
 //! let breaker = CircuitBreakerLayer::builder().classifier(ByError).build();
 //! let breaker_handle = breaker.handle();
 //!
 //! let publish = ServiceBuilder::new()
-//!     .logging(LoggingLayer::new("KafkaProducer", "publishBatch").classify(ByError))
+//!     .logging(LoggingLayer::new("KafkaProducer", "publishBatch").classifier(ByError))
 //!     .metrics(metrics)
 //!     .batch_size(1_000)
 //!     .circuit_breaker(breaker)

@@ -537,11 +537,11 @@ mod composition {
 
     impl Parts {
         fn new() -> Self {
-            let metrics = MetricsLayer::new().classify(ByError);
+            let metrics = MetricsLayer::new().classifier(ByError);
             let breaker = CircuitBreakerLayer::builder().classifier(ByError).build();
             Parts {
                 script: Script::new(),
-                logging: LoggingLayer::new("Contract", "compose").classify(ByError),
+                logging: LoggingLayer::new("Contract", "compose").classifier(ByError),
                 stats: metrics.handle(),
                 metrics,
                 batch: BatchSizeLayer::new().max(10),
@@ -783,7 +783,7 @@ mod axum_router {
 
     #[tokio::test(start_paused = true)]
     async fn a_503_counts_as_a_failure_and_a_404_does_not() {
-        let metrics = MetricsLayer::new().classify(TowerHttp::server_errors());
+        let metrics = MetricsLayer::new().classifier(TowerHttp::server_errors());
         let stats = metrics.handle();
         let breaker = CircuitBreakerLayer::builder()
             .consecutive_failures(2)
@@ -797,7 +797,7 @@ mod axum_router {
                     to_response(err)
                 }))
                 .logging(
-                    LoggingLayer::new("Gateway", "request").classify(TowerHttp::server_errors()),
+                    LoggingLayer::new("Gateway", "request").classifier(TowerHttp::server_errors()),
                 )
                 .metrics(metrics)
                 .keel_timeout(Duration::from_secs(5))
@@ -863,14 +863,14 @@ mod axum_router {
         let handled = Arc::new(AtomicUsize::new(0));
         let router = routes(&handled);
 
-        let metrics = MetricsLayer::new().classify(TowerHttp::server_errors());
+        let metrics = MetricsLayer::new().classifier(TowerHttp::server_errors());
         let stats = metrics.handle();
         let breaker = CircuitBreakerLayer::builder()
             .classifier(TowerHttp::server_errors())
             .build();
         let breaker_handle = breaker.handle();
         let svc = ServiceBuilder::new()
-            .logging(LoggingLayer::new("Gateway", "lookup").classify(TowerHttp::server_errors()))
+            .logging(LoggingLayer::new("Gateway", "lookup").classifier(TowerHttp::server_errors()))
             .metrics(metrics)
             .batch_size(100)
             .circuit_breaker(breaker)

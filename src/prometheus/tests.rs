@@ -14,7 +14,7 @@ async fn layer_families_have_labels_buckets_and_failures() {
     let layer = MetricsLayer::builder()
         .buckets(&[Duration::from_secs(1)])
         .build()
-        .classify(classify_fn(|r: Result<&(), &&'static str>| match r {
+        .classifier(classify_fn(|r: Result<&(), &&'static str>| match r {
             Ok(()) => Classification::SUCCESS,
             Err(class) => Classification::failure(class),
         }));

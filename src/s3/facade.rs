@@ -476,10 +476,10 @@ impl DefaultLayers {
         ServiceBuilder::new()
             .layer(
                 LoggingLayer::new("S3Service", "s3")
-                    .classify(ByError)
+                    .classifier(ByError)
                     .fields(fields),
             )
-            .layer(MetricsLayer::from_handle(self.metrics.clone()).classify(ByError))
+            .layer(MetricsLayer::from_handle(self.metrics.clone()).classifier(ByError))
             .layer(self.breaker.clone())
     }
 }

@@ -135,7 +135,7 @@ fn main() {
                 &payload,
             )
             .await;
-            let metrics = per_call(MetricsLayer::new().classify(ByError).layer(StandIn), n, &payload).await;
+            let metrics = per_call(MetricsLayer::new().classifier(ByError).layer(StandIn), n, &payload).await;
             let errors = per_call(ProducerErrors::new(StandIn), n, &payload).await;
             println!(
                 "| {round} | {bare:.0} | +{:.0} | +{:.0} | +{:.0} | +{:.0} | +{:.0} | +{:.0} |",

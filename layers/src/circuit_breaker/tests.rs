@@ -835,6 +835,7 @@ async fn a_named_breaker_carries_its_name_in_logs_hook_and_handle() {
     );
     // An unnamed breaker has no name.
     assert_eq!(CircuitBreakerLayer::new().handle().name(), None);
+}
 
 /// A probe that never answers: past the maximum half-open wait the next call finds
 /// the breaker open again, with the open wait counted from the moment the limit

@@ -49,7 +49,7 @@ impl Config {
 ///
 /// | setting | default | set with |
 /// |---|---|---|
-/// | classifier | [`ErrorsAsFailures`] | [`classify`](Self::classify) |
+/// | classifier | [`ErrorsAsFailures`] | [`classifier`](Self::classifier) |
 /// | caller fields | none ([`NoFields`]) | [`fields`](Self::fields) |
 /// | span level | `INFO` | [`span_level`](Self::span_level) |
 /// | success event | `INFO`, "call succeeded" | [`on_success`](Self::on_success), [`success_message`](Self::success_message) |
@@ -111,7 +111,7 @@ impl<C, F> LoggingLayer<C, F> {
     }
 
     /// Replaces the classifier deciding success, failure or ignored.
-    pub fn classify<C2>(self, classifier: C2) -> LoggingLayer<C2, F> {
+    pub fn classifier<C2>(self, classifier: C2) -> LoggingLayer<C2, F> {
         LoggingLayer {
             config: self.config,
             classifier,

@@ -116,7 +116,7 @@ fn layer()
         .clock(crate::metrics::LatencyClock::tokio())
         .success_message("Event published successfully")
         .failure_message("Failed to publish event")
-        .classify(classify_fn(|r: Result<&u16, &PublishError>| match r {
+        .classifier(classify_fn(|r: Result<&u16, &PublishError>| match r {
             Ok(404) => Classification::IGNORED,
             Ok(_) => Classification::SUCCESS,
             Err(_) => Classification::failure("broker"),

@@ -55,7 +55,7 @@ impl MetricsLayer {
 
 impl<C> MetricsLayer<C> {
     /// Replaces the classifier deciding what counts as success, failure or neither.
-    pub fn classify<C2>(self, classifier: C2) -> MetricsLayer<C2> {
+    pub fn classifier<C2>(self, classifier: C2) -> MetricsLayer<C2> {
         MetricsLayer {
             handle: self.handle,
             classifier,

@@ -39,7 +39,7 @@ async fn run<S: Service<Req>>(svc: &mut S, req: Req) -> Result<S::Response, S::E
 
 #[tokio::test(start_paused = true)]
 async fn counters_exact_after_a_scripted_sequence() {
-    let layer = paused().classify(http_like());
+    let layer = paused().classifier(http_like());
     let handle = layer.handle();
     let mut svc = layer.layer(scripted());
     let script: [Req; 9] = [
@@ -188,7 +188,7 @@ async fn last_success_and_failure_times() {
 #[tokio::test]
 async fn failure_classes_are_bounded() {
     let layer =
-        MetricsLayer::new().classify(classify_fn(|r: Result<&(), &&'static str>| match r {
+        MetricsLayer::new().classifier(classify_fn(|r: Result<&(), &&'static str>| match r {
             Ok(()) => Classification::SUCCESS,
             Err(class) => Classification::failure(class),
         }));
@@ -236,7 +236,7 @@ async fn histograms_by_outcome_add_up() {
             Duration::from_millis(10),
         ])
         .build()
-        .classify(http_like());
+        .classifier(http_like());
     let handle = layer.handle();
     let mut svc = layer.layer(scripted());
     for req in [
@@ -283,7 +283,7 @@ async fn histograms_by_outcome_add_up() {
 fn threads_record_apart_and_the_snapshot_adds_them_up() {
     const THREADS: u64 = 4;
     const CALLS: u64 = 5_000;
-    let layer = MetricsLayer::new().classify(classify_fn(|r: Result<&u64, &()>| match r {
+    let layer = MetricsLayer::new().classifier(classify_fn(|r: Result<&u64, &()>| match r {
         Ok(n) if n % 10 == 0 => Classification::failure("tenth"),
         _ => Classification::SUCCESS,
     }));

@@ -622,7 +622,7 @@ impl PublishStackBuilder {
         }));
         let logging = |operation, success_level, message| {
             LoggingLayer::new("KafkaProducer", operation)
-                .classify(ByError)
+                .classifier(ByError)
                 .fields(PublishFields)
                 .span_level(Level::DEBUG)
                 .on_success(success_level)
@@ -640,8 +640,8 @@ impl PublishStackBuilder {
             breaker,
             timeout: self.timeout,
             max_batch_size: self.max_batch_size,
-            event_metrics: MetricsLayer::new().classify(ByError),
-            batch_metrics: MetricsLayer::new().classify(ByError),
+            event_metrics: MetricsLayer::new().classifier(ByError),
+            batch_metrics: MetricsLayer::new().classifier(ByError),
         }
     }
 }
