@@ -19,7 +19,6 @@ use axum::{Json, Router};
 use futures::TryStreamExt;
 use keel::kafka::client::KafkaClient;
 use keel::kafka::consumer::{ConsumerState, KafkaConsumer};
-use keel::kafka::envelope::EventEnvelope;
 use keel::kafka::error::{KafkaProducerError, ProducerErrorKind};
 use keel::kafka::producer::{
     BatchAck, PublishAck, PublishBatchRequest, PublishRequest, PublishStack,
@@ -31,14 +30,12 @@ use keel::layers::logging::LoggingLayer;
 use keel::layers::metrics::{MetricsLayer, MetricsRegistry, PROMETHEUS_CONTENT_TYPE};
 use keel::s3::upload::{ProgressListener, UploadProgress};
 use keel::s3::{S3, S3ErrorKind, S3ServiceError, UploadBody, UploadOptions};
-use serde::Deserialize;
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 use tokio::sync::RwLock;
 use tower::util::BoxCloneSyncService;
 use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use uuid::Uuid;
 
 use crate::body::{BatchBody, EventBody, batch_envelopes};
 use crate::breaker::ApiClassifier;
