@@ -248,3 +248,77 @@ impl Provenance {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::message::OwnedMessage;
+
+    fn failed(timestamp: Timestamp, headers: Option<OwnedHeaders>, attempts: u32) -> Provenance {
+        let message = ReceivedMessage::new(OwnedMessage::new(
+            Some(b"v".to_vec()),
+            None,
+            "orders".into(),
+            timestamp,
+            1,
+            7,
+            headers,
+        ));
+        let reason = DeadLetterReason {
+            kind: "error".into(),
+            error_type: "E".into(),
+            message: "x".repeat(MAX_ERROR_MESSAGE + 1),
+            attempts,
+        };
+        Provenance::of(&message, "g", &reason, UNIX_EPOCH)
+    }
+
+    #[test]
+    fn a_second_dead_lettering_reads_as_the_later_one() {
+        let first = failed(Timestamp::CreateTime(5), None, 3);
+        assert!(first.error_message.len() <= MAX_ERROR_MESSAGE);
+        assert!(first.error_message.ends_with("…(truncated)"));
+        let once = first.append_to(OwnedHeaders::new());
+        assert_eq!(Provenance::read(&once), Ok(first));
+        // Replayed without a timestamp, failed again: the stale timestamp of the
+        // first set must not be read.
+        let second = failed(Timestamp::NotAvailable, Some(once), 1);
+        let twice = second.append_to(OwnedHeaders::new());
+        let read = Provenance::read(&twice).unwrap();
+        assert_eq!(read, second);
+        assert_eq!(read.timestamp, Timestamp::NotAvailable);
+        assert_eq!(read.attempts, 1);
+    }
+
+    #[test]
+    fn a_missing_or_bad_header_is_named_not_shown() {
+        let written = failed(Timestamp::LogAppendTime(9), None, 2);
+        let pairs: Vec<(Vec<u8>, Option<Vec<u8>>)> = written
+            .append_to(OwnedHeaders::new())
+            .iter()
+            .map(|h| (h.key.as_bytes().to_vec(), h.value.map(<[u8]>::to_vec)))
+            .collect();
+        let without = |name: &str| {
+            Provenance::read_raw(
+                pairs
+                    .iter()
+                    .filter(|(n, _)| n.as_slice() != name.as_bytes())
+                    .map(|(n, v)| (n.as_slice(), v.as_deref())),
+            )
+        };
+        assert_eq!(without(ATTEMPTS), Err(ProvenanceError::Missing(ATTEMPTS)));
+        assert_eq!(
+            without(ORIGINAL_TIMESTAMP),
+            Err(ProvenanceError::Missing(ORIGINAL_TIMESTAMP))
+        );
+        let bad = Provenance::read_raw(
+            pairs
+                .iter()
+                .map(|(n, v)| (n.as_slice(), v.as_deref()))
+                .chain([(ORIGINAL_OFFSET.as_bytes(), Some(&b"secret-ish"[..]))]),
+        )
+        .unwrap_err();
+        assert_eq!(bad, ProvenanceError::Invalid(ORIGINAL_OFFSET));
+        assert!(!bad.to_string().contains("secret-ish"));
+    }
+}
