@@ -631,11 +631,14 @@ async fn publish_batch(
         let events = match json_body::<BatchBody>(&headers, &body)? {
             BatchBody::List(events) | BatchBody::Wrapped { events } => events,
         };
-        Ok::<_, Problem>((topic, batch_envelopes(
-            state.limits.max_batch_events,
-            state.limits.max_event_bytes,
-            events,
-        )?))
+        Ok::<_, Problem>((
+            topic,
+            batch_envelopes(
+                state.limits.max_batch_events,
+                state.limits.max_event_bytes,
+                events,
+            )?,
+        ))
     })();
     let (topic, envelopes) = match prepared {
         Ok(p) => p,

@@ -692,7 +692,9 @@ pub fn dead_letter_headers(data: &[u8]) {
         let flag = input.byte();
         let value = match flag % 4 {
             0 => None,
-            1 => Some(PROVENANCE_VALUES[usize::from(input.byte()) % PROVENANCE_VALUES.len()].to_vec()),
+            1 => Some(
+                PROVENANCE_VALUES[usize::from(input.byte()) % PROVENANCE_VALUES.len()].to_vec(),
+            ),
             _ => Some(input.long().to_vec()),
         };
         pairs.push((name, value));
@@ -722,7 +724,9 @@ pub fn dead_letter_headers(data: &[u8]) {
             let ts_type = text(headers::ORIGINAL_TIMESTAMP_TYPE);
             let expected = match ts_type {
                 "NotAvailable" => Timestamp::NotAvailable,
-                "CreateTime" => Timestamp::CreateTime(text(headers::ORIGINAL_TIMESTAMP).parse().unwrap()),
+                "CreateTime" => {
+                    Timestamp::CreateTime(text(headers::ORIGINAL_TIMESTAMP).parse().unwrap())
+                }
                 "LogAppendTime" => {
                     Timestamp::LogAppendTime(text(headers::ORIGINAL_TIMESTAMP).parse().unwrap())
                 }
@@ -791,7 +795,11 @@ pub fn dead_letter_headers(data: &[u8]) {
     );
     let received = ReceivedMessage::new(original);
     if let Some(hs) = received.headers() {
-        assert_eq!(Provenance::read(&hs), expected, "through the consumer's copy");
+        assert_eq!(
+            Provenance::read(&hs),
+            expected,
+            "through the consumer's copy"
+        );
     }
 
     // 2. Round trip: what keel appends for a failure reads back.
@@ -807,16 +815,24 @@ pub fn dead_letter_headers(data: &[u8]) {
         assert!(reason.message.starts_with(kept));
     }
     assert_eq!(
-        (written.topic.as_str(), written.partition, written.offset, written.timestamp),
+        (
+            written.topic.as_str(),
+            written.partition,
+            written.offset,
+            written.timestamp
+        ),
         (topic.as_str(), partition, offset, timestamp)
     );
-    let before = received.headers().map(|hs| {
-        hs.iter()
-            .fold(OwnedHeaders::new(), |acc, h| acc.insert(h))
-    });
+    let before = received
+        .headers()
+        .map(|hs| hs.iter().fold(OwnedHeaders::new(), |acc, h| acc.insert(h)));
     let original_headers: Vec<(String, Option<Vec<u8>>)> = before
         .as_ref()
-        .map(|hs| hs.iter().map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec))).collect())
+        .map(|hs| {
+            hs.iter()
+                .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
+                .collect()
+        })
         .unwrap_or_default();
     let all = written.append_to(before.unwrap_or_default());
     let read = Provenance::read(&all).unwrap_or_else(|e| panic!("written provenance: {e}"));
@@ -825,7 +841,11 @@ pub fn dead_letter_headers(data: &[u8]) {
         .iter()
         .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
         .collect();
-    assert_eq!(&after[..original_headers.len()], &original_headers[..], "originals first");
+    assert_eq!(
+        &after[..original_headers.len()],
+        &original_headers[..],
+        "originals first"
+    );
     let appended = after.len() - original_headers.len();
     let has_ts = !matches!(timestamp, Timestamp::NotAvailable);
     assert_eq!(appended, if has_ts { 11 } else { 10 });
@@ -838,7 +858,10 @@ fn check_gateway_envelope(envelope: &EventEnvelope, max_event_bytes: usize) {
     use crate::body::MAX_NAME_LEN;
 
     assert!(!envelope.event_type().trim().is_empty(), "blank event type");
-    assert!(envelope.event_type().len() <= MAX_NAME_LEN, "event type too long");
+    assert!(
+        envelope.event_type().len() <= MAX_NAME_LEN,
+        "event type too long"
+    );
     assert!(
         (1..=MAX_NAME_LEN).contains(&envelope.version().len()),
         "version length"
@@ -941,7 +964,12 @@ pub fn gateway_bodies(data: &[u8]) {
                 let reported: Vec<(usize, u16)> = e
                     .errors
                     .iter()
-                    .map(|v| (v["index"].as_u64().unwrap() as usize, v["status"].as_u64().unwrap() as u16))
+                    .map(|v| {
+                        (
+                            v["index"].as_u64().unwrap() as usize,
+                            v["status"].as_u64().unwrap() as u16,
+                        )
+                    })
                     .collect();
                 assert_eq!(reported, refused, "the invalid events and their statuses");
                 let all_too_large = refused.iter().all(|(_, s)| *s == 413);

@@ -210,7 +210,10 @@ impl Provenance {
             }
         }
         let text = |name: &'static str| -> Result<&'a str, ProvenanceError> {
-            let i = ALL.iter().position(|h| *h == name).expect("a provenance header");
+            let i = ALL
+                .iter()
+                .position(|h| *h == name)
+                .expect("a provenance header");
             let value = found[i].flatten().ok_or(ProvenanceError::Missing(name))?;
             std::str::from_utf8(value).map_err(|_| ProvenanceError::Invalid(name))
         };
@@ -224,14 +227,12 @@ impl Provenance {
         // ORIGINAL_TIMESTAMP may be left from an earlier dead-lettering.
         let timestamp = match text(ORIGINAL_TIMESTAMP_TYPE)? {
             "NotAvailable" => Timestamp::NotAvailable,
-            "CreateTime" => Timestamp::CreateTime(number(
-                ORIGINAL_TIMESTAMP,
-                text(ORIGINAL_TIMESTAMP)?,
-            )?),
-            "LogAppendTime" => Timestamp::LogAppendTime(number(
-                ORIGINAL_TIMESTAMP,
-                text(ORIGINAL_TIMESTAMP)?,
-            )?),
+            "CreateTime" => {
+                Timestamp::CreateTime(number(ORIGINAL_TIMESTAMP, text(ORIGINAL_TIMESTAMP)?)?)
+            }
+            "LogAppendTime" => {
+                Timestamp::LogAppendTime(number(ORIGINAL_TIMESTAMP, text(ORIGINAL_TIMESTAMP)?)?)
+            }
             _ => return Err(ProvenanceError::Invalid(ORIGINAL_TIMESTAMP_TYPE)),
         };
         Ok(Provenance {
