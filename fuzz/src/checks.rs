@@ -773,7 +773,7 @@ pub fn dead_letter_headers(data: &[u8]) {
         .filter_map(|(n, v)| Some((std::str::from_utf8(n).ok()?, v.as_deref())))
         .collect();
     let owned = utf8.iter().fold(OwnedHeaders::new(), |hs, (n, v)| {
-        hs.insert(Header { key: *n, value: *v })
+        hs.insert(Header { key: n, value: *v })
     });
     let cut = |n: &str| n.split('\0').next().unwrap_or_default().to_string();
     let expected = Provenance::read_raw(
