@@ -144,16 +144,15 @@ fn headers_of(m: &impl Message) -> Vec<(String, Option<Vec<u8>>)> {
 }
 
 /// JSON equality, numbers compared as numbers (a float may be re-encoded with a
-/// different spelling of the same value).
+/// different spelling of the same value), exactly: keel builds serde_json with
+/// `float_roundtrip`, so a number decodes to the very f64 that was encoded.
 fn json_eq(a: &serde_json::Value, b: &serde_json::Value) -> bool {
     use serde_json::Value as V;
     match (a, b) {
         (V::Number(x), V::Number(y)) => {
             x == y
                 || match (x.as_f64(), y.as_f64()) {
-                    (Some(x), Some(y)) => {
-                        x == y || (x - y).abs() <= f64::EPSILON * x.abs().max(1.0)
-                    }
+                    (Some(x), Some(y)) => x == y,
                     _ => false,
                 }
         }
