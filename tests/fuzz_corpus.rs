@@ -9,6 +9,11 @@
 #[allow(dead_code)]
 mod checks;
 
+/// The gateway example's request bodies (`checks::gateway_bodies` fuzzes them).
+#[path = "../examples/gateway/body.rs"]
+#[allow(dead_code)]
+mod body;
+
 use std::path::Path;
 
 #[test]

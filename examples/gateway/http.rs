@@ -19,7 +19,6 @@ use axum::{Json, Router};
 use futures::TryStreamExt;
 use keel::kafka::client::KafkaClient;
 use keel::kafka::consumer::{ConsumerState, KafkaConsumer};
-use keel::kafka::envelope::EventEnvelope;
 use keel::kafka::error::{KafkaProducerError, ProducerErrorKind};
 use keel::kafka::producer::{
     BatchAck, PublishAck, PublishBatchRequest, PublishRequest, PublishStack,
@@ -32,15 +31,14 @@ use keel::layers::metrics::{MetricsLayer, MetricsRegistry};
 use keel::prometheus::{Exposition, OPENMETRICS_CONTENT_TYPE, PartitionLagSample};
 use keel::s3::upload::{ProgressListener, UploadProgress};
 use keel::s3::{S3, S3ErrorKind, S3ServiceError, UploadBody, UploadOptions};
-use serde::Deserialize;
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 use tokio::sync::RwLock;
 use tower::util::BoxCloneSyncService;
 use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use uuid::Uuid;
 
+use crate::body::{BatchBody, EventBody, batch_envelopes};
 use crate::breaker::ApiClassifier;
 use crate::idempotency::{self, Begin, IdempotencyCache};
 use crate::problem::{self, Problem};
@@ -473,81 +471,6 @@ fn log_failure(problem: &Problem, err: &dyn std::fmt::Display) {
     }
 }
 
-/// The body of `POST /events/{topic}`.
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct EventBody {
-    event_type: String,
-    #[serde(default = "default_version")]
-    version: String,
-    /// Required: an event without a payload is a client's mistake. (`Value`'s
-    /// `null` is kept apart from a missing field by the `Option`.)
-    #[serde(default, deserialize_with = "present")]
-    payload: Option<Value>,
-    #[serde(default)]
-    key: Option<String>,
-    /// The client's id for the event: a retry with the same id can be
-    /// deduplicated by consumers.
-    #[serde(default)]
-    event_id: Option<Uuid>,
-}
-
-fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
-    Value::deserialize(d).map(Some)
-}
-
-fn default_version() -> String {
-    "1".to_string()
-}
-
-/// Longest `eventType` and `version`.
-const MAX_NAME_LEN: usize = 256;
-
-impl EventBody {
-    fn into_envelope(self, limits: &ApiLimits) -> Result<EventEnvelope, Problem> {
-        let event_type = self.event_type.trim();
-        if event_type.is_empty() || event_type.len() > MAX_NAME_LEN {
-            return Err(Problem::invalid(format!(
-                "eventType must be 1 to {MAX_NAME_LEN} characters"
-            )));
-        }
-        if self.version.is_empty() || self.version.len() > MAX_NAME_LEN {
-            return Err(Problem::invalid(format!(
-                "version must be 1 to {MAX_NAME_LEN} characters"
-            )));
-        }
-        let payload = match self.payload {
-            None | Some(Value::Null) => return Err(Problem::invalid("payload is required")),
-            Some(p) => p,
-        };
-        let mut envelope = EventEnvelope::new(self.event_type, payload).with_version(self.version);
-        if let Some(key) = self.key {
-            envelope = envelope.with_key(key);
-        }
-        if let Some(id) = self.event_id {
-            envelope = envelope.with_event_id(id);
-        }
-        // Checked here, before anything is enqueued: Kafka would refuse it after
-        // the events before it in a batch were sent.
-        let size = envelope
-            .encode_value()
-            .map_err(|_| Problem::invalid("the event could not be encoded"))?
-            .len()
-            + envelope.key().map_or(0, <[u8]>::len);
-        if size > limits.max_event_bytes {
-            return Err(Problem::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload-too-large",
-                format!(
-                    "the event is {size} bytes encoded; at most {} are accepted",
-                    limits.max_event_bytes
-                ),
-            ));
-        }
-        Ok(envelope)
-    }
-}
-
 /// Reads a request body of at most `limit` bytes: 413 at once when
 /// `Content-Length` says more (nothing read), or as soon as more arrives; 408
 /// when it stalls; 400 when the client's connection fails.
@@ -697,7 +620,7 @@ async fn publish_one(
         refuse_when_stopping(&state)?;
         let topic = allowed_topic(&state, &topic)?;
         let event: EventBody = json_body(&headers, &body)?;
-        Ok::<_, Problem>((topic, event.into_envelope(&state.limits)?))
+        Ok::<_, Problem>((topic, event.into_envelope(state.limits.max_event_bytes)?))
     })();
     let (topic, envelope) = match prepared {
         Ok(p) => p,
@@ -716,71 +639,6 @@ async fn publish_one(
         }
     })
     .await
-}
-
-/// `POST /events/{topic}/batch` takes a JSON array of events, or `{"events": [...]}`.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-pub enum BatchBody {
-    /// `[event, ...]`
-    List(Vec<Value>),
-    /// `{"events": [event, ...]}`
-    Wrapped {
-        /// The events.
-        events: Vec<Value>,
-    },
-}
-
-/// Checks every event of a batch before any is sent: all or nothing.
-fn batch_envelopes(limits: &ApiLimits, events: Vec<Value>) -> Result<Vec<EventEnvelope>, Problem> {
-    if events.is_empty() {
-        return Err(Problem::invalid("the batch is empty"));
-    }
-    if events.len() > limits.max_batch_events {
-        return Err(Problem::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload-too-large",
-            format!(
-                "the batch has {} events; at most {} are accepted",
-                events.len(),
-                limits.max_batch_events
-            ),
-        ));
-    }
-    let mut envelopes = Vec::with_capacity(events.len());
-    let mut errors = Vec::new();
-    let mut too_large = true;
-    for (index, event) in events.into_iter().enumerate() {
-        let checked = serde_json::from_value::<EventBody>(event)
-            .map_err(|e| Problem::invalid(format!("not a valid event: {e}")))
-            .and_then(|e| e.into_envelope(limits));
-        match checked {
-            Ok(envelope) => envelopes.push(envelope),
-            Err(p) => {
-                too_large &= p.status == StatusCode::PAYLOAD_TOO_LARGE;
-                errors.push(
-                    json!({ "index": index, "status": p.status.as_u16(), "detail": p.detail }),
-                );
-            }
-        }
-    }
-    if errors.is_empty() {
-        return Ok(envelopes);
-    }
-    let (status, slug) = if too_large {
-        (StatusCode::PAYLOAD_TOO_LARGE, "payload-too-large")
-    } else {
-        (StatusCode::BAD_REQUEST, "invalid-request")
-    };
-    Err(Problem::new(
-        status,
-        slug,
-        format!(
-            "{} of the batch's events are invalid; none was published",
-            errors.len()
-        ),
-    )
-    .with_extra(json!({ "errors": errors })))
 }
 
 async fn publish_batch(
@@ -803,7 +661,14 @@ async fn publish_batch(
         let events = match json_body::<BatchBody>(&headers, &body)? {
             BatchBody::List(events) | BatchBody::Wrapped { events } => events,
         };
-        Ok::<_, Problem>((topic, batch_envelopes(&state.limits, events)?))
+        Ok::<_, Problem>((
+            topic,
+            batch_envelopes(
+                state.limits.max_batch_events,
+                state.limits.max_event_bytes,
+                events,
+            )?,
+        ))
     })();
     let (topic, envelopes) = match prepared {
         Ok(p) => p,

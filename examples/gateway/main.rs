@@ -39,6 +39,7 @@
 //!
 //! plus keel's own `KAFKA_*` and `AWS_*` variables.
 
+mod body;
 mod breaker;
 mod consume;
 mod embedded;

@@ -36,6 +36,8 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
+use crate::body::BodyError;
+
 /// The media type of a problem.
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
@@ -144,6 +146,23 @@ impl Problem {
         }
         res.extensions_mut().insert(self.clone());
         res
+    }
+}
+
+/// A refused request body: 413 `payload-too-large` or 400 `invalid-request`,
+/// with the batch's per-event errors.
+impl From<BodyError> for Problem {
+    fn from(e: BodyError) -> Self {
+        let problem = if e.too_large {
+            Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "payload-too-large", e.detail)
+        } else {
+            Problem::invalid(e.detail)
+        };
+        if e.errors.is_empty() {
+            problem
+        } else {
+            problem.with_extra(json!({ "errors": e.errors }))
+        }
     }
 }
 

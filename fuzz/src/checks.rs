@@ -144,16 +144,15 @@ fn headers_of(m: &impl Message) -> Vec<(String, Option<Vec<u8>>)> {
 }
 
 /// JSON equality, numbers compared as numbers (a float may be re-encoded with a
-/// different spelling of the same value).
+/// different spelling of the same value), exactly: keel builds serde_json with
+/// `float_roundtrip`, so a number decodes to the very f64 that was encoded.
 fn json_eq(a: &serde_json::Value, b: &serde_json::Value) -> bool {
     use serde_json::Value as V;
     match (a, b) {
         (V::Number(x), V::Number(y)) => {
             x == y
                 || match (x.as_f64(), y.as_f64()) {
-                    (Some(x), Some(y)) => {
-                        x == y || (x - y).abs() <= f64::EPSILON * x.abs().max(1.0)
-                    }
+                    (Some(x), Some(y)) => x == y,
                     _ => false,
                 }
         }
@@ -520,6 +519,465 @@ pub fn s3_error(data: &[u8]) {
     }
 }
 
+/// `TopicName` from any string: lossy UTF-8 of the input, or (when the first byte
+/// is odd) a name built from the rest over Kafka's alphabet plus a few refused
+/// characters, so long valid names and the 249-character edge are reached often.
+///
+/// Invariants: no panic; an accepted name satisfies Kafka's rules (1-249
+/// characters of `[a-zA-Z0-9._-]`, not `.` or `..`) and round-trips unchanged
+/// through `as_str`, `Display`, `into_string`, `FromStr`, `TryFrom` and serde;
+/// a refused name breaks exactly the rule its error names (checked in keel's
+/// order: empty, character, length, dots) and the error shows its length, not
+/// the name; `dead_letter` appends `.dlq` when the result fits and refuses it as
+/// too long otherwise; `is_dead_letter` is `ends_with(".dlq")`.
+pub fn topic_name(data: &[u8]) {
+    use keel::kafka::topic::{InvalidTopic, MAX_TOPIC_CHARS, TopicName, TopicRule};
+
+    const ALPHABET: &[u8] =
+        b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-. /\\:\0\xc3";
+    let mut input = Input::new(data);
+    let text = if input.byte() % 2 == 1 {
+        let bytes: Vec<u8> = input
+            .rest()
+            .iter()
+            .map(|b| ALPHABET[usize::from(*b) % ALPHABET.len()])
+            .collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    } else {
+        String::from_utf8_lossy(input.rest()).into_owned()
+    };
+    let kafka_ok = |s: &str| {
+        !s.is_empty()
+            && s.chars().count() <= 249
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+            && s != "."
+            && s != ".."
+    };
+    let expected_rule = if text.is_empty() {
+        Some(TopicRule::Empty)
+    } else if !text
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        Some(TopicRule::InvalidCharacter)
+    } else if text.len() > 249 {
+        Some(TopicRule::TooLong)
+    } else if text == "." || text == ".." {
+        Some(TopicRule::DotName)
+    } else {
+        None
+    };
+    assert_eq!(MAX_TOPIC_CHARS, 249);
+    let result = TopicName::new(text.as_str());
+    assert_eq!(text.parse::<TopicName>(), result, "FromStr");
+    assert_eq!(TopicName::try_from(text.as_str()), result, "TryFrom<&str>");
+    assert_eq!(TopicName::try_from(text.clone()), result, "TryFrom<String>");
+    let from_json = serde_json::from_value::<TopicName>(serde_json::Value::String(text.clone()));
+    assert_eq!(from_json.is_ok(), result.is_ok(), "serde");
+    match result {
+        Ok(topic) => {
+            assert!(kafka_ok(&text), "accepted a name Kafka refuses: {text:?}");
+            assert_eq!(expected_rule, None);
+            assert_eq!(topic.as_str(), text);
+            assert_eq!(topic.to_string(), text);
+            assert_eq!(AsRef::<str>::as_ref(&topic), text);
+            assert_eq!(
+                serde_json::to_value(&topic).unwrap(),
+                serde_json::Value::String(text.clone())
+            );
+            assert_eq!(from_json.unwrap(), topic);
+            assert_eq!(TopicName::new(topic.to_string()).as_ref(), Ok(&topic));
+            assert_eq!(topic.is_dead_letter(), text.ends_with(".dlq"));
+            match topic.dead_letter() {
+                Ok(dlq) => {
+                    assert!(text.len() + 4 <= 249, "{} chars", text.len());
+                    assert_eq!(dlq.as_str(), format!("{text}.dlq"));
+                    assert!(dlq.is_dead_letter());
+                }
+                Err(e) => {
+                    assert!(text.len() + 4 > 249, "{} chars: {e}", text.len());
+                    assert_eq!(e.rule, TopicRule::TooLong);
+                }
+            }
+            let _ = format!("{topic:?}");
+            assert_eq!(String::from(topic.clone()), text);
+            assert_eq!(topic.into_string(), text);
+        }
+        Err(e) => {
+            let InvalidTopic { rule, len } = e.clone();
+            assert!(!kafka_ok(&text), "refused a name Kafka accepts: {text:?}");
+            assert_eq!(Some(rule), expected_rule, "{text:?}");
+            assert_eq!(len, text.len());
+            assert_eq!(e.len(), text.len());
+            assert_eq!(e.is_empty(), text.is_empty());
+            // The error names the rule, never the (user-given) name.
+            assert_eq!(e.to_string(), format!("invalid topic name: {rule}"));
+            let _ = (rule.as_str(), format!("{e:?}"));
+        }
+    }
+}
+
+/// Values a provenance header may plausibly hold, so reads reach success often.
+const PROVENANCE_VALUES: &[&[u8]] = &[
+    b"0",
+    b"-1",
+    b"42",
+    b"+7",
+    b" 1",
+    b"2147483648",
+    b"9223372036854775807",
+    b"18446744073709551616",
+    b"CreateTime",
+    b"LogAppendTime",
+    b"NotAvailable",
+    b"orders",
+    b"",
+    b"\xff\xfe",
+];
+
+/// A dead-lettered message's headers and a failure: provenance headers (names
+/// from `headers::ALL`) mixed with any others, names of any bytes (not UTF-8
+/// too), values of any bytes (plausible ones often), duplicates, up to 64 KiB.
+///
+/// Layout: flags, topic (short), group (short), kind (short), error type
+/// (short), error message (long), attempts, partition, offset (8 bytes each),
+/// timestamp kind (byte) and millis, failure time (millis); then per header: a
+/// name selector, a name (short, past the known names), a value flag and a value
+/// (long, or a selector into [`PROVENANCE_VALUES`]).
+///
+/// Invariants: no panic; [`Provenance::read_raw`] answers what a plain model
+/// says (the last header of each name counts; a missing or valueless one is
+/// `Missing`, one that is not UTF-8 or not a number in range is `Invalid`, and
+/// the timestamp is only read when the type says there is one); reading the
+/// same headers through `OwnedHeaders` and through the consumer's copy
+/// (`ReceivedMessage`) gives the same answer; and round trip: the headers keel
+/// appends for a failure (after any original headers, even old provenance ones)
+/// read back to exactly the provenance written, the originals still first and
+/// unchanged, the error message cut to at most `MAX_ERROR_MESSAGE` bytes.
+pub fn dead_letter_headers(data: &[u8]) {
+    use keel::kafka::dead_letter::headers::{self, Provenance, ProvenanceError};
+    use keel::kafka::dead_letter::{DeadLetterReason, MAX_ERROR_MESSAGE};
+    use std::time::UNIX_EPOCH;
+
+    let mut input = Input::new(data);
+    let _flags = input.byte();
+    let lossy = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    let topic = lossy(input.short());
+    let group = lossy(input.short());
+    let reason = DeadLetterReason {
+        kind: lossy(input.short()),
+        error_type: lossy(input.short()),
+        message: lossy(input.long()),
+        attempts: input.u64() as u32,
+    };
+    let partition = input.u64() as i32;
+    let offset = input.u64() as i64;
+    let timestamp = match input.byte() % 3 {
+        0 => Timestamp::NotAvailable,
+        1 => Timestamp::CreateTime(input.u64() as i64),
+        _ => Timestamp::LogAppendTime(input.u64() as i64),
+    };
+    let failed_at = UNIX_EPOCH
+        .checked_add(Duration::from_millis(input.u64()))
+        .unwrap_or(UNIX_EPOCH);
+    let mut pairs: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
+    while !input.is_empty() && pairs.len() < 32 {
+        let selector = input.byte();
+        let name = match headers::ALL.get(usize::from(selector % 16)) {
+            Some(known) if selector < 128 => known.as_bytes().to_vec(),
+            _ => input.short().to_vec(),
+        };
+        let flag = input.byte();
+        let value = match flag % 4 {
+            0 => None,
+            1 => Some(
+                PROVENANCE_VALUES[usize::from(input.byte()) % PROVENANCE_VALUES.len()].to_vec(),
+            ),
+            _ => Some(input.long().to_vec()),
+        };
+        pairs.push((name, value));
+    }
+
+    // 1. Reading any headers, against a model.
+    let raw = Provenance::read_raw(pairs.iter().map(|(n, v)| (n.as_slice(), v.as_deref())));
+    let last = |name: &str| -> Option<Option<&[u8]>> {
+        pairs
+            .iter()
+            .rev()
+            .find(|(n, _)| n.as_slice() == name.as_bytes())
+            .map(|(_, v)| v.as_deref())
+    };
+    match &raw {
+        Ok(p) => {
+            let text = |name: &str| std::str::from_utf8(last(name).flatten().unwrap()).unwrap();
+            assert_eq!(p.topic, text(headers::ORIGINAL_TOPIC));
+            assert_eq!(Ok(p.partition), text(headers::ORIGINAL_PARTITION).parse());
+            assert_eq!(Ok(p.offset), text(headers::ORIGINAL_OFFSET).parse());
+            assert_eq!(p.consumer_group, text(headers::CONSUMER_GROUP));
+            assert_eq!(p.error_kind, text(headers::ERROR_KIND));
+            assert_eq!(p.error_type, text(headers::ERROR_TYPE));
+            assert_eq!(p.error_message, text(headers::ERROR_MESSAGE));
+            assert_eq!(Ok(p.attempts), text(headers::ATTEMPTS).parse());
+            assert_eq!(Ok(p.failed_at_ms), text(headers::FAILED_AT).parse());
+            let ts_type = text(headers::ORIGINAL_TIMESTAMP_TYPE);
+            let expected = match ts_type {
+                "NotAvailable" => Timestamp::NotAvailable,
+                "CreateTime" => {
+                    Timestamp::CreateTime(text(headers::ORIGINAL_TIMESTAMP).parse().unwrap())
+                }
+                "LogAppendTime" => {
+                    Timestamp::LogAppendTime(text(headers::ORIGINAL_TIMESTAMP).parse().unwrap())
+                }
+                other => panic!("accepted timestamp type {other:?}"),
+            };
+            assert_eq!(p.timestamp, expected);
+        }
+        Err(e) => {
+            let _ = (e.to_string(), format!("{e:?}"));
+            let name = e.header();
+            assert!(headers::ALL.contains(&name));
+            match e {
+                ProvenanceError::Missing(_) => {
+                    assert!(last(name).flatten().is_none(), "{name} is there")
+                }
+                ProvenanceError::Invalid(_) => {
+                    let value = last(name).flatten().expect("an invalid header is there");
+                    let ok = match std::str::from_utf8(value) {
+                        Err(_) => false,
+                        Ok(v) => match name {
+                            headers::ORIGINAL_PARTITION => v.parse::<i32>().is_ok(),
+                            headers::ORIGINAL_OFFSET | headers::ORIGINAL_TIMESTAMP => {
+                                v.parse::<i64>().is_ok()
+                            }
+                            headers::ATTEMPTS => v.parse::<u32>().is_ok(),
+                            headers::FAILED_AT => v.parse::<u64>().is_ok(),
+                            headers::ORIGINAL_TIMESTAMP_TYPE => {
+                                matches!(v, "NotAvailable" | "CreateTime" | "LogAppendTime")
+                            }
+                            _ => true,
+                        },
+                    };
+                    assert!(!ok, "{name} is valid");
+                }
+            }
+        }
+    }
+
+    // The same headers through rdkafka's OwnedHeaders (UTF-8 names only; a name
+    // is read back up to its first NUL, as librdkafka keeps C strings) and
+    // through the consumer's copy of a message carrying them.
+    let utf8: Vec<(&str, Option<&[u8]>)> = pairs
+        .iter()
+        .filter_map(|(n, v)| Some((std::str::from_utf8(n).ok()?, v.as_deref())))
+        .collect();
+    let owned = utf8.iter().fold(OwnedHeaders::new(), |hs, (n, v)| {
+        hs.insert(Header { key: n, value: *v })
+    });
+    let cut = |n: &str| n.split('\0').next().unwrap_or_default().to_string();
+    let expected = Provenance::read_raw(
+        utf8.iter()
+            .map(|(n, v)| (cut(n), *v))
+            .collect::<Vec<_>>()
+            .iter()
+            .map(|(n, v)| (n.as_bytes(), *v)),
+    );
+    assert_eq!(Provenance::read(&owned), expected, "through OwnedHeaders");
+    let original = OwnedMessage::new(
+        None,
+        None,
+        topic.clone(),
+        timestamp,
+        partition,
+        offset,
+        (!utf8.is_empty()).then(|| owned.clone()),
+    );
+    let received = ReceivedMessage::new(original);
+    if let Some(hs) = received.headers() {
+        assert_eq!(
+            Provenance::read(&hs),
+            expected,
+            "through the consumer's copy"
+        );
+    }
+
+    // 2. Round trip: what keel appends for a failure reads back.
+    let written = Provenance::of(&received, &group, &reason, failed_at);
+    assert!(written.error_message.len() <= MAX_ERROR_MESSAGE);
+    if reason.message.len() <= MAX_ERROR_MESSAGE {
+        assert_eq!(written.error_message, reason.message);
+    } else {
+        let kept = written
+            .error_message
+            .strip_suffix("…(truncated)")
+            .expect("a cut message is marked");
+        assert!(reason.message.starts_with(kept));
+    }
+    assert_eq!(
+        (
+            written.topic.as_str(),
+            written.partition,
+            written.offset,
+            written.timestamp
+        ),
+        (topic.as_str(), partition, offset, timestamp)
+    );
+    let before = received
+        .headers()
+        .map(|hs| hs.iter().fold(OwnedHeaders::new(), |acc, h| acc.insert(h)));
+    let original_headers: Vec<(String, Option<Vec<u8>>)> = before
+        .as_ref()
+        .map(|hs| {
+            hs.iter()
+                .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let all = written.append_to(before.unwrap_or_default());
+    let read = Provenance::read(&all).unwrap_or_else(|e| panic!("written provenance: {e}"));
+    assert_eq!(read, written, "round trip");
+    let after: Vec<(String, Option<Vec<u8>>)> = all
+        .iter()
+        .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
+        .collect();
+    assert_eq!(
+        &after[..original_headers.len()],
+        &original_headers[..],
+        "originals first"
+    );
+    let appended = after.len() - original_headers.len();
+    let has_ts = !matches!(timestamp, Timestamp::NotAvailable);
+    assert_eq!(appended, if has_ts { 11 } else { 10 });
+    let _ = format!("{read:?}");
+}
+
+/// An accepted gateway event's envelope: within the limits, and its encoding
+/// decodes back to it.
+fn check_gateway_envelope(envelope: &EventEnvelope, max_event_bytes: usize) {
+    use crate::body::MAX_NAME_LEN;
+
+    assert!(!envelope.event_type().trim().is_empty(), "blank event type");
+    assert!(
+        envelope.event_type().len() <= MAX_NAME_LEN,
+        "event type too long"
+    );
+    assert!(
+        (1..=MAX_NAME_LEN).contains(&envelope.version().len()),
+        "version length"
+    );
+    assert!(!envelope.payload().is_null(), "null payload");
+    let value = envelope.encode_value().expect("an accepted event encodes");
+    let size = value.len() + envelope.key().map_or(0, <[u8]>::len);
+    assert!(size <= max_event_bytes, "{size} > {max_event_bytes} bytes");
+    let encoded = envelope.encode().expect("an accepted event encodes");
+    let again =
+        EventEnvelope::<serde_json::Value>::from_message(&encoded.to_owned_message("fuzz", 0, 0))
+            .unwrap_or_else(|e| panic!("an accepted event must decode: {e}"));
+    assert_envelopes_eq(envelope, &again);
+}
+
+/// The gateway's request bodies (`examples/gateway/body.rs`, compiled here by
+/// path): one event (`POST /events/{topic}`) or a batch (`.../batch`, a list or
+/// `{"events": [...]}`), parsed from the JSON bytes as the gateway parses them,
+/// under limits taken from the input.
+///
+/// Layout: flags (bit 0: batch), the event size limit (2 bytes + 64), the batch
+/// count limit (1 byte + 1), then the body.
+///
+/// Invariants: no panic; an accepted event is within the limits (a non-blank
+/// type and a version of at most 256 bytes, a payload, an encoded size at most
+/// the limit) and its encoding decodes back to an equal envelope, with the
+/// client's `eventId` kept; a batch is accepted only with 1 to the limit events,
+/// all of them acceptable alone, and is refused as a whole otherwise (413 for
+/// too many, or when every invalid event is too large; 400 with each invalid
+/// event's index otherwise).
+pub fn gateway_bodies(data: &[u8]) {
+    use crate::body::{BatchBody, EventBody, batch_envelopes};
+
+    let mut input = Input::new(data);
+    let batch = input.byte() % 2 == 1;
+    let max_event_bytes = 64 + usize::from(u16::from_le_bytes([input.byte(), input.byte()]));
+    let max_batch_events = 1 + usize::from(input.byte());
+    let body = input.rest();
+    if !batch {
+        let Ok(event) = serde_json::from_slice::<EventBody>(body) else {
+            return;
+        };
+        let sent_id = serde_json::from_slice::<serde_json::Value>(body)
+            .ok()
+            .and_then(|v| v.get("eventId")?.as_str()?.parse::<uuid::Uuid>().ok());
+        match event.into_envelope(max_event_bytes) {
+            Ok(envelope) => {
+                check_gateway_envelope(&envelope, max_event_bytes);
+                if let Some(id) = sent_id {
+                    assert_eq!(envelope.event_id(), id, "the client's event id");
+                }
+            }
+            Err(e) => {
+                assert!(e.errors.is_empty());
+                assert!(matches!(e.status(), 400 | 413));
+                assert!(!e.detail.is_empty());
+            }
+        }
+        return;
+    }
+    let Ok(parsed) = serde_json::from_slice::<BatchBody>(body) else {
+        return;
+    };
+    let events = match parsed {
+        BatchBody::List(events) | BatchBody::Wrapped { events } => events,
+    };
+    // Each event alone, for the model.
+    let alone: Vec<_> = events
+        .iter()
+        .map(|e| {
+            serde_json::from_value::<EventBody>(e.clone())
+                .map_err(|_| 400)
+                .and_then(|b| b.into_envelope(max_event_bytes).map_err(|e| e.status()))
+        })
+        .collect();
+    let count = events.len();
+    match batch_envelopes(max_batch_events, max_event_bytes, events) {
+        Ok(envelopes) => {
+            assert!((1..=max_batch_events).contains(&count), "{count} events");
+            assert_eq!(envelopes.len(), count);
+            for (envelope, alone) in envelopes.iter().zip(&alone) {
+                check_gateway_envelope(envelope, max_event_bytes);
+                let alone = alone.as_ref().expect("accepted in a batch, refused alone");
+                assert_eq!(envelope.event_type(), alone.event_type());
+                assert_eq!(envelope.key(), alone.key());
+            }
+        }
+        Err(e) => {
+            if count == 0 {
+                assert_eq!(e.status(), 400);
+            } else if count > max_batch_events {
+                assert_eq!(e.status(), 413);
+                assert!(e.errors.is_empty());
+            } else {
+                let refused: Vec<(usize, u16)> = alone
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, r)| r.as_ref().err().map(|s| (i, *s)))
+                    .collect();
+                let reported: Vec<(usize, u16)> = e
+                    .errors
+                    .iter()
+                    .map(|v| {
+                        (
+                            v["index"].as_u64().unwrap() as usize,
+                            v["status"].as_u64().unwrap() as u16,
+                        )
+                    })
+                    .collect();
+                assert_eq!(reported, refused, "the invalid events and their statuses");
+                let all_too_large = refused.iter().all(|(_, s)| *s == 413);
+                assert_eq!(e.status(), if all_too_large { 413 } else { 400 });
+            }
+        }
+    }
+}
+
 /// A fuzz target's body.
 pub type Check = fn(&[u8]);
 
@@ -531,4 +989,7 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("s3_config", s3_config),
     ("presign_expiry", presign_expiry),
     ("s3_error", s3_error),
+    ("topic_name", topic_name),
+    ("dead_letter_headers", dead_letter_headers),
+    ("gateway_bodies", gateway_bodies),
 ];

@@ -1,16 +1,15 @@
 //! Publishing a failed message, unchanged, to its dead-letter topic.
 
 use super::future::DeadLetterPublishFuture;
-use super::headers;
+use super::headers::{self, Provenance};
 use crate::kafka::consumer::ReceivedMessage;
-use crate::kafka::consumer::truncate_utf8;
 use rdkafka::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, Headers, OwnedHeaders, Timestamp};
+use rdkafka::message::{Headers, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use std::fmt;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 /// Longest error text put in the [`headers::ERROR_MESSAGE`] header, in bytes (cut
 /// at a character boundary and marked `…(truncated)`).
@@ -161,50 +160,13 @@ impl DeadLetterPublisher {
 
     fn headers(&self, message: &ReceivedMessage, reason: &DeadLetterReason) -> OwnedHeaders {
         let original_count = message.headers().map_or(0, |hs| hs.count());
-        let mut h = OwnedHeaders::new_with_capacity(original_count + 11);
+        let mut h = OwnedHeaders::new_with_capacity(original_count + headers::ALL.len());
         if let Some(originals) = message.headers() {
             for original in originals.iter() {
                 h = h.insert(original);
             }
         }
-        let (ts, ts_type) = match message.timestamp() {
-            Timestamp::NotAvailable => (None, "NotAvailable"),
-            Timestamp::CreateTime(ms) => (Some(ms), "CreateTime"),
-            Timestamp::LogAppendTime(ms) => (Some(ms), "LogAppendTime"),
-        };
-        let failed_at = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis())
-            .unwrap_or(0);
-        let text = |h: OwnedHeaders, key: &str, value: &str| {
-            h.insert(Header {
-                key,
-                value: Some(value.as_bytes()),
-            })
-        };
-        h = text(h, headers::ORIGINAL_TOPIC, message.topic());
-        h = text(
-            h,
-            headers::ORIGINAL_PARTITION,
-            &message.partition().to_string(),
-        );
-        h = text(h, headers::ORIGINAL_OFFSET, &message.offset().to_string());
-        if let Some(ts) = ts {
-            h = text(h, headers::ORIGINAL_TIMESTAMP, &ts.to_string());
-        }
-        h = text(h, headers::ORIGINAL_TIMESTAMP_TYPE, ts_type);
-        h = text(h, headers::CONSUMER_GROUP, &self.inner.group_id);
-        h = text(h, headers::ERROR_KIND, &reason.kind);
-        h = text(h, headers::ERROR_TYPE, &reason.error_type);
-        // Bounded: an error text can be anything (a whole response body, say); a
-        // record near the size limit must still fit with its provenance.
-        h = text(
-            h,
-            headers::ERROR_MESSAGE,
-            &truncate_utf8(&reason.message, MAX_ERROR_MESSAGE),
-        );
-        h = text(h, headers::ATTEMPTS, &reason.attempts.to_string());
-        text(h, headers::FAILED_AT, &failed_at.to_string())
+        Provenance::of(message, &self.inner.group_id, reason, SystemTime::now()).append_to(h)
     }
 
     /// Waits up to `timeout` for queued dead-letter messages to be delivered.
