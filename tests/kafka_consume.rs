@@ -6,6 +6,7 @@
 #![cfg(feature = "kafka")]
 
 mod kafka_util;
+use kafka_util::{client, create_topics};
 mod support;
 
 use keel::kafka::client::KafkaClient;
@@ -20,8 +21,6 @@ use keel::kafka::envelope::EventEnvelope;
 use keel::kafka::registry::{HandlerRegistry, UnknownEventTypes};
 use keel::layers::retry::RetryPolicy;
 use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -38,30 +37,6 @@ fn unique(name: &str) -> String {
         .unwrap()
         .as_nanos();
     format!("keel-consume-{name}-{}-{nanos}", std::process::id())
-}
-
-fn client(brokers: &str) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", brokers);
-    c
-}
-
-async fn create_topics(brokers: &str, topics: &[(&str, i32)]) {
-    let admin: AdminClient<DefaultClientContext> = client(brokers).create().unwrap();
-    let new: Vec<NewTopic<'_>> = topics
-        .iter()
-        .map(|(t, p)| NewTopic::new(t, *p, TopicReplication::Fixed(1)))
-        .collect();
-    for result in admin
-        .create_topics(
-            &new,
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
-        )
-        .await
-        .unwrap()
-    {
-        result.unwrap();
-    }
 }
 
 fn producer(brokers: &str) -> FutureProducer {

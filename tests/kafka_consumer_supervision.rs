@@ -8,6 +8,7 @@
 #![cfg(feature = "kafka")]
 
 mod kafka_util;
+use kafka_util::{client, create_topics};
 mod support;
 
 use keel::kafka::client::KafkaClient;
@@ -21,8 +22,6 @@ use keel::kafka::envelope::EventEnvelope;
 use keel::kafka::registry::HandlerRegistry;
 use keel::layers::retry::RetryPolicy;
 use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::message::OwnedMessage;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::json;
@@ -35,30 +34,6 @@ use tower::Service;
 
 fn unique(name: &str) -> String {
     format!("keel-supervise-{name}-{}", uuid::Uuid::new_v4().simple())
-}
-
-fn client(brokers: &str) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", brokers);
-    c
-}
-
-async fn create_topics(brokers: &str, topics: &[(&str, i32)]) {
-    let admin: AdminClient<DefaultClientContext> = client(brokers).create().unwrap();
-    let new: Vec<NewTopic<'_>> = topics
-        .iter()
-        .map(|(t, p)| NewTopic::new(t, *p, TopicReplication::Fixed(1)))
-        .collect();
-    for result in admin
-        .create_topics(
-            &new,
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
-        )
-        .await
-        .unwrap()
-    {
-        result.unwrap();
-    }
 }
 
 /// Publishes `events` to `partition` of `topic`, in order, acknowledged.

@@ -11,6 +11,7 @@
 #![cfg(feature = "kafka")]
 
 mod kafka_util;
+use kafka_util::{client, create_topics};
 mod support;
 
 use keel::kafka::consumer::{
@@ -19,9 +20,6 @@ use keel::kafka::consumer::{
 use keel::kafka::dead_letter::headers;
 use keel::kafka::dead_letter::replay::{Replay, ReplayError};
 use keel::kafka::envelope::{EventEnvelope, HEADER_EVENT_ID};
-use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashMap};
@@ -31,30 +29,6 @@ use std::time::{Duration, Instant};
 
 fn unique(name: &str) -> String {
     format!("keel-replay-{name}-{}", uuid::Uuid::new_v4().simple())
-}
-
-fn client(brokers: &str) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", brokers);
-    c
-}
-
-async fn create_topics(brokers: &str, topics: &[(&str, i32)]) {
-    let admin: AdminClient<DefaultClientContext> = client(brokers).create().unwrap();
-    let new: Vec<NewTopic<'_>> = topics
-        .iter()
-        .map(|(t, p)| NewTopic::new(t, *p, TopicReplication::Fixed(1)))
-        .collect();
-    for result in admin
-        .create_topics(
-            &new,
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
-        )
-        .await
-        .unwrap()
-    {
-        result.unwrap();
-    }
 }
 
 /// An original record as the test produced it.

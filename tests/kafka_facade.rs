@@ -15,9 +15,6 @@ use keel::kafka::consumer::{BoxError, KafkaConsumer, Record};
 use keel::kafka::dead_letter::headers as dlq;
 use keel::kafka::{EventEnvelope, Kafka, KafkaConfig};
 use keel::layers::retry::RetryPolicy;
-use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -35,18 +32,8 @@ fn unique(name: &str) -> String {
 
 /// Creates `topic` and its `.dlq`, one partition each.
 async fn create_topics(brokers: &str, topic: &str) {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", brokers);
-    let admin: AdminClient<DefaultClientContext> = c.create().unwrap();
     let dlq_topic = format!("{topic}.dlq");
-    let new = [
-        NewTopic::new(topic, 1, TopicReplication::Fixed(1)),
-        NewTopic::new(&dlq_topic, 1, TopicReplication::Fixed(1)),
-    ];
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-    for result in admin.create_topics(&new, &opts).await.unwrap() {
-        result.unwrap();
-    }
+    kafka_util::create_topics(brokers, &[(topic, 1), (&dlq_topic, 1)]).await;
 }
 
 fn facade(brokers: &str) -> Kafka {

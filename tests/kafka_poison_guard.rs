@@ -9,6 +9,7 @@
 #![cfg(feature = "kafka")]
 
 mod kafka_util;
+use kafka_util::client;
 mod support;
 
 use keel::kafka::client::KafkaClient;
@@ -18,9 +19,6 @@ use keel::kafka::consumer::{
     PoisonAction, PoisonGuard, StartOptions,
 };
 use keel::kafka::envelope::EventEnvelope;
-use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::json;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,28 +29,9 @@ fn unique(name: &str) -> String {
     format!("keel-poison-{name}-{}", uuid::Uuid::new_v4().simple())
 }
 
-fn client(brokers: &str) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", brokers);
-    c
-}
-
 async fn create_topics(brokers: &str, topics: &[&str]) {
-    let admin: AdminClient<DefaultClientContext> = client(brokers).create().unwrap();
-    let new: Vec<NewTopic<'_>> = topics
-        .iter()
-        .map(|t| NewTopic::new(t, 1, TopicReplication::Fixed(1)))
-        .collect();
-    for result in admin
-        .create_topics(
-            &new,
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
-        )
-        .await
-        .unwrap()
-    {
-        result.unwrap();
-    }
+    let one_partition: Vec<(&str, i32)> = topics.iter().map(|t| (*t, 1)).collect();
+    kafka_util::create_topics(brokers, &one_partition).await;
 }
 
 /// Publishes `n` "order.created" events to partition 0 of `topic`, acknowledged.

@@ -9,6 +9,7 @@
 #![cfg(feature = "kafka")]
 
 mod kafka_util;
+use kafka_util::client;
 mod support;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -20,10 +21,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use keel::kafka::consumer::retry_topic::{RetryState, RetryTopics, headers};
 use keel::kafka::consumer::{BoxError, ConsumedEvent, KafkaConsumer, StartOptions};
 use keel::kafka::envelope::EventEnvelope;
-use rdkafka::ClientConfig;
 use rdkafka::Message;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
@@ -43,31 +41,11 @@ fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
-fn client(brokers: &str) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", brokers);
-    c
-}
-
 /// Creates `topic` and `<topic>.dlq` with one partition each, and the retry
 /// topics of `retries` through keel's `ensure_topics`.
 async fn create_topics(brokers: &str, topic: &str, retries: &RetryTopics) {
-    let admin: AdminClient<DefaultClientContext> = client(brokers).create().unwrap();
     let dlq = format!("{topic}.dlq");
-    let new = [
-        NewTopic::new(topic, 1, TopicReplication::Fixed(1)),
-        NewTopic::new(&dlq, 1, TopicReplication::Fixed(1)),
-    ];
-    for result in admin
-        .create_topics(
-            &new,
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
-        )
-        .await
-        .unwrap()
-    {
-        result.unwrap();
-    }
+    kafka_util::create_topics(brokers, &[(topic, 1), (&dlq, 1)]).await;
     let ensured = retries
         .ensure_topics(&client(brokers), &[topic.to_string()])
         .await

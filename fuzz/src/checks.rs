@@ -407,6 +407,102 @@ pub fn presign_expiry(data: &[u8]) {
     assert_eq!(ok, expected, "{expiry:?}");
 }
 
+/// The presigning client: offline (presigning signs locally, no request is sent),
+/// static credentials, a custom endpoint, built once per process.
+fn presign_client() -> &'static (tokio::runtime::Runtime, keel::s3::S3Client) {
+    static CLIENT: std::sync::OnceLock<(tokio::runtime::Runtime, keel::s3::S3Client)> =
+        std::sync::OnceLock::new();
+    CLIENT.get_or_init(|| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let config = S3Config::builder()
+            .region("eu-west-1")
+            .bucket("fuzz-bucket")
+            .endpoint("http://127.0.0.1:9")
+            .credentials("AKIDFUZZEXAMPLE", "fuzz-secret-access-key")
+            .build()
+            .expect("a valid config");
+        let client = rt
+            .block_on(keel::s3::S3Client::connect(config))
+            .expect("client");
+        (rt, client)
+    })
+}
+
+/// A presigned GET or PUT URL from any key, expiry and content type.
+///
+/// Layout: method byte (even: GET, odd: PUT), expiry seconds (8 bytes, kept
+/// under 8 days so both sides of the 7-day limit show up), nanoseconds (8 bytes),
+/// key (short, lossy UTF-8, kept only when `ObjectKey` accepts it), content type
+/// (short; empty: none).
+///
+/// Invariants: no panic; an expiry `check_expiry` refuses is refused before
+/// signing, one it accepts signs (GET, or PUT without a content type); a signed
+/// URL is for the endpoint and method asked, carries `X-Amz-Expires` in whole
+/// seconds, and neither its `Debug` nor its redacted form shows the signature or
+/// the access key.
+pub fn presign_url(data: &[u8]) {
+    use keel::s3::presign::{presign_get, presign_put};
+    let mut input = Input::new(data);
+    let put = input.byte() % 2 == 1;
+    let secs = input.u64() % (8 * 24 * 3600);
+    let nanos = (input.u64() % 1_000_000_000) as u32;
+    let expiry = Duration::new(secs, nanos);
+    let key_text = String::from_utf8_lossy(input.short()).into_owned();
+    let Ok(key) = ObjectKey::new(&key_text) else {
+        return;
+    };
+    let content_type = String::from_utf8_lossy(input.short()).into_owned();
+    let content_type = (!content_type.is_empty()).then_some(content_type.as_str());
+    let (rt, client) = presign_client();
+    let signed = rt.block_on(async {
+        if put {
+            presign_put(client, "fuzz-bucket", &key, expiry, content_type).await
+        } else {
+            presign_get(client, "fuzz-bucket", &key, expiry).await
+        }
+    });
+    let expiry_ok = check_expiry(expiry).is_ok();
+    let url = match signed {
+        Ok(url) => url,
+        Err(e) => {
+            // Refused: a bad expiry always, a content type the HTTP layer
+            // cannot carry possibly; never a valid request without one.
+            assert!(
+                !expiry_ok || (put && content_type.is_some()),
+                "a valid presign request was refused: {e}"
+            );
+            let shown = format!("{e} {e:?}");
+            assert!(!shown.contains("fuzz-secret-access-key"), "{shown}");
+            return;
+        }
+    };
+    assert!(expiry_ok, "{expiry:?} was signed");
+    assert!(url.url.starts_with("http://127.0.0.1:9/"), "{}", url.url);
+    assert_eq!(url.method, if put { "PUT" } else { "GET" });
+    assert!(
+        url.url
+            .contains(&format!("X-Amz-Expires={}", expiry.as_secs())),
+        "{}",
+        url.url
+    );
+    let signature = url
+        .url
+        .split(['?', '&'])
+        .find_map(|p| p.strip_prefix("X-Amz-Signature="))
+        .expect("a signature in the URL");
+    assert!(!signature.is_empty());
+    for shown in [format!("{url:?}"), url.redacted_url()] {
+        assert!(!shown.contains(signature), "signature shown: {shown}");
+        assert!(
+            !shown.contains("AKIDFUZZEXAMPLE"),
+            "access key shown: {shown}"
+        );
+    }
+}
+
 /// S3 error codes keel classifies by name (and a few it does not).
 const S3_CODES: &[&str] = &[
     "NoSuchKey",
@@ -988,6 +1084,7 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("kafka_config", kafka_config),
     ("s3_config", s3_config),
     ("presign_expiry", presign_expiry),
+    ("presign_url", presign_url),
     ("s3_error", s3_error),
     ("topic_name", topic_name),
     ("dead_letter_headers", dead_letter_headers),

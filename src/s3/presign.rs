@@ -20,6 +20,7 @@
 //! assert!(check_expiry(Duration::from_secs(8 * 24 * 3600)).is_err());
 //! ```
 
+use std::fmt;
 use std::time::{Duration, SystemTime};
 
 use aws_sdk_s3::presigning::{PresignedRequest, PresigningConfig};
@@ -63,7 +64,11 @@ pub fn check_expiry(expiry: Duration) -> Result<(), InvalidExpiry> {
 
 /// A presigned request: the URL, the method, and the headers the caller must send
 /// with it (for a PUT, the signed `Content-Type`, if one was given).
-#[derive(Clone, Debug, PartialEq, Eq)]
+///
+/// The URL is a bearer credential until it expires: its `Debug` output (and
+/// [`redacted_url`](Self::redacted_url), for logs) shows the signature, the
+/// credential scope and any session token as `REDACTED`.
+#[derive(Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct PresignedUrl {
     /// The URL.
@@ -78,7 +83,79 @@ pub struct PresignedUrl {
     pub expires_at: SystemTime,
 }
 
+/// What `Debug` and logs show instead of a secret query value.
+pub const REDACTED: &str = "REDACTED";
+
+/// Query parameters of a presigned URL that grant access: never logged.
+const SECRET_PARAMS: [&str; 3] = [
+    "x-amz-signature",
+    "x-amz-credential",
+    "x-amz-security-token",
+];
+
+/// `url` with the value of every [`SECRET_PARAMS`] query parameter replaced by
+/// [`REDACTED`]; everything else as it is.
+pub fn redact_presigned_url(url: &str) -> String {
+    let Some((base, query)) = url.split_once('?') else {
+        return url.to_string();
+    };
+    let (query, fragment) = match query.split_once('#') {
+        Some((q, f)) => (q, Some(f)),
+        None => (query, None),
+    };
+    let mut out = String::with_capacity(url.len());
+    out.push_str(base);
+    out.push('?');
+    for (i, pair) in query.split('&').enumerate() {
+        if i > 0 {
+            out.push('&');
+        }
+        let name = pair.split_once('=').map_or(pair, |(n, _)| n);
+        if SECRET_PARAMS.iter().any(|s| name.eq_ignore_ascii_case(s)) {
+            out.push_str(name);
+            out.push('=');
+            out.push_str(REDACTED);
+        } else {
+            out.push_str(pair);
+        }
+    }
+    if let Some(f) = fragment {
+        out.push('#');
+        out.push_str(f);
+    }
+    out
+}
+
+impl fmt::Debug for PresignedUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let headers: Vec<(&str, &str)> = self
+            .headers
+            .iter()
+            .map(|(k, v)| {
+                if SECRET_PARAMS.iter().any(|s| k.eq_ignore_ascii_case(s)) {
+                    (k.as_str(), REDACTED)
+                } else {
+                    (k.as_str(), v.as_str())
+                }
+            })
+            .collect();
+        f.debug_struct("PresignedUrl")
+            .field("url", &self.redacted_url())
+            .field("method", &self.method)
+            .field("headers", &headers)
+            .field("expires_in", &self.expires_in)
+            .field("expires_at", &self.expires_at)
+            .finish()
+    }
+}
+
 impl PresignedUrl {
+    /// The URL with its signature, credential and session token redacted: what
+    /// to log.
+    pub fn redacted_url(&self) -> String {
+        redact_presigned_url(&self.url)
+    }
+
     fn from_sdk(req: PresignedRequest, expires_in: Duration, signed_at: SystemTime) -> Self {
         PresignedUrl {
             url: req.uri().to_owned(),
@@ -178,6 +255,25 @@ mod tests {
         assert!(check_expiry(MAX_PRESIGN_EXPIRY).is_ok());
         let over = MAX_PRESIGN_EXPIRY + Duration::from_secs(1);
         assert_eq!(check_expiry(over), Err(InvalidExpiry::TooLong(over)));
+    }
+
+    #[test]
+    fn debug_and_redacted_url_hide_the_signature_credential_and_token() {
+        let url = PresignedUrl {
+            url: "https://s3.example.com/b/k%20x?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIDSECRET%2F20261204%2Fus-east-1%2Fs3%2Faws4_request&X-Amz-Date=20261204T000000Z&X-Amz-Expires=900&X-Amz-Security-Token=TOKENSECRET&X-Amz-SignedHeaders=host&x-amz-signature=abcdef0123".into(),
+            method: "GET".into(),
+            headers: vec![("host".into(), "s3.example.com".into())],
+            expires_in: Duration::from_secs(900),
+            expires_at: SystemTime::UNIX_EPOCH,
+        };
+        let shown = format!("{url:?}");
+        for secret in ["AKIDSECRET", "TOKENSECRET", "abcdef0123"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+            assert!(!url.redacted_url().contains(secret));
+        }
+        assert!(shown.contains("X-Amz-Expires=900"), "{shown}");
+        assert!(shown.contains("/b/k%20x?"), "{shown}");
+        assert_eq!(redact_presigned_url("https://h/k"), "https://h/k");
     }
 
     #[test]

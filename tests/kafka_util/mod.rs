@@ -5,6 +5,8 @@
 use std::time::{Duration, Instant};
 
 use keel::kafka::envelope::EventEnvelope;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::OwnedMessage;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
@@ -145,4 +147,31 @@ pub async fn committed_offsets(
             _ => (e.partition(), 0),
         })
         .collect()
+}
+
+/// A plain librdkafka client config for `brokers`.
+pub fn client(brokers: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers);
+    c
+}
+
+/// Creates each `(topic, partitions)` with replication 1; fails the test if one
+/// cannot be created (names are unique per test, so none exists yet).
+pub async fn create_topics(brokers: &str, topics: &[(&str, i32)]) {
+    let admin: AdminClient<DefaultClientContext> = client(brokers).create().unwrap();
+    let new: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|(t, p)| NewTopic::new(t, *p, TopicReplication::Fixed(1)))
+        .collect();
+    for result in admin
+        .create_topics(
+            &new,
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .unwrap()
+    {
+        result.unwrap();
+    }
 }
