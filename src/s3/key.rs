@@ -37,7 +37,8 @@ pub const MAX_KEY_BYTES: usize = 1024;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum KeyRule {
-    /// The key is empty.
+    /// The key is empty, or only whitespace (which the AWS SDK refuses as a
+    /// missing key).
     Empty,
     /// The key is longer than [`MAX_KEY_BYTES`] bytes of UTF-8.
     TooLong,
@@ -66,7 +67,7 @@ impl KeyRule {
 
     const fn describe(&self) -> &'static str {
         match self {
-            KeyRule::Empty => "the key is empty",
+            KeyRule::Empty => "the key is empty or only whitespace",
             KeyRule::TooLong => "the key is longer than 1024 bytes",
             KeyRule::ControlCharacter => "the key contains a control character",
             KeyRule::LeadingSlash => "the key starts with '/'",
@@ -163,7 +164,9 @@ impl KeyPolicy {
 
     /// Checks `key`, returning the first rule it breaks.
     pub fn check(&self, key: &str) -> Result<(), KeyRule> {
-        if key.is_empty() {
+        // Whitespace only counts as empty: the AWS SDK treats such a key as a
+        // missing field and refuses the request after keel accepted it.
+        if key.trim().is_empty() {
             return Err(KeyRule::Empty);
         }
         if key.len() > MAX_KEY_BYTES {
@@ -334,6 +337,8 @@ mod tests {
     #[test]
     fn empty_is_refused() {
         assert_eq!(rule(""), KeyRule::Empty);
+        assert_eq!(rule(" "), KeyRule::Empty);
+        assert_eq!(rule("\u{3000} "), KeyRule::Empty);
         assert_eq!(
             ObjectKey::with_policy("", &KeyPolicy::s3_only())
                 .unwrap_err()
