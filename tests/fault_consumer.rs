@@ -11,20 +11,13 @@
 //! in RELIABILITY.md ("Fault suite").
 #![cfg(feature = "kafka")]
 
+mod kafka_util;
 mod support;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-
-use keel::kafka::envelope::EventEnvelope;
-use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use serde_json::json;
 
 /// How far back a crash may send the group: events that a killed consumer
 /// process handled in the last `REDO_WINDOW` before it died may be handled again
@@ -225,65 +218,6 @@ fn unique(name: &str) -> String {
     format!("keel-fault-{name}-{}", uuid::Uuid::new_v4())
 }
 
-async fn create_topic(brokers: &str, topic: &str, partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .unwrap();
-    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(20)));
-    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
-    for result in admin.create_topics([&new], &options).await.unwrap() {
-        result.unwrap();
-    }
-}
-
-/// Produces `n` keyed events (`keys` keys, payload `{key, seq}`) with a plain
-/// idempotent rdkafka producer; returns their ids.
-async fn produce(brokers: &str, topic: &str, n: usize, keys: usize) -> Vec<String> {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("enable.idempotence", "true")
-        .set("linger.ms", "5")
-        .create()
-        .unwrap();
-    let mut seq = vec![0u64; keys];
-    let mut ids = Vec::with_capacity(n);
-    let mut deliveries = Vec::with_capacity(n);
-    for i in 0..n {
-        let k = i % keys;
-        seq[k] += 1;
-        let event = EventEnvelope::new(
-            "order.created",
-            json!({"key": format!("key-{k}"), "seq": seq[k]}),
-        )
-        .with_key(format!("key-{k}"));
-        ids.push(event.event_id().to_string());
-        let encoded = event.encode().unwrap();
-        let key = encoded.key.clone().unwrap();
-        let mut record = FutureRecord::to(topic)
-            .payload(&encoded.value)
-            .key(&key)
-            .headers(encoded.owned_headers());
-        loop {
-            match producer.send_result(record) {
-                Ok(d) => {
-                    deliveries.push(d);
-                    break;
-                }
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    record = back;
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                Err((e, _)) => panic!("produce failed: {e}"),
-            }
-        }
-    }
-    for d in deliveries {
-        d.await.unwrap().unwrap();
-    }
-    ids
-}
-
 /// Per-key order within each owner: per process and key, every event the process
 /// handles for the first time has a larger sequence number than the last one it
 /// handled for that key before. Returns the violations (events taken out of
@@ -322,8 +256,8 @@ async fn consumer_process_killed_mid_stream_a_new_one_finishes_without_loss() {
     let brokers = support::kafka_brokers();
     let started = Instant::now();
     let topic = unique("crash");
-    create_topic(&brokers, &topic, 3).await;
-    let sent = produce(&brokers, &topic, EVENTS, 100).await;
+    kafka_util::create_topics(&brokers, &[(&topic, 3)]).await;
+    let sent = kafka_util::produce_keyed(&brokers, &topic, EVENTS, 100).await;
 
     let mut procs = Processes::new(&brokers, &topic, &unique("crash-group"));
     let first = procs.spawn(SLOW_HANDLER_MS, 3);
@@ -417,8 +351,8 @@ async fn three_consumer_processes_one_killed_one_added_lose_nothing_and_keep_key
     let brokers = support::kafka_brokers();
     let started = Instant::now();
     let topic = unique("group");
-    create_topic(&brokers, &topic, 6).await;
-    let sent = produce(&brokers, &topic, EVENTS, 60).await;
+    kafka_util::create_topics(&brokers, &[(&topic, 6)]).await;
+    let sent = kafka_util::produce_keyed(&brokers, &topic, EVENTS, 60).await;
 
     let mut procs = Processes::new(&brokers, &topic, &unique("group-group"));
     let members: Vec<usize> = (0..3).map(|_| procs.spawn(GROUP_HANDLER_MS, 2)).collect();

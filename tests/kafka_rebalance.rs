@@ -17,19 +17,14 @@
 //! dropped queued messages of revoked partitions.
 #![cfg(feature = "kafka")]
 
+mod kafka_util;
 mod support;
 
 use keel::kafka::consumer::{
     BoxError, ConsumedEvent, KafkaConsumer, ProcessingOrder, StartOptions,
 };
-use keel::kafka::envelope::EventEnvelope;
 use keel::kafka::registry::HandlerRegistry;
 use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use serde_json::json;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -67,65 +62,6 @@ type Log = Arc<Mutex<Vec<Record>>>;
 
 fn unique(name: &str) -> String {
     format!("keel-rebalance-{name}-{}", uuid::Uuid::new_v4())
-}
-
-async fn create_topic(brokers: &str, topic: &str) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .unwrap();
-    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(20)));
-    let new = NewTopic::new(topic, PARTITIONS, TopicReplication::Fixed(1));
-    for result in admin.create_topics([&new], &options).await.unwrap() {
-        result.unwrap();
-    }
-}
-
-/// `n` keyed events (`keys` keys, payload `{key, seq}`) by a plain rdkafka
-/// producer; returns their ids.
-async fn produce(brokers: &str, topic: &str, n: usize, keys: usize) -> Vec<String> {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("enable.idempotence", "true")
-        .set("linger.ms", "5")
-        .create()
-        .unwrap();
-    let mut seq = vec![0u64; keys];
-    let mut ids = Vec::with_capacity(n);
-    let mut deliveries = Vec::with_capacity(n);
-    for i in 0..n {
-        let k = i % keys;
-        seq[k] += 1;
-        let event = EventEnvelope::new(
-            "order.created",
-            json!({"key": format!("key-{k}"), "seq": seq[k]}),
-        )
-        .with_key(format!("key-{k}"));
-        ids.push(event.event_id().to_string());
-        let encoded = event.encode().unwrap();
-        let key = encoded.key.clone().unwrap();
-        let mut record = FutureRecord::to(topic)
-            .payload(&encoded.value)
-            .key(&key)
-            .headers(encoded.owned_headers());
-        loop {
-            match producer.send_result(record) {
-                Ok(d) => {
-                    deliveries.push(d);
-                    break;
-                }
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    record = back;
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                Err((e, _)) => panic!("produce failed: {e}"),
-            }
-        }
-    }
-    for d in deliveries {
-        d.await.unwrap().unwrap();
-    }
-    ids
 }
 
 /// A consumer of `group` whose handler takes `scenario.handle` and records each event as
@@ -255,8 +191,8 @@ async fn one_joins_one_leaves(scenario: Scenario) {
     let brokers = support::kafka_brokers();
     let started = Instant::now();
     let topic = unique(name);
-    create_topic(&brokers, &topic).await;
-    let sent = produce(&brokers, &topic, events, 40).await;
+    kafka_util::create_topics(&brokers, &[(&topic, PARTITIONS)]).await;
+    let sent = kafka_util::produce_keyed(&brokers, &topic, events, 40).await;
     let group = unique(&format!("{name}-group"));
     let log: Log = Arc::default();
 

@@ -8,8 +8,11 @@ use keel::kafka::envelope::EventEnvelope;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::OwnedMessage;
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use serde_json::json;
 
 /// Reads every message of `topic` (partitions `0..partitions`) from the beginning
 /// with a plain rdkafka consumer (no keel code), until `expected` arrived or 30 s
@@ -167,11 +170,59 @@ pub async fn create_topics(brokers: &str, topics: &[(&str, i32)]) {
     for result in admin
         .create_topics(
             &new,
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(20))),
         )
         .await
         .unwrap()
     {
         result.unwrap();
     }
+}
+
+/// Produces `n` keyed events (`keys` keys, payload `{key, seq}`, round robin)
+/// with a plain idempotent rdkafka producer, waiting out a full queue; returns
+/// their ids in order.
+pub async fn produce_keyed(brokers: &str, topic: &str, n: usize, keys: usize) -> Vec<String> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .create()
+        .unwrap();
+    let mut seq = vec![0u64; keys];
+    let mut ids = Vec::with_capacity(n);
+    let mut deliveries = Vec::with_capacity(n);
+    for i in 0..n {
+        let k = i % keys;
+        seq[k] += 1;
+        let event = EventEnvelope::new(
+            "order.created",
+            json!({"key": format!("key-{k}"), "seq": seq[k]}),
+        )
+        .with_key(format!("key-{k}"));
+        ids.push(event.event_id().to_string());
+        let encoded = event.encode().unwrap();
+        let key = encoded.key.clone().unwrap();
+        let mut record = FutureRecord::to(topic)
+            .payload(&encoded.value)
+            .key(&key)
+            .headers(encoded.owned_headers());
+        loop {
+            match producer.send_result(record) {
+                Ok(d) => {
+                    deliveries.push(d);
+                    break;
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((e, _)) => panic!("produce failed: {e}"),
+            }
+        }
+    }
+    for d in deliveries {
+        d.await.unwrap().unwrap();
+    }
+    ids
 }
