@@ -7,10 +7,14 @@
 //! the gateway's `OTEL_EXPORTER_OTLP_ENDPOINT` at it. An HTTP request that
 //! carries a `traceparent` must give one trace: the gateway's SERVER span (HTTP
 //! semantic conventions), keel's PRODUCER `send <topic>` span and the consumer's
-//! CONSUMER `process <topic>` span, all with the client's trace id.
+//! CONSUMER `process <topic>` span, all with the client's trace id. The
+//! gateway's `/metrics`, read by the Python `prometheus_client` OpenMetrics
+//! parser, then links the buckets of that request's route and of its handler to
+//! that trace (exemplars).
 #![cfg(all(feature = "otel", feature = "s3"))]
 
 mod gateway_support;
+mod openmetrics_support;
 mod support;
 
 use std::sync::{Arc, Mutex};
@@ -24,7 +28,7 @@ use opentelemetry_proto::tonic::common::v1::{AnyValue, any_value};
 use opentelemetry_proto::tonic::trace::v1::Span;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use prost::Message;
-use serde_json::json;
+use serde_json::{Value, json};
 
 use gateway_support::*;
 
@@ -179,6 +183,7 @@ fn hex(bytes: &[u8]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_request_with_a_traceparent_is_one_trace_through_kafka_to_the_handler() {
+    openmetrics_support::require_prometheus_client();
     let brokers = support::kafka_brokers();
     let s3 = support::s3s_fs();
     let otlp = receiver().await;
@@ -281,6 +286,75 @@ async fn a_request_with_a_traceparent_is_one_trace_through_kafka_to_the_handler(
     for r in &all {
         assert_eq!(r.service, service, "{:?}", r.span.name);
         assert_eq!(r.span.trace_id, trace);
+    }
+
+    // Exemplars: the route's and the handler's buckets point at this trace.
+    let trace_hex = hex(&trace);
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = get(&gw.url("/metrics")).await.text();
+        if text.lines().any(|l| {
+            l.starts_with("messaging_process_duration_seconds_bucket") && l.contains(&trace_hex)
+        }) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let families = openmetrics_support::parse_with_prometheus_client(&text);
+    let exemplars = |family: &str, labels: &[(&str, &str)]| -> Vec<Value> {
+        families
+            .get(family)
+            .unwrap_or_else(|| panic!("no family {family} in\n{text}"))["samples"]
+            .as_array()
+            .expect("samples")
+            .iter()
+            .filter(|s| {
+                s["name"] == format!("{family}_bucket")
+                    && labels.iter().all(|(k, v)| s["labels"][*k] == *v)
+            })
+            .filter_map(|s| s["exemplar"].as_object().cloned())
+            .filter(|e| e["labels"]["trace_id"] == trace_hex.as_str())
+            .map(Value::Object)
+            .collect()
+    };
+    let route = "/events/{topic}";
+    for (family, labels) in [
+        (
+            "http_server_request_duration_seconds",
+            vec![("http_route", route), ("outcome", "success")],
+        ),
+        (
+            "messaging_process_duration_seconds",
+            vec![("event_type", "order.created"), ("outcome", "success")],
+        ),
+    ] {
+        let found = exemplars(family, &labels);
+        assert_eq!(
+            found.len(),
+            1,
+            "one bucket of {family} {labels:?} carries trace {trace_hex}:\n{text}"
+        );
+        let e = &found[0];
+        let span_id = e["labels"]["span_id"].as_str().expect("a span id");
+        // The span may still be in the gateway's export batch.
+        let mut span_ids = Vec::new();
+        for _ in 0..50 {
+            span_ids = otlp
+                .of_trace(&trace)
+                .iter()
+                .map(|r| hex(&r.span.span_id))
+                .collect();
+            if span_ids.iter().any(|id| id == span_id) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            span_ids.iter().any(|id| id == span_id),
+            "{family}: span {span_id} is one of the trace's spans {span_ids:?}"
+        );
+        assert!(e["value"].as_f64().expect("a latency") > 0.0, "{e}");
+        assert!(e["timestamp"].as_f64().expect("a timestamp") > 1.6e9, "{e}");
     }
 
     // An upload in another trace: its S3 call is a CLIENT span under the request.

@@ -11,113 +11,16 @@
 //! number of calls made.
 
 mod gateway_support;
+mod openmetrics_support;
 mod support;
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use gateway_support::*;
 use hyper::StatusCode;
+use openmetrics_support::*;
 use serde_json::{Value, json};
-
-/// Parses OpenMetrics text from stdin with prometheus_client and prints every
-/// family as JSON: name, type, unit and samples (name, labels, value).
-const PARSER: &str = r#"
-import json, math, sys
-from prometheus_client.openmetrics.parser import text_string_to_metric_families
-out = []
-for f in text_string_to_metric_families(sys.stdin.read()):
-    out.append({
-        "name": f.name, "type": f.type, "unit": f.unit,
-        "samples": [
-            {"name": s.name, "labels": s.labels,
-             "value": None if math.isnan(s.value) else s.value}
-            for s in f.samples
-        ],
-    })
-print(json.dumps(out))
-"#;
-
-/// The Python that has prometheus_client: `KEEL_PYTHON`, or the venv `scripts/up`
-/// installs (`$KEEL_CACHE/venv`, default `~/.cache/keel/venv`).
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("KEEL_PYTHON") {
-        return PathBuf::from(p);
-    }
-    let cache = std::env::var_os("KEEL_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
-                .join(".cache/keel")
-        });
-    cache.join("venv/bin/python")
-}
-
-/// Fails at once, with the way to install it, when the Python or its
-/// prometheus_client is missing.
-fn require_prometheus_client() {
-    let python = python();
-    let out = Command::new(&python)
-        .args(["-c", "import prometheus_client.openmetrics.parser"])
-        .output()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot run {} ({e}): scripts/up installs it with prometheus-client; {}",
-                python.display(),
-                support::START_HINT
-            )
-        });
-    assert!(
-        out.status.success(),
-        "prometheus_client is not installed in {}: rerun scripts/up (scripts/moto-requirements.txt lists it), or point KEEL_PYTHON at a Python that has it\n{}",
-        python.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Families by name, as the Python parser saw them.
-fn parse_with_prometheus_client(text: &str) -> BTreeMap<String, Value> {
-    let python = python();
-    let mut child = Command::new(&python)
-        .args(["-c", PARSER])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot run {} ({e}): scripts/up installs it with prometheus-client; {}",
-                python.display(),
-                support::START_HINT
-            )
-        });
-    // A parser that exits early (a broken install) closes its stdin: its stderr
-    // below says why.
-    let _ = child
-        .stdin
-        .take()
-        .expect("piped stdin")
-        .write_all(text.as_bytes());
-    let out = child.wait_with_output().expect("parser exits");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !stderr.contains("No module named 'prometheus_client'"),
-        "prometheus_client is not installed in {}: rerun scripts/up (scripts/moto-requirements.txt lists it)",
-        python.display()
-    );
-    assert!(
-        out.status.success(),
-        "prometheus_client refused /metrics: {stderr}\n--- text ---\n{text}"
-    );
-    let families: Vec<Value> = serde_json::from_slice(&out.stdout).expect("parser prints JSON");
-    families
-        .into_iter()
-        .map(|f| (f["name"].as_str().unwrap().to_string(), f))
-        .collect()
-}
 
 /// The samples of `family` named `sample` whose labels include `labels`.
 fn samples<'a>(
@@ -358,6 +261,37 @@ async fn metrics_parse_with_prometheus_client_and_add_up() {
             &[("messaging_system", "kafka")]
         ),
         (ORDERS + 1) as f64
+    );
+
+    // The runtime's own processing times (all attempts of a message): one
+    // histogram per outcome, counting messages, not handler calls.
+    let processing = family("keel_kafka_consumer_processing_duration_seconds");
+    assert_eq!(processing["type"], "histogram");
+    assert_eq!(processing["unit"], "seconds");
+    assert_eq!(
+        check_histograms(processing),
+        3,
+        "processed, dead_lettered, dropped"
+    );
+    let count = |outcome: &str| {
+        one(
+            processing,
+            "keel_kafka_consumer_processing_duration_seconds_count",
+            &[("outcome", outcome)],
+        )
+    };
+    assert_eq!(count("processed"), ORDERS as f64);
+    assert_eq!(count("dead_lettered"), 1.0);
+    assert_eq!(count("dropped"), 0.0);
+    // The poison event waited out a 50 ms backoff before it was dead-lettered.
+    let poison_sum = one(
+        processing,
+        "keel_kafka_consumer_processing_duration_seconds_sum",
+        &[("outcome", "dead_lettered")],
+    );
+    assert!(
+        poison_sum >= 0.05,
+        "dead-lettered after >= 50 ms: {poison_sum}"
     );
 
     // Publish: the event stack's duration histogram and the sent counter.

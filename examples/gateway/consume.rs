@@ -7,7 +7,7 @@ use std::time::Duration;
 use keel::kafka::client::KafkaClient;
 use keel::kafka::consumer::{BoxError, ConsumedEvent, HandlerError, KafkaConsumer, StartOptions};
 use keel::kafka::registry::HandlerRegistry;
-use keel::layers::metrics::{MetricsLayer, MetricsRegistry};
+use keel::layers::metrics::MetricsRegistry;
 use keel::layers::retry::RetryPolicy;
 use tower::ServiceBuilder;
 
@@ -25,7 +25,7 @@ pub const DEMO_POISON: &str = "demo.poison";
 pub fn registry(metrics: &MetricsRegistry) -> Result<HandlerRegistry, BoxError> {
     let mut builder = HandlerRegistry::builder();
     for event_type in [ORDER_CREATED, USER_CREATED, DEMO_FLAKY, DEMO_POISON] {
-        let layer = MetricsLayer::new();
+        let layer = crate::metrics_layer();
         metrics.register_with_labels(
             "messaging.process.duration",
             [("messaging.system", "kafka"), ("event_type", event_type)],

@@ -27,7 +27,7 @@ use keel::kafka::topic::TopicName;
 use keel::layers::circuit_breaker::{CircuitBreakerHandle, CircuitBreakerLayer};
 use keel::layers::classify::TowerHttp;
 use keel::layers::logging::LoggingLayer;
-use keel::layers::metrics::{MetricsLayer, MetricsRegistry};
+use keel::layers::metrics::MetricsRegistry;
 use keel::prometheus::{Exposition, OPENMETRICS_CONTENT_TYPE, PartitionLagSample};
 use keel::s3::upload::{ProgressListener, UploadProgress};
 use keel::s3::{S3, S3ErrorKind, S3ServiceError, UploadBody, UploadOptions};
@@ -148,7 +148,7 @@ pub fn app(
     let registry = state.metrics.clone();
     // One `http.server.request.duration` series per route and method.
     let route_metrics = |method: &str, route: &str| -> Result<_, BoxError> {
-        let layer = MetricsLayer::new().classifier(TowerHttp::server_errors());
+        let layer = crate::metrics_layer().classifier(TowerHttp::server_errors());
         registry.register_with_labels(
             "http.server.request.duration",
             [("http.request.method", method), ("http.route", route)],
@@ -283,7 +283,7 @@ pub fn wrap(
     + 'static,
     BoxError,
 > {
-    let all = MetricsLayer::new().classifier(TowerHttp::server_errors());
+    let all = crate::metrics_layer().classifier(TowerHttp::server_errors());
     registry.register("keel.http.server", all.handle())?;
     // With `otel`: the route template names the SERVER span (see otel.rs).
     #[cfg(feature = "otel")]

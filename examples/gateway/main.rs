@@ -90,6 +90,19 @@ struct Settings {
     drain_timeout: Duration,
 }
 
+/// A metrics layer for a route or a handler. With `otel`, each histogram bucket
+/// also keeps the trace of the latest call that landed in it (an OpenMetrics
+/// exemplar on `/metrics`), when that call's trace is sampled.
+pub(crate) fn metrics_layer() -> MetricsLayer {
+    #[cfg(feature = "otel")]
+    let layer = MetricsLayer::builder()
+        .exemplars(keel::kafka::otel::exemplar_source())
+        .build();
+    #[cfg(not(feature = "otel"))]
+    let layer = MetricsLayer::new();
+    layer
+}
+
 fn var(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.trim().is_empty())
 }

@@ -176,6 +176,37 @@ pub fn extract(message: &ReceivedMessage) -> Context {
     TraceContextPropagator::new().extract(&MessageExtractor(message))
 }
 
+/// An [`ExemplarSource`](keel_layers::metrics::ExemplarSource) for
+/// [`MetricsLayerBuilder::exemplars`](keel_layers::metrics::MetricsLayerBuilder::exemplars):
+/// the trace and span ids of the current `tracing` span's OpenTelemetry context,
+/// when it is valid and sampled (an unsampled trace has nothing to link to).
+/// With keel's `prometheus` exposition, the histogram bucket of each call then
+/// shows the trace of the latest call that landed there.
+///
+/// ```
+/// use keel_layers::metrics::MetricsLayer;
+///
+/// let handler_metrics = MetricsLayer::builder()
+///     .exemplars(keel::kafka::otel::exemplar_source())
+///     .build();
+/// # let _ = handler_metrics;
+/// ```
+pub fn exemplar_source() -> impl keel_layers::metrics::ExemplarSource {
+    || {
+        let span = tracing::Span::current();
+        if span.is_disabled() {
+            return None;
+        }
+        let cx = span.context();
+        let trace = cx.span();
+        let sc = trace.span_context();
+        (sc.is_valid() && sc.is_sampled()).then(|| keel_layers::metrics::TraceRef {
+            trace_id: sc.trace_id().to_bytes(),
+            span_id: sc.span_id().to_bytes(),
+        })
+    }
+}
+
 /// The PRODUCER span of one publish to `topic`.
 pub(crate) fn send_span(topic: &str, key: Option<&[u8]>) -> tracing::Span {
     let span = tracing::info_span!(

@@ -2,11 +2,13 @@
 //! `prometheus-client`'s encoder.
 
 use keel_layers::circuit_breaker::{CircuitBreakerHandle, CircuitState};
-use keel_layers::metrics::{Histogram, RegisteredSnapshot};
+use keel_layers::metrics::{Exemplar, Histogram, RegisteredSnapshot};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Unit;
+use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::time::Duration;
 #[cfg(any(feature = "kafka", feature = "s3"))]
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -43,6 +45,8 @@ enum Value {
         sum: f64,
         count: u64,
         buckets: Vec<(f64, u64)>,
+        /// (bucket index, exemplar), in bucket order.
+        exemplars: Vec<(usize, Exemplar)>,
     },
 }
 
@@ -154,6 +158,12 @@ fn histogram_value(h: &Histogram, bounds: &[Duration]) -> Value {
         sum: h.sum().as_secs_f64(),
         count: h.count,
         buckets,
+        exemplars: h
+            .exemplars
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| e.map(|e| (i, e)))
+            .collect(),
     }
 }
 
@@ -425,6 +435,24 @@ pub(super) fn consumer(
     )
     .samples
     .push(Sample::gauge(base.clone(), seconds(m.longest_stuck)));
+    let processing = family_with_unit(
+        families,
+        "keel_kafka_consumer_processing_duration",
+        "Time from the start of handling a message to its end (retries, backoff and dead-lettering included), by outcome: processed, dead_lettered, dropped.",
+        Kind::Histogram,
+        true,
+    );
+    let h = &m.processing;
+    for (outcome, histogram) in [
+        ("processed", &h.processed),
+        ("dead_lettered", &h.dead_lettered),
+        ("dropped", &h.dropped),
+    ] {
+        processing.samples.push(Sample {
+            labels: with(&base, &[("outcome", outcome)]),
+            value: histogram_value(histogram, &h.bounds),
+        });
+    }
     let lag = family(
         families,
         "keel_kafka_consumer_lag",
@@ -622,6 +650,7 @@ pub(super) fn s3(
                 sum: seconds(l.total),
                 count: l.count,
                 buckets,
+                exemplars: Vec::new(),
             },
         });
     }
@@ -732,10 +761,84 @@ impl Collector for Collected {
                         sum,
                         count,
                         buckets,
+                        ..
                     } => m.encode_histogram::<NoLabelSet>(*sum, *count, buckets, None)?,
                 }
             }
         }
         Ok(())
     }
+}
+
+/// The exemplars of every histogram sample, as the text to append to its bucket
+/// lines: the bucket line as the encoder writes it, and
+/// ` # {trace_id="…",span_id="…"} <seconds> <unix seconds>`.
+///
+/// prometheus-client 0.26 lets a `Collector` pass exemplars to the encoder only
+/// as its own `Exemplar` type, whose constructor is private to the crate (only
+/// its `HistogramWithExemplars` metric, which keeps its own counts under a lock,
+/// makes them). So the encoder writes the bucket lines, and keel finds each line
+/// that carries an exemplar by encoding that one sample alone with the same
+/// encoder, and appends the exemplar in the OpenMetrics syntax.
+pub(super) fn exemplar_suffixes(families: &[Family]) -> HashMap<String, String> {
+    let mut out = HashMap::new();
+    for f in families {
+        for s in &f.samples {
+            let Value::Histogram { exemplars, .. } = &s.value else {
+                continue;
+            };
+            if exemplars.is_empty() {
+                continue;
+            }
+            let alone = Family {
+                samples: vec![s.clone()],
+                ..f.clone()
+            };
+            let text = encode(vec![alone]);
+            let bucket_lines: Vec<&str> = text
+                .lines()
+                .filter(|l| !l.starts_with('#') && l.contains("_bucket{"))
+                .collect();
+            for (i, e) in exemplars {
+                if let Some(line) = bucket_lines.get(*i) {
+                    out.insert((*line).to_string(), exemplar_text(e));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn exemplar_text(e: &Exemplar) -> String {
+    let mut s = String::with_capacity(96);
+    let _ = write!(
+        s,
+        " # {{trace_id=\"{}\",span_id=\"{}\"}} {} {}.{:03}",
+        e.trace.trace_id_hex(),
+        e.trace.span_id_hex(),
+        dtoa(e.latency.as_secs_f64()),
+        e.unix_ms / 1000,
+        e.unix_ms % 1000
+    );
+    s
+}
+
+/// A float as the encoder writes sample values (`0.008`, `1.0`).
+fn dtoa(v: f64) -> String {
+    let s = format!("{v:?}");
+    if s.contains(['.', 'e', 'E']) || !v.is_finite() {
+        s
+    } else {
+        format!("{s}.0")
+    }
+}
+
+/// OpenMetrics text of these families, through prometheus-client.
+pub(super) fn encode(families: Vec<Family>) -> String {
+    let mut registry = prometheus_client::registry::Registry::default();
+    registry.register_collector(Box::new(Collected(families)));
+    let mut out = String::new();
+    // Writing into a String cannot fail; the encoder reports only fmt errors.
+    let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+    out
 }

@@ -41,7 +41,11 @@
 //! `ignored` once a call was) on every duration histogram and `error_type` on failure counters.
 //! What the conventions do not cover keeps a `keel_` name with labels
 //! (`keel_kafka_consumer_messages_total{outcome="dead_lettered"}`,
-//! `keel_circuit_breaker_state{breaker="kafka_publish"}`, …).
+//! `keel_circuit_breaker_state{breaker="kafka_publish"}`, …). One of them is a
+//! histogram: `keel_kafka_consumer_processing_duration_seconds{group,outcome}`,
+//! the consumer runtime's time per message from the start of handling to its end
+//! (every attempt, the backoff between them and dead-lettering included), where
+//! `messaging_process_duration_seconds` times one handler call.
 //!
 //! The names of keel before 0.2 (`kafka_consumer_processed_total`,
 //! `kafka_publish_published_total`, `s3_uploads_total`, …) are rendered too only
@@ -53,6 +57,26 @@
 //! built with [`percentiles`](keel_layers::metrics::MetricsLayerBuilder::percentiles)
 //! also shows its HdrHistogram window as `<stem>_duration_window_seconds{quantile=…}`
 //! gauges (per instance; not to be summed).
+//!
+//! # Exemplars
+//!
+//! A layer built with
+//! [`exemplars`](keel_layers::metrics::MetricsLayerBuilder::exemplars) keeps, per
+//! bucket, the trace of the latest call that landed there, and the exposition
+//! writes it as an OpenMetrics exemplar on that bucket's line:
+//!
+//! ```text
+//! messaging_process_duration_seconds_bucket{le="0.005",event_type="order.created",outcome="success"} 41 # {trace_id="4bf92f3577b34da6a3ce929d0e0e4736",span_id="00f067aa0ba902b7"} 0.0031 1764835200.123
+//! ```
+//!
+//! With the `otel` feature, `keel::kafka::otel::exemplar_source()` reads the
+//! trace of the current span (sampled traces only), so Grafana can jump from a
+//! slow bucket to its trace. Prometheus keeps exemplars when run with
+//! `--enable-feature=exemplar-storage` and scraping OpenMetrics
+//! ([`OPENMETRICS_CONTENT_TYPE`]). prometheus-client 0.26 gives a collector no way
+//! to build its `Exemplar` type (the constructor is private to the crate), so the
+//! crate's encoder writes the bucket lines and keel appends the exemplar to the
+//! line it belongs to.
 //!
 //! # Example
 //!
@@ -82,9 +106,8 @@
 
 mod families;
 
-use families::{Collected, Family, Sample};
+use families::{Family, Sample};
 use keel_layers::metrics::{MetricsRegistry, RegisteredSnapshot};
-use prometheus_client::registry::Registry;
 
 #[cfg(feature = "kafka")]
 pub use families::PartitionLagSample;
@@ -164,12 +187,20 @@ impl Exposition {
 
     /// The OpenMetrics text, ending in `# EOF`.
     pub fn render(&self) -> String {
-        let mut registry = Registry::default();
-        registry.register_collector(Box::new(Collected(self.families.clone())));
-        let mut out = String::with_capacity(256 * self.families.len().max(1));
-        // Writing into a String cannot fail; the encoder reports only fmt errors.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
-        out
+        let out = families::encode(self.families.clone());
+        let exemplars = families::exemplar_suffixes(&self.families);
+        if exemplars.is_empty() {
+            return out;
+        }
+        let mut with = String::with_capacity(out.len() + 96 * exemplars.len());
+        for line in out.lines() {
+            with.push_str(line);
+            if let Some(exemplar) = exemplars.get(line) {
+                with.push_str(exemplar);
+            }
+            with.push('\n');
+        }
+        with
     }
 }
 

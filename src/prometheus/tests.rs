@@ -112,3 +112,69 @@ fn breakers_and_custom_families() {
     );
     assert!(text.contains("app_jobs_total{kind=\"x\"} 3"));
 }
+
+#[tokio::test]
+async fn exemplars_are_appended_to_their_bucket_lines() {
+    use keel_layers::metrics::TraceRef;
+    let registry = MetricsRegistry::new();
+    let layer = MetricsLayer::builder()
+        .buckets(&[Duration::from_secs(1)])
+        .exemplars(|| {
+            Some(TraceRef {
+                trace_id: [0xab; 16],
+                span_id: [0x01; 8],
+            })
+        })
+        .build();
+    registry
+        .register_with_labels(
+            "messaging.process.duration",
+            [("event_type", "order.created")],
+            layer.handle(),
+        )
+        .unwrap();
+    // A twin without exemplars, whose bucket lines must stay bare.
+    let plain = MetricsLayer::builder()
+        .buckets(&[Duration::from_secs(1)])
+        .build();
+    registry
+        .register_with_labels(
+            "messaging.process.duration",
+            [("event_type", "user.created")],
+            plain.handle(),
+        )
+        .unwrap();
+    let mut svc = layer.layer(service_fn(|()| async { Ok::<_, &'static str>(()) }));
+    svc.ready().await.unwrap().call(()).await.unwrap();
+    let mut other = plain.layer(service_fn(|()| async { Ok::<_, &'static str>(()) }));
+    other.ready().await.unwrap().call(()).await.unwrap();
+
+    let mut scrape = Exposition::new();
+    scrape.layers(&registry);
+    let text = scrape.render();
+    let with: Vec<&str> = text.lines().filter(|l| l.contains(" # {")).collect();
+    assert_eq!(with.len(), 1, "one bucket carries the exemplar:\n{text}");
+    let line = with[0];
+    let prefix = "messaging_process_duration_seconds_bucket{le=\"1.0\",event_type=\"order.created\",outcome=\"success\"} 1 # {trace_id=\"";
+    assert!(line.starts_with(prefix), "{line}");
+    assert!(
+        line.contains(&format!(
+            "{{trace_id=\"{}\",span_id=\"{}\"}} ",
+            "ab".repeat(16),
+            "01".repeat(8)
+        )),
+        "{line}"
+    );
+    // `<latency> <unix seconds with milliseconds>` after the labels.
+    let tail: Vec<&str> = line.rsplit("} ").next().unwrap().split(' ').collect();
+    assert_eq!(tail.len(), 2, "{line}");
+    let latency: f64 = tail[0].parse().unwrap();
+    assert!((0.0..1.0).contains(&latency), "{line}");
+    let at: f64 = tail[1].parse().unwrap();
+    assert!(at > 1.6e9, "{line}");
+    // The rest of the text is what the encoder wrote.
+    assert!(text.contains(
+        "messaging_process_duration_seconds_bucket{le=\"1.0\",event_type=\"user.created\",outcome=\"success\"} 1\n"
+    ));
+    assert!(text.ends_with("# EOF\n"));
+}

@@ -8,6 +8,7 @@
 
 use super::buckets::{Buckets, DEFAULT_BUCKETS, OutcomeHistograms};
 use super::clock::LatencyClock;
+use super::exemplar::{Exemplar, SharedSource, Stored};
 use super::window::{Window, summary};
 use crate::classify::{Classification, Outcome};
 use parking_lot::Mutex;
@@ -52,6 +53,7 @@ pub(super) struct Config {
     origin: u64,
     buckets: Buckets,
     percentiles: Option<Percentiles>,
+    exemplars: Option<SharedSource>,
 }
 
 pub(super) struct Shared {
@@ -81,6 +83,9 @@ pub(super) struct Recorder {
 struct Slow {
     failures_by_class: Vec<(&'static str, u64)>,
     window: Option<Window>,
+    /// With an exemplar source: per outcome (success, failure, ignored), per
+    /// bucket, the latest call that had a trace.
+    exemplars: Vec<Option<Stored>>,
 }
 
 impl Config {
@@ -96,6 +101,7 @@ impl Shared {
         clock: LatencyClock,
         buckets: Buckets,
         percentiles: Option<Percentiles>,
+        exemplars: Option<SharedSource>,
     ) -> Self {
         let origin = clock.now_nanos();
         let origin_wall_ms = SystemTime::now()
@@ -108,6 +114,7 @@ impl Shared {
                 origin,
                 buckets,
                 percentiles,
+                exemplars,
             }),
             threads: ThreadLocal::new(),
         }
@@ -139,6 +146,11 @@ impl Recorder {
             slow: Mutex::new(Slow {
                 failures_by_class: Vec::new(),
                 window,
+                exemplars: if config.exemplars.is_some() {
+                    vec![None; 3 * (config.buckets.len() + 1)]
+                } else {
+                    Vec::new()
+                },
             }),
             config,
         }
@@ -174,6 +186,30 @@ impl Recorder {
         if config.percentiles.is_some() {
             self.record_percentile(latency, now);
         }
+        if let Some(source) = &config.exemplars {
+            self.record_exemplar(source, verdict.outcome, index, latency, now);
+        }
+    }
+
+    fn record_exemplar(
+        &self,
+        source: &SharedSource,
+        outcome: Outcome,
+        index: usize,
+        latency: u64,
+        now: u64,
+    ) {
+        let Some(trace) = source.0.current() else {
+            return;
+        };
+        let slot = outcome_slot(outcome) * (self.config.buckets.len() + 1) + index;
+        if let Some(stored) = self.slow.lock().exemplars.get_mut(slot) {
+            *stored = Some(Stored {
+                trace,
+                latency,
+                at: now,
+            });
+        }
     }
 
     #[cold]
@@ -181,6 +217,14 @@ impl Recorder {
         if let Some(window) = &mut self.slow.lock().window {
             window.record(latency, now);
         }
+    }
+}
+
+fn outcome_slot(outcome: Outcome) -> usize {
+    match outcome {
+        Outcome::Success => 0,
+        Outcome::Failure => 1,
+        Outcome::Ignored => 2,
     }
 }
 
@@ -235,6 +279,7 @@ impl MetricsHandle {
                 window,
                 significant_figures,
             }),
+            None,
         )
     }
 
@@ -242,9 +287,10 @@ impl MetricsHandle {
         clock: LatencyClock,
         buckets: Buckets,
         percentiles: Option<Percentiles>,
+        exemplars: Option<SharedSource>,
     ) -> Self {
         MetricsHandle {
-            shared: Arc::new(Shared::new(clock, buckets, percentiles)),
+            shared: Arc::new(Shared::new(clock, buckets, percentiles, exemplars)),
         }
     }
 
@@ -277,7 +323,7 @@ impl MetricsHandle {
         let mut cancelled = 0_u64;
         let mut last_success = 0_u64;
         let mut last_failure = 0_u64;
-        let mut histograms = LatencyHistograms::empty(&config.buckets);
+        let mut histograms = LatencyHistograms::empty(&config.buckets, config.exemplars.is_some());
         let mut classes: BTreeMap<&'static str, u64> = BTreeMap::new();
         let mut merged: Option<hdrhistogram::Histogram<u64>> = None;
         for r in self.shared.threads.iter() {
@@ -295,6 +341,7 @@ impl MetricsHandle {
             if let Some(window) = &mut slow.window {
                 window.add_into(&mut merged, now);
             }
+            histograms.add_exemplars(&slow.exemplars, config);
         }
         // Threads that recorded more than MAX_FAILURE_CLASSES classes between them:
         // fold the rarest into `other`, so the snapshot keeps the same bound.
@@ -386,6 +433,12 @@ pub struct Histogram {
     pub count: u64,
     /// Sum of the latencies, nanoseconds.
     pub sum_nanos: u64,
+    /// Per bucket (same indexes as `buckets`), the latest call recorded there
+    /// that had a trace; empty unless the layer has an
+    /// [`ExemplarSource`](super::ExemplarSource)
+    /// ([`MetricsLayerBuilder::exemplars`](super::MetricsLayerBuilder::exemplars)).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub exemplars: Vec<Option<Exemplar>>,
 }
 
 impl Histogram {
@@ -424,11 +477,16 @@ pub struct LatencyHistograms {
 }
 
 impl LatencyHistograms {
-    fn empty(buckets: &Buckets) -> Self {
+    fn empty(buckets: &Buckets, buckets_exemplars: bool) -> Self {
         let empty = Histogram {
             buckets: vec![0; buckets.len() + 1],
             count: 0,
             sum_nanos: 0,
+            exemplars: if buckets_exemplars {
+                vec![None; buckets.len() + 1]
+            } else {
+                Vec::new()
+            },
         };
         LatencyHistograms {
             bounds: buckets.bounds(),
@@ -442,6 +500,31 @@ impl LatencyHistograms {
         from.success.add_to(&mut self.success);
         from.failure.add_to(&mut self.failure);
         from.ignored.add_to(&mut self.ignored);
+    }
+
+    /// Keeps, per bucket, the later of the exemplar here and the recorder's.
+    fn add_exemplars(&mut self, stored: &[Option<Stored>], config: &Config) {
+        if stored.is_empty() {
+            return;
+        }
+        let per_outcome = stored.len() / 3;
+        for (i, histogram) in [&mut self.success, &mut self.failure, &mut self.ignored]
+            .into_iter()
+            .enumerate()
+        {
+            let from = stored.iter().skip(i * per_outcome).take(per_outcome);
+            for (into, from) in histogram.exemplars.iter_mut().zip(from) {
+                let Some(s) = from else { continue };
+                let unix_ms = config.wall_ms(s.at.saturating_add(1)).unwrap_or(0);
+                if into.is_none_or(|e| e.unix_ms <= unix_ms) {
+                    *into = Some(Exemplar {
+                        trace: s.trace,
+                        latency: Duration::from_nanos(s.latency),
+                        unix_ms,
+                    });
+                }
+            }
+        }
     }
 
     /// Completed calls, all outcomes.

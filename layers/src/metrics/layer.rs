@@ -1,8 +1,10 @@
 use super::Metrics;
 use super::buckets::{Buckets, DEFAULT_BUCKETS};
 use super::clock::LatencyClock;
+use super::exemplar::{ExemplarSource, SharedSource};
 use super::handle::{DEFAULT_SIGNIFICANT_FIGURES, DEFAULT_WINDOW, MetricsHandle, Percentiles};
 use crate::classify::ErrorsAsFailures;
+use std::sync::Arc;
 use std::time::Duration;
 use tower::Layer;
 
@@ -41,6 +43,7 @@ impl MetricsLayer {
             percentiles: false,
             buckets: DEFAULT_BUCKETS.to_vec(),
             clock: None,
+            exemplars: None,
         }
     }
 
@@ -88,6 +91,7 @@ pub struct MetricsLayerBuilder {
     percentiles: bool,
     buckets: Vec<Duration>,
     clock: Option<LatencyClock>,
+    exemplars: Option<SharedSource>,
 }
 
 impl MetricsLayerBuilder {
@@ -141,6 +145,28 @@ impl MetricsLayerBuilder {
         self
     }
 
+    /// Keeps exemplars: for each bucket, the trace of the latest call recorded in
+    /// it, which exporters attach to the bucket (OpenMetrics exemplars; keel's
+    /// `prometheus` exposition writes them). Default: none.
+    ///
+    /// `source` is asked for the trace once per completed call, on the thread that
+    /// completes it; keel's `otel` feature has one that reads the current
+    /// OpenTelemetry span (`keel::kafka::otel::exemplar_source`). Costs that
+    /// question and a lock of the calling thread's own recorder per call.
+    ///
+    /// ```
+    /// use keel_layers::metrics::{MetricsLayer, TraceRef};
+    ///
+    /// let layer = MetricsLayer::builder()
+    ///     .exemplars(|| Some(TraceRef { trace_id: [7; 16], span_id: [1; 8] }))
+    ///     .build();
+    /// # let _ = layer;
+    /// ```
+    pub fn exemplars(mut self, source: impl ExemplarSource) -> Self {
+        self.exemplars = Some(SharedSource(Arc::new(source)));
+        self
+    }
+
     /// The layer, with fresh metrics.
     pub fn build(self) -> MetricsLayer {
         let clock = self.clock.unwrap_or_default();
@@ -152,6 +178,7 @@ impl MetricsLayerBuilder {
             clock,
             Buckets::new(&self.buckets),
             percentiles,
+            self.exemplars,
         ))
     }
 }

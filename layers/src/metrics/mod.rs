@@ -78,6 +78,7 @@
 mod buckets;
 mod clock;
 mod error;
+mod exemplar;
 mod future;
 mod handle;
 mod layer;
@@ -87,6 +88,7 @@ mod window;
 pub use buckets::{DEFAULT_BUCKETS, MAX_BUCKETS};
 pub use clock::LatencyClock;
 pub use error::RegistryError;
+pub use exemplar::{Exemplar, ExemplarSource, TraceRef};
 pub use future::ResponseFuture;
 pub use handle::{
     DEFAULT_SIGNIFICANT_FIGURES, DEFAULT_WINDOW, Histogram, LatencyHistograms, LatencySummary,

@@ -440,3 +440,70 @@ impl Service<()> for NotReady {
         std::future::ready(Ok(()))
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn exemplars_keep_the_latest_traced_call_per_bucket() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU8, Ordering};
+    // The source hands out trace n (0: no trace, as for an unsampled span).
+    let current = Arc::new(AtomicU8::new(0));
+    let source = {
+        let current = current.clone();
+        move || match current.load(Ordering::Relaxed) {
+            0 => None,
+            n => Some(TraceRef {
+                trace_id: [n; 16],
+                span_id: [n; 8],
+            }),
+        }
+    };
+    let layer = MetricsLayer::builder()
+        .clock(LatencyClock::tokio())
+        .buckets(&[Duration::from_millis(10), Duration::from_millis(50)])
+        .exemplars(source)
+        .build()
+        .classifier(http_like());
+    let handle = layer.handle();
+    let mut svc = layer.layer(scripted());
+    for (trace, req) in [
+        (1, (5, Ok(200))),  // success, bucket 0
+        (2, (8, Ok(200))),  // success, bucket 0: replaces trace 1
+        (0, (9, Ok(200))),  // success, bucket 0, untraced: keeps trace 2
+        (3, (30, Ok(200))), // success, bucket 1
+        (4, (60, Ok(503))), // failure, +Inf bucket
+    ] {
+        current.store(trace, Ordering::Relaxed);
+        let _ = run(&mut svc, req).await;
+    }
+    let h = handle.snapshot().histograms;
+    let traces = |h: &Histogram| -> Vec<Option<(u8, u128)>> {
+        h.exemplars
+            .iter()
+            .map(|e| e.map(|e| (e.trace.trace_id[0], e.latency.as_millis())))
+            .collect()
+    };
+    assert_eq!(traces(&h.success), [Some((2, 8)), Some((3, 30)), None]);
+    assert_eq!(traces(&h.failure), [None, None, Some((4, 60))]);
+    assert_eq!(traces(&h.ignored), [None, None, None]);
+    let e = h.success.exemplars[0].expect("exemplar");
+    assert_eq!(e.trace.trace_id_hex(), "02".repeat(16));
+    assert_eq!(e.trace.span_id_hex(), "02".repeat(8));
+    assert!(e.unix_ms > 1_600_000_000_000, "a wall time: {}", e.unix_ms);
+    // Serialized with the trace as hex.
+    let json = serde_json::to_value(&h.success).unwrap();
+    assert_eq!(json["exemplars"][1]["trace"]["trace_id"], "03".repeat(16));
+
+    // Without a source the snapshot carries no exemplars at all.
+    let plain = paused();
+    let plain_handle = plain.handle();
+    let mut svc = plain.layer(scripted());
+    let _ = run(&mut svc, (5, Ok(200))).await;
+    assert!(
+        plain_handle
+            .snapshot()
+            .histograms
+            .success
+            .exemplars
+            .is_empty()
+    );
+}

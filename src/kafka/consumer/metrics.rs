@@ -1,6 +1,7 @@
 //! Counters and processing-time statistics of a consumer runtime.
 
 use hdrhistogram::Histogram;
+use keel_layers::metrics::{DEFAULT_BUCKETS, Histogram as BucketHistogram};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -23,6 +24,62 @@ pub struct ConsumerMetrics {
     timed: AtomicU64,
     /// Processing time in microseconds, 1 µs .. 1 h, 2 significant digits.
     histogram: Mutex<Histogram<u64>>,
+    /// Processing time in fixed buckets by ending (processed, dead-lettered,
+    /// dropped): what adds up across instances.
+    buckets: [AtomicBuckets; 3],
+}
+
+/// A fixed-bound histogram on [`DEFAULT_BUCKETS`], counted with atomics.
+#[derive(Debug)]
+struct AtomicBuckets {
+    counts: Box<[AtomicU64]>,
+    sum_nanos: AtomicU64,
+}
+
+impl AtomicBuckets {
+    fn new() -> Self {
+        AtomicBuckets {
+            counts: (0..=DEFAULT_BUCKETS.len())
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            sum_nanos: AtomicU64::new(0),
+        }
+    }
+
+    fn record(&self, elapsed: Duration, nanos: u64) {
+        let index = DEFAULT_BUCKETS
+            .iter()
+            .position(|bound| elapsed <= *bound)
+            .unwrap_or(DEFAULT_BUCKETS.len());
+        if let Some(count) = self.counts.get(index) {
+            count.fetch_add(1, Relaxed);
+        }
+        self.sum_nanos.fetch_add(nanos, Relaxed);
+    }
+
+    fn snapshot(&self) -> BucketHistogram {
+        let buckets: Vec<u64> = self.counts.iter().map(|c| c.load(Relaxed)).collect();
+        BucketHistogram {
+            count: buckets.iter().sum(),
+            buckets,
+            sum_nanos: self.sum_nanos.load(Relaxed),
+            exemplars: Vec::new(),
+        }
+    }
+}
+
+/// A runtime's processing times in fixed buckets, by how each message ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProcessingHistograms {
+    /// Upper bounds of the buckets: [`DEFAULT_BUCKETS`] (100 µs to 10 s, the
+    /// messaging semantic conventions' bounds and four finer ones).
+    pub bounds: Vec<Duration>,
+    /// Messages handled successfully (unknown types skipped included).
+    pub processed: BucketHistogram,
+    /// Messages that failed after their retries and were dead-lettered.
+    pub dead_lettered: BucketHistogram,
+    /// Messages that failed after their retries with no DLQ (logged, skipped).
+    pub dropped: BucketHistogram,
 }
 
 impl Default for ConsumerMetrics {
@@ -44,6 +101,11 @@ impl Default for ConsumerMetrics {
             histogram: Mutex::new(
                 Histogram::new_with_bounds(1, 3_600_000_000, 2).expect("static bounds are valid"),
             ),
+            buckets: [
+                AtomicBuckets::new(),
+                AtomicBuckets::new(),
+                AtomicBuckets::new(),
+            ],
         }
     }
 }
@@ -73,6 +135,12 @@ impl ConsumerMetrics {
             self.retries.fetch_add(u64::from(retries), Relaxed);
         }
         let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        let slot = match ending {
+            Ending::Processed => 0,
+            Ending::DeadLettered => 1,
+            Ending::Failed => 2,
+        };
+        self.buckets[slot].record(elapsed, nanos);
         self.processing_nanos.fetch_add(nanos, Relaxed);
         self.timed.fetch_add(1, Relaxed);
         if let Ok(mut h) = self.histogram.lock() {
@@ -153,6 +221,12 @@ impl ConsumerMetrics {
             last_processed_at: (last != 0).then(|| UNIX_EPOCH + Duration::from_millis(last)),
             average_processing_time: average,
             p99_processing_time: p99,
+            processing: ProcessingHistograms {
+                bounds: DEFAULT_BUCKETS.to_vec(),
+                processed: self.buckets[0].snapshot(),
+                dead_lettered: self.buckets[1].snapshot(),
+                dropped: self.buckets[2].snapshot(),
+            },
         }
     }
 }
@@ -196,8 +270,13 @@ pub struct ConsumerMetricsSnapshot {
     pub last_processed_at: Option<SystemTime>,
     /// Mean time from the start of handling to the end (retries and DLQ included).
     pub average_processing_time: Duration,
-    /// 99th percentile of the same (2 significant digits).
+    /// 99th percentile of the same (2 significant digits; an HdrHistogram of this
+    /// instance since the start, not to be combined across instances).
     pub p99_processing_time: Duration,
+    /// The same times in fixed buckets by ending, which add up across instances
+    /// (`keel_kafka_consumer_processing_duration_seconds` in
+    /// [`keel::prometheus`](crate)).
+    pub processing: ProcessingHistograms,
 }
 
 #[cfg(test)]
@@ -226,5 +305,25 @@ mod tests {
         assert!((98..=100).contains(&p99), "p99 = {p99} ms");
         let avg = s.average_processing_time.as_micros();
         assert_eq!(avg, (5050 + 2) * 1000 / 102);
+        // Fixed buckets: 1..=100 ms processed; the two failures at 1 ms.
+        let h = &s.processing;
+        assert_eq!(h.processed.count, 100);
+        assert_eq!(h.processed.sum(), Duration::from_millis(5050));
+        let le = |h: &BucketHistogram, bound: Duration| -> u64 {
+            h.cumulative(&s.processing.bounds)
+                .find(|(b, _)| *b == Some(bound))
+                .map(|(_, n)| n)
+                .unwrap()
+        };
+        assert_eq!(le(&h.processed, Duration::from_millis(5)), 5);
+        assert_eq!(le(&h.processed, Duration::from_millis(50)), 50);
+        assert_eq!(le(&h.processed, Duration::from_millis(100)), 100);
+        assert_eq!(*h.processed.buckets.last().unwrap(), 0, "none above 10 s");
+        assert_eq!(
+            (h.dead_lettered.count, h.dropped.count),
+            (1, 1),
+            "one dead-lettered, one dropped"
+        );
+        assert_eq!(le(&h.dead_lettered, Duration::from_millis(1)), 1);
     }
 }

@@ -213,7 +213,7 @@ pub use attempts::{CountAttempts, CountAttemptsLayer};
 pub(crate) use error::error_chain;
 pub use error::{BoxError, ConsumerError, HandlerError, HandlerErrors, UnknownEventType};
 pub use event::{ConsumedEvent, MessageHeaders, ReceivedMessage, Timestamp};
-pub use metrics::{ConsumerMetrics, ConsumerMetricsSnapshot};
+pub use metrics::{ConsumerMetrics, ConsumerMetricsSnapshot, ProcessingHistograms};
 pub use poison_guard::{PoisonAction, PoisonGuard};
 pub use record::Record;
 pub use scheduler::ProcessingOrder;
