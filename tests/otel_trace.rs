@@ -525,6 +525,126 @@ async fn a_batch_is_one_send_span_whose_context_every_event_carries() {
     }
 }
 
+/// A batch handler's call is one CONSUMER span `process <topic>` with
+/// `messaging.batch.message_count`, linked to the producer span of each record
+/// (three records published in three traces).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_handler_call_is_one_process_span_linked_to_every_record_trace() {
+    use keel::kafka::Kafka;
+    use keel::kafka::consumer::Record;
+    use keel::kafka::consumer::batch::{BatchOptions, BatchResult};
+    let brokers = support::kafka_brokers();
+    exporter();
+    let client = client(&brokers);
+    let topic = unique("batch-handler");
+    client
+        .create_topic(&topic, 1, 1, Duration::from_secs(20))
+        .await
+        .expect("create topic");
+    // Three records, each published in a trace of its own.
+    let mut sends = Vec::new();
+    for i in 0..3 {
+        let parent = tracing::info_span!("order");
+        let trace = parent.context().span().span_context().trace_id();
+        PublishStack::new(&client)
+            .event_service()
+            .oneshot(PublishRequest::new(
+                topic.clone(),
+                EventEnvelope::new("order.created", json!({ "i": i })),
+            ))
+            .instrument(parent)
+            .await
+            .expect("publish");
+        let send = wait_for_span(trace, &format!("send {topic}")).await;
+        sends.push(send.span_context.clone());
+    }
+
+    let handled = Arc::new(AtomicU32::new(0));
+    let config = KafkaConfig::builder()
+        .brokers(brokers.split(',').map(str::to_string))
+        .group_id(unique("unused"))
+        .log_level(KafkaLogLevel::Warn)
+        .build()
+        .unwrap();
+    let kafka = Kafka::connect(config).unwrap();
+    let consumer = {
+        let handled = handled.clone();
+        kafka
+            .consumer(unique("batch-handler-group"))
+            .from_beginning(true)
+            .on_batch(
+                &topic,
+                BatchOptions::new(10).max_wait(Duration::from_millis(500)),
+                move |records: Vec<Record>| {
+                    let handled = handled.clone();
+                    async move {
+                        handled.fetch_add(records.len() as u32, Ordering::SeqCst);
+                        BatchResult::ok()
+                    }
+                },
+            )
+            .start()
+            .unwrap()
+    };
+    let process_name = format!("process {topic}");
+    let batch_spans = || -> Vec<SpanData> {
+        exporter()
+            .get_finished_spans()
+            .expect("the in-memory exporter")
+            .into_iter()
+            .filter(|s| {
+                s.name == process_name && attr(s, "messaging.batch.message_count").is_some()
+            })
+            .collect()
+    };
+    let counted = |spans: &[SpanData]| -> i64 {
+        spans
+            .iter()
+            .map(|s| match attr(s, "messaging.batch.message_count") {
+                Some(Value::I64(n)) => n,
+                other => panic!("a count: {other:?}"),
+            })
+            .sum()
+    };
+    let mut batches = Vec::new();
+    for _ in 0..600 {
+        batches = batch_spans();
+        if counted(&batches) >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(handled.load(Ordering::SeqCst), 3);
+    // Usually one batch of three; however librdkafka delivered them, the batch
+    // spans count three records and link the three producer spans.
+    assert_eq!(counted(&batches), 3, "{batches:?}");
+    let mut linked = Vec::new();
+    for batch in &batches {
+        assert_eq!(batch.span_kind, SpanKind::Consumer);
+        assert_attr(batch, "messaging.operation.type", str_value("process"));
+        assert_attr(batch, "messaging.destination.name", str_value(&topic));
+        assert_eq!(
+            batch.parent_span_id,
+            SpanId::INVALID,
+            "a root: its records have many traces"
+        );
+        linked.extend(
+            batch
+                .links
+                .iter()
+                .map(|l| (l.span_context.trace_id(), l.span_context.span_id())),
+        );
+    }
+    for send in &sends {
+        assert!(
+            linked.contains(&(send.trace_id(), send.span_id())),
+            "the producer span {send:?} is linked; links: {linked:?}"
+        );
+    }
+    assert_eq!(linked.len(), 3, "one link per record's producer span");
+}
+
 /// The spans of `trace` whose name is `name` and that keel made (CLIENT kind;
 /// the SDK's own spans of the same name are INTERNAL).
 fn keel_calls(trace: TraceId, name: &str) -> Vec<SpanData> {

@@ -13,7 +13,10 @@
 //!   context every event carries; transactional publishes inject the context of
 //!   the span current at the call;
 //! - the consumer reads those headers and makes the handler's span,
-//!   `process <topic>` (CONSUMER), a child of the producer's span;
+//!   `process <topic>` (CONSUMER), a child of the producer's span. A batch
+//!   handler's call (`on_batch`) is one `process <topic>` span with
+//!   `messaging.batch.message_count`, without a parent (its records may come
+//!   from as many traces) and linked to the producer span of each record;
 //! - a dead-letter record copies the original headers, so it keeps the context
 //!   of the event that failed.
 //!
@@ -371,6 +374,43 @@ pub(crate) fn process_span(message: &ReceivedMessage, group: &str) -> tracing::S
     if parent.span().span_context().is_valid() {
         // Fails only when no OpenTelemetry layer is installed: nothing to link then.
         let _ = span.set_parent(parent);
+    }
+    span
+}
+
+/// The CONSUMER span of one batch handler call over `messages` (records of one
+/// partition): `process <topic>` with `messaging.batch.message_count`. Its records
+/// may come from as many traces as there are records, so it has no parent and,
+/// as the messaging conventions ask of batch operations, a link to the context
+/// in each record's headers (one link per distinct producer span).
+pub(crate) fn process_batch_span(messages: &[ReceivedMessage], group: &str) -> tracing::Span {
+    let Some(first) = messages.first() else {
+        return tracing::Span::none();
+    };
+    let topic = first.topic();
+    let span = tracing::info_span!(
+        parent: None,
+        "kafka_batch",
+        "otel.name" = format!("process {topic}").as_str(),
+        "otel.kind" = "consumer",
+        "messaging.system" = "kafka",
+        "messaging.operation.type" = "process",
+        "messaging.operation.name" = "process",
+        "messaging.destination.name" = topic,
+        "messaging.destination.partition.id" = first.partition().to_string().as_str(),
+        "messaging.consumer.group.name" = group,
+        "messaging.batch.message_count" = messages.len() as i64,
+    );
+    if span.is_disabled() {
+        return span;
+    }
+    let mut linked = std::collections::HashSet::new();
+    for message in messages {
+        let cx = extract(message);
+        let producer = cx.span().span_context().clone();
+        if producer.is_valid() && linked.insert((producer.trace_id(), producer.span_id())) {
+            span.add_link(producer);
+        }
     }
     span
 }

@@ -394,12 +394,20 @@ impl BatchLane {
 
     /// The outcome of the record at `at` in its batch, running the batch when
     /// `at` is its first record; `None` for a record not handled in a batch.
+    ///
+    /// With `otel` the batch call runs in its own CONSUMER span, linked to the
+    /// trace context of each record (see `otel::process_batch_span`).
     pub(crate) async fn outcome(
         &mut self,
         at: &At,
         require_envelope: bool,
+        group: &str,
     ) -> Option<(ConsumedEvent, Result<(), BoxError>)> {
         if let Some((handler, messages)) = self.pending.remove(at) {
+            #[cfg(feature = "otel")]
+            let span = crate::kafka::otel::process_batch_span(&messages, group);
+            #[cfg(not(feature = "otel"))]
+            let _ = group;
             let mut events = Vec::with_capacity(messages.len());
             for message in messages {
                 // Required and not an envelope: left to the lane (dead-lettered).
@@ -412,6 +420,12 @@ impl BatchLane {
             for event in &events {
                 event.count_attempt();
             }
+            #[cfg(feature = "otel")]
+            let results = {
+                use tracing::Instrument;
+                handler.call(events.clone()).instrument(span).await
+            };
+            #[cfg(not(feature = "otel"))]
             let results = handler.call(events.clone()).await;
             for (event, result) in events.into_iter().zip(results) {
                 let key = (at.0.clone(), event.offset());
@@ -491,7 +505,7 @@ mod tests {
         let mut outcomes = Vec::new();
         for w in &batch {
             let at = (w.tp.clone(), w.message.offset());
-            match lane.outcome(&at, false).await {
+            match lane.outcome(&at, false, "group").await {
                 Some((event, result)) => {
                     assert_eq!(event.attempts_made(), 1);
                     outcomes.push((

@@ -296,8 +296,12 @@ where
     let started = Instant::now();
     let batched = match &mut stack.batch {
         Some(b) => {
-            b.outcome(&(at.tp.clone(), at.offset), ctx.require_envelope)
-                .await
+            b.outcome(
+                &(at.tp.clone(), at.offset),
+                ctx.require_envelope,
+                &ctx.group,
+            )
+            .await
         }
         None => None,
     };
