@@ -296,12 +296,13 @@ where
     let started = Instant::now();
     let batched = match &mut stack.batch {
         Some(b) => {
-            b.outcome(
-                &(at.tp.clone(), at.offset),
-                ctx.require_envelope,
-                &ctx.group,
-            )
-            .await
+            // The group names the batch span (`otel` only).
+            #[cfg(feature = "otel")]
+            let group: &str = &ctx.group;
+            #[cfg(not(feature = "otel"))]
+            let group = "";
+            b.outcome(&(at.tp.clone(), at.offset), ctx.require_envelope, group)
+                .await
         }
         None => None,
     };
