@@ -413,9 +413,26 @@ async fn a_traceparent_set_by_the_caller_is_kept_and_continued_by_the_consumer()
         )
         .unwrap();
     let process = wait_for_span(caller_trace, &format!("process {topic}")).await;
+    // The runtime's processing histogram: the bucket of this message carries its
+    // trace and its `process` span (an exemplar).
+    let processing = consumer.metrics().processing;
     consumer.shutdown(Duration::from_secs(10)).await.unwrap();
     assert_eq!(process.parent_span_id, caller_span);
     assert_eq!(process.span_kind, SpanKind::Consumer);
+    let exemplars: Vec<_> = processing.processed.exemplars.iter().flatten().collect();
+    assert_eq!(exemplars.len(), 1, "{processing:?}");
+    assert_eq!(exemplars[0].trace.trace_id_hex(), caller_trace.to_string());
+    assert_eq!(
+        exemplars[0].trace.span_id_hex(),
+        process.span_context.span_id().to_string()
+    );
+    assert!(
+        processing
+            .dead_lettered
+            .exemplars
+            .iter()
+            .all(Option::is_none)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

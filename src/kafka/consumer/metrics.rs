@@ -27,6 +27,10 @@ pub struct ConsumerMetrics {
     /// Processing time in fixed buckets by ending (processed, dead-lettered,
     /// dropped): what adds up across instances.
     buckets: [AtomicBuckets; 3],
+    /// With `otel`: per ending and bucket, the trace of the latest message that
+    /// ended there (an exemplar; see `keel_layers::metrics::Exemplar`).
+    #[cfg(feature = "otel")]
+    exemplars: Mutex<Vec<Option<keel_layers::metrics::Exemplar>>>,
 }
 
 /// A fixed-bound histogram on [`DEFAULT_BUCKETS`], counted with atomics.
@@ -46,7 +50,8 @@ impl AtomicBuckets {
         }
     }
 
-    fn record(&self, elapsed: Duration, nanos: u64) {
+    /// Counts one time; returns its bucket.
+    fn record(&self, elapsed: Duration, nanos: u64) -> usize {
         let index = DEFAULT_BUCKETS
             .iter()
             .position(|bound| elapsed <= *bound)
@@ -55,6 +60,7 @@ impl AtomicBuckets {
             count.fetch_add(1, Relaxed);
         }
         self.sum_nanos.fetch_add(nanos, Relaxed);
+        index
     }
 
     fn snapshot(&self) -> BucketHistogram {
@@ -106,6 +112,8 @@ impl Default for ConsumerMetrics {
                 AtomicBuckets::new(),
                 AtomicBuckets::new(),
             ],
+            #[cfg(feature = "otel")]
+            exemplars: Mutex::new(vec![None; 3 * (DEFAULT_BUCKETS.len() + 1)]),
         }
     }
 }
@@ -140,7 +148,9 @@ impl ConsumerMetrics {
             Ending::DeadLettered => 1,
             Ending::Failed => 2,
         };
-        self.buckets[slot].record(elapsed, nanos);
+        let _index = self.buckets[slot].record(elapsed, nanos);
+        #[cfg(feature = "otel")]
+        self.record_exemplar(slot, _index, elapsed);
         self.processing_nanos.fetch_add(nanos, Relaxed);
         self.timed.fetch_add(1, Relaxed);
         if let Ok(mut h) = self.histogram.lock() {
@@ -151,6 +161,28 @@ impl ConsumerMetrics {
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
         self.last_processed_at_ms.store(now_ms, Relaxed);
+    }
+
+    /// Keeps the trace of the current (`process`) span, when sampled, as the
+    /// exemplar of the bucket this message ended in.
+    #[cfg(feature = "otel")]
+    fn record_exemplar(&self, slot: usize, index: usize, elapsed: Duration) {
+        use keel_layers::metrics::ExemplarSource as _;
+        let Some(trace) = crate::kafka::otel::exemplar_source().current() else {
+            return;
+        };
+        let unix_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        if let Ok(mut exemplars) = self.exemplars.lock()
+            && let Some(e) = exemplars.get_mut(slot * (DEFAULT_BUCKETS.len() + 1) + index)
+        {
+            *e = Some(keel_layers::metrics::Exemplar {
+                trace,
+                latency: elapsed,
+                unix_ms,
+            });
+        }
     }
 
     pub(crate) fn record_retries(&self, retries: u32) {
@@ -221,12 +253,30 @@ impl ConsumerMetrics {
             last_processed_at: (last != 0).then(|| UNIX_EPOCH + Duration::from_millis(last)),
             average_processing_time: average,
             p99_processing_time: p99,
-            processing: ProcessingHistograms {
-                bounds: DEFAULT_BUCKETS.to_vec(),
-                processed: self.buckets[0].snapshot(),
-                dead_lettered: self.buckets[1].snapshot(),
-                dropped: self.buckets[2].snapshot(),
-            },
+            processing: self.processing(),
+        }
+    }
+
+    fn processing(&self) -> ProcessingHistograms {
+        #[allow(unused_mut)]
+        let mut histograms = self.buckets.each_ref().map(AtomicBuckets::snapshot);
+        #[cfg(feature = "otel")]
+        if let Ok(exemplars) = self.exemplars.lock()
+            && exemplars.iter().any(Option::is_some)
+        {
+            for (h, of) in histograms
+                .iter_mut()
+                .zip(exemplars.chunks(DEFAULT_BUCKETS.len() + 1))
+            {
+                h.exemplars = of.to_vec();
+            }
+        }
+        let [processed, dead_lettered, dropped] = histograms;
+        ProcessingHistograms {
+            bounds: DEFAULT_BUCKETS.to_vec(),
+            processed,
+            dead_lettered,
+            dropped,
         }
     }
 }
@@ -275,7 +325,9 @@ pub struct ConsumerMetricsSnapshot {
     pub p99_processing_time: Duration,
     /// The same times in fixed buckets by ending, which add up across instances
     /// (`keel_kafka_consumer_processing_duration_seconds` in
-    /// [`keel::prometheus`](crate)).
+    /// [`keel::prometheus`](crate)). With the `otel` feature each bucket also
+    /// keeps an exemplar: the trace and `process` span of the latest message that
+    /// ended there, when its trace is sampled.
     pub processing: ProcessingHistograms,
 }
 
