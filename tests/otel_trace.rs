@@ -97,15 +97,47 @@ fn str_value(s: &str) -> Value {
     Value::String(s.to_string().into())
 }
 
-fn client(brokers: &str) -> KafkaClient {
-    let config = KafkaConfig::builder()
+fn config(brokers: &str) -> KafkaConfig {
+    KafkaConfig::builder()
         .brokers(brokers.split(',').map(str::to_string))
         .client_id("keel-otel-test")
+        .group_id(unique("unused"))
         .log_level(KafkaLogLevel::Warn)
         .delivery_timeout(Duration::from_secs(20))
         .build()
-        .unwrap();
-    KafkaClient::connect(config).unwrap()
+        .unwrap()
+}
+
+fn client(brokers: &str) -> KafkaClient {
+    KafkaClient::connect(config(brokers)).unwrap()
+}
+
+/// keel's consumer of `topic` from its start, in a group of its own.
+fn start_consumer(
+    brokers: &str,
+    topic: &str,
+    group: String,
+    options: impl FnOnce(StartOptions) -> StartOptions,
+    registry: HandlerRegistry,
+) -> KafkaConsumer {
+    let mut consumer_config = ClientConfig::new();
+    consumer_config.set("bootstrap.servers", brokers);
+    KafkaConsumer::builder(consumer_config, group)
+        .start(
+            options(StartOptions::new([topic]).from_beginning(true)),
+            registry,
+        )
+        .unwrap()
+}
+
+/// A registry whose `order.created` handler succeeds and does nothing.
+fn ok_registry() -> HandlerRegistry {
+    HandlerRegistry::builder()
+        .handler_fn("order.created", |_event: ConsumedEvent| async {
+            Ok::<_, BoxError>(())
+        })
+        .build()
+        .unwrap()
 }
 
 fn unique(name: &str) -> String {
@@ -286,16 +318,13 @@ async fn one_trace_runs_from_the_publisher_through_kafka_to_the_handler() {
             .build()
             .unwrap()
     };
-    let mut consumer_config = ClientConfig::new();
-    consumer_config.set("bootstrap.servers", &brokers);
-    let consumer = KafkaConsumer::builder(consumer_config, group.clone())
-        .start(
-            StartOptions::new([topic.as_str()])
-                .from_beginning(true)
-                .enable_dlq(true),
-            registry,
-        )
-        .unwrap();
+    let consumer = start_consumer(
+        &brokers,
+        &topic,
+        group.clone(),
+        |o| o.enable_dlq(true),
+        registry,
+    );
 
     let process_name = format!("process {topic}");
     let mut processes = Vec::new();
@@ -398,20 +427,13 @@ async fn a_traceparent_set_by_the_caller_is_kept_and_continued_by_the_consumer()
     assert_eq!(traceparents.len(), 1, "{headers:?}");
     assert_eq!(header(&headers, TRACEPARENT), Some(traceparent.as_str()));
 
-    let registry = HandlerRegistry::builder()
-        .handler_fn("order.created", |_event: ConsumedEvent| async {
-            Ok::<_, BoxError>(())
-        })
-        .build()
-        .unwrap();
-    let mut consumer_config = ClientConfig::new();
-    consumer_config.set("bootstrap.servers", &brokers);
-    let consumer = KafkaConsumer::builder(consumer_config, unique("caller-group"))
-        .start(
-            StartOptions::new([topic.as_str()]).from_beginning(true),
-            registry,
-        )
-        .unwrap();
+    let consumer = start_consumer(
+        &brokers,
+        &topic,
+        unique("caller-group"),
+        |o| o,
+        ok_registry(),
+    );
     let process = wait_for_span(caller_trace, &format!("process {topic}")).await;
     // The runtime's processing histogram: the bucket of this message carries its
     // trace and its `process` span (an exemplar).
@@ -513,14 +535,7 @@ async fn a_batch_is_one_send_span_whose_context_every_event_carries() {
             .build()
             .unwrap()
     };
-    let mut consumer_config = ClientConfig::new();
-    consumer_config.set("bootstrap.servers", &brokers);
-    let consumer = KafkaConsumer::builder(consumer_config, unique("batch-group"))
-        .start(
-            StartOptions::new([topic.as_str()]).from_beginning(true),
-            registry,
-        )
-        .unwrap();
+    let consumer = start_consumer(&brokers, &topic, unique("batch-group"), |o| o, registry);
     let process_name = format!("process {topic}");
     let mut processes = Vec::new();
     for _ in 0..600 {
@@ -577,13 +592,7 @@ async fn a_batch_handler_call_is_one_process_span_linked_to_every_record_trace()
     }
 
     let handled = Arc::new(AtomicU32::new(0));
-    let config = KafkaConfig::builder()
-        .brokers(brokers.split(',').map(str::to_string))
-        .group_id(unique("unused"))
-        .log_level(KafkaLogLevel::Warn)
-        .build()
-        .unwrap();
-    let kafka = Kafka::connect(config).unwrap();
+    let kafka = Kafka::connect(config(&brokers)).unwrap();
     let consumer = {
         let handled = handled.clone();
         kafka
@@ -857,20 +866,13 @@ async fn keel_field_names_are_only_on_spans_with_the_opt_in() {
     );
     assert_attr(&publish, "cloudevents.event_id", str_value(&event_id));
 
-    let registry = HandlerRegistry::builder()
-        .handler_fn("order.created", |_event: ConsumedEvent| async {
-            Ok::<_, BoxError>(())
-        })
-        .build()
-        .unwrap();
-    let mut consumer_config = ClientConfig::new();
-    consumer_config.set("bootstrap.servers", &brokers);
-    let consumer = KafkaConsumer::builder(consumer_config, unique("names-group"))
-        .start(
-            StartOptions::new([topic.as_str()]).from_beginning(true),
-            registry,
-        )
-        .unwrap();
+    let consumer = start_consumer(
+        &brokers,
+        &topic,
+        unique("names-group"),
+        |o| o,
+        ok_registry(),
+    );
     let process = wait_for_span(trace, &format!("process {topic}")).await;
     consumer.shutdown(Duration::from_secs(10)).await.unwrap();
 

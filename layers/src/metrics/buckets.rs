@@ -123,3 +123,57 @@ impl OutcomeHistograms {
         }
     }
 }
+
+/// A fixed-bound latency histogram counted with relaxed atomics, without a lock:
+/// the histogram the metrics layer records into, for times measured outside a
+/// Tower call (keel's consumer runtime times whole messages with it). Shared by
+/// all threads that record; [`snapshot`](Self::snapshot) reads it.
+pub struct LatencyBuckets {
+    buckets: Buckets,
+    histogram: AtomicHistogram,
+}
+
+impl LatencyBuckets {
+    /// Empty, with these upper bounds (sorted and deduplicated as by
+    /// [`MetricsLayerBuilder::buckets`](super::MetricsLayerBuilder::buckets)).
+    pub fn new(bounds: &[Duration]) -> Self {
+        let buckets = Buckets::new(bounds);
+        LatencyBuckets {
+            histogram: AtomicHistogram::new(&buckets),
+            buckets,
+        }
+    }
+
+    /// Counts one latency; returns the index of its bucket (the number of bounds
+    /// for the `+Inf` bucket), as in [`Histogram::buckets`].
+    pub fn record(&self, latency: Duration) -> usize {
+        let nanos = super::clock::nanos(latency);
+        let index = self.buckets.index(nanos);
+        self.histogram.record(index, nanos);
+        index
+    }
+
+    /// The upper bounds of the buckets.
+    pub fn bounds(&self) -> Vec<Duration> {
+        self.buckets.bounds()
+    }
+
+    /// The counts so far (no exemplars).
+    pub fn snapshot(&self) -> Histogram {
+        let mut h = Histogram {
+            buckets: vec![0; self.buckets.len() + 1],
+            ..Histogram::default()
+        };
+        self.histogram.add_to(&mut h);
+        h
+    }
+}
+
+impl std::fmt::Debug for LatencyBuckets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LatencyBuckets")
+            .field("bounds", &self.bounds())
+            .field("count", &self.histogram.count())
+            .finish()
+    }
+}

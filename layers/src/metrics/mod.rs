@@ -85,7 +85,7 @@ mod layer;
 mod registry;
 mod window;
 
-pub use buckets::{DEFAULT_BUCKETS, MAX_BUCKETS};
+pub use buckets::{DEFAULT_BUCKETS, LatencyBuckets, MAX_BUCKETS};
 pub use clock::LatencyClock;
 pub use error::RegistryError;
 pub use exemplar::{Exemplar, ExemplarSource, TraceRef};

@@ -1,7 +1,7 @@
 //! Counters and processing-time statistics of a consumer runtime.
 
 use hdrhistogram::Histogram;
-use keel_layers::metrics::{DEFAULT_BUCKETS, Histogram as BucketHistogram};
+use keel_layers::metrics::{DEFAULT_BUCKETS, Histogram as BucketHistogram, LatencyBuckets};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -20,58 +20,15 @@ pub struct ConsumerMetrics {
     revoke_abandoned: AtomicU64,
     seek_failures: AtomicU64,
     last_processed_at_ms: AtomicU64,
-    processing_nanos: AtomicU64,
-    timed: AtomicU64,
     /// Processing time in microseconds, 1 µs .. 1 h, 2 significant digits.
     histogram: Mutex<Histogram<u64>>,
     /// Processing time in fixed buckets by ending (processed, dead-lettered,
     /// dropped): what adds up across instances.
-    buckets: [AtomicBuckets; 3],
+    buckets: [LatencyBuckets; 3],
     /// With `otel`: per ending and bucket, the trace of the latest message that
     /// ended there (an exemplar; see `keel_layers::metrics::Exemplar`).
     #[cfg(feature = "otel")]
     exemplars: Mutex<Vec<Option<keel_layers::metrics::Exemplar>>>,
-}
-
-/// A fixed-bound histogram on [`DEFAULT_BUCKETS`], counted with atomics.
-#[derive(Debug)]
-struct AtomicBuckets {
-    counts: Box<[AtomicU64]>,
-    sum_nanos: AtomicU64,
-}
-
-impl AtomicBuckets {
-    fn new() -> Self {
-        AtomicBuckets {
-            counts: (0..=DEFAULT_BUCKETS.len())
-                .map(|_| AtomicU64::new(0))
-                .collect(),
-            sum_nanos: AtomicU64::new(0),
-        }
-    }
-
-    /// Counts one time; returns its bucket.
-    fn record(&self, elapsed: Duration, nanos: u64) -> usize {
-        let index = DEFAULT_BUCKETS
-            .iter()
-            .position(|bound| elapsed <= *bound)
-            .unwrap_or(DEFAULT_BUCKETS.len());
-        if let Some(count) = self.counts.get(index) {
-            count.fetch_add(1, Relaxed);
-        }
-        self.sum_nanos.fetch_add(nanos, Relaxed);
-        index
-    }
-
-    fn snapshot(&self) -> BucketHistogram {
-        let buckets: Vec<u64> = self.counts.iter().map(|c| c.load(Relaxed)).collect();
-        BucketHistogram {
-            count: buckets.iter().sum(),
-            buckets,
-            sum_nanos: self.sum_nanos.load(Relaxed),
-            exemplars: Vec::new(),
-        }
-    }
 }
 
 /// A runtime's processing times in fixed buckets, by how each message ended.
@@ -102,16 +59,10 @@ impl Default for ConsumerMetrics {
             revoke_abandoned: AtomicU64::new(0),
             seek_failures: AtomicU64::new(0),
             last_processed_at_ms: AtomicU64::new(0),
-            processing_nanos: AtomicU64::new(0),
-            timed: AtomicU64::new(0),
             histogram: Mutex::new(
                 Histogram::new_with_bounds(1, 3_600_000_000, 2).expect("static bounds are valid"),
             ),
-            buckets: [
-                AtomicBuckets::new(),
-                AtomicBuckets::new(),
-                AtomicBuckets::new(),
-            ],
+            buckets: [(); 3].map(|()| LatencyBuckets::new(DEFAULT_BUCKETS)),
             #[cfg(feature = "otel")]
             exemplars: Mutex::new(vec![None; 3 * (DEFAULT_BUCKETS.len() + 1)]),
         }
@@ -148,11 +99,9 @@ impl ConsumerMetrics {
             Ending::DeadLettered => 1,
             Ending::Failed => 2,
         };
-        let _index = self.buckets[slot].record(elapsed, nanos);
+        let _index = self.buckets[slot].record(elapsed);
         #[cfg(feature = "otel")]
         self.record_exemplar(slot, _index, elapsed);
-        self.processing_nanos.fetch_add(nanos, Relaxed);
-        self.timed.fetch_add(1, Relaxed);
         if let Ok(mut h) = self.histogram.lock() {
             h.saturating_record((nanos / 1_000).max(1));
         }
@@ -219,11 +168,19 @@ impl ConsumerMetrics {
 
     /// A consistent-enough copy of the counters.
     pub fn snapshot(&self) -> ConsumerMetricsSnapshot {
-        let timed = self.timed.load(Relaxed);
-        let average = self
-            .processing_nanos
-            .load(Relaxed)
-            .checked_div(timed)
+        let processing = self.processing();
+        // The mean, from the buckets' sums and counts.
+        let (sum, count) = [
+            &processing.processed,
+            &processing.dead_lettered,
+            &processing.dropped,
+        ]
+        .iter()
+        .fold((0_u64, 0_u64), |(s, n), h| {
+            (s.saturating_add(h.sum_nanos), n + h.count)
+        });
+        let average = sum
+            .checked_div(count)
             .map_or(Duration::ZERO, Duration::from_nanos);
         let p99 = self
             .histogram
@@ -253,13 +210,13 @@ impl ConsumerMetrics {
             last_processed_at: (last != 0).then(|| UNIX_EPOCH + Duration::from_millis(last)),
             average_processing_time: average,
             p99_processing_time: p99,
-            processing: self.processing(),
+            processing,
         }
     }
 
     fn processing(&self) -> ProcessingHistograms {
         #[allow(unused_mut)]
-        let mut histograms = self.buckets.each_ref().map(AtomicBuckets::snapshot);
+        let mut histograms = self.buckets.each_ref().map(LatencyBuckets::snapshot);
         #[cfg(feature = "otel")]
         if let Ok(exemplars) = self.exemplars.lock()
             && exemplars.iter().any(Option::is_some)
